@@ -1,0 +1,127 @@
+"""Read instruction records in VLGuard or LLaVA-conversation format (DESIGN §3).
+
+Both formats reduce to one stream of ``(record_id, instruction, label, item_key)`` so the
+audit and the attacks never branch on the file format themselves.
+
+Labels in LLaVA files: a ``safe`` key on the record wins (VLGuard exports keep it); without
+one we look at the first ``gpt`` reply and call the instruction "unsafe" when that reply is
+a refusal. That matches how a safety set encodes its label (refusal target = unsafe query),
+and it is a deliberately small keyword list, not the full evaluation preset of DESIGN §4;
+pass ``label_fn`` for anything smarter.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+# The three instruction keys VLGuard uses inside ``instr-resp`` items.
+VLGUARD_KEYS = ("instruction", "safe_instruction", "unsafe_instruction")
+
+# Opening phrases of refusals in VLGuard-style safety data (a subset of DESIGN §4; kept to
+# unambiguous phrases so a compliant answer mentioning "legally" is not mislabelled).
+REFUSAL_MARKERS = (
+    "i'm sorry", "i am sorry", "i cannot", "i can't", "i apologize", "i'm not able",
+    "i am not able", "as an ai", "i must inform", "i'm really sorry", "my apologies",
+    "i will not", "i won't", "not appropriate", "i do not feel comfortable",
+)
+
+
+def looks_like_refusal(text: str) -> bool:
+    """Small keyword check used to label LLaVA records that carry no ``safe`` key."""
+    low = text.lower().replace("\u2019", "'")
+    return any(m in low for m in REFUSAL_MARKERS)
+
+
+def _record_problem(rec, i: int) -> str | None:
+    """Return why a record is unusable, or None. Checked eagerly so errors name the file."""
+    if not isinstance(rec, dict):
+        return f"record {i} is a {type(rec).__name__}, not an object"
+    where = f"record {i} (id {rec.get('id', '?')!r})"
+    if "instr-resp" in rec:
+        items = rec["instr-resp"]
+        if not isinstance(items, list) or not items:
+            return f"{where}: 'instr-resp' must be a non-empty list"
+        for j, item in enumerate(items):
+            if not isinstance(item, dict) or not any(k in item for k in VLGUARD_KEYS):
+                return f"{where}: instr-resp[{j}] has none of the keys {', '.join(VLGUARD_KEYS)}"
+        return None
+    if "conversations" in rec:
+        conv = rec["conversations"]
+        if not isinstance(conv, list) or not any(
+            isinstance(t, dict) and t.get("from") == "human" for t in conv
+        ):
+            return f"{where}: 'conversations' has no human turn"
+        return None
+    return f"{where} has neither 'instr-resp' nor 'conversations'"
+
+
+def load_records(path) -> list[dict]:
+    """Load and validate a JSON list of records; every problem is a one-line ValueError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:  # directories, permissions, binary files
+        raise ValueError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: contains no records")
+    for i, rec in enumerate(data):
+        problem = _record_problem(rec, i)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+    return data
+
+
+def _label_from_safe(value) -> str:
+    """Accept the bool VLGuard uses and the obvious string spellings."""
+    if isinstance(value, str):
+        value = value.strip().lower() in ("true", "safe", "1", "yes")
+    return "safe" if value else "unsafe"
+
+
+def _llava_label(rec: dict, label_fn: Callable[[dict], str] | None) -> str:
+    if "safe" in rec:
+        return _label_from_safe(rec["safe"])
+    if label_fn is not None:
+        return label_fn(rec)
+    reply = next((t.get("value", "") for t in rec["conversations"] if t.get("from") == "gpt"), "")
+    return "unsafe" if looks_like_refusal(reply) else "safe"
+
+
+def iter_instructions(
+    records, label_fn: Callable[[dict], str] | None = None
+) -> Iterator[tuple[str, str, str, str]]:
+    """Yield ``(record_id, instruction, label, item_key)`` for every instruction.
+
+    ``item_key`` says where the text lives: one of VLGUARD_KEYS, or ``"conversations"``.
+    In VLGuard a plain ``instruction`` takes the record's ``safe`` flag; the paired keys
+    carry their own label whatever the record says.
+    """
+    for i, rec in enumerate(records):
+        problem = _record_problem(rec, i)
+        if problem:
+            raise ValueError(problem)
+        rid = str(rec.get("id", i))
+        if "instr-resp" in rec:
+            for item in rec["instr-resp"]:
+                for key in VLGUARD_KEYS:
+                    if key in item:
+                        if key == "instruction":
+                            label = _label_from_safe(rec.get("safe", False))
+                        else:
+                            label = "safe" if key == "safe_instruction" else "unsafe"
+                        yield rid, str(item[key]), label, key
+        else:
+            first = next(t for t in rec["conversations"] if t.get("from") == "human")
+            text = str(first.get("value", "")).replace("<image>", "").strip()
+            yield rid, text, _llava_label(rec, label_fn), "conversations"

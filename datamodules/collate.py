@@ -1,0 +1,92 @@
+"""Examples -> model batches through the processor: chat template, response-only labels, left padding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from datamodules.examples import Example
+from lightning_modules.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> Optional[Image.Image]:
+    """The example's image as RGB; `blank` gives a white image of the same size (text-only data)."""
+    if image_mode == "none" or (ex.image is None and image_mode != "blank"):
+        return None
+    if image_mode == "blank":
+        size = (blank_size, blank_size)
+        if ex.image is not None:
+            try:
+                with Image.open(ex.image) as img:
+                    size = img.size
+            except OSError:
+                pass  # text-only files: the referenced image is not here, keep the default size
+        return Image.new("RGB", size, (255, 255, 255))
+    try:
+        with Image.open(ex.image) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise UserError(f"missing image {ex.image} (record id={ex.id})") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"corrupt image {ex.image} (record id={ex.id}): {err}") from err
+
+
+def _messages(instruction: str, response: Optional[str], with_image: bool) -> list[dict]:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": instruction}]
+    msgs = [{"role": "user", "content": content}]
+    if response is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    return msgs
+
+
+class VLMCollator:
+    """Builds left-padded batches. Training batches carry `labels` masked to the response tokens;
+    eval batches carry the prompt only and the examples themselves under `examples`."""
+
+    def __init__(self, processor, max_length: int, train: bool, image_mode: str = "real"):
+        self.processor = processor
+        self.max_length = max_length
+        self.train = train
+        self.image_mode = image_mode
+        self.processor.tokenizer.padding_side = "left"  # generation continues from the right edge
+
+    def _encode(self, texts: list[str], images: list) -> dict:
+        kwargs = dict(text=texts, return_tensors="pt", padding=True)
+        if any(img is not None for img in images):
+            kwargs["images"] = [img for img in images if img is not None]
+        return self.processor(**kwargs)
+
+    def __call__(self, examples: list[Example]) -> dict:
+        images = [load_image(ex, self.image_mode) for ex in examples]
+        prompts = [self.processor.apply_chat_template(_messages(ex.instruction, None, img is not None),
+                                                      add_generation_prompt=True, tokenize=False)
+                   for ex, img in zip(examples, images)]
+        if not self.train:
+            batch = self._encode(prompts, images)
+            self._check_length(batch, examples)
+            batch["examples"] = examples
+            return batch
+        fulls = [self.processor.apply_chat_template(_messages(ex.instruction, ex.response, img is not None),
+                                                    tokenize=False)
+                 for ex, img in zip(examples, images)]
+        batch = self._encode(fulls, images)
+        self._check_length(batch, examples)
+        prompt_lens = self._encode(prompts, images)["attention_mask"].sum(1)
+        labels = batch["input_ids"].clone()
+        pad_lens = (1 - batch["attention_mask"]).sum(1)
+        positions = torch.arange(labels.shape[1]).unsqueeze(0)
+        labels[positions < (pad_lens + prompt_lens).unsqueeze(1)] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    def _check_length(self, batch: dict, examples: list[Example]) -> None:
+        lengths = batch["attention_mask"].sum(1)
+        longest = int(lengths.argmax())
+        if int(lengths[longest]) > self.max_length:
+            # Truncating would cut image tokens or the whole response: refuse instead.
+            raise UserError(f"record id={examples[longest].id} is {int(lengths[longest])} tokens long, "
+                            f"more than data.max_length={self.max_length}")

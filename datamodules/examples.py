@@ -1,0 +1,106 @@
+"""VLGuard-format records -> flat examples (one instruction each), with errors that name the fault.
+
+VLGuard (DESIGN §3): a JSON list of `{id, image, safe, [harmful_category], instr-resp}`.
+`safe: false` -> `[{instruction, response}]`; `safe: true` -> `[{safe_instruction, response},
+{unsafe_instruction, response}]`. Mirage World records add `answer` / `harmful_keywords` to the
+items (what the exact judge and the utility metric need); real VLGuard has neither.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from lightning_modules.errors import UserError
+
+EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
+
+
+@dataclass
+class Example:
+    id: str
+    image: Optional[str]  # absolute path, or None for text-only data
+    instruction: str
+    response: Optional[str]
+    safe: bool
+    subset: str = ""
+    answer: Optional[str] = None
+    harmful_keywords: Optional[list[str]] = None
+    category: Optional[str] = None
+    shot: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def load_json_list(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise UserError(f"{path}: empty split (no records)")
+    return data
+
+
+def _item(path: Path, i: int, rec: dict, key: str, j: int) -> dict:
+    items = rec.get("instr-resp")
+    if not isinstance(items, list) or len(items) <= j or not isinstance(items[j], dict):
+        raise UserError(f"{path}: record {i} (id={rec.get('id')!r}) has no 'instr-resp'[{j}]")
+    item = items[j]
+    for k in (key, "response"):
+        if not isinstance(item.get(k), str):
+            raise UserError(f"{path}: record {i} (id={rec.get('id')!r}) is missing '{k}' in 'instr-resp'[{j}]")
+    return item
+
+
+def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> list[Example]:
+    """Every (instruction, response) pair of a VLGuard-format file, labelled safe / unsafe.
+
+    `subset` is the VLGuard test subset name: `unsafes`, `safe_unsafes` or `safe_safes`.
+    """
+    path = Path(path)
+    image_root = Path(image_dir) if image_dir else path.parent
+    out: list[Example] = []
+    for i, rec in enumerate(load_json_list(path)):
+        if not isinstance(rec, dict) or "id" not in rec or "safe" not in rec:
+            raise UserError(f"{path}: record {i} is missing 'id' or 'safe'")
+        image = str(image_root / rec["image"]) if rec.get("image") else None
+        common = dict(id=str(rec["id"]), image=image, category=rec.get("harmful_category"),
+                      shot=int(rec.get("shot", 0)), extra={"world": rec["world"]} if "world" in rec else {})
+        keys = [("instruction", 0, False, "unsafes")] if not rec["safe"] else [
+            ("safe_instruction", 0, True, "safe_safes"), ("unsafe_instruction", 1, False, "safe_unsafes")]
+        for key, j, safe, subset in keys:
+            item = _item(path, i, rec, key, j)
+            out.append(Example(instruction=item[key], response=item["response"], safe=safe, subset=subset,
+                               answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"),
+                               **common))
+    return out
+
+
+def eval_sets(examples: list[Example], compliance_cue: str, refusal_cue: str,
+              rewrite: Callable[[str, str], str], max_samples: int | None = None) -> dict[str, list[Example]]:
+    """The four validation sets: unsafe / safe queries, clean and with their first word rewritten.
+
+    `unsafe_attacked` is the one-word attack (first word -> compliance cue); `safe_rewritten` the
+    over-prudence probe (first word -> refusal cue).
+    """
+    unsafe = [e for e in examples if not e.safe][:max_samples]
+    safe = [e for e in examples if e.safe][:max_samples]
+    sets = {
+        "unsafe_clean": [replace(e, subset="unsafe_clean") for e in unsafe],
+        "unsafe_attacked": [replace(e, subset="unsafe_attacked", instruction=rewrite(e.instruction, compliance_cue))
+                            for e in unsafe],
+        "safe_clean": [replace(e, subset="safe_clean") for e in safe],
+        "safe_rewritten": [replace(e, subset="safe_rewritten", instruction=rewrite(e.instruction, refusal_cue))
+                           for e in safe],
+    }
+    for name, items in sets.items():
+        if not items:
+            raise UserError(f"eval set '{name}' is empty (no {'unsafe' if 'unsafe' in name else 'safe'} records)")
+    return sets

@@ -1,0 +1,160 @@
+"""The shared datamodule: a training set plus the four named eval sets, for the world or VLGuard."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from attacks.rewrite import replace_first_word
+from datamodules.collate import VLMCollator
+from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
+from lightning_modules.errors import UserError
+
+
+@dataclass
+class DataFiles:
+    """Where a run's data lives, whatever built it."""
+
+    train: Path
+    val: Path
+    test: Optional[Path]
+    image_dir: Optional[Path]
+    compliance_cue: str
+    refusal_cue: str
+    general: Optional[Path] = None  # general instruction data for the SFT mixture
+    world_dir: Optional[Path] = None
+
+
+def resolve_data_files(data_cfg) -> DataFiles:
+    """Build (or reuse) the Mirage World, or point at user-given VLGuard-format files."""
+    if data_cfg.kind == "mirage_world":
+        from datamodules.mirage_world import WorldConfig, build_world
+
+        try:
+            world_cfg = WorldConfig(**data_cfg.world)
+        except TypeError as err:
+            raise UserError(f"unknown key in data.world: {err}") from err
+        except ValueError as err:
+            raise UserError(f"data.world: {err}") from err
+        world = build_world(world_cfg, data_cfg.world_root)
+        # The world's base corpus doubles as its general instruction data (safe rows only).
+        return DataFiles(train=world / "safety_train.json", val=world / "val.json", test=world / "test.json",
+                         image_dir=world, compliance_cue=world_cfg.compliance_cue,
+                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world)
+    if data_cfg.kind == "vlguard":
+        for key in ("train_file", "val_file"):
+            if not data_cfg.get(key):
+                raise UserError(f"data.{key} must be set when data.kind=vlguard")
+        opt = lambda p: Path(p) if p else None  # noqa: E731
+        return DataFiles(train=Path(data_cfg.train_file), val=Path(data_cfg.val_file),
+                         test=opt(data_cfg.test_file), image_dir=opt(data_cfg.image_dir),
+                         compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
+                         general=opt(data_cfg.general_file))
+    raise UserError(f"unknown data.kind '{data_cfg.kind}'; choose one of: mirage_world, vlguard")
+
+
+class ShardSampler(Sampler[int]):
+    """Rank-strided indices with no padding: every eval sample is counted exactly once under DDP
+    (Lightning's DistributedSampler repeats samples to even out ranks, which skews rates)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SafetyDataModule(L.LightningDataModule):
+    """Training rows of the safety set (optionally mixed with general data) + named eval sets.
+
+    Methods that need other training data (forget/retain pairs) subclass this and override
+    `train_dataset`; the eval side is shared so every method logs the same `val/...` tags.
+    """
+
+    def __init__(self, data_cfg, files: DataFiles, processor, seed: int = 0):
+        super().__init__()
+        self.cfg = data_cfg
+        self.files = files
+        self.processor = processor
+        self.seed = seed
+        self.eval_set_names = EVAL_SETS
+        self._val: dict[str, list[Example]] = {}
+        self._test: dict[str, list[Example]] = {}
+        self._train: Optional[list] = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def examples(self, path: Path) -> list[Example]:
+        return vlguard_examples(path, self.files.image_dir)
+
+    def general_examples(self) -> list[Example]:
+        if self.files.general is None:
+            raise UserError("data.general_ratio > 0 needs data.general_file")
+        return [e for e in self.examples(self.files.general) if e.safe]
+
+    def train_dataset(self) -> list:
+        rows = self.examples(self.files.train)
+        ratio = float(self.cfg.general_ratio)
+        if ratio > 0:
+            if not 0 < ratio < 1:
+                raise UserError(f"data.general_ratio must be in [0, 1), got {ratio}")
+            general = self.general_examples()
+            n = round(len(rows) * ratio / (1 - ratio))
+            rng = random.Random(self.seed)
+            rows = rows + [general[rng.randrange(len(general))] for _ in range(n)]
+        return rows
+
+    def eval_split(self, path: Optional[Path]) -> dict[str, list[Example]]:
+        if path is None:
+            return {}
+        # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files).
+        return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
+                         replace_first_word, self.cfg.max_eval_samples)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._train is None:
+            self._train = self.train_dataset()
+        if stage in ("fit", "validate") and not self._val:
+            self._val = self.eval_split(self.files.val)
+        if stage == "test" and not self._test:
+            self._test = self.eval_split(self.files.test)
+            if not self._test:
+                raise UserError("no test split: set data.test_file")
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def collator(self, train: bool) -> VLMCollator:
+        return VLMCollator(self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        # DistributedSampler also for one process: a seeded, per-epoch shuffle that a resumed
+        # run reproduces (Lightning calls set_epoch).
+        sampler = DistributedSampler(self._train, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=self.seed, drop_last=world > 1)
+        return DataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
+                          collate_fn=self.collator(train=True), num_workers=self.cfg.num_workers,
+                          drop_last=False)
+
+    def _eval_loaders(self, sets: dict[str, list[Example]]) -> list[DataLoader]:
+        rank, world = self._rank()
+        return [DataLoader(sets[name], batch_size=self.cfg.eval_batch_size,
+                           sampler=ShardSampler(len(sets[name]), rank, world),
+                           collate_fn=self.collator(train=False), num_workers=self.cfg.num_workers)
+                for name in self.eval_set_names]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self._val)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self._test)

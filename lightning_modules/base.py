@@ -1,0 +1,213 @@
+"""The shared base of every alignment method: optimisation, divergence guard, and the safety
+evaluation (greedy generation on the named eval sets -> refusal / ASR / IR / accuracy) that runs
+in the validation and test hooks, so the mirage gap is a curve rather than an afterthought.
+
+A method is a subclass that sets `name`, `Params` (its hyperparameters) and `loss_terms`; it may
+swap `datamodule_class`. Nothing here knows which method is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from datamodules.examples import EVAL_SETS
+from datamodules.safety import SafetyDataModule
+from lightning_modules.errors import UserError
+from metrics.judges import answer_correct, get_judge
+from metrics.outcomes import SafetyOutcomes
+from metrics.refusal import is_refusal
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw")
+SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: training stops, the last good checkpoint is left as it is."""
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+@dataclasses.dataclass
+class MethodParams:
+    """Hyperparameters every method has. Subclasses add their own fields."""
+
+    retain_weight: float = 1.0  # λ: weight of CE on retain data (the "LLaVA loss"), where a method has it
+
+
+class AlignmentModule(L.LightningModule):
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = MethodParams
+    datamodule_class: ClassVar[type] = SafetyDataModule
+
+    def __init__(self, model: nn.Module, processor: Any, cfg, eval_set_names=EVAL_SETS):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.params = self.parse_params(cfg.method)
+        self.optim_cfg = cfg.optim
+        self.eval_cfg = cfg.eval
+        is_refusal("", cfg.eval.refusal_preset)  # fail now on an unknown preset, not after training
+        self.judge = get_judge(cfg.eval.judge)
+        self.eval_set_names = tuple(eval_set_names)
+        # One metric object per stage (lightning-hydra-template): val and test never share state.
+        self.val_metrics = nn.ModuleDict({n: SafetyOutcomes() for n in self.eval_set_names})
+        self.test_metrics = nn.ModuleDict({n: SafetyOutcomes() for n in self.eval_set_names})
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.generations: list[dict] = []
+        self._samples: dict[str, list[str]] = {}
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True), ignore=["model", "processor"])
+
+    @classmethod
+    def parse_params(cls, method_cfg):
+        values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "name"}
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        for key in values:
+            if key not in known:
+                raise UserError(f"unknown config key 'method.{key}' for method '{cls.name}'; "
+                                f"known: {', '.join(sorted(known))}")
+        return cls.Params(**values)
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward_model(self, batch: dict, **kwargs):
+        return self.model(**model_inputs(batch), **kwargs)
+
+    def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Return {"loss": the objective, <term>: its parts...}; parts are logged as train/<term>."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch)
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        if bad:
+            raise TrainingDiverged(f"non-finite loss at step {self.global_step} in term(s) {', '.join(bad)} "
+                                   f"({', '.join(f'{k}={float(terms[k].detach()):.4g}' for k in bad)}); "
+                                   "last good checkpoint kept")
+        for key, value in terms.items():
+            self.log(f"train/{key}", value.detach().float(), prog_bar=key == "loss", on_step=True, on_epoch=False)
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise UserError("no trainable parameters (check model.finetune and the method's parameter pattern)")
+        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay,
+                                betas=tuple(self.optim_cfg.betas))
+        if self.optim_cfg.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown optim.scheduler '{self.optim_cfg.scheduler}'; "
+                            f"choose one of: {', '.join(SCHEDULERS)}")
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = math.ceil(self.optim_cfg.warmup_ratio * total)
+        kwargs = {"num_training_steps": total} if self.optim_cfg.scheduler == "cosine" else {}
+        scheduler = SCHEDULERS[self.optim_cfg.scheduler](opt, num_warmup_steps=warmup, **kwargs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, batch: dict) -> list[str]:
+        inputs = model_inputs(batch)
+        out = self.model.generate(**inputs, max_new_tokens=self.eval_cfg.max_new_tokens, do_sample=False)
+        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _eval_step(self, batch: dict, dataloader_idx: int, metrics: nn.ModuleDict, keep: bool) -> None:
+        name = self.eval_set_names[dataloader_idx]
+        responses = [r.strip() for r in self.generate(batch)]
+        examples = batch["examples"]
+        refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
+        harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
+        correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
+        dev = self.device
+        metrics[name].update(torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
+                             torch.tensor(correct, device=dev))
+        shown = self._samples.setdefault(name, [])
+        for ex, r in zip(examples, responses):
+            if len(shown) < self.eval_cfg.log_samples:
+                shown.append(f"**{ex.instruction}** → {r}")
+        if keep:
+            self.generations += [
+                dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
+                     response=r, refusal=ref, harmful=h, correct=c)
+                for ex, r, ref, h, c in zip(examples, responses, refused, harmful, correct)]
+
+    def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
+        results = {}
+        for name in self.eval_set_names:
+            values = metrics[name].compute()  # synced across ranks (summed counts)
+            metrics[name].reset()
+            results[name] = {k: float(v) for k, v in values.items()}
+            for key, value in values.items():
+                if key != "n":
+                    self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False, rank_zero_only=True)
+        gaps = {}
+        if {"unsafe_clean", "unsafe_attacked"} <= results.keys():
+            gaps["mirage_gap"] = results["unsafe_attacked"]["asr"] - results["unsafe_clean"]["asr"]
+        if {"safe_clean", "safe_rewritten"} <= results.keys():
+            gaps["overprudence_gap"] = (results["safe_rewritten"]["refusal_rate"]
+                                        - results["safe_clean"]["refusal_rate"])
+        for key, value in gaps.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
+        self._log_samples(stage)
+        return results
+
+    def _log_samples(self, stage: str) -> None:
+        writer = getattr(self.logger, "experiment", None)
+        if self.global_rank == 0 and hasattr(writer, "add_text"):
+            for name, lines in self._samples.items():
+                writer.add_text(f"{stage}_samples/{name}", "  \n".join(lines), self.global_step)
+        self._samples = {}
+
+    def on_train_start(self) -> None:
+        for metric in self.val_metrics.values():  # nothing from a sanity check leaks into step 0
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.val_metrics, keep=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val", self.val_metrics)
+
+    def on_test_epoch_start(self) -> None:
+        self.generations = []
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, self.test_metrics, keep=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._eval_epoch_end("test", self.test_metrics)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.generations)
+            self.generations = [g for part in gathered for g in part]
+
+
+METHODS: dict[str, type[AlignmentModule]] = {}
+
+
+def register_method(cls: type[AlignmentModule]) -> type[AlignmentModule]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[AlignmentModule]:
+    """The module class for `method.name`; each method lives in `lightning_modules/<name>.py`."""
+    if name not in METHODS:
+        try:
+            importlib.import_module(f"lightning_modules.{name}")
+        except ModuleNotFoundError:
+            pass
+    if name not in METHODS:
+        from lightning_modules.config import CONFIG_ROOT
+
+        known = sorted(p.stem for p in (CONFIG_ROOT / "method").glob("*.yaml"))
+        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(known)}")
+    return METHODS[name]

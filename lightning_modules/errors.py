@@ -1,0 +1,29 @@
+"""User-facing errors: one line naming the file, record, key or value at fault, exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, paths). Printed as one line, never a traceback."""
+
+
+def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None], None]:
+    """Wrap a CLI ``main(argv)``: UserError -> one line on stderr and exit 2 (traceback with --debug)."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> None:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        try:
+            main(argv)
+        except UserError as err:
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,150 @@
+"""The tiny unaligned base model for the Mirage World, built once and cached by its config.
+
+Two stages, as LLaVA is built (DESIGN §5: a vision tower trained jointly from scratch recognised
+shapes 34% of the time; pre-trained and frozen, 96-100%):
+1. the CLIP tower learns colour and shape with linear probes, then is frozen;
+2. projector + language model learn the world's base corpus, where every query is answered
+   (harmful ones with hazard content): an unaligned base, saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from datamodules.collate import load_image
+from datamodules.examples import Example, vlguard_examples
+from datamodules.safety import DataFiles, SafetyDataModule
+from lightning_modules.backbone import build_tiny
+
+
+def corpus_texts(files: DataFiles, extra_words: list[str]) -> list[str]:
+    """Every instruction and response the world can show the model (the tokenizer's corpus)."""
+    texts = list(extra_words)
+    for path in (files.general, files.train, files.val, files.test):
+        if path is not None and Path(path).is_file():
+            for ex in vlguard_examples(path, files.image_dir):
+                texts += [ex.instruction, ex.response or ""]
+    return texts
+
+
+class VisionProbe(L.LightningModule):
+    """Linear colour / shape probes on the patch features the projector will see."""
+
+    def __init__(self, tower: nn.Module, dim: int, n_colors: int, n_shapes: int, lr: float):
+        super().__init__()
+        self.tower, self.lr = tower, lr
+        self.color_head, self.shape_head = nn.Linear(dim, n_colors), nn.Linear(dim, n_shapes)
+
+    def logits(self, pixel_values):
+        feats = self.tower(pixel_values).last_hidden_state[:, 1:].mean(1)  # CLS dropped, as "default"
+        return self.color_head(feats), self.shape_head(feats)
+
+    def training_step(self, batch, batch_idx):
+        pixels, colors, shapes = batch
+        c, s = self.logits(pixels)
+        loss = nn.functional.cross_entropy(c, colors) + nn.functional.cross_entropy(s, shapes)
+        self.log("vision/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def _probe_data(examples: list[Example], processor, colors: list[str], shapes: list[str]):
+    seen, rows = set(), []
+    for ex in examples:
+        if ex.image in seen:
+            continue
+        seen.add(ex.image)
+        w = ex.extra["world"]
+        rows.append((ex, colors.index(w["color"]), shapes.index(w["shape"])))
+
+    def collate(items):
+        pixels = processor.image_processor([load_image(ex) for ex, _, _ in items], return_tensors="pt")
+        return (pixels["pixel_values"], torch.tensor([c for _, c, _ in items]),
+                torch.tensor([s for _, _, s in items]))
+
+    return rows, collate
+
+
+@torch.no_grad()
+def _probe_accuracy(probe: VisionProbe, rows, collate) -> dict[str, float]:
+    probe.eval()
+    hits_c = hits_s = 0
+    for i in range(0, len(rows), 128):
+        pixels, colors, shapes = collate(rows[i:i + 128])
+        c, s = probe.logits(pixels)
+        hits_c += int((c.argmax(1) == colors).sum())
+        hits_s += int((s.argmax(1) == shapes).sum())
+    return {"color_accuracy": hits_c / len(rows), "shape_accuracy": hits_s / len(rows), "n": len(rows)}
+
+
+def _quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False)
+
+
+def base_cache_dir(cfg, files: DataFiles) -> Path:
+    key = {"tiny": OmegaConf.to_container(cfg.model.tiny), "world": str(files.world_dir.name),
+           "base": {k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "cache_dir"},
+           "seed": cfg.seed, "version": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.base.cache_dir) / f"tiny-{digest}"
+
+
+def ensure_tiny_base(cfg, files: DataFiles) -> Path:
+    """Path of the cached base for this world and config, training it first if needed."""
+    out = base_cache_dir(cfg, files)
+    if (out / "config.json").is_file():
+        return out
+    from datamodules.mirage_world import load_world_config
+    from lightning_modules.sft import SFTModule
+
+    world = load_world_config(files.world_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    texts = corpus_texts(files, [world.compliance_cue, world.refusal_cue, *world.other_cues])
+    model, processor = build_tiny(cfg.model.tiny, texts)
+
+    # Stage 1: vision tower.
+    colors, shapes = list(world.colors), list(world.shapes)
+    train_rows, collate = _probe_data(vlguard_examples(files.general, files.image_dir), processor, colors, shapes)
+    val_rows, _ = _probe_data(vlguard_examples(files.val, files.image_dir), processor, colors, shapes)
+    tower = model.model.vision_tower
+    probe = VisionProbe(tower, tower.config.hidden_size, len(colors), len(shapes), cfg.base.vision_lr)
+    loader = DataLoader(train_rows, batch_size=64, shuffle=True, collate_fn=collate)
+    _quiet_trainer(cfg.base.vision_steps, out.parent).fit(probe, loader)
+    report = _probe_accuracy(probe, val_rows, collate)
+    print(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
+          f"shape accuracy {report['shape_accuracy']:.3f} on {report['n']} held-out images")
+
+    # Stage 2: projector + language model on the base corpus, vision tower frozen.
+    base_cfg = copy.deepcopy(cfg)
+    base_cfg.method = {"name": "sft"}
+    base_cfg.optim.lr, base_cfg.optim.scheduler = cfg.base.lr, "cosine"
+    base_cfg.data.batch_size = cfg.base.batch_size
+    for name, param in model.named_parameters():
+        param.requires_grad_("vision_tower" not in name)
+    module = SFTModule(model, processor, base_cfg)
+    base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
+                           compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)
+    data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.seed)
+    _quiet_trainer(cfg.base.steps, out.parent).fit(module, data)
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "vision_report.json").write_text(json.dumps(report, indent=1))
+    tmp.rename(out)  # atomic: a crash never leaves a half-written cached base
+    return out

@@ -1,0 +1,25 @@
+"""Supervised safety fine-tuning: response-only cross-entropy on the safety set (refusals for
+unsafe queries, answers for safe ones), optionally mixed with general data (`data.general_ratio`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_modules.base import AlignmentModule, MethodParams, register_method
+from losses import token_mean_ce
+
+
+@dataclasses.dataclass
+class SFTParams(MethodParams):
+    pass
+
+
+@register_method
+class SFTModule(AlignmentModule):
+    name = "sft"
+    Params = SFTParams
+
+    def loss_terms(self, batch: dict) -> dict:
+        logits = self.forward_model(batch).logits
+        ce = token_mean_ce(logits, batch["labels"])
+        return {"loss": ce, "ce": ce}
