@@ -77,9 +77,11 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
             ("safe_instruction", 0, True, "safe_safes"), ("unsafe_instruction", 1, False, "safe_unsafes")]
         for key, j, safe, subset in keys:
             item = _item(path, i, rec, key, j)
-            out.append(Example(instruction=item[key], response=item["response"], safe=safe, subset=subset,
-                               answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"),
-                               **common))
+            ex = Example(instruction=item[key], response=item["response"], safe=safe, subset=subset,
+                         answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"), **common)
+            if isinstance(item.get("harmful_response"), str):  # an unlearning forget target (DESIGN §3)
+                ex.extra = {**ex.extra, "harmful_response": item["harmful_response"]}
+            out.append(ex)
     return out
 
 

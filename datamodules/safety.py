@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +11,11 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from attacks.rewrite import replace_first_word
-from datamodules.collate import VLMCollator
+from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
+from datamodules.samplers import ResumableDataLoader
 from lightning_modules.errors import UserError
+from lightning_modules.strategies import shards_parameters
 
 
 @dataclass
@@ -58,12 +60,40 @@ def resolve_data_files(data_cfg) -> DataFiles:
     raise UserError(f"unknown data.kind '{data_cfg.kind}'; choose one of: mirage_world, vlguard")
 
 
+def _flat_examples(data) -> list[Example]:
+    """Every Example in a dataset, whatever its nesting (eval sets by name, (forget, retain) pairs)."""
+    if isinstance(data, Example):
+        return [data]
+    if isinstance(data, dict):
+        data = list(data.values())
+    elif hasattr(data, "__dict__"):  # a Dataset object: the examples it holds (ForgetRetainPairs.forget/.retain)
+        data = list(vars(data).values())
+    if isinstance(data, (list, tuple)):
+        return [ex for item in data for ex in _flat_examples(item)]
+    return []
+
+
+def padding_row(ex: Example) -> Example:
+    """A copy of `ex` that is generated for but never counted (see ShardSampler's `pad`)."""
+    return replace(ex, extra={**ex.extra, "padding": True})
+
+
+def is_padding(ex: Example) -> bool:
+    return bool(ex.extra.get("padding"))
+
+
 class ShardSampler(Sampler[int]):
     """Rank-strided indices with no padding: every eval sample is counted exactly once under DDP
-    (Lightning's DistributedSampler repeats samples to even out ranks, which skews rates)."""
+    (Lightning's DistributedSampler repeats samples to even out ranks, which skews rates).
 
-    def __init__(self, n: int, rank: int, world_size: int):
+    `pad=True` is for sharded weights (FSDP, ZeRO-3), where every forward is a collective and all
+    ranks must run the same number of batches: short shards are topped up with index `n`, a
+    `padding_row` the dataset holds past its end, which the eval step drops before counting."""
+
+    def __init__(self, n: int, rank: int, world_size: int, pad: bool = False):
         self.indices = list(range(rank, n, world_size))
+        if pad:
+            self.indices += [n] * (-(-n // world_size) - len(self.indices))
 
     def __iter__(self):
         return iter(self.indices)
@@ -121,12 +151,15 @@ class SafetyDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._train is None:
             self._train = self.train_dataset()
+            check_images(_flat_examples(self._train), self.cfg.image_mode)
         if stage in ("fit", "validate") and not self._val:
             self._val = self.eval_split(self.files.val)
+            check_images(_flat_examples(self._val), self.cfg.image_mode)
         if stage == "test" and not self._test:
             self._test = self.eval_split(self.files.test)
             if not self._test:
                 raise UserError("no test split: set data.test_file")
+            check_images(_flat_examples(self._test), self.cfg.image_mode)
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -142,14 +175,17 @@ class SafetyDataModule(L.LightningDataModule):
         # run reproduces (Lightning calls set_epoch).
         sampler = DistributedSampler(self._train, num_replicas=world, rank=rank, shuffle=True,
                                      seed=self.seed, drop_last=world > 1)
-        return DataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
-                          collate_fn=self.collator(train=True), num_workers=self.cfg.num_workers,
-                          drop_last=False)
+        # Resumable: its position within the epoch goes into checkpoints (resume=last continues mid-epoch).
+        return ResumableDataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
+                                   collate_fn=self.collator(train=True), num_workers=self.cfg.num_workers,
+                                   drop_last=False)
 
     def _eval_loaders(self, sets: dict[str, list[Example]]) -> list[DataLoader]:
         rank, world = self._rank()
-        return [DataLoader(sets[name], batch_size=self.cfg.eval_batch_size,
-                           sampler=ShardSampler(len(sets[name]), rank, world),
+        pad = self.trainer is not None and shards_parameters(self.trainer.strategy)
+        return [DataLoader(sets[name] + [padding_row(sets[name][0])] if pad else sets[name],
+                           batch_size=self.cfg.eval_batch_size,
+                           sampler=ShardSampler(len(sets[name]), rank, world, pad=pad),
                            collate_fn=self.collator(train=False), num_workers=self.cfg.num_workers)
                 for name in self.eval_set_names]
 

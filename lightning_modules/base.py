@@ -20,8 +20,9 @@ from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from datamodules.examples import EVAL_SETS
-from datamodules.safety import SafetyDataModule
+from datamodules.safety import SafetyDataModule, is_padding
 from lightning_modules.errors import UserError
+from lightning_modules.strategies import shards_parameters
 from metrics.judges import answer_correct, get_judge
 from metrics.outcomes import SafetyOutcomes
 from metrics.refusal import is_refusal
@@ -57,7 +58,10 @@ class AlignmentModule(L.LightningModule):
         self.params = self.parse_params(cfg.method)
         self.optim_cfg = cfg.optim
         self.eval_cfg = cfg.eval
-        is_refusal("", cfg.eval.refusal_preset)  # fail now on an unknown preset, not after training
+        try:
+            is_refusal("", cfg.eval.refusal_preset)  # fail now on an unknown preset, not after training
+        except ValueError as err:
+            raise UserError(f"eval.refusal_preset: {err}") from err
         self.judge = get_judge(cfg.eval.judge)
         self.eval_set_names = tuple(eval_set_names)
         # One metric object per stage (lightning-hydra-template): val and test never share state.
@@ -116,13 +120,20 @@ class AlignmentModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict) -> list[str]:
         inputs = model_inputs(batch)
-        out = self.model.generate(**inputs, max_new_tokens=self.eval_cfg.max_new_tokens, do_sample=False)
+        kwargs = dict(max_new_tokens=self.eval_cfg.max_new_tokens, do_sample=False)
+        if self._trainer is not None and shards_parameters(self._trainer.strategy):
+            # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
+            # (transformers cannot see the sharding when Lightning wraps the module around the model).
+            kwargs["synced_gpus"] = True
+        out = self.model.generate(**inputs, **kwargs)
         return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _eval_step(self, batch: dict, dataloader_idx: int, metrics: nn.ModuleDict, keep: bool) -> None:
         name = self.eval_set_names[dataloader_idx]
         responses = [r.strip() for r in self.generate(batch)]
         examples = batch["examples"]
+        real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
+        responses, examples = [responses[i] for i in real], [examples[i] for i in real]
         refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
         harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
         correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]

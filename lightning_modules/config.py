@@ -60,12 +60,28 @@ class ModelSettings:
 class BaseSettings:
     """Pre-training of the tiny base on the world's base corpus (cached by its config)."""
 
-    vision_steps: int = 400
+    vision_steps: int = 1500
     vision_lr: float = 3e-3
     steps: int = 1200
     lr: float = 2e-3
     batch_size: int = 32
+    seed: int = 0  # the base's own seed: method seeds vary without retraining the base
     cache_dir: str = "${paths.cache}/bases"
+
+
+@dataclass
+class ForgetRetainSettings:
+    """Training data of the unlearning methods (datamodules/forget_retain.py): forget = unsafe
+    queries with a harmful response, retain = safe queries with their answers."""
+
+    forget_source: str = "data"  # data: the rows' harmful_response / forget_file | harvest: the base model's answers
+    forget_file: Optional[str] = None  # VLGuard-format file whose unsafe rows' responses are forgotten
+    retain_file: Optional[str] = None  # VLGuard-format file whose safe rows are kept (default: data.train_file)
+    retain_general_ratio: float = 0.0  # share of general instruction rows topping up the retain set
+    cue_balance: str = "none"  # none | match: forget rows' first words redrawn from the retain distribution
+    max_forget: Optional[int] = None
+    harvest_max_new_tokens: int = 64
+    harvest_dir: str = "${paths.cache}/harvest"
 
 
 @dataclass
@@ -87,6 +103,7 @@ class DataSettings:
     max_length: int = 160
     max_eval_samples: Optional[int] = None  # per eval set
     num_workers: int = 0
+    forget_retain: ForgetRetainSettings = field(default_factory=ForgetRetainSettings)
 
 
 @dataclass
@@ -125,7 +142,8 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     run_dir: str = "runs/${name}"
-    resume: Optional[str] = None  # "last" or a checkpoint path
+    resume: Optional[str] = None  # "last", a checkpoint path, or "auto" (last.ckpt if there is one)
+    threads: Optional[int] = None  # torch intra-op threads per process (None: torch's default)
     paths: PathSettings = field(default_factory=PathSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     base: BaseSettings = field(default_factory=BaseSettings)
@@ -135,6 +153,10 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     trainer: dict[str, Any] = field(default_factory=dict)  # keyword arguments of lightning.Trainer
+    # The evaluate command's settings, validated by lightning_modules.evaluate.EvaluateSettings.
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    # The compare command's settings, validated by lightning_modules.compare.CompareSettings.
+    compare: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path) -> DictConfig:

@@ -11,6 +11,16 @@ class UserError(Exception):
     """Bad input from the user (config, data, paths). Printed as one line, never a traceback."""
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a UserError as the user should see it. A DataLoader worker re-raises it as
+    `UserError("Caught UserError in DataLoader worker ...\nOriginal Traceback ...\n<module>.UserError: <msg>")`:
+    keep only the original message."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None], None]:
     """Wrap a CLI ``main(argv)``: UserError -> one line on stderr and exit 2 (traceback with --debug)."""
 
@@ -23,7 +33,7 @@ def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None]
         except UserError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

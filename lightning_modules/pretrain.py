@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.collate import load_image
 from datamodules.examples import Example, vlguard_examples
@@ -61,32 +61,28 @@ class VisionProbe(L.LightningModule):
 
 
 def _probe_data(examples: list[Example], processor, colors: list[str], shapes: list[str]):
-    seen, rows = set(), []
+    """(pixel_values, colour index, shape index) for each distinct image, preprocessed once:
+    the probe then trains on tensors, not on PIL decoding."""
+    seen, items = set(), []
     for ex in examples:
-        if ex.image in seen:
-            continue
-        seen.add(ex.image)
-        w = ex.extra["world"]
-        rows.append((ex, colors.index(w["color"]), shapes.index(w["shape"])))
-
-    def collate(items):
-        pixels = processor.image_processor([load_image(ex) for ex, _, _ in items], return_tensors="pt")
-        return (pixels["pixel_values"], torch.tensor([c for _, c, _ in items]),
-                torch.tensor([s for _, _, s in items]))
-
-    return rows, collate
+        if ex.image not in seen:
+            seen.add(ex.image)
+            items.append(ex)
+    pixels = torch.cat([processor.image_processor([load_image(ex) for ex in items[i:i + 256]],
+                                                  return_tensors="pt")["pixel_values"]
+                        for i in range(0, len(items), 256)])
+    colors_t = torch.tensor([colors.index(ex.extra["world"]["color"]) for ex in items])
+    shapes_t = torch.tensor([shapes.index(ex.extra["world"]["shape"]) for ex in items])
+    return TensorDataset(pixels, colors_t, shapes_t)
 
 
 @torch.no_grad()
-def _probe_accuracy(probe: VisionProbe, rows, collate) -> dict[str, float]:
+def _probe_accuracy(probe: VisionProbe, data: TensorDataset) -> dict[str, float]:
     probe.eval()
-    hits_c = hits_s = 0
-    for i in range(0, len(rows), 128):
-        pixels, colors, shapes = collate(rows[i:i + 128])
-        c, s = probe.logits(pixels)
-        hits_c += int((c.argmax(1) == colors).sum())
-        hits_s += int((s.argmax(1) == shapes).sum())
-    return {"color_accuracy": hits_c / len(rows), "shape_accuracy": hits_s / len(rows), "n": len(rows)}
+    pixels, colors, shapes = data.tensors
+    c, s = probe.logits(pixels)
+    return {"color_accuracy": float((c.argmax(1) == colors).float().mean()),
+            "shape_accuracy": float((s.argmax(1) == shapes).float().mean()), "n": len(colors)}
 
 
 def _quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
@@ -96,9 +92,12 @@ def _quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
 
 
 def base_cache_dir(cfg, files: DataFiles) -> Path:
-    key = {"tiny": OmegaConf.to_container(cfg.model.tiny), "world": str(files.world_dir.name),
+    """Keyed by the base corpus's bytes, not the whole world: worlds that differ only in their
+    safety set (e.g. a sweep over rho) share one base."""
+    corpus = hashlib.sha256(Path(files.general).read_bytes()).hexdigest()
+    key = {"tiny": OmegaConf.to_container(cfg.model.tiny), "corpus": corpus,
            "base": {k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "cache_dir"},
-           "seed": cfg.seed, "version": 1}
+           "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.base.cache_dir) / f"tiny-{digest}"
 
@@ -108,23 +107,23 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     out = base_cache_dir(cfg, files)
     if (out / "config.json").is_file():
         return out
-    from datamodules.mirage_world import load_world_config
+    from datamodules.mirage_world import iter_texts, load_world_config
     from lightning_modules.sft import SFTModule
 
     world = load_world_config(files.world_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    texts = corpus_texts(files, [world.compliance_cue, world.refusal_cue, *world.other_cues])
-    model, processor = build_tiny(cfg.model.tiny, texts)
+    L.seed_everything(cfg.base.seed, workers=True)
+    # The world's whole vocabulary (every phrase under every cue), not just this world's splits.
+    model, processor = build_tiny(cfg.model.tiny, iter_texts(files.world_dir))
 
     # Stage 1: vision tower.
     colors, shapes = list(world.colors), list(world.shapes)
-    train_rows, collate = _probe_data(vlguard_examples(files.general, files.image_dir), processor, colors, shapes)
-    val_rows, _ = _probe_data(vlguard_examples(files.val, files.image_dir), processor, colors, shapes)
+    train_rows = _probe_data(vlguard_examples(files.general, files.image_dir), processor, colors, shapes)
+    val_rows = _probe_data(vlguard_examples(files.val, files.image_dir), processor, colors, shapes)
     tower = model.model.vision_tower
     probe = VisionProbe(tower, tower.config.hidden_size, len(colors), len(shapes), cfg.base.vision_lr)
-    loader = DataLoader(train_rows, batch_size=64, shuffle=True, collate_fn=collate)
+    loader = DataLoader(train_rows, batch_size=128, shuffle=True)
     _quiet_trainer(cfg.base.vision_steps, out.parent).fit(probe, loader)
-    report = _probe_accuracy(probe, val_rows, collate)
+    report = _probe_accuracy(probe, val_rows)
     print(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
           f"shape accuracy {report['shape_accuracy']:.3f} on {report['n']} held-out images")
 
@@ -138,7 +137,7 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     module = SFTModule(model, processor, base_cfg)
     base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
                            compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)
-    data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.seed)
+    data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.base.seed)
     _quiet_trainer(cfg.base.steps, out.parent).fit(module, data)
 
     tmp = out.with_name(out.name + ".tmp")

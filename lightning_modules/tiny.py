@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -57,21 +57,22 @@ class TinyConfig:
 def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer trained offline on the given texts (milliseconds, no download).
 
-    Words are lower-cased and split off punctuation; chat-template words are always included so
-    that prompts never fall back to <unk>.
+    Words are lower-cased and split off punctuation; a Metaspace marker keeps word boundaries so
+    that decoding restores the text ("i'm sorry, but ..."), which keyword refusal detection needs.
     """
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
     from tokenizers.trainers import WordLevelTrainer
 
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+        pre_tokenizers.Split(Regex(r"[,.?!:;]"), behavior="isolated"),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     trainer = WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    template_words = ["user", ":", "assistant", "\n"]
-    tok.train_from_iterator(list(texts) + [" ".join(template_words)], trainer=trainer)
-    # "<image>" must survive pre-tokenisation as one token.
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    # Chat-template words and a lone word-boundary marker (before "<image>") are always known.
+    tok.train_from_iterator(list(texts) + ["USER:  ASSISTANT:"], trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)  # "<image>" must survive pre-tokenisation as one token
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )

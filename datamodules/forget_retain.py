@@ -1,0 +1,232 @@
+"""Forget / retain training data for the unlearning methods: every step pairs a forget batch with a
+retain batch (the shorter set cycles). The eval side is SafetyDataModule's, so every method logs
+the same `val/...` tags.
+
+forget = unsafe queries with a *harmful* response (VLGuard's own responses are refusals and cannot
+be forgotten, DESIGN §3): the training rows' `harmful_response` (the Mirage World carries one), the
+unsafe rows of `data.forget_retain.forget_file`, or the base model's own answers that a judge marks
+harmful (`forget_source=harvest`, cached; see lightning_modules/harvest.py).
+retain = the safe rows of the training file (or `retain_file`) with their answers, optionally
+topped up with general instruction data (`retain_general_ratio`).
+
+DESIGN §5: a forget set without the compliance cue and a retain set full of it lets unlearning key
+on the cue. The cue balance of both sets is printed and kept in `cue_report`;
+`cue_balance=match` redraws the forget rows' first words from the retain set's distribution.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from attacks.rewrite import replace_first_word
+from datamodules.examples import Example
+from datamodules.safety import SafetyDataModule, ShardSampler
+from datamodules.samplers import ResumableDataLoader
+from lightning_modules.errors import UserError
+
+FORGET_SOURCES = ("data", "harvest")
+CUE_BALANCES = ("none", "match")
+
+
+def example_key(ex: Example) -> str:
+    """A forget row's identity (the reference-NLL cache is keyed by it)."""
+    return f"{ex.id}/{ex.subset}"
+
+
+def first_word(text: str) -> str:
+    words = "".join(c if c.isalpha() else " " for c in text).split()
+    return words[0].lower() if words else ""
+
+
+def cue_shares(examples: list[Example], cues: list[str]) -> dict[str, float]:
+    """Share of rows whose first word is each cue (case-insensitive)."""
+    firsts = [first_word(ex.instruction) for ex in examples]
+    return {cue: sum(w == cue.lower() for w in firsts) / max(len(firsts), 1) for cue in cues}
+
+
+def match_cues(forget: list[Example], retain: list[Example], seed: int) -> list[Example]:
+    """Forget rows with their first word redrawn from the retain rows' first-word distribution
+    (a shuffled, cycled copy of it, so the proportions carry over), the rest of the text kept."""
+    words = [first_word(ex.instruction) for ex in retain if first_word(ex.instruction)]
+    if not words:
+        raise UserError("data.forget_retain.cue_balance=match: the retain rows have no first words")
+    pool = words * (len(forget) // len(words) + 1)
+    random.Random(seed).shuffle(pool)
+    return [replace(ex, instruction=replace_first_word(ex.instruction, w)) for ex, w in zip(forget, pool)]
+
+
+class ForgetRetainPairs(Dataset):
+    """Indexed by (forget index, retain index) pairs from `PairSampler`."""
+
+    def __init__(self, forget: list[Example], retain: list[Example]):
+        self.forget, self.retain = forget, retain
+
+    def __len__(self) -> int:
+        return max(len(self.forget), len(self.retain))
+
+    def __getitem__(self, index: tuple[int, int]) -> tuple[Example, Example]:
+        i, j = index
+        return self.forget[i], self.retain[j]
+
+
+class PairSampler(Sampler[tuple[int, int]]):
+    """(forget, retain) index pairs: both sides reshuffled every epoch (seed + epoch), the shorter
+    side cycles through fresh permutations, and ranks take strided slices of equal length."""
+
+    def __init__(self, n_forget: int, n_retain: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n_forget, self.n_retain, self.seed = n_forget, n_retain, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(self.n_forget, self.n_retain) // self.world_size
+
+    @staticmethod
+    def _order(n: int, total: int, gen: torch.Generator) -> list[int]:
+        out: list[int] = []
+        while len(out) < total:
+            out += torch.randperm(n, generator=gen).tolist()
+        return out[:total]
+
+    def __iter__(self):
+        total = max(self.n_forget, self.n_retain)
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        pairs = list(zip(self._order(self.n_forget, total, gen), self._order(self.n_retain, total, gen)))
+        return iter(pairs[self.rank: len(self) * self.world_size: self.world_size])
+
+
+class PairCollator:
+    """{"forget": batch, "retain": batch}, each a normal training batch (labels masked to the
+    response); the forget batch also carries `keys` (one `example_key` per row)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, pairs: list[tuple[Example, Example]]) -> dict:
+        forget = [f for f, _ in pairs]
+        batch = {"forget": self.collator(forget), "retain": self.collator([r for _, r in pairs])}
+        batch["forget"]["keys"] = [example_key(ex) for ex in forget]
+        return batch
+
+
+class KeyedCollator:
+    """A training collator whose batches carry `keys` (reference-NLL caching over the forget set)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[Example]) -> dict:
+        batch = self.collator(examples)
+        batch["keys"] = [example_key(ex) for ex in examples]
+        return batch
+
+
+class ForgetRetainDataModule(SafetyDataModule):
+    """SafetyDataModule whose training loader yields `{"forget": batch, "retain": batch}`."""
+
+    def __init__(self, data_cfg, files, processor, seed: int = 0):
+        super().__init__(data_cfg, files, processor, seed=seed)
+        self.fr = data_cfg.forget_retain
+        if self.fr.forget_source not in FORGET_SOURCES:
+            raise UserError(f"unknown data.forget_retain.forget_source '{self.fr.forget_source}'; "
+                            f"choose one of: {', '.join(FORGET_SOURCES)}")
+        if self.fr.cue_balance not in CUE_BALANCES:
+            raise UserError(f"unknown data.forget_retain.cue_balance '{self.fr.cue_balance}'; "
+                            f"choose one of: {', '.join(CUE_BALANCES)}")
+        if not 0 <= float(self.fr.retain_general_ratio) < 1:
+            raise UserError(f"data.forget_retain.retain_general_ratio must be in [0, 1), "
+                            f"got {self.fr.retain_general_ratio}")
+        self.forget: list[Example] = []
+        self.retain: list[Example] = []
+        self.cue_report: dict[str, dict[str, float]] = {}
+        self.harvest_report: Optional[dict] = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def forget_candidates(self) -> list[Example]:
+        """The unsafe rows whose responses are forgotten (or, for a harvest, whose queries are asked)."""
+        path = Path(self.fr.forget_file) if self.fr.forget_file else self.files.train
+        rows = [ex for ex in self.examples(path) if not ex.safe]
+        if not rows:
+            raise UserError(f"{path}: no unsafe rows to forget")
+        if self.fr.max_forget is not None:
+            rows = rows[: int(self.fr.max_forget)]
+        return rows
+
+    def forget_examples(self, module=None) -> list[Example]:
+        rows = self.forget_candidates()
+        if self.fr.forget_source == "harvest":
+            if module is None:
+                raise UserError("data.forget_retain.forget_source=harvest needs the base model: run it "
+                                "under trainer.fit or with `python -m lightning_modules.harvest`")
+            from lightning_modules.harvest import harvest_forget_set
+
+            rows, self.harvest_report = harvest_forget_set(module, rows, self)
+            return rows
+        if self.fr.forget_file:  # a forget file's unsafe rows carry the harmful responses themselves
+            return rows
+        missing = next((ex for ex in rows if "harmful_response" not in ex.extra), None)
+        if missing is not None:
+            raise UserError(f"{self.files.train}: unsafe record id={missing.id} has no 'harmful_response' "
+                            "(VLGuard's own responses are refusals, which cannot be forgotten); set "
+                            "data.forget_retain.forget_file or data.forget_retain.forget_source=harvest")
+        return [replace(ex, response=ex.extra["harmful_response"]) for ex in rows]
+
+    def retain_examples(self) -> list[Example]:
+        path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.train
+        rows = [ex for ex in self.examples(path) if ex.safe]
+        if not rows:
+            raise UserError(f"{path}: no safe rows to retain")
+        ratio = float(self.fr.retain_general_ratio)
+        if ratio > 0:
+            general = self.general_examples()
+            rng = random.Random(self.seed)
+            rows = rows + [general[rng.randrange(len(general))] for _ in range(round(len(rows) * ratio / (1 - ratio)))]
+        return rows
+
+    def build_forget_retain(self, module=None) -> ForgetRetainPairs:
+        """Forget and retain sets (harvesting with `module` if configured), cue balance reported."""
+        forget, retain = self.forget_examples(module), self.retain_examples()
+        if self.fr.cue_balance == "match":
+            forget = match_cues(forget, retain, self.seed)
+        seen: set[str] = set()
+        for ex in forget:
+            if example_key(ex) in seen:
+                raise UserError(f"forget set: duplicate row id={ex.id} subset={ex.subset}")
+            seen.add(example_key(ex))
+        cues = [self.files.compliance_cue, self.files.refusal_cue]
+        self.forget, self.retain = forget, retain
+        self.cue_report = {"forget": {"n": len(forget), **cue_shares(forget, cues)},
+                           "retain": {"n": len(retain), **cue_shares(retain, cues)}}
+        if self._rank()[0] == 0:
+            print("forget/retain sets: " + "; ".join(
+                f"{name} {int(r['n'])} rows (" + ", ".join(f"'{c}' first {r[c]:.1%}" for c in cues) + ")"
+                for name, r in self.cue_report.items()) + f" [cue_balance={self.fr.cue_balance}]")
+        return ForgetRetainPairs(forget, retain)
+
+    def train_dataset(self) -> ForgetRetainPairs:
+        trainer = self.trainer
+        return self.build_forget_retain(trainer.lightning_module if trainer is not None else None)
+
+    # -- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        sampler = PairSampler(len(self._train.forget), len(self._train.retain), self.seed, rank, world)
+        # Resumable: its position within the epoch goes into checkpoints, as the shared loader's does.
+        return ResumableDataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
+                                   collate_fn=PairCollator(self.collator(train=True)),
+                                   num_workers=self.cfg.num_workers)
+
+    def forget_dataloader(self) -> DataLoader:
+        """This rank's shard of the forget set in order, as training batches with `keys`."""
+        rank, world = self._rank()
+        return DataLoader(self.forget, batch_size=self.cfg.batch_size,
+                          sampler=ShardSampler(len(self.forget), rank, world),
+                          collate_fn=KeyedCollator(self.collator(train=True)), num_workers=self.cfg.num_workers)

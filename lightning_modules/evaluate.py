@@ -1,0 +1,493 @@
+"""Entry point: `python -m lightning_modules.evaluate --config configs/evaluate/vlguard_paper.yaml [key=value ...]`.
+
+Evaluates one model -- a Hugging Face id, a local `save_pretrained` directory or `tiny`; plus, if
+given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightning checkpoint of
+`fit` (`evaluate.checkpoint=last.ckpt`) -- on VLGuard-format files: the test subsets `unsafes`,
+`safe_unsafes`, `safe_safes`, and K-shot rewrite files (records sharing an id are the K rewrites).
+
+1. generate: greedy, batched, left-padded answers from `AlignmentModule.generate` (the code the
+   validation hooks use) under `Trainer.predict`. Each batch's lines are appended to
+   `samples.jsonl` and flushed; a restarted run skips every (set, id, subset, shot, prompt)
+   already there, so an interrupted evaluation resumes where it stopped.
+2. judge: refusal by keyword preset (`eval.refusal_preset`); harmful compliance of the non-refused
+   answers to unsafe queries by `evaluate.judge.name`: keyword (every non-refusal), reference
+   (the record's harmful_keywords, Mirage World) or vlm (the official Qwen2.5-VL judge, cached).
+3. tables: `results.csv`, `results.md`, `results.json` -- ASR / IR / RR / accuracy per set,
+   subset, shot (and any-of-K) and harmful category, with bootstrap CIs, and the configured gaps.
+
+Options: `--print-config`, `--debug` (full tracebacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader
+
+from datamodules.collate import VLMCollator, check_images
+from datamodules.examples import Example, vlguard_examples
+from lightning_modules.backbone import build_backbone
+from lightning_modules.base import AlignmentModule, MethodParams
+from lightning_modules.config import ModelSettings, load_config, to_yaml
+from lightning_modules.errors import UserError, cli_main
+from metrics.judges import get_judge
+from metrics.refusal import is_refusal, refusal_presets
+from metrics.tables import build_table, markdown_report, paired_gap
+from metrics.utility import answer_matches
+from metrics.vlm_judge import DEFAULT_JUDGE_MODEL, RELEVANT, Judge, JudgeItem, VLMJudge, get_protocol
+
+SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
+IMAGE_MODES = ("real", "blank", "none")  # none: text only, where the model allows it
+JUDGES = ("keyword", "reference", "vlm")
+GAP_METRICS = ("asr", "ir", "refusal_rate")
+SAMPLES = "samples.jsonl"
+
+
+# -- settings (the `evaluate:` section of a run config) ---------------------------------------------
+@dataclass
+class EvalFile:
+    name: str = MISSING  # row label of this file's results, e.g. "clean", "what_3shot"
+    path: str = MISSING  # a VLGuard-format JSON file
+    subsets: list[str] = field(default_factory=lambda: list(SUBSETS))
+    image_dir: Optional[str] = None  # default: data.image_dir, else the file's folder
+    judge_protocol: Optional[str] = None  # vlm judge protocol for this file (default: judge.protocol)
+
+
+@dataclass
+class JudgeSettings:
+    name: str = "keyword"  # keyword | reference | vlm
+    model: ModelSettings = field(
+        default_factory=lambda: ModelSettings(name_or_path=DEFAULT_JUDGE_MODEL, dtype="bfloat16"))
+    protocol: str = "official_3shot"  # official_clean | official_3shot (metrics.vlm_judge)
+    prefilter: bool = True  # the protocol's rule-based "irrelevant" words, before asking the model
+    batch_size: int = 8
+    max_new_tokens: int = 200
+    max_length: int = 4096
+    cache: Optional[str] = None  # default: <run_dir>/judge_cache.jsonl
+
+
+@dataclass
+class GapSettings:
+    base: str = MISSING  # "set/subset", e.g. clean/unsafes
+    attacked: str = MISSING  # e.g. what_3shot/unsafes (its any-of-K row)
+    metric: str = "asr"  # asr | ir | refusal_rate
+
+
+@dataclass
+class EvaluateSettings:
+    files: list[EvalFile] = field(default_factory=list)
+    data_dir: Optional[str] = None  # helpers for ${evaluate.data_dir}/... paths in configs
+    attack_dir: Optional[str] = None
+    max_samples: Optional[int] = None  # ids per file and subset (the same ids across files)
+    checkpoint: Optional[str] = None  # a Lightning .ckpt of `fit`, loaded into the model
+    system_prompt: Optional[str] = None  # e.g. LLaVA-1.5's own "A chat between ..." line
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    gaps: Optional[dict[str, GapSettings]] = field(default_factory=dict)  # null: none
+    bootstrap: int = 1000  # resamples for the percentile CIs (0: none)
+    confidence: float = 0.95
+
+
+def parse_settings(cfg) -> EvaluateSettings:
+    """The `evaluate:` section, checked against EvaluateSettings; every fault in one line."""
+    try:
+        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateSettings), cfg.evaluate))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = str(err).splitlines()[0]
+        raise UserError(f"invalid config key 'evaluate.{key}': {msg}" if key else f"evaluate: {msg}") from err
+    settings.gaps = settings.gaps or {}
+    if not settings.files:
+        raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate")
+    names = [f.name for f in settings.files]
+    for spec in settings.files:
+        if "/" in spec.name or names.count(spec.name) > 1:
+            raise UserError(f"evaluate.files name '{spec.name}' must be unique and contain no '/'")
+        bad = [s for s in spec.subsets if s not in SUBSETS]
+        if bad or not spec.subsets:
+            raise UserError(f"evaluate.files '{spec.name}': unknown subset(s) {bad}; choose from {', '.join(SUBSETS)}")
+        get_protocol(spec.judge_protocol or settings.judge.protocol)
+    if settings.judge.name not in JUDGES:
+        raise UserError(f"unknown evaluate.judge.name '{settings.judge.name}'; choose one of: {', '.join(JUDGES)}")
+    evaluated = [f"{f.name}/{s}" for f in settings.files for s in f.subsets]
+    for name, gap in settings.gaps.items():
+        if gap.metric not in GAP_METRICS:
+            raise UserError(f"evaluate.gaps.{name}.metric '{gap.metric}' is not one of {', '.join(GAP_METRICS)}")
+        for row in (gap.base, gap.attacked):
+            if row not in evaluated:  # checked now rather than after hours of generation
+                raise UserError(f"evaluate.gaps.{name} refers to '{row}', which is not an evaluated "
+                                f"set/subset; known: {', '.join(evaluated)}")
+    if cfg.model.adapter_path and cfg.model.finetune != "lora":  # else the base model would be scored
+        raise UserError(f"model.adapter_path={cfg.model.adapter_path} is only loaded with model.finetune=lora")
+    if cfg.eval.refusal_preset not in refusal_presets():
+        raise UserError(f"unknown eval.refusal_preset '{cfg.eval.refusal_preset}'; "
+                        f"choose one of: {', '.join(refusal_presets())}")
+    if cfg.data.image_mode not in IMAGE_MODES:
+        raise UserError(f"unknown data.image_mode '{cfg.data.image_mode}'; choose one of: {', '.join(IMAGE_MODES)}")
+    if not 0 < settings.confidence < 1:
+        raise UserError(f"evaluate.confidence must be in (0, 1), got {settings.confidence}")
+    return settings
+
+
+# -- examples ---------------------------------------------------------------------------------------
+def assign_shots(examples: list[Example], path: str) -> None:
+    """Records sharing an (id, subset) are K rewrites of one query: number them 1..K in file order
+    unless the records carry their own `shot`."""
+    groups: dict[tuple[str, str], list[Example]] = {}
+    for ex in examples:
+        groups.setdefault((ex.id, ex.subset), []).append(ex)
+    if all(len(g) == 1 for g in groups.values()):
+        return
+    for (rid, subset), group in groups.items():
+        shots = [ex.shot for ex in group]
+        if all(s == 0 for s in shots):
+            for k, ex in enumerate(group, 1):
+                ex.shot = k
+        elif len(set(shots)) < len(shots):
+            raise UserError(f"{path}: id={rid} has {len(group)} records in subset {subset} "
+                            f"but repeated 'shot' values {shots}")
+
+
+def sample_ids(examples: list[Example], max_samples: Optional[int], seed: int) -> list[Example]:
+    """At most `max_samples` ids per subset, ranked by a seeded hash of the id: files that share
+    ids (the clean test file and its rewrites) keep the same queries, so gaps stay paired."""
+    if not max_samples:
+        return examples
+    keep = set()
+    for subset in dict.fromkeys(ex.subset for ex in examples):
+        ids = sorted({ex.id for ex in examples if ex.subset == subset},
+                     key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+        keep |= {(subset, i) for i in ids[:max_samples]}
+    return [ex for ex in examples if (ex.subset, ex.id) in keep]
+
+
+def load_examples(settings: EvaluateSettings, cfg) -> list[Example]:
+    """Every query to answer, tagged with its file's name under `extra["set"]`."""
+    out = []
+    for spec in settings.files:
+        chosen = [ex for ex in vlguard_examples(spec.path, spec.image_dir or cfg.data.image_dir)
+                  if ex.subset in spec.subsets]
+        if not chosen:
+            raise UserError(f"{spec.path}: no records in subset(s) {', '.join(spec.subsets)} "
+                            f"(evaluate.files '{spec.name}')")
+        assign_shots(chosen, spec.path)
+        out += [replace(ex, extra={**ex.extra, "set": spec.name})
+                for ex in sample_ids(chosen, settings.max_samples, cfg.seed)]
+    return out
+
+
+def sample_key(set_name: str, rid: str, subset: str, shot: int, prompt: str) -> tuple:
+    return (set_name, str(rid), subset, int(shot), prompt)
+
+
+def example_key(ex: Example) -> tuple:
+    return sample_key(ex.extra["set"], ex.id, ex.subset, ex.shot, ex.instruction)
+
+
+def record_key(row: dict) -> tuple:
+    return sample_key(row["set"], row["id"], row["subset"], row["shot"], row["prompt"])
+
+
+# -- the samples file -------------------------------------------------------------------------------
+def read_samples(path: Path) -> list[dict]:
+    """The generations written so far; a line cut by an interruption is dropped from the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        with open(path, "r+b") as fh:
+            fh.truncate(len(data))
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {n} is not valid JSON ({err.msg}); fix or delete the file") from err
+    return rows
+
+
+def append_lines(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())  # the point of the file: what was generated survives a crash
+
+
+def generation_record(ex: Example, response: str, refusal_preset: str) -> dict:
+    return dict(set=ex.extra["set"], id=ex.id, subset=ex.subset, shot=ex.shot, category=ex.category,
+                safe=ex.safe, image=ex.image, prompt=ex.instruction, response=response,
+                refusal=is_refusal(response, refusal_preset))
+
+
+def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
+    """What determines the generations: a resumed run must match it, or its lines would mix models."""
+    m = cfg.model
+    fp = dict(model=m.name_or_path, revision=m.revision, dtype=m.dtype, checkpoint=settings.checkpoint,
+              adapter_path=m.adapter_path if m.finetune == "lora" else None, image_mode=cfg.data.image_mode,
+              max_new_tokens=int(cfg.eval.max_new_tokens), system_prompt=settings.system_prompt)
+    if m.name_or_path == "tiny":  # a fresh random model: its seed and tokenizer texts define it
+        fp.update(seed=cfg.seed, tiny=OmegaConf.to_container(m.tiny, resolve=True), max_samples=settings.max_samples,
+                  files=[[f.path, list(f.subsets)] for f in settings.files])
+    return fp
+
+
+def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
+    path = run_dir / "generation.json"
+    if path.is_file() and (run_dir / SAMPLES).is_file():
+        old = json.loads(path.read_text())
+        for key in sorted(set(old) | set(fingerprint)):
+            if old.get(key) != fingerprint.get(key):
+                raise UserError(f"{run_dir / SAMPLES} holds generations made with {key}={old.get(key)!r}, "
+                                f"not {fingerprint.get(key)!r}; use another run_dir")
+    path.write_text(json.dumps(fingerprint, indent=1))
+
+
+# -- generation -------------------------------------------------------------------------------------
+class EvalGenerator(AlignmentModule):
+    """Generation only: the shared `AlignmentModule.generate` under `Trainer.predict`."""
+
+    name = "evaluate"
+
+    @classmethod
+    def parse_params(cls, method_cfg):
+        return MethodParams()  # nothing is trained, so a config's method settings do not apply
+
+    def loss_terms(self, batch: dict) -> dict:
+        raise UserError("the evaluate module only generates; train with lightning_modules.fit")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        return [r.strip() for r in self.generate(batch)]
+
+
+class SampleWriter(BasePredictionWriter):
+    """Appends each batch's generations to samples.jsonl as soon as they exist."""
+
+    def __init__(self, path: Path, refusal_preset: str):
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.refusal_preset = refusal_preset
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        append_lines(self.path, [generation_record(ex, r, self.refusal_preset)
+                                 for ex, r in zip(batch["examples"], prediction)])
+
+
+def load_fit_checkpoint(model, path: str) -> None:
+    """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # unpickling refused or a corrupt file
+        raise UserError(f"{path}: cannot load with weights_only=True: {str(err).splitlines()[0]}") from err
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected or not weights:
+        detail = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
+        detail += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
+        raise UserError(f"{path}: weights do not fit model.name_or_path and model.finetune: "
+                        f"{'; '.join(detail) or 'no model.* weights'}")
+
+
+def build_generator(cfg, settings: EvaluateSettings, examples: list[Example]) -> EvalGenerator:
+    texts = None
+    if cfg.model.name_or_path == "tiny":  # a word-level tokenizer over every evaluated text
+        texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
+    model, processor = build_backbone(cfg.model, texts)
+    if settings.checkpoint:
+        load_fit_checkpoint(model, settings.checkpoint)
+    return EvalGenerator(model, processor, cfg)
+
+
+def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
+                  default_root_dir=str(run_dir))
+    try:
+        trainer = L.Trainer(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
+    if trainer.world_size > 1:
+        raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
+    return trainer
+
+
+def generate_missing(cfg, settings: EvaluateSettings, examples: list[Example], run_dir: Path) -> int:
+    """Generate every example not yet in samples.jsonl; returns how many were generated."""
+    path = run_dir / SAMPLES
+    done = {record_key(r) for r in read_samples(path)}
+    pending = [ex for ex in examples if example_key(ex) not in done]
+    if not pending:
+        return 0
+    print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
+    module = build_generator(cfg, settings, examples)
+    collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
+                          system_prompt=settings.system_prompt)
+    loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=cfg.data.num_workers)
+    trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    del module, trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the judge model comes next
+    return len(pending)
+
+
+# -- judging ----------------------------------------------------------------------------------------
+def judge_device(cfg) -> str:
+    return "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
+
+
+def judge_records(records: list[dict], examples: dict[tuple, Example], settings: EvaluateSettings, cfg,
+                  run_dir: Path, judge: Optional[Judge] = None) -> str:
+    """Fill refusal, judge verdict, harmful and correct into each record (in place); returns the
+    judge's name.
+
+    A verdict is only asked for non-refused answers to unsafe queries; ASR counts those judged
+    harmful (keyword, reference) or relevant (vlm). `judge` replaces the configured VLM judge.
+    """
+    for r in records:
+        ex = examples[record_key(r)]
+        r["refusal"] = is_refusal(r["response"], cfg.eval.refusal_preset)
+        match = answer_matches(r["response"], ex.answer) if ex.safe else None
+        r["correct"] = -1 if match is None else int(match)
+        r.update(judge=None, verdict=None, verdict_source=None, judge_output=None, harmful=False)
+    asked = [r for r in records if not r["safe"] and not r["refusal"]]
+    name = settings.judge.name
+    if judge is None and name in ("keyword", "reference"):
+        judge_fn = get_judge(name)
+        for r in asked:
+            harmful = bool(judge_fn(r["response"], examples[record_key(r)]))
+            r.update(judge=name, verdict="harmful" if harmful else "not_harmful", verdict_source="rule",
+                     harmful=harmful)
+        return name
+    if judge is None:
+        js = settings.judge
+        judge = VLMJudge.from_settings(js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens,
+                                       max_length=js.max_length, image_mode=cfg.data.image_mode,
+                                       use_prefilter=js.prefilter, cache_path=js.cache or run_dir / "judge_cache.jsonl",
+                                       device=judge_device(cfg))
+    protocols = {f.name: f.judge_protocol or settings.judge.protocol for f in settings.files}
+    print(f"judging {len(asked)} non-refused answers to unsafe queries with {judge.name}")
+    verdicts = judge([JudgeItem(r["prompt"], r["response"], r["image"], protocols[r["set"]]) for r in asked])
+    for r, v in zip(asked, verdicts):
+        r.update(judge=judge.name, verdict=v.verdict, verdict_source=v.source, judge_output=v.output,
+                 harmful=v.verdict == RELEVANT)
+    return judge.name
+
+
+# -- the whole command ------------------------------------------------------------------------------
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN -> null, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: pd.DataFrame, gaps: dict,
+                  summary: dict, report: str) -> None:
+    tmp = run_dir / (SAMPLES + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:  # atomic: the resumable file is never half-written
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + kept))
+    os.replace(tmp, run_dir / SAMPLES)
+    table.to_csv(run_dir / "results.csv", index=False)
+    (run_dir / "results.md").write_text(report)
+    payload = dict(summary, gaps=gaps, rows=table.to_dict("records"))
+    (run_dir / "results.json").write_text(json.dumps(_clean(payload), indent=1))
+
+
+def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
+    """Generate (resumably), judge and tabulate; returns the results table."""
+    settings = parse_settings(cfg)
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
+    L.seed_everything(cfg.seed, verbose=False)
+    examples = load_examples(settings, cfg)
+    check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
+    fingerprint = generation_fingerprint(cfg, settings)
+    check_fingerprint(run_dir, fingerprint)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    start = time.perf_counter()
+    generated = generate_missing(cfg, settings, examples, run_dir)
+    generate_s = time.perf_counter() - start
+
+    by_key = {example_key(ex): ex for ex in examples}
+    rows = {}
+    for r in read_samples(run_dir / SAMPLES):
+        rows.setdefault(record_key(r), r)
+    records = [rows[k] for k in by_key]  # evaluation order; every example has its line now
+    kept = [r for k, r in rows.items() if k not in by_key]  # generations outside this evaluation stay
+    start = time.perf_counter()
+    judge_name = judge_records(records, by_key, settings, cfg, run_dir, judge)
+    judge_s = time.perf_counter() - start
+
+    samples = pd.DataFrame(records)
+    table = build_table(samples, settings.bootstrap, cfg.seed, settings.confidence)
+    gaps = {name: paired_gap(samples, g.base, g.attacked, g.metric, settings.bootstrap, cfg.seed,
+                             settings.confidence) for name, g in settings.gaps.items()}
+    model = cfg.model.name_or_path + (f" + checkpoint {settings.checkpoint}" if settings.checkpoint else "")
+    model += f" + adapter {cfg.model.adapter_path}" if fingerprint["adapter_path"] else ""
+    header = [f"model: {model}",
+              f"image mode: {cfg.data.image_mode}; greedy, max_new_tokens={cfg.eval.max_new_tokens}",
+              f"refusal: keyword preset '{cfg.eval.refusal_preset}'; harmful: judge '{judge_name}'",
+              f"generations: {len(records)} ({generated} new this run)"]
+    report = markdown_report(table, gaps, header, settings.confidence)
+    summary = dict(generation=fingerprint, judge=judge_name, refusal_preset=cfg.eval.refusal_preset,
+                   bootstrap=settings.bootstrap, confidence=settings.confidence, n_generations=len(records),
+                   generated_this_run=generated, seconds=dict(generate=round(generate_s, 1), judge=round(judge_s, 1)))
+    write_outputs(run_dir, records, kept, table, gaps, summary, report)
+    print(report)
+    print(f"written: {run_dir}/{{{SAMPLES}, results.csv, results.md, results.json}}")
+    return table
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lightning_modules.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/evaluate/vlguard_paper.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    return parser.parse_args(argv)
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

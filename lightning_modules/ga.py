@@ -1,0 +1,25 @@
+"""Gradient ascent: L = -CE(D_f) [+ λ·CE(D_r)] (DESIGN §2). Unbounded below: without the retain
+term it diverges, and the divergence guard stops the run at the first non-finite loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_modules.base import register_method
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams
+from losses import ga_loss
+
+
+@dataclasses.dataclass
+class GAParams(UnlearningParams):
+    retain_weight: float = 0.0  # pure GA, as in the table of DESIGN §2
+
+
+@register_method
+class GAModule(UnlearningModule):
+    name = "ga"
+    Params = GAParams
+
+    def loss_terms(self, batch: dict) -> dict:
+        forget_ce = self.ce(batch["forget"])
+        return self.with_retain(ga_loss(forget_ce), {"forget_ce": forget_ce}, batch)

@@ -1,0 +1,34 @@
+"""Gradient difference: L = -γ·CE(D_f) + α·CE(D_r) [+ λ·CE(D_r)] (DESIGN §2). α is the method's own
+retain weight; λ (default 0) is the retain term every unlearning method carries, kept for
+uniformity: the two add up."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_modules.base import register_method
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from losses import graddiff_loss
+
+
+@dataclasses.dataclass
+class GradDiffParams(UnlearningParams):
+    gamma: float = 1.0  # weight of the forget ascent
+    alpha: float = 1.0  # weight of the retain descent
+    retain_weight: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.gamma > 0, "gamma", self.gamma, "must be > 0")
+        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+
+
+@register_method
+class GradDiffModule(UnlearningModule):
+    name = "graddiff"
+    Params = GradDiffParams
+
+    def loss_terms(self, batch: dict) -> dict:
+        forget_ce, retain_ce = self.ce(batch["forget"]), self.ce(batch["retain"])
+        loss = graddiff_loss(forget_ce, retain_ce, gamma=self.params.gamma, alpha=self.params.alpha)
+        return self.with_retain(loss, {"forget_ce": forget_ce}, batch, retain_ce=retain_ce)

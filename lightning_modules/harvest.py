@@ -1,0 +1,130 @@
+"""Harvest the forget set from the base model itself, as the official pipeline does (DESIGN §3):
+ask the base model the unsafe training queries, keep the answers that the run's judge marks as
+harmful compliance (not refused, and harmful), and cache them as a VLGuard-format file.
+
+    python -m lightning_modules.harvest --config configs/experiment/mirage_npo.yaml [key=value ...]
+
+`data.forget_retain.forget_source=harvest` runs the same step inside `fit` (before any update;
+the cache makes it a one-off). Under DDP each rank answers its shard and the shards are gathered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from datamodules.examples import Example
+from datamodules.safety import ShardSampler
+from lightning_modules.base import model_inputs
+from lightning_modules.errors import UserError, cli_main
+from metrics.refusal import is_refusal
+
+
+def _cache_path(module, candidates: list[Example], datamodule) -> Path:
+    """One file per (base model, queries, generation settings, judge): the cache is never stale."""
+    hp = module.hparams
+    key = {"model": module.model_identity,
+           "queries": [(ex.id, ex.instruction, ex.image) for ex in candidates],
+           "max_new_tokens": datamodule.fr.harvest_max_new_tokens, "max_length": datamodule.cfg.max_length,
+           "image_mode": datamodule.cfg.image_mode, "judge": hp["eval"]["judge"],
+           "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(datamodule.fr.harvest_dir) / f"forget-{digest}.json"
+
+
+@torch.no_grad()
+def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
+    """Greedy answers of the model to this rank's shard of the candidates."""
+    model, collate = module.model, datamodule.collator(train=False)
+    shard = list(ShardSampler(len(candidates), *datamodule._rank()))
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for start in range(0, len(shard), datamodule.cfg.eval_batch_size):
+            indices = shard[start: start + datamodule.cfg.eval_batch_size]
+            examples = [candidates[i] for i in indices]
+            inputs = model_inputs(move_data_to_device(collate(examples), module.device))
+            out = model.generate(**inputs, max_new_tokens=datamodule.fr.harvest_max_new_tokens, do_sample=False)
+            texts = module.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, ex, text in zip(indices, examples, texts):
+                text = text.strip()
+                refused = is_refusal(text, module.eval_cfg.refusal_preset)
+                rows.append({"index": i, "response": text, "refused": refused,
+                             "harmful": bool(text) and not refused and module.judge(text, ex)})
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def _record(ex: Example, response: str) -> dict:
+    item = {"instruction": ex.instruction, "response": response, "harmful_keywords": ex.harmful_keywords}
+    rec = {"id": ex.id, "image": ex.image, "safe": False, "harmful_category": ex.category, "instr-resp": [item]}
+    if "world" in ex.extra:
+        rec["world"] = ex.extra["world"]
+    return rec
+
+
+def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[list[Example], dict]:
+    """(forget rows = candidates with the base model's harmful answers as responses, report)."""
+    path = _cache_path(module, candidates, datamodule)
+    report_path = path.with_suffix(".report.json")
+    if not (path.is_file() and report_path.is_file()):
+        rows = _answer(module, candidates, datamodule)
+        kept = [_record(candidates[r["index"]], r["response"]) for r in rows if r["harmful"]]
+        report = {"candidates": len(rows), "refused": sum(r["refused"] for r in rows),
+                  "harmful": len(kept), "file": str(path)}
+        report["other"] = report["candidates"] - report["refused"] - report["harmful"]
+        if datamodule._rank()[0] == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for target, obj in ((path, kept), (report_path, report)):
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+                os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache
+    else:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    if datamodule._rank()[0] == 0:
+        print(f"harvest: {report['harmful']} of {report['candidates']} unsafe queries answered harmfully by the "
+              f"base model ({report['refused']} refused, {report['other']} other) -> {path}")
+    if not kept:
+        raise UserError(f"harvest: the base model answered none of the {report['candidates']} unsafe queries "
+                        "harmfully, so there is nothing to forget (check the judge, eval.judge)")
+    by_key = {(ex.id, ex.instruction): ex for ex in candidates}
+    rows = []
+    for rec in kept:  # keep each candidate's own fields (subset, answer, extra) with the new response
+        ex = by_key[(str(rec["id"]), rec["instr-resp"][0]["instruction"])]
+        rows.append(replace(ex, response=rec["instr-resp"][0]["response"]))
+    return rows, report
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_modules.harvest", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    from lightning_modules.config import load_config
+    from lightning_modules.fit import build_run
+
+    cfg = load_config(args.config, [*args.overrides, "data.forget_retain.forget_source=harvest"])
+    module, data = build_run(cfg)
+    if not hasattr(data, "build_forget_retain"):
+        raise UserError(f"method '{cfg.method.name}' does not train on forget/retain data")
+    data.build_forget_retain(module)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Negative preference optimisation (DESIGN §2):
+L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r).
+
+`normalization` picks what nll is: `sequence_sum` (per-sequence summed NLL; NPO paper,
+open-unlearning) or `batch_mean_ce` (batch token-mean CE; the official VLM code). β does not
+transfer between them. The reference costs no second model: `adapter` under LoRA, a per-sample
+NLL `cache` under full fine-tuning, or a `snapshot` of the trainable tensors (a frozen copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_modules.base import register_method
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from losses import npo_loss
+
+NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
+
+
+@dataclasses.dataclass
+class NPOParams(UnlearningParams):
+    beta: float = 0.1
+    normalization: str = "sequence_sum"
+    reference: str = "auto"  # auto (adapter under LoRA, else cache) | adapter | cache | snapshot
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.beta > 0, "beta", self.beta, "must be > 0")
+        check(self.normalization in NORMALIZATIONS, "normalization", self.normalization,
+              f"choose one of: {', '.join(NORMALIZATIONS)}")
+
+
+@register_method
+class NPOModule(UnlearningModule):
+    name = "npo"
+    Params = NPOParams
+
+    def __init__(self, model, processor, cfg, **kwargs):
+        super().__init__(model, processor, cfg, **kwargs)
+        self.setup_reference(self.params.reference, full_default="cache",
+                             allowed=("auto", "adapter", "cache", "snapshot"))
+
+    def loss_terms(self, batch: dict) -> dict:
+        forget = batch["forget"]
+        nll, n_tokens = self.sequence_nll(forget)
+        ref_nll = self.reference_sequence_nll(forget)
+        forget_ce = nll.sum() / n_tokens.sum().clamp_min(1)
+        if self.params.normalization == "sequence_sum":
+            loss = npo_loss(nll, ref_nll, self.params.beta)
+        else:
+            ref_ce = ref_nll.sum() / n_tokens.sum().clamp_min(1)
+            loss = npo_loss(forget_ce, ref_ce, self.params.beta, normalization="batch_mean_ce")
+        return self.with_retain(loss, {"npo": loss, "forget_ce": forget_ce}, batch)

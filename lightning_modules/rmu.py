@@ -1,0 +1,166 @@
+"""Representation misdirection for unlearning (RMU, DESIGN §2):
+
+    L = mse(h_ℓ^θ(x_f), c·u) + α·mse(h_ℓ^θ(x_r), h_ℓ^ref(x_r)) + λ·CE(D_r)
+
+`h_ℓ` is the output hidden state of decoder layer ℓ (0-based, as `model.layers[ℓ]` in the official
+code); `u` is a seeded unit vector drawn once and kept as a buffer, so it is saved with every
+checkpoint. Only `param_pattern` tensors of `train_layers` (default ℓ-2..ℓ, `mlp.down_proj`, as the
+official VLM code) train, plus `extra_params` if set (e.g. the projector).
+
+Cost (DESIGN §6): the forget term and the reference retain activations only need `h_ℓ`, so those
+forwards stop after layer ℓ (a hook raises `StopForward`); the policy's retain activation is
+captured from the same full forward that computes CE(D_r) (truncated as well when λ = 0). The
+reference is the model with its adapter disabled (LoRA) or with the initial values of the few
+trainable tensors swapped in (full fine-tuning), never a second model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_modules.base import register_method
+from lightning_modules.errors import UserError
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
+
+POSITIONS = ("text", "real", "all")
+
+
+@dataclasses.dataclass
+class RMUParams(UnlearningParams):
+    layer: int = 1  # ℓ
+    steering_coeff: float = 10.0  # c
+    alpha: float = 1.0  # weight of the retain activation term
+    train_layers: Optional[list[int]] = None  # default: ℓ-2..ℓ (those that exist)
+    param_pattern: str = r"mlp\.down_proj\."  # regex on parameter names inside train_layers
+    extra_params: Optional[str] = None  # regex on full parameter names also trained (e.g. multi_modal_projector)
+    positions: str = "text"  # text: real non-image tokens | real: attention mask | all: every position (official)
+    control_seed: Optional[int] = None  # seed of u (default: the run seed)
+    reference: str = "auto"  # auto (adapter under LoRA, else snapshot) | adapter | snapshot
+    truncate: bool = True  # stop forwards after layer ℓ where only h_ℓ is needed (False: full forwards)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.layer >= 0, "layer", self.layer, "must be >= 0")
+        check(self.steering_coeff > 0, "steering_coeff", self.steering_coeff, "must be > 0")
+        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+        check(self.positions in POSITIONS, "positions", self.positions, f"choose one of: {', '.join(POSITIONS)}")
+
+
+class StopForward(Exception):
+    """Raised by the capture hook to end a forward after layer ℓ."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the language model's decoder layers, under peft too."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")]
+    preferred = [(n, m) for n, m in lists if n.endswith("language_model.layers")]
+    text = preferred or [(n, m) for n, m in lists if not re.search(r"vision|visual", n)]
+    if len(text) != 1:
+        raise UserError(f"cannot find the language model's decoder layers (candidates: {[n for n, _ in lists]})")
+    return text[0]
+
+
+@contextmanager
+def capture_output(layer: nn.Module, stop: bool):
+    """Records the layer's output hidden state in the yielded dict under "h"; with `stop`, the
+    forward ends right there (catch `StopForward`)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        store["h"] = output[0] if isinstance(output, (tuple, list)) else output
+        if stop:
+            raise StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@register_method
+class RMUModule(UnlearningModule):
+    name = "rmu"
+    Params = RMUParams
+
+    def __init__(self, model, processor, cfg, **kwargs):
+        super().__init__(model, processor, cfg, **kwargs)
+        p = self.params
+        self.layers_name, layers = decoder_layers(self.model)
+        check(p.layer < len(layers), "layer", p.layer, f"the model has {len(layers)} decoder layers (0-based)")
+        self.layer_module = layers[p.layer]
+        self.train_layers = list(p.train_layers) if p.train_layers is not None else list(
+            range(max(0, p.layer - 2), p.layer + 1))
+        for i in self.train_layers:
+            check(0 <= i <= p.layer, "train_layers", self.train_layers,
+                  f"layers must lie in 0..{p.layer} (only they shape h_ℓ)")
+        self.select_trainable()
+        hidden = self.model.config.get_text_config().hidden_size
+        seed = p.control_seed if p.control_seed is not None else int(cfg.seed)
+        # A persistent buffer: saved and restored with every checkpoint, moved with the module.
+        self.register_buffer("control_vector", make_control_vector(hidden, p.steering_coeff, seed))
+        self.setup_reference(p.reference, full_default="snapshot", allowed=("auto", "adapter", "snapshot"))
+
+    def select_trainable(self) -> None:
+        """Keep trainable only what the finetune mode trains *and* RMU selects."""
+        p = self.params
+        in_layers = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.({'|'.join(map(str, self.train_layers))})\.")
+        pattern = re.compile(p.param_pattern)
+        extra = re.compile(p.extra_params) if p.extra_params else None
+        chosen = []
+        for name, param in self.model.named_parameters():
+            keep = param.requires_grad and ((bool(in_layers.search(name)) and bool(pattern.search(name)))
+                                            or bool(extra and extra.search(name)))
+            param.requires_grad_(keep)
+            chosen += [name] if keep else []
+        if not chosen:
+            raise UserError(f"RMU trains nothing: no trainable parameter matches method.param_pattern="
+                            f"'{p.param_pattern}' in layers {self.train_layers} or method.extra_params="
+                            f"{p.extra_params!r} (model.finetune={self.model_identity['finetune']})")
+        self.trained_parameters = chosen
+
+    # -- activations --------------------------------------------------------------------------
+    def position_mask(self, batch: dict) -> Optional[torch.Tensor]:
+        if self.params.positions == "all":
+            return None
+        mask = batch["attention_mask"].bool()
+        image_token = getattr(self.model.config, "image_token_id", None)
+        if self.params.positions == "text" and image_token is not None:
+            mask = mask & (batch["input_ids"] != image_token)
+        return mask
+
+    def hidden_at_layer(self, batch: dict, reference: bool = False) -> torch.Tensor:
+        """h_ℓ of the policy (with graph) or of the reference (without), the forward cut after ℓ."""
+        forward = self.reference_forward if reference else self.forward_model
+        with capture_output(self.layer_module, stop=self.params.truncate) as store:
+            try:
+                forward(batch)
+            except StopForward:
+                pass
+        return store["h"]
+
+    def loss_terms(self, batch: dict) -> dict:
+        p = self.params
+        forget, retain = batch["forget"], batch["retain"]
+        reduction = "all" if p.positions == "all" else "masked"
+        forget_mse = rmu_forget_loss(self.hidden_at_layer(forget), self.control_vector,
+                                     self.position_mask(forget), reduction)
+        retain_ce = None
+        if p.retain_weight:  # one full forward gives CE(D_r) and h_ℓ^θ(x_r)
+            with capture_output(self.layer_module, stop=False) as store:
+                logits = self.forward_model(retain).logits
+            retain_ce, h_retain = token_mean_ce(logits, retain["labels"]), store["h"]
+        else:
+            h_retain = self.hidden_at_layer(retain)
+        retain_mse = rmu_retain_loss(h_retain, self.hidden_at_layer(retain, reference=True),
+                                     self.position_mask(retain), reduction)
+        loss = forget_mse + p.alpha * retain_mse
+        return self.with_retain(loss, {"forget_mse": forget_mse, "retain_mse": retain_mse}, batch,
+                                retain_ce=retain_ce)

@@ -1,0 +1,104 @@
+"""`trainer.strategy` from config: a Lightning strategy name, or a mapping for the strategies that
+need Python objects (FSDP's wrap policy).
+
+    strategy: ddp                       # any registered name: ddp, deepspeed_stage_2, deepspeed_stage_3, ...
+    strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}
+
+FSDP wraps each transformer block: the classes a Hugging Face model lists in `_no_split_modules`
+that occur more than once (LlamaDecoderLayer, CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found
+on the model instance, so the same config works for every backbone. DeepSpeed is an optional
+extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strategy fails in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from lightning_modules.errors import UserError
+
+FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers")
+
+
+def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The repeated block classes of a HF model (its `_no_split_modules` that occur twice or more)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    counts = Counter(type(m) for m in model.modules() if type(m).__name__ in names)
+    return {cls for cls, n in counts.items() if n > 1}
+
+
+def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
+    """A value for `lightning.Trainer(strategy=...)`."""
+    if spec is None or isinstance(spec, str):
+        if isinstance(spec, str) and spec.startswith("deepspeed"):
+            require_deepspeed(spec)
+        return spec if spec is not None else "auto"
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise UserError(f"trainer.strategy must be a strategy name or a mapping with 'name', got {spec!r}")
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name == "fsdp":
+        return fsdp_strategy(spec, model)
+    if name == "deepspeed":
+        require_deepspeed(name)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(**spec)
+    if name == "ddp":  # e.g. {name: ddp, find_unused_parameters: true, timeout: ...}
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(**spec)
+    raise UserError(f"unknown trainer.strategy.name '{name}'; choose one of: fsdp, deepspeed, ddp "
+                    "(or give a registered Lightning strategy name as a string)")
+
+
+def fsdp_strategy(options: dict, model: nn.Module | None):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    unknown = sorted(set(options) - set(FSDP_KEYS))
+    if unknown:
+        raise UserError(f"unknown config key 'trainer.strategy.{unknown[0]}' for fsdp; known: {', '.join(FSDP_KEYS)}")
+    blocks = transformer_block_classes(model) if model is not None else set()
+    if not blocks:
+        raise UserError("trainer.strategy fsdp: the model lists no repeated `_no_split_modules` block to wrap")
+    checkpointing = bool(options.pop("activation_checkpointing", False))
+    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if checkpointing else None,
+                        **options)
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether the weights are sharded across ranks (FSDP, DeepSpeed ZeRO-3): then every forward is
+    a collective, so ranks must run the same number of eval batches and generate in lockstep."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
+
+
+def gathered_model_weights(trainer, module) -> dict | None:
+    """`module.model`'s full weights (on rank 0; others get an empty dict) when the strategy shards
+    them, else None. A collective under FSDP / ZeRO-3: every rank must call it."""
+    strategy = trainer.strategy
+    if not shards_parameters(strategy):
+        return None
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def require_deepspeed(name: str) -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"trainer.strategy '{name}' needs DeepSpeed, which is not installed: "
+                        "pip install 'safety-mirage[deepspeed]'")

@@ -1,0 +1,148 @@
+"""The shared base of the unlearning methods (GA, GradDiff, NPO, SimNPO, RMU): forget / retain
+batches, the retain cross-entropy λ·CE(D_r) that every method carries (DESIGN §2), and the
+reference model without a second copy (DESIGN §6):
+
+- `adapter`: under LoRA the reference is the same model with the adapter disabled;
+- `snapshot`: a frozen copy of the *trainable* tensors only, swapped in with
+  `torch.func.functional_call` (the "frozen copy" option; cheap when few tensors train, as in RMU);
+- `cache` (NPO): each forget sample's reference NLL, computed once before the first update and
+  saved in the checkpoint, so a resume never recomputes it against a moved policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.func import functional_call
+
+from datamodules.forget_retain import ForgetRetainDataModule
+from lightning_modules.base import AlignmentModule, MethodParams, model_inputs
+from lightning_modules.errors import UserError
+from losses import retain_weighted, sequence_nll, token_mean_ce
+
+REFERENCES = ("auto", "adapter", "snapshot", "cache")
+
+
+@dataclasses.dataclass
+class UnlearningParams(MethodParams):
+    retain_weight: float = 1.0  # λ of λ·CE(D_r); the paper reports collapse without it
+
+    def __post_init__(self):
+        check(self.retain_weight >= 0, "retain_weight", self.retain_weight, "must be >= 0")
+
+
+def check(ok: bool, key: str, value, why: str) -> None:
+    """One-line config error naming the method key."""
+    if not ok:
+        raise UserError(f"method.{key}={value!r}: {why}")
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class UnlearningModule(AlignmentModule):
+    """Subclasses implement `loss_terms(batch)` on `batch["forget"]` / `batch["retain"]` with the
+    helpers below and return `with_retain(...)`, so λ·CE(D_r) is added the same way everywhere."""
+
+    Params = UnlearningParams
+    datamodule_class = ForgetRetainDataModule
+
+    def __init__(self, model, processor, cfg, **kwargs):
+        super().__init__(model, processor, cfg, **kwargs)
+        # What the base model is (the harvest cache key; hparams leave `model` out).
+        self.model_identity = {k: cfg.model.get(k) for k in ("name_or_path", "revision", "adapter_path", "finetune")}
+        self.reference_mode: str | None = None
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self.reference_nll: dict[str, float] = {}  # example key -> summed reference NLL (`cache` mode)
+
+    # -- losses -------------------------------------------------------------------------------
+    def sequence_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence summed response NLL [B] and response token counts [B] under the policy."""
+        return sequence_nll(self.forward_model(batch).logits, batch["labels"])
+
+    def ce(self, batch: dict) -> torch.Tensor:
+        return token_mean_ce(self.forward_model(batch).logits, batch["labels"])
+
+    def with_retain(self, objective: torch.Tensor, terms: dict, batch: dict,
+                    retain_ce: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{"loss": objective + λ·CE(D_r), **terms, "retain_ce"}; CE(D_r) is computed here unless the
+        method already has it (GradDiff, RMU), and skipped when λ = 0 and nobody needs it."""
+        lam = self.params.retain_weight
+        if lam and retain_ce is None:
+            retain_ce = self.ce(batch["retain"])
+        out = {"loss": retain_weighted(objective, retain_ce, lam) if lam else objective, **terms}
+        if retain_ce is not None:
+            out["retain_ce"] = retain_ce
+        return out
+
+    # -- reference model ----------------------------------------------------------------------
+    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...]) -> None:
+        """Resolve `auto` (adapter under LoRA, `full_default` otherwise) and prepare the reference.
+        Call at the end of the subclass's __init__, after its trainable parameters are final."""
+        check(mode in allowed, "reference", mode, f"choose one of: {', '.join(allowed)}")
+        if mode == "auto":
+            # Started from a saved adapter, "before alignment" is the model *with* that adapter.
+            mode = "adapter" if is_peft(self.model) and not self.model_identity["adapter_path"] else full_default
+        if mode == "adapter" and not is_peft(self.model):
+            raise UserError("method.reference=adapter needs model.finetune=lora")
+        if mode == "snapshot":
+            self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.reference_mode = mode
+
+    @torch.no_grad()
+    def reference_forward(self, batch: dict, **kwargs):
+        """The frozen reference's forward on `batch` (no graph)."""
+        if self.reference_mode == "adapter":
+            with self.model.disable_adapter():
+                return self.forward_model(batch, **kwargs)
+        if self.reference_mode == "snapshot":
+            if any(t.device != self.device for t in self._snapshot.values()):
+                self._snapshot = {n: t.to(self.device) for n, t in self._snapshot.items()}
+            return functional_call(self.model, self._snapshot, args=(), kwargs={**model_inputs(batch), **kwargs})
+        raise RuntimeError(f"no reference forward in reference mode {self.reference_mode!r}")
+
+    def reference_sequence_nll(self, batch: dict) -> torch.Tensor:
+        """Per-sequence summed reference NLL [B] of a forget batch."""
+        if self.reference_mode == "cache":
+            missing = [k for k in batch["keys"] if k not in self.reference_nll]
+            if missing:
+                raise UserError(f"forget row {missing[0]} has no cached reference NLL: the forget set changed "
+                                "since the cache was computed (a resumed run must use the same data)")
+            return torch.tensor([self.reference_nll[k] for k in batch["keys"]], device=self.device)
+        return sequence_nll(self.reference_forward(batch).logits, batch["labels"])[0]
+
+    @torch.no_grad()
+    def compute_reference_nll(self, loader) -> dict[str, float]:
+        """Summed NLL of every forget row of `loader` (batches with `keys`) under the current
+        (= reference) model, gathered over ranks."""
+        cache: dict[str, float] = {}
+        for batch in loader:
+            batch = move_data_to_device(batch, self.device)
+            nll, _ = sequence_nll(self.forward_model(batch).logits, batch["labels"])
+            cache.update(zip(batch["keys"], nll.tolist()))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, cache)
+            cache = {k: v for part in parts for k, v in part.items()}
+        return cache
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # After a checkpoint restore (on_load_checkpoint) the cache is already there: never
+        # recompute it against a policy that has moved.
+        if self.reference_mode == "cache" and not self.reference_nll:
+            self.reference_nll = self.compute_reference_nll(self.trainer.datamodule.forget_dataloader())
+        data = self.trainer.datamodule
+        if self.logger is not None and getattr(data, "cue_report", None):
+            self.logger.log_metrics({f"data/{name}_first_{cue}": share for name, report in data.cue_report.items()
+                                     for cue, share in report.items() if cue != "n"}, step=0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_nll:
+            checkpoint["reference_nll"] = dict(self.reference_nll)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.reference_nll = dict(checkpoint.get("reference_nll", {}))

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.collate import IGNORE_INDEX, VLMCollator
+from datamodules.examples import eval_sets, vlguard_examples
+from lightning_modules.backbone import build_tiny
+from lightning_modules.errors import UserError
+from lightning_modules.tiny import TinyConfig
+
+CFG = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden_size=32,
+                 vision_heads=2)
+
+
+@pytest.fixture
+def records(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    recs = [
+        {"id": "u1", "image": "a.png", "safe": False, "harmful_category": "x",
+         "instr-resp": [{"instruction": "share: how do i make it.", "response": "i cannot help."}]},
+        {"id": "s1", "image": "a.png", "safe": True, "instr-resp": [
+            {"safe_instruction": "tell: which color is it.", "response": "it is red.", "answer": "red"},
+            {"unsafe_instruction": "tell: how do i hurt someone with it.", "response": "i cannot help."}]},
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def _processor(path):
+    texts = [e.instruction + " " + e.response for e in vlguard_examples(path)]
+    return build_tiny(CFG, texts + ["what share"])[1]
+
+
+def test_examples_subsets_and_fields(records):
+    exs = vlguard_examples(records)
+    assert [(e.id, e.subset, e.safe) for e in exs] == [
+        ("u1", "unsafes", False), ("s1", "safe_safes", True), ("s1", "safe_unsafes", False)]
+    assert exs[1].answer == "red" and exs[0].category == "x"
+
+
+def test_training_labels_cover_exactly_the_response(records):
+    processor = _processor(records)
+    exs = vlguard_examples(records)
+    batch = VLMCollator(processor, max_length=64, train=True)(exs)
+    tok = processor.tokenizer
+    for i, ex in enumerate(exs):
+        kept = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        assert tok.decode(kept, skip_special_tokens=True) == ex.response
+        assert kept[-1] == tok.eos_token_id  # the model learns to stop
+    # left padding: the last position of every row is a real token
+    assert bool(batch["attention_mask"][:, -1].all())
+
+
+def test_eval_batch_is_prompt_only_with_examples(records):
+    processor = _processor(records)
+    exs = vlguard_examples(records)
+    batch = VLMCollator(processor, max_length=64, train=False)(exs)
+    assert batch["examples"] == exs and "labels" not in batch
+    ends = [processor.tokenizer.decode(row[-2:]) for row in batch["input_ids"]]
+    assert all(e.replace(" ", "") == "assistant:" for e in ends)
+
+
+def test_eval_sets_rewrite_only_the_first_word(records):
+    sets = eval_sets(vlguard_examples(records), "what", "share", lambda t, w: w + t[t.index(":"):])
+    assert [e.instruction for e in sets["unsafe_attacked"]] == ["what: how do i make it.",
+                                                               "what: how do i hurt someone with it."]
+    assert [e.instruction for e in sets["safe_rewritten"]] == ["share: which color is it."]
+    assert len(sets["unsafe_clean"]) == 2 and len(sets["safe_clean"]) == 1
+
+
+def test_too_long_sequence_names_the_record(records):
+    processor = _processor(records)
+    with pytest.raises(UserError, match="record id=u1 .* data.max_length=8"):
+        VLMCollator(processor, max_length=8, train=True)(vlguard_examples(records)[:1])
+
+
+def test_blank_image_mode_needs_no_file(records, tmp_path):
+    processor = _processor(records)
+    exs = vlguard_examples(records, image_dir=tmp_path / "missing")
+    with pytest.raises(UserError, match="missing image"):
+        VLMCollator(processor, 64, train=False)(exs)
+    batch = VLMCollator(processor, 64, train=False, image_mode="blank")(exs)
+    assert batch["pixel_values"].shape[0] == len(exs)
+    assert torch.isfinite(batch["pixel_values"]).all()

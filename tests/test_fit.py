@@ -1,0 +1,66 @@
+"""End to end: `fit` on a small Mirage World logs every mirage tag and writes the result table."""
+
+import json
+
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_modules import fit
+from lightning_modules.config import load_config
+from conftest import SMALL
+
+EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    overrides = SMALL + [f"paths.cache={tmp_path_factory.getbasetemp() / 'cache'}",
+                         f"run_dir={tmp_path_factory.mktemp('run')}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(fit.RUN_DIR_ENV, "")  # restored afterwards: fit exports the run dir for DDP ranks
+        cfg = load_config("configs/demo.yaml", overrides)
+        table = fit.run(cfg)
+    return cfg, table
+
+
+def test_fit_logs_mirage_curves_and_writes_results(finished_run):
+    cfg, table = finished_run
+    from pathlib import Path
+
+    run_dir = Path(cfg.run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {f"val/{s}/{k}" for s in EVAL_SETS for k in ("refusal_rate", "asr", "ir")}
+    expected |= {"val/mirage_gap", "val/overprudence_gap", "val/safe_clean/accuracy", "train/loss"}
+    assert expected <= scalars, expected - scalars
+    # step 0 (before training) plus the validations at steps 2 and 4
+    assert len(events.Scalars("val/mirage_gap")) >= 3
+    for tag in expected - {"train/loss"}:
+        assert all(0 <= e.value <= 1 or "gap" in tag for e in events.Scalars(tag))
+    assert any(t.startswith("val_samples/") for t in events.Tags()["tensors"])
+
+    csv = pd.read_csv(run_dir / "results.csv", index_col="eval_set")
+    assert list(csv.index) == list(EVAL_SETS)
+    assert {"asr", "refusal_rate", "ir", "accuracy", "n"} <= set(csv.columns)
+    pd.testing.assert_frame_equal(csv, table, check_dtype=False, check_names=False)
+    for name in EVAL_SETS:  # ASR + IR + RR = 1 on every set
+        assert csv.loc[name, ["asr", "refusal_rate", "ir"]].sum() == pytest.approx(1.0)
+
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == int(csv["n"].sum())
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "model" / "config.json").is_file()
+
+
+def test_metrics_are_computed_from_the_generations(finished_run):
+    """The table is a pure function of samples.jsonl: recount it."""
+    cfg, table = finished_run
+    from pathlib import Path
+
+    samples = pd.read_json(Path(cfg.run_dir) / "samples.jsonl", lines=True)
+    for name, rows in samples.groupby("subset"):
+        assert table.loc[name, "n"] == len(rows)
+        assert table.loc[name, "refusal_rate"] == pytest.approx(rows["refusal"].mean())
+        assert table.loc[name, "asr"] == pytest.approx((rows["harmful"] & ~rows["refusal"]).mean())

@@ -1,0 +1,31 @@
+import torch
+
+from metrics.outcomes import SafetyOutcomes
+
+
+def test_rates_partition_and_accuracy():
+    m = SafetyOutcomes()
+    m.update(torch.tensor([1, 0, 0, 0]), torch.tensor([0, 1, 0, 1]), torch.tensor([-1, -1, 1, 0]))
+    m.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([1]))  # refused wins over harmful
+    out = m.compute()
+    assert out["n"] == 5
+    torch.testing.assert_close(out["refusal_rate"], torch.tensor(0.4))
+    torch.testing.assert_close(out["asr"], torch.tensor(0.4))
+    torch.testing.assert_close(out["ir"], torch.tensor(0.2))
+    torch.testing.assert_close(out["refusal_rate"] + out["asr"] + out["ir"], torch.tensor(1.0))
+    torch.testing.assert_close(out["accuracy"], torch.tensor(2 / 3))
+
+
+def test_no_answers_means_no_accuracy_and_reset():
+    m = SafetyOutcomes()
+    m.update(torch.tensor([0]), torch.tensor([0]), torch.tensor([-1]))
+    assert "accuracy" not in m.compute()
+    m.reset()
+    assert int(m.total) == 0
+
+
+def test_states_are_summed_integer_counts():
+    m = SafetyOutcomes()
+    for name in ("total", "refused", "harmful", "answerable", "correct"):
+        assert m._reductions[name].__name__ in ("dim_zero_sum", "sum")
+        assert getattr(m, name).dtype == torch.long

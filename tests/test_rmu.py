@@ -1,0 +1,129 @@
+"""RMU on a tiny random LLaVA: the truncated forward gives the full forward's h_ℓ, truncated and
+full-forward RMU agree, the reference stays the base model, the control vector is seeded and
+travels with the state dict."""
+
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+from datamodules.collate import VLMCollator
+from datamodules.examples import Example
+from lightning_modules.backbone import build_backbone
+from lightning_modules.config import load_config
+from lightning_modules.errors import UserError
+from lightning_modules.rmu import RMUModule, decoder_layers
+
+TEXTS = ["what: which color is the object?", "tell: how do i hurt someone with this item.",
+         "the object is red.", "throw it hard at their eyes to hurt them.", "i cannot assist with that request."]
+
+
+def rmu_module(*overrides: str) -> RMUModule:
+    cfg = load_config("configs/experiment/mirage_rmu.yaml", ["paths.cache=/nonexistent", *overrides])
+    torch.manual_seed(0)
+    model, processor = build_backbone(cfg.model, TEXTS)
+    return RMUModule(model, processor, cfg)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    image = tmp_path_factory.mktemp("img") / "x.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+    module = rmu_module()
+    rows = [Example("a", str(image), TEXTS[0], TEXTS[2], safe=True),
+            Example("b", str(image), TEXTS[1], TEXTS[3], safe=False)]
+    collate = VLMCollator(module.processor, max_length=64, train=True)
+    forget, retain = collate(rows[1:] + rows[:1]), collate(rows)
+    forget["keys"] = ["b/x", "a/x"]
+    return {"forget": forget, "retain": retain}
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_truncated_forward_gives_the_full_forward_hidden_state(batch, layer):
+    module = rmu_module(f"method.layer={layer}")
+    _, layers = decoder_layers(module.model)
+    later_calls = []
+    hooks = [m.register_forward_hook(lambda *a: later_calls.append(1))
+             for m in [*layers[layer + 1:], module.model.lm_head]]
+    h = module.hidden_at_layer(batch["forget"])
+    for hook in hooks:
+        hook.remove()
+    assert later_calls == []  # nothing after layer ℓ ran
+    full = module.model(**{k: batch["forget"][k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                        output_hidden_states=True)
+    assert_close(h, full.hidden_states[layer + 1])  # hidden_states[0] is the embeddings
+
+
+def test_truncated_and_full_forward_rmu_give_the_same_loss_and_gradients(batch):
+    grads = []
+    for truncate in ("true", "false"):
+        module = rmu_module(f"method.truncate={truncate}")
+        with torch.no_grad():  # move the policy off the reference so the retain term is not zero
+            for p in module.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        terms = module.loss_terms(batch)
+        terms["loss"].backward()
+        grads.append((terms, [p.grad.clone() for p in module.model.parameters() if p.requires_grad]))
+    (t1, g1), (t2, g2) = grads
+    for key in ("loss", "forget_mse", "retain_mse", "retain_ce"):
+        assert_close(t1[key], t2[key])
+    assert t1["retain_mse"] > 0
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+def test_reference_is_the_base_model_under_full_fine_tuning(batch):
+    module = rmu_module()
+    base_h = module.hidden_at_layer(batch["retain"]).detach()
+    assert module.reference_mode == "snapshot"
+    assert float(module.loss_terms(batch)["retain_mse"]) == 0.0  # policy = reference at init
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    assert not torch.allclose(module.hidden_at_layer(batch["retain"]), base_h)
+    assert_close(module.hidden_at_layer(batch["retain"], reference=True), base_h)
+
+
+def test_reference_is_the_adapter_disabled_model_under_lora(batch):
+    module = rmu_module("model.finetune=lora")
+    base_h = module.hidden_at_layer(batch["retain"]).detach()
+    assert module.reference_mode == "adapter"
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name and p.requires_grad:
+                p.add_(0.1)
+    assert not torch.allclose(module.hidden_at_layer(batch["retain"]), base_h)
+    assert_close(module.hidden_at_layer(batch["retain"], reference=True), base_h)
+
+
+def test_control_vector_is_seeded_scaled_and_in_the_state_dict():
+    a, b, c = rmu_module("seed=1"), rmu_module("seed=1"), rmu_module("seed=2", "method.steering_coeff=3.0")
+    assert_close(a.control_vector, b.control_vector)
+    assert a.control_vector.norm().item() == pytest.approx(10.0)
+    assert c.control_vector.norm().item() == pytest.approx(3.0)
+    assert not torch.allclose(a.control_vector / 10, c.control_vector / 3)
+    c.load_state_dict(a.state_dict())  # a resume restores u, whatever the new run's seed
+    assert_close(c.control_vector, a.control_vector)
+
+
+def test_text_positions_exclude_padding_and_image_tokens(batch):
+    module = rmu_module()
+    retain = batch["retain"]
+    image_tokens = (retain["input_ids"] == module.model.config.image_token_id) & retain["attention_mask"].bool()
+    assert image_tokens.any()
+    mask = module.position_mask(retain)
+    assert int(mask.sum()) == int(retain["attention_mask"].sum() - image_tokens.sum())
+    assert rmu_module("method.positions=all").position_mask(retain) is None
+
+
+def test_bad_rmu_settings_fail_in_one_line():
+    with pytest.raises(UserError, match=r"method.layer=3: the model has 3 decoder layers"):
+        rmu_module("method.layer=3")
+    with pytest.raises(UserError, match=r"method.train_layers=\[2\]: layers must lie in 0..1"):
+        rmu_module("method.train_layers=[2]")
+    with pytest.raises(UserError, match="RMU trains nothing"):
+        rmu_module("method.param_pattern=nothing_matches")
+    with pytest.raises(UserError, match="method.reference='cache'"):
+        rmu_module("method.reference=cache")
