@@ -38,6 +38,7 @@ EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
 def start_model(files: dict, out: Path) -> Path:
     """The random tiny model after 4 SFT steps, saved like the fit CLI saves `model/`."""
     cfg = load_config(REPO / "configs" / "demo.yaml", vlguard_overrides(files, out.parent / "start_run"))
+    L.seed_everything(cfg.seed)  # as the fit CLI does: the same random init whatever ran before in this process
     module, data = build_run(cfg)
     L.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
