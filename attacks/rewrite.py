@@ -12,7 +12,6 @@ are cruder but reproducible and need no model. Output keeps VLGuard format and i
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random

@@ -11,7 +11,6 @@ unaligned base model itself (no training). Writes into the compare directory:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -21,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from lightning_modules import fit
-from lightning_modules.config import CONFIG_ROOT, load_config, to_yaml
+from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
 from lightning_modules.errors import UserError, cli_main
 
 COLUMNS = ["rho", "method", "seed", "asr_clean", "asr_attacked", "rr_clean", "rr_rewritten",
@@ -182,17 +181,8 @@ def run(cfg) -> pd.DataFrame:
 
 @cli_main
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--print-config", action="store_true")
-    parser.add_argument("--debug", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg))
-        return
-    run(cfg)
+    config_cli(argv, "python -m lightning_modules.compare", __doc__.splitlines()[0],
+               "configs/experiment/mirage_compare.yaml", run)
 
 
 if __name__ == "__main__":

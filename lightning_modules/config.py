@@ -15,10 +15,11 @@ so a mistyped key or a wrongly typed value fails in one line before anything run
 
 from __future__ import annotations
 
+import argparse
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -245,3 +246,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DictCon
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable) -> None:
+    """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug]."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return
+    run(cfg)

@@ -20,7 +20,6 @@ Options: `--print-config`, `--debug` (full tracebacks).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -43,7 +42,7 @@ from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import Example, vlguard_examples
 from lightning_modules.backbone import build_backbone
 from lightning_modules.base import AlignmentModule, MethodParams
-from lightning_modules.config import ModelSettings, load_config, to_yaml
+from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from lightning_modules.errors import UserError, cli_main
 from metrics.judges import get_judge
 from metrics.refusal import is_refusal, refusal_presets
@@ -470,23 +469,9 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
     return table
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/evaluate/vlguard_paper.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
-    return parser.parse_args(argv)
-
-
 @cli_main
 def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg))
-        return
-    evaluate(cfg)
+    config_cli(argv, "python -m lightning_modules.evaluate", __doc__.splitlines()[0], "configs/evaluate/vlguard_paper.yaml", evaluate)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Trainer; validates at step 0, fits, tests, and writes `results.csv` / `results.j
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -28,7 +27,7 @@ from datamodules.safety import resolve_data_files
 from lightning_modules.backbone import build_backbone
 from lightning_modules.base import get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed
-from lightning_modules.config import load_config, to_yaml
+from lightning_modules.config import config_cli, to_yaml
 from lightning_modules.errors import UserError, cli_main
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
@@ -209,23 +208,9 @@ def run(cfg) -> pd.DataFrame | None:
     return table
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.fit", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/demo.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
-    return parser.parse_args(argv), []
-
-
 @cli_main
 def main(argv: list[str]) -> None:
-    args, _ = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg))
-        return
-    run(cfg)
+    config_cli(argv, "python -m lightning_modules.fit", __doc__.splitlines()[0], "configs/demo.yaml", run)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     base_cfg.data.batch_size = cfg.base.batch_size
     for name, param in model.named_parameters():
         param.requires_grad_("vision_tower" not in name)
+    model.train()  # the probe's accuracy check left the tower in eval mode
     module = SFTModule(model, processor, base_cfg)
     base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
                            compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)

@@ -6,7 +6,6 @@ Position t of ``logits`` predicts ``labels[:, t + 1]``; positions whose label is
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

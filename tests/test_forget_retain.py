@@ -103,7 +103,7 @@ def test_vlguard_rows_without_harmful_responses_fail_in_one_line(world, tmp_path
     train = tmp_path / "train.json"
     train.write_text(json.dumps(records))
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
-    vlguard = [f"data.kind=vlguard", f"data.train_file={train}", f"data.val_file={train}"]
+    vlguard = ["data.kind=vlguard", f"data.train_file={train}", f"data.val_file={train}"]
     data = datamodule(world, *vlguard)
     with pytest.raises(UserError, match=r"train.json: unsafe record id=r1 has no 'harmful_response'"):
         data.setup("fit")
