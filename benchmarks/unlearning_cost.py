@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ class Runner:
 
 
 def interleaved(runners: list[Runner], rounds: int, warmup: int = 2) -> dict[str, float]:
+    print(f"  timing {', '.join(r.label for r in runners)}: {rounds} interleaved rounds", file=sys.stderr)
     for runner in runners:
         for _ in range(warmup):
             runner.step()
@@ -122,6 +124,7 @@ def interleaved(runners: list[Runner], rounds: int, warmup: int = 2) -> dict[str
 
 
 def bench_size(size: str, batch: int, rounds: int, image_dir: Path) -> dict:
+    print(f"{size}:", file=sys.stderr)
     forget, retain = make_examples(image_dir, batch)
     out: dict = {"size": size, "batch": f"{batch} forget + {batch} retain (SFT: {2 * batch} rows)"}
     # Step time, full fine-tuning (NPO's reference: the per-sample NLL cache or a frozen snapshot).
@@ -138,6 +141,7 @@ def bench_size(size: str, batch: int, rounds: int, image_dir: Path) -> dict:
             Runner("rmu (truncated)", make_module("rmu", size, "lora"), forget, retain),
             Runner("rmu (full forward)", make_module("rmu", size, "lora", "method.truncate=false"), forget, retain)]
     out["lora_step_s"] = interleaved(lora, rounds)
+    print("  peak memory under LoRA", file=sys.stderr)
     out["lora_peak_bytes"] = {r.label: r.peak_bytes() for r in lora}
     return out
 
@@ -174,7 +178,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--out", type=Path, default=None, help="also write the raw numbers as JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the demo uses 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_size(size, args.batch, args.rounds, Path(tmp)) for size in args.sizes]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")

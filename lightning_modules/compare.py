@@ -60,12 +60,8 @@ def run_config(method: str, seed: int, rho: float, common: list[str], out: Path,
                           f"name={method}", "resume=null"]
     if method == "base":  # the unaligned model: evaluation only
         overrides += ["trainer.max_steps=0", "eval.val_at_start=false"]
-    if split == "val":  # choose hyperparameters on the world's validation split, never on test
-        overrides += ["data.kind=mirage_world"]
-    cfg = load_config(path, overrides)
-    if split == "val":
-        cfg.data.world["n_test"] = cfg.data.world.get("n_val", 200)
-    return cfg
+    overrides.append(f"eval.test_split={split}")  # val: choose hyperparameters, never on test
+    return load_config(path, overrides)
 
 
 def row_from_table(table: pd.DataFrame) -> dict:
@@ -89,7 +85,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     mean, std, n = grouped.mean(), grouped.std(ddof=1), grouped.count()
     half = std * n.apply(lambda col: col.map(lambda k: T95.get(k - 1, 1.96) if k > 1 else float("nan")))
     half = half / n.pow(0.5)
-    return mean.join(half, rsuffix="_ci95").join(n[["asr_clean"]].rename(columns={"asr_clean": "n_seeds"}))
+    return mean.join(half.add_suffix("_ci95")).join(n[["asr_clean"]].rename(columns={"asr_clean": "n_seeds"}))
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:

@@ -124,6 +124,7 @@ class EvalSettings:
     log_samples: int = 3
     val_at_start: bool = True  # a step-0 point on every curve
     test_at_end: bool = True
+    test_split: str = "test"  # test | val: "val" reports on the validation split (for choosing hyperparameters)
 
 
 @dataclass

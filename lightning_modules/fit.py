@@ -8,6 +8,7 @@ Trainer; validates at step 0, fits, tests, and writes `results.csv` / `results.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -152,6 +153,10 @@ def build_run(cfg):
     method = get_method(cfg.method.name)
     method.parse_params(cfg.method)  # an unknown method or method key fails before a model is loaded
     files = resolve_data_files(cfg.data)
+    if cfg.eval.test_split not in ("test", "val"):
+        raise UserError(f"eval.test_split must be 'test' or 'val', got '{cfg.eval.test_split}'")
+    if cfg.eval.test_split == "val":  # hyperparameters are chosen on validation data, never on test
+        files = dataclasses.replace(files, test=files.val)
     if cfg.model.name_or_path == "tiny" and files.world_dir is not None:
         from lightning_modules.pretrain import ensure_tiny_base
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,10 +142,13 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.base.seed)
     _quiet_trainer(cfg.base.steps, out.parent).fit(module, data)
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "vision_report.json").write_text(json.dumps(report, indent=1))
-    tmp.rename(out)  # atomic: a crash never leaves a half-written cached base
+    try:
+        tmp.rename(out)  # atomic: a crash never leaves a half-written cached base
+    except OSError:  # another process finished the same base first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
