@@ -16,6 +16,7 @@ from lightning_modules.config import load_config
 from lightning_modules.fit import RUN_DIR_ENV, build_run, run
 from lightning_modules.ga import GAModule
 from lightning_modules.npo import NPOModule
+from losses import make_control_vector
 
 SMALL = ["data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
          "base.vision_steps=5", "base.steps=10", "base.batch_size=8", "data.batch_size=4",
@@ -156,7 +157,6 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
     assert not (run_dir / "results.csv").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ("sft", *UNLEARNING))
 def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache, tmp_path, fresh_run_dir):
     table = run(config(method, cache, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
@@ -171,3 +171,6 @@ def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache
     train_tags = {t for t in events.Tags()["scalars"] if t.startswith("train/")}
     assert "train/loss" in train_tags and (method == "sft" or train_tags & {"train/forget_ce", "train/forget_mse"})
     assert os.path.isfile(tmp_path / "run" / "model" / "config.json")
+    if method == "rmu":  # u travels with the checkpoint: a resume steers towards the same vector
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+        torch.testing.assert_close(ckpt["state_dict"]["control_vector"], make_control_vector(96, 10.0, seed=0))
