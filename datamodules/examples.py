@@ -48,6 +48,19 @@ def load_json_list(path: str | Path) -> list[dict]:
     return data
 
 
+def parse_jsonl(path: str | Path, text: str) -> list[dict]:
+    """The rows of a JSON-lines `text` read from `path` (blank lines skipped); a bad line is a
+    one-line error naming the file and line."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {n} is not valid JSON ({err.msg}); fix or delete the file") from err
+    return rows
+
+
 def _item(path: Path, i: int, rec: dict, key: str, j: int) -> dict:
     items = rec.get("instr-resp")
     if not isinstance(items, list) or len(items) <= j or not isinstance(items[j], dict):

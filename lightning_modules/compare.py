@@ -12,7 +12,6 @@ unaligned base model itself (no training). Writes into the compare directory:
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -162,7 +161,6 @@ def run(cfg) -> pd.DataFrame:
                     continue
                 run_cfg = run_config(method, seed, rho, common, out, settings.split)
                 start = time.perf_counter()
-                os.environ.pop(fit.RUN_DIR_ENV, None)
                 table = fit.run(run_cfg)
                 rows.append({"rho": rho, "method": method, "seed": seed, **row_from_table(table),
                              "wall_s": round(time.perf_counter() - start, 1)})

@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import Example, vlguard_examples
+from datamodules.examples import Example, parse_jsonl, vlguard_examples
 from lightning_modules.backbone import build_backbone
 from lightning_modules.base import AlignmentModule, MethodParams
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
@@ -211,15 +211,7 @@ def read_samples(path: Path) -> list[dict]:
         data = data[:data.rfind(b"\n") + 1]
         with open(path, "r+b") as fh:
             fh.truncate(len(data))
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {n} is not valid JSON ({err.msg}); fix or delete the file") from err
-    return rows
+    return parse_jsonl(path, data.decode("utf-8"))
 
 
 def append_lines(path: Path, rows: list[dict]) -> None:

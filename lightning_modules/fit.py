@@ -173,6 +173,16 @@ def build_run(cfg):
 
 
 def run(cfg) -> pd.DataFrame | None:
+    """Fit, test and write the results of one run; returns the test table (rank 0)."""
+    exported_here = not os.environ.get(RUN_DIR_ENV)  # DDP ranks inherit it from rank 0 instead
+    try:
+        return _run(cfg)
+    finally:
+        if exported_here:  # the next run in this process (compare, tests) picks its own directory
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _run(cfg) -> pd.DataFrame | None:
     run_dir = prepare_run_dir(cfg)
     ckpt_path = resolve_checkpoint(cfg, run_dir)  # before anything is written into a finished run's dir
     if cfg.threads:

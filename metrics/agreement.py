@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from datamodules.examples import parse_jsonl
 from lightning_modules.errors import UserError, cli_main
 from metrics.refusal import is_refusal, refusal_presets
 
@@ -37,14 +38,7 @@ def read_samples(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"samples file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {n} is not valid JSON: {err.msg}") from err
+    rows = parse_jsonl(path, path.read_text(encoding="utf-8"))
     if not rows:
         raise UserError(f"{path}: no samples")
     frame = pd.DataFrame(rows)

@@ -14,9 +14,7 @@ def test_compare_writes_table_summary_and_plots(tmp_path_factory):
     overrides = [f"compare.overrides=[{','.join(SMALL)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
                  "compare.rhos=[0.9,1.0]", f"run_dir={out}", f"paths.cache={cache}"]
     cfg = load_config("configs/experiment/mirage_compare.yaml", overrides)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETY_MIRAGE_RUN_DIR", "")
-        compare.run(cfg)
+    compare.run(cfg)
     results = pd.read_csv(out / "results.csv")
     assert ["method", "seed", "asr_clean", "asr_attacked", "rr_clean", "rr_rewritten", "ir_attacked",
             "accuracy"] == [c for c in results.columns if c in compare.COLUMNS[1:9]]

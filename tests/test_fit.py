@@ -1,6 +1,7 @@
 """End to end: `fit` on a small Mirage World logs every mirage tag and writes the result table."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -17,11 +18,8 @@ EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
 def finished_run(tmp_path_factory):
     overrides = SMALL + [f"paths.cache={tmp_path_factory.getbasetemp() / 'cache'}",
                          f"run_dir={tmp_path_factory.mktemp('run')}"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(fit.RUN_DIR_ENV, "")  # restored afterwards: fit exports the run dir for DDP ranks
-        cfg = load_config("configs/demo.yaml", overrides)
-        table = fit.run(cfg)
-    return cfg, table
+    cfg = load_config("configs/demo.yaml", overrides)
+    return cfg, fit.run(cfg)
 
 
 def test_fit_logs_mirage_curves_and_writes_results(finished_run):
@@ -52,6 +50,7 @@ def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     assert len(samples) == int(csv["n"].sum())
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "model" / "config.json").is_file()
+    assert fit.RUN_DIR_ENV not in os.environ  # the next run in this process picks its own directory
 
 
 def test_metrics_are_computed_from_the_generations(finished_run):
