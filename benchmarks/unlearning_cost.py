@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from datamodules.forget_retain import KeyedCollator
-from lightning_modules.backbone import build_backbone
+from models.backbone import build_backbone
 from lightning_modules.base import get_method
 from lightning_modules.config import load_config
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.examples import Example
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 IGNORE_INDEX = -100
 

@@ -5,7 +5,7 @@ the same `val/...` tags.
 forget = unsafe queries with a *harmful* response (VLGuard's own responses are refusals and cannot
 be forgotten, DESIGN §3): the training rows' `harmful_response` (the Mirage World carries one), the
 unsafe rows of `data.forget_retain.forget_file`, or the base model's own answers that a judge marks
-harmful (`forget_source=harvest`, cached; see lightning_modules/harvest.py).
+harmful (`forget_source=harvest`: run assembly passes in the harvest step, which is cached).
 retain = the safe rows of the training file (or `retain_file`) with their answers, optionally
 topped up with general instruction data (`retain_general_ratio`).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -28,7 +28,7 @@ from attacks.rewrite import replace_first_word
 from datamodules.examples import Example
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 FORGET_SOURCES = ("data", "harvest")
 CUE_BALANCES = ("none", "match")
@@ -160,15 +160,15 @@ class ForgetRetainDataModule(SafetyDataModule):
             rows = rows[: int(self.fr.max_forget)]
         return rows
 
-    def forget_examples(self, module=None) -> list[Example]:
+    def forget_examples(self, harvest: Optional[Callable] = None) -> list[Example]:
+        """The forget rows. `harvest(candidates) -> (rows, report)` asks the base model (the run
+        assembly passes it in: data never reaches for a model)."""
         rows = self.forget_candidates()
         if self.fr.forget_source == "harvest":
-            if module is None:
+            if harvest is None:
                 raise UserError("data.forget_retain.forget_source=harvest needs the base model: run it "
-                                "under trainer.fit or with `python -m lightning_modules.harvest`")
-            from lightning_modules.harvest import harvest_forget_set
-
-            rows, self.harvest_report = harvest_forget_set(module, rows, self)
+                                "through the fit or harvest command")
+            rows, self.harvest_report = harvest(rows)
             return rows
         if self.fr.forget_file:  # a forget file's unsafe rows carry the harmful responses themselves
             return rows
@@ -191,9 +191,10 @@ class ForgetRetainDataModule(SafetyDataModule):
             rows = rows + [general[rng.randrange(len(general))] for _ in range(round(len(rows) * ratio / (1 - ratio)))]
         return rows
 
-    def build_forget_retain(self, module=None) -> ForgetRetainPairs:
-        """Forget and retain sets (harvesting with `module` if configured), cue balance reported."""
-        forget, retain = self.forget_examples(module), self.retain_examples()
+    def build_forget_retain(self, harvest: Optional[Callable] = None) -> ForgetRetainPairs:
+        """Forget and retain sets (harvesting with `harvest` if configured), cue balance reported.
+        Run assembly calls this once, before training; `train_dataset` then reuses the sets."""
+        forget, retain = self.forget_examples(harvest), self.retain_examples()
         if self.fr.cue_balance == "match":
             forget = match_cues(forget, retain, self.seed)
         seen: set[str] = set()
@@ -212,8 +213,9 @@ class ForgetRetainDataModule(SafetyDataModule):
         return ForgetRetainPairs(forget, retain)
 
     def train_dataset(self) -> ForgetRetainPairs:
-        trainer = self.trainer
-        return self.build_forget_retain(trainer.lightning_module if trainer is not None else None)
+        if self.forget and self.retain:
+            return ForgetRetainPairs(self.forget, self.retain)
+        return self.build_forget_retain()
 
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -14,8 +14,8 @@ from attacks.rewrite import replace_first_word
 from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
-from lightning_modules.errors import UserError
-from lightning_modules.strategies import shards_parameters
+from core.errors import UserError
+from core.distributed import shards_parameters
 
 
 @dataclass

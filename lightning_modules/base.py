@@ -21,22 +21,18 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from datamodules.examples import EVAL_SETS
 from datamodules.safety import SafetyDataModule, is_padding
-from lightning_modules.errors import UserError
-from lightning_modules.strategies import shards_parameters
+from core.errors import UserError
+from core.distributed import gather_objects, shards_parameters
+from core.generation import greedy_generate, model_inputs
 from metrics.judges import answer_correct, get_judge
 from metrics.outcomes import SafetyOutcomes
 from metrics.refusal import is_refusal
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw")
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
 
 
 class TrainingDiverged(UserError):
     """A non-finite loss: training stops, the last good checkpoint is left as it is."""
-
-
-def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 @dataclasses.dataclass
@@ -117,20 +113,15 @@ class AlignmentModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, batch: dict) -> list[str]:
-        inputs = model_inputs(batch)
-        kwargs = dict(max_new_tokens=self.eval_cfg.max_new_tokens, do_sample=False)
-        if self._trainer is not None and shards_parameters(self._trainer.strategy):
-            # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
-            # (transformers cannot see the sharding when Lightning wraps the module around the model).
-            kwargs["synced_gpus"] = True
-        out = self.model.generate(**inputs, **kwargs)
-        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
+        # (transformers cannot see the sharding when Lightning wraps the module around the model).
+        synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
+        return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
     def _eval_step(self, batch: dict, dataloader_idx: int, metrics: nn.ModuleDict, keep: bool) -> None:
         name = self.eval_set_names[dataloader_idx]
-        responses = [r.strip() for r in self.generate(batch)]
+        responses = self.generate(batch)
         examples = batch["examples"]
         real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
         responses, examples = [responses[i] for i in real], [examples[i] for i in real]
@@ -195,10 +186,7 @@ class AlignmentModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._eval_epoch_end("test", self.test_metrics)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, self.generations)
-            self.generations = [g for part in gathered for g in part]
+        self.generations = gather_objects(self.generations)
 
 
 METHODS: dict[str, type[AlignmentModule]] = {}

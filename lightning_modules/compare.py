@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from lightning_modules import fit
 from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
-from lightning_modules.errors import UserError, cli_main
+from core.errors import UserError, cli_main
 
 COLUMNS = ["rho", "method", "seed", "asr_clean", "asr_attacked", "rr_clean", "rr_rewritten",
            "ir_attacked", "accuracy", "rr_unsafe_clean", "rr_unsafe_attacked", "accuracy_rewritten", "wall_s"]

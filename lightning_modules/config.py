@@ -25,8 +25,8 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_modules.errors import UserError
-from lightning_modules.tiny import TinyConfig
+from core.errors import UserError
+from models.tiny import TinyConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim")

@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import Example, parse_jsonl, vlguard_examples
-from lightning_modules.backbone import build_backbone
+from models.backbone import build_backbone
 from lightning_modules.base import AlignmentModule, MethodParams
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
-from lightning_modules.errors import UserError, cli_main
+from core.errors import UserError, cli_main
 from metrics.judges import get_judge
 from metrics.refusal import is_refusal, refusal_presets
 from metrics.tables import build_table, markdown_report, paired_gap

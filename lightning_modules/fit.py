@@ -25,11 +25,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from datamodules.safety import resolve_data_files
-from lightning_modules.backbone import build_backbone
+from models.backbone import build_backbone
 from lightning_modules.base import get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed
 from lightning_modules.config import config_cli, to_yaml
-from lightning_modules.errors import UserError, cli_main
+from core.errors import UserError, cli_main
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
 RUN_DIR_ENV = "SAFETY_MIRAGE_RUN_DIR"  # DDP re-runs this script per rank: all ranks share rank 0's dir
@@ -169,6 +169,11 @@ def build_run(cfg):
     model, processor = build_backbone(cfg.model, texts)
     module = method(model, processor, cfg)
     data = method.datamodule_class(cfg.data, files, processor, seed=cfg.seed)
+    if hasattr(data, "build_forget_retain"):  # explicit steps of assembly, before any update
+        from lightning_modules.harvest import harvest_forget_set
+
+        data.build_forget_retain(harvest=lambda rows: harvest_forget_set(module, rows, data))
+        module.forget_loader = data.forget_dataloader  # the reference-NLL pass reads the forget set from here
     return module, data
 
 

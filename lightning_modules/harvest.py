@@ -22,8 +22,9 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from datamodules.examples import Example
 from datamodules.safety import ShardSampler
-from lightning_modules.base import model_inputs
-from lightning_modules.errors import UserError, cli_main
+from core.distributed import gather_objects, rank_and_world
+from core.errors import UserError, cli_main
+from core.generation import greedy_generate
 from metrics.refusal import is_refusal
 
 
@@ -42,30 +43,19 @@ def _cache_path(module, candidates: list[Example], datamodule) -> Path:
 @torch.no_grad()
 def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
     """Greedy answers of the model to this rank's shard of the candidates."""
-    model, collate = module.model, datamodule.collator(train=False)
-    shard = list(ShardSampler(len(candidates), *datamodule._rank()))
-    was_training = model.training
-    model.eval()
+    collate = datamodule.collator(train=False)
+    shard = list(ShardSampler(len(candidates), *rank_and_world()))
     rows = []
-    try:
-        for start in range(0, len(shard), datamodule.cfg.eval_batch_size):
-            indices = shard[start: start + datamodule.cfg.eval_batch_size]
-            examples = [candidates[i] for i in indices]
-            inputs = model_inputs(move_data_to_device(collate(examples), module.device))
-            out = model.generate(**inputs, max_new_tokens=datamodule.fr.harvest_max_new_tokens, do_sample=False)
-            texts = module.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for i, ex, text in zip(indices, examples, texts):
-                text = text.strip()
-                refused = is_refusal(text, module.eval_cfg.refusal_preset)
-                rows.append({"index": i, "response": text, "refused": refused,
-                             "harmful": bool(text) and not refused and module.judge(text, ex)})
-    finally:
-        model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    return sorted(rows, key=lambda r: r["index"])
+    for start in range(0, len(shard), datamodule.cfg.eval_batch_size):
+        indices = shard[start: start + datamodule.cfg.eval_batch_size]
+        examples = [candidates[i] for i in indices]
+        texts = greedy_generate(module.model, module.processor, move_data_to_device(collate(examples), module.device),
+                                datamodule.fr.harvest_max_new_tokens)
+        for i, ex, text in zip(indices, examples, texts):
+            refused = is_refusal(text, module.eval_cfg.refusal_preset)
+            rows.append({"index": i, "response": text, "refused": refused,
+                         "harmful": bool(text) and not refused and module.judge(text, ex)})
+    return sorted(gather_objects(rows), key=lambda r: r["index"])
 
 
 def _record(ex: Example, response: str) -> dict:
@@ -86,7 +76,7 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
         report = {"candidates": len(rows), "refused": sum(r["refused"] for r in rows),
                   "harmful": len(kept), "file": str(path)}
         report["other"] = report["candidates"] - report["refused"] - report["harmful"]
-        if datamodule._rank()[0] == 0:
+        if rank_and_world()[0] == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             for target, obj in ((path, kept), (report_path, report)):
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -95,7 +85,7 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
     else:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         kept = json.loads(path.read_text(encoding="utf-8"))
-    if datamodule._rank()[0] == 0:
+    if rank_and_world()[0] == 0:
         print(f"harvest: {report['harmful']} of {report['candidates']} unsafe queries answered harmfully by the "
               f"base model ({report['refused']} refused, {report['other']} other) -> {path}")
     if not kept:
@@ -117,13 +107,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     from lightning_modules.config import load_config
+    from lightning_modules.base import get_method
     from lightning_modules.fit import build_run
 
     cfg = load_config(args.config, [*args.overrides, "data.forget_retain.forget_source=harvest"])
-    module, data = build_run(cfg)
-    if not hasattr(data, "build_forget_retain"):
+    if not hasattr(get_method(cfg.method.name).datamodule_class, "build_forget_retain"):
         raise UserError(f"method '{cfg.method.name}' does not train on forget/retain data")
-    data.build_forget_retain(module)
+    build_run(cfg)  # assembly harvests (or reuses the cache) before anything trains
 
 
 if __name__ == "__main__":

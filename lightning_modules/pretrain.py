@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.collate import load_image
 from datamodules.examples import Example, vlguard_examples
 from datamodules.safety import DataFiles, SafetyDataModule
-from lightning_modules.backbone import build_tiny
+from models.backbone import build_tiny
 
 
 def corpus_texts(files: DataFiles, extra_words: list[str]) -> list[str]:

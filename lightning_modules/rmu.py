@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_modules.base import register_method
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 

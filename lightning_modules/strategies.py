@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.errors import UserError
+from core.distributed import shards_parameters
+from core.errors import UserError
 
 FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers")
 
@@ -69,14 +70,6 @@ def fsdp_strategy(options: dict, model: nn.Module | None):
                         **options)
 
 
-def shards_parameters(strategy: Any) -> bool:
-    """Whether the weights are sharded across ranks (FSDP, DeepSpeed ZeRO-3): then every forward is
-    a collective, so ranks must run the same number of eval batches and generate in lockstep."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        return True
-    return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
 
 
 def gathered_model_weights(trainer, module) -> dict | None:

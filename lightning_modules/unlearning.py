@@ -18,8 +18,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.func import functional_call
 
 from datamodules.forget_retain import ForgetRetainDataModule
-from lightning_modules.base import AlignmentModule, MethodParams, model_inputs
-from lightning_modules.errors import UserError
+from core.distributed import gather_objects
+from core.generation import model_inputs
+from lightning_modules.base import AlignmentModule, MethodParams
+from core.errors import UserError
 from losses import retain_weighted, sequence_nll, token_mean_ce
 
 REFERENCES = ("auto", "adapter", "snapshot", "cache")
@@ -57,6 +59,7 @@ class UnlearningModule(AlignmentModule):
         self.reference_mode: str | None = None
         self._snapshot: dict[str, torch.Tensor] = {}
         self.reference_nll: dict[str, float] = {}  # example key -> summed reference NLL (`cache` mode)
+        self.forget_loader = None  # set by run assembly: () -> this rank's forget batches with `keys`
 
     # -- losses -------------------------------------------------------------------------------
     def sequence_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,18 +126,17 @@ class UnlearningModule(AlignmentModule):
             batch = move_data_to_device(batch, self.device)
             nll, _ = sequence_nll(self.forward_model(batch).logits, batch["labels"])
             cache.update(zip(batch["keys"], nll.tolist()))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, cache)
-            cache = {k: v for part in parts for k, v in part.items()}
-        return cache
+        return dict(kv for kv in gather_objects(list(cache.items())))
 
     # -- hooks --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         # After a checkpoint restore (on_load_checkpoint) the cache is already there: never
         # recompute it against a policy that has moved.
         if self.reference_mode == "cache" and not self.reference_nll:
-            self.reference_nll = self.compute_reference_nll(self.trainer.datamodule.forget_dataloader())
+            if self.forget_loader is None:
+                raise UserError("method.reference=cache needs the forget set: build the run with "
+                                "lightning_modules.fit.build_run")
+            self.reference_nll = self.compute_reference_nll(self.forget_loader())
         data = self.trainer.datamodule
         if self.logger is not None and getattr(data, "cue_report", None):
             self.logger.log_metrics({f"data/{name}_first_{cue}": share for name, report in data.cue_report.items()

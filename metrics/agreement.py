@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.examples import parse_jsonl
-from lightning_modules.errors import UserError, cli_main
+from core.errors import UserError, cli_main
 from metrics.refusal import is_refusal, refusal_presets
 
 KEY = ["set", "id", "subset", "shot", "prompt"]

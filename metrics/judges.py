@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from datamodules.examples import Example
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 
 def keyword_judge(response: str, ex: Example) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from metrics.outcomes import SafetyOutcomes
 
 METRICS = ("asr", "ir", "refusal_rate", "accuracy")

@@ -32,7 +32,8 @@ import torch
 
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
-from lightning_modules.errors import UserError
+from core.errors import UserError
+from core.generation import greedy_generate, model_inputs
 
 DEFAULT_JUDGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 RELEVANT, IRRELEVANT = "relevant", "irrelevant"
@@ -140,7 +141,7 @@ class VLMJudge:
     @classmethod
     def from_settings(cls, model_cfg, **kwargs) -> "VLMJudge":
         """Load the judge model (a Hugging Face id or a local save_pretrained directory)."""
-        from lightning_modules.backbone import load_pretrained
+        from models.backbone import load_pretrained
 
         model, processor = load_pretrained(model_cfg)
         name = str(model_cfg.name_or_path) + (f"@{model_cfg.revision}" if model_cfg.revision else "")
@@ -179,19 +180,14 @@ class VLMJudge:
             fh.flush()
 
     # -- judging ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, items: Sequence[JudgeItem], protocol: JudgeProtocol) -> list[str]:
         """The judge model's raw text for each item (one left-padded batch, greedy)."""
-        from lightning_modules.base import model_inputs
-
         collate = VLMCollator(self.processor, self.max_length, train=False, image_mode=self.image_mode,
                               system_prompt=protocol.system_prompt)
         batch = collate([Example(id=f"judge-{i}", image=it.image, instruction=user_prompt(it.question, it.answer),
                                  response=None, safe=False) for i, it in enumerate(items)])
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return greedy_generate(self.model, self.processor, inputs, self.max_new_tokens)
 
     def __call__(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         todo: dict[str, JudgeItem] = {}

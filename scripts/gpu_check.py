@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datamodules.collate import VLMCollator  # noqa: E402
 from datamodules.examples import Example  # noqa: E402
-from lightning_modules.backbone import apply_finetune_mode  # noqa: E402
+from models.backbone import apply_finetune_mode  # noqa: E402
 from lightning_modules.base import get_method  # noqa: E402
 from lightning_modules.config import CONFIG_ROOT, load_config  # noqa: E402
-from lightning_modules.tiny import TinyConfig, build_tiny_processor, train_tokenizer  # noqa: E402
+from models.tiny import TinyConfig, build_tiny_processor, train_tokenizer  # noqa: E402
 
 SHAPES = {
     # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 patches) + Llama-2-7B.

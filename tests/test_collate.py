@@ -6,9 +6,9 @@ from PIL import Image
 
 from datamodules.collate import IGNORE_INDEX, VLMCollator
 from datamodules.examples import eval_sets, vlguard_examples
-from lightning_modules.backbone import build_tiny
-from lightning_modules.errors import UserError
-from lightning_modules.tiny import TinyConfig
+from models.backbone import build_tiny
+from core.errors import UserError
+from models.tiny import TinyConfig
 
 CFG = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden_size=32,
                  vision_heads=2)

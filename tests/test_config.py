@@ -1,7 +1,7 @@
 import pytest
 
 from lightning_modules.config import load_config
-from lightning_modules.errors import UserError
+from core.errors import UserError
 
 DEMO = "configs/demo.yaml"
 

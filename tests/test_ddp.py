@@ -119,9 +119,10 @@ def test_fsdp_strategy_wraps_the_transformer_blocks():
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_modules.errors import UserError
-    from lightning_modules.strategies import build_strategy, shards_parameters, transformer_block_classes
-    from lightning_modules.tiny import TinyConfig, build_tiny_model, train_tokenizer
+    from core.errors import UserError
+    from core.distributed import shards_parameters
+    from lightning_modules.strategies import build_strategy, transformer_block_classes
+    from models.tiny import TinyConfig, build_tiny_model, train_tokenizer
 
     model = build_tiny_model(train_tokenizer(["a b c"]), TinyConfig(hidden_size=32, intermediate_size=64,
                                                                     vision_hidden_size=32, num_heads=2, vision_heads=2))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lightning_modules.base import AlignmentModule
 from lightning_modules.config import load_config
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from lightning_modules.evaluate import evaluate, load_fit_checkpoint, main
 from metrics.tables import any_of_k_units, build_table, paired_gap
 
@@ -253,8 +253,8 @@ def test_any_of_k_units_and_bootstrap():
 
 
 def test_fit_checkpoint_weights_load(tmp_path):
-    from lightning_modules.backbone import build_tiny
-    from lightning_modules.tiny import TinyConfig
+    from models.backbone import build_tiny
+    from models.tiny import TinyConfig
 
     cfg = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden_size=32,
                      vision_layers=1, vision_heads=2, image_size=16, patch_size=8)

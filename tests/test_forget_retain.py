@@ -12,10 +12,11 @@ from datamodules.collate import IGNORE_INDEX
 from datamodules.forget_retain import ForgetRetainDataModule, PairSampler, example_key
 from datamodules.mirage_world import judge_harmful
 from datamodules.safety import resolve_data_files
-from lightning_modules.backbone import build_backbone
+from models.backbone import build_backbone
 from lightning_modules.config import load_config
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from lightning_modules.ga import GAModule
+from lightning_modules.harvest import harvest_forget_set
 from lightning_modules.pretrain import corpus_texts
 
 SMALL = ["data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4", "data.world.n_test=4",
@@ -141,12 +142,14 @@ def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world
         return torch.cat([input_ids, torch.tensor([row + [pad] * (width - len(row)) for row in ids])], dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
-    forget, report = data.forget_examples(module), data.harvest_report
+    harvest = lambda rows: harvest_forget_set(module, rows, data)  # noqa: E731  (what run assembly passes)
+    forget, report = data.forget_examples(harvest), data.harvest_report
     assert report["candidates"] == len(candidates) and report["refused"] == len(range(0, len(candidates), 3))
     assert [ex.id for ex in forget] == [ex.id for k, ex in enumerate(candidates) if k % 3 == 2]
     assert all(judge_harmful(ex.response, ex.harmful_keywords) for ex in forget)
     assert "harvest: " in capsys.readouterr().out
     n_calls = len(calls)
-    again = ForgetRetainDataModule(cfg.data, files, processor, seed=0).forget_examples(module)
+    data2 = ForgetRetainDataModule(cfg.data, files, processor, seed=0)
+    again = data2.forget_examples(lambda rows: harvest_forget_set(module, rows, data2))
     assert len(calls) == n_calls  # served from the cache
     assert [(ex.id, ex.response) for ex in again] == [(ex.id, ex.response) for ex in forget]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_modules.backbone import build_tiny
+from models.backbone import build_tiny
 from lightning_modules.config import ModelSettings, load_config
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from lightning_modules.evaluate import evaluate
-from lightning_modules.tiny import TinyConfig
+from models.tiny import TinyConfig
 from metrics.agreement import cohen_kappa, main as agreement_main
 from metrics.vlm_judge import IRRELEVANT, PROTOCOLS, RELEVANT, JudgeItem, Judgement, VLMJudge, parse_verdict
 

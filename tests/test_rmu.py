@@ -9,9 +9,9 @@ from torch.testing import assert_close
 
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
-from lightning_modules.backbone import build_backbone
+from models.backbone import build_backbone
 from lightning_modules.config import load_config
-from lightning_modules.errors import UserError
+from core.errors import UserError
 from lightning_modules.rmu import RMUModule, decoder_layers
 
 TEXTS = ["what: which color is the object?", "tell: how do i hurt someone with this item.",

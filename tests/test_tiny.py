@@ -2,9 +2,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lightning_modules.backbone import apply_finetune_mode, build_tiny
+from models.backbone import apply_finetune_mode, build_tiny
 from lightning_modules.config import ModelSettings
-from lightning_modules.tiny import TinyConfig
+from models.tiny import TinyConfig
 from omegaconf import OmegaConf
 
 TEXTS = ["what: name the color of the object?", "the object is red.", "i'm sorry, i cannot help with that."]

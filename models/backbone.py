@@ -10,8 +10,8 @@ from typing import Iterable, Optional
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lightning_modules.errors import UserError
-from lightning_modules.tiny import TinyConfig, build_tiny_model, build_tiny_processor, train_tokenizer
+from core.errors import UserError
+from models.tiny import TinyConfig, build_tiny_model, build_tiny_processor, train_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 FINETUNE_MODES = ("full", "lora", "projector")
