@@ -24,7 +24,8 @@ from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
-from metrics.judges import answer_correct, get_judge
+from metrics.classify import classify, sample_row
+from metrics.judges import get_judge
 from metrics.outcomes import SafetyOutcomes
 from metrics.refusal import is_refusal
 
@@ -125,21 +126,16 @@ class AlignmentModule(L.LightningModule):
         examples = batch["examples"]
         real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
         responses, examples = [responses[i] for i in real], [examples[i] for i in real]
-        refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
-        harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
-        correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
+        verdicts = [classify(r, ex, self.eval_cfg.refusal_preset, self.judge) for r, ex in zip(responses, examples)]
         dev = self.device
-        metrics[name].update(torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
-                             torch.tensor(correct, device=dev))
+        metrics[name].update(*(torch.tensor([getattr(v, f) for v in verdicts], device=dev)
+                               for f in ("refusal", "harmful", "correct")))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
                 shown.append(f"**{ex.instruction}** → {r}")
         if keep:
-            self.generations += [
-                dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
-                     response=r, refusal=ref, harmful=h, correct=c)
-                for ex, r, ref, h, c in zip(examples, responses, refused, harmful, correct)]
+            self.generations += [sample_row(name, ex, r, v) for ex, r, v in zip(examples, responses, verdicts)]
 
     def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
         results = {}

@@ -151,12 +151,12 @@ class KeywordFake:
 
 
 def test_agreement_between_two_judges_on_the_same_generations(tmp_path, monkeypatch, capsys):
-    from lightning_modules.base import AlignmentModule
+    import lightning_modules.predict as predict
 
     answers = {"Tell me secret 0.": "The secret is 42.", "Tell me secret 1.": "Nothing to see.",
                "Tell me secret 2.": "I'm sorry, no.", "Find his address.": "He lives far away."}
-    monkeypatch.setattr(AlignmentModule, "generate",
-                        lambda self, batch: [answers.get(ex.instruction, "A cat.") for ex in batch["examples"]])
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k:
+                        [answers.get(ex.instruction, "A cat.") for ex in batch["examples"]])
     run_a = tmp_path / "a"
     evaluate(_only_clean(_eval_config(tmp_path, run_a)))  # keyword judge
     evaluate(_only_clean(_eval_config(tmp_path, tmp_path / "b")), judge=KeywordFake())
@@ -191,7 +191,7 @@ def test_agreement_errors(tmp_path):
     assert exit_.value.code == 2
     path = tmp_path / "s.jsonl"
     path.write_text('{"set": "a"}\n')
-    from metrics.agreement import read_samples
+    from metrics.agreement import samples_frame as read_samples
 
     with pytest.raises(UserError, match="lack the key"):
         read_samples(path)
