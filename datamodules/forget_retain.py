@@ -29,6 +29,7 @@ from datamodules.examples import Example
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
 from core.errors import UserError
+from core.text import first_word
 
 FORGET_SOURCES = ("data", "harvest")
 CUE_BALANCES = ("none", "match")
@@ -37,11 +38,6 @@ CUE_BALANCES = ("none", "match")
 def example_key(ex: Example) -> str:
     """A forget row's identity (the reference-NLL cache is keyed by it)."""
     return f"{ex.id}/{ex.subset}"
-
-
-def first_word(text: str) -> str:
-    words = "".join(c if c.isalpha() else " " for c in text).split()
-    return words[0].lower() if words else ""
 
 
 def cue_shares(examples: list[Example], cues: list[str]) -> dict[str, float]:

@@ -101,7 +101,8 @@ def test_rmu_under_lora_trains_only_adapters_of_the_selected_layers(cache):
 
 def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
     expected = 2 / 0.1 * math.log(2)
-    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"]):
+    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"],
+                  ["model.finetune=lora", "method.reference=adapter"]):
         L.seed_everything(0)
         module, data = build_run(config("npo", cache, *extra))
         data.setup("fit")
@@ -112,6 +113,14 @@ def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
         with torch.no_grad():
             terms = module.loss_terms(batch)
         assert terms["npo"].item() == pytest.approx(expected, abs=1e-3), extra
+
+
+def test_npo_auto_reference_is_the_nll_cache_under_lora_too(cache):
+    # The cache costs ~1.0x an SFT step; the adapter-off reference ~1.2-1.4x (a second forward each step).
+    module, _ = build_run(config("npo", cache, "model.finetune=lora"))
+    assert module.reference_mode == "cache"
+    module, _ = build_run(config("npo", cache, "model.finetune=lora", "method.reference=adapter"))
+    assert module.reference_mode == "adapter"
 
 
 def test_npo_reference_cache_is_checkpointed_and_not_recomputed_on_resume(cache, tmp_path, monkeypatch,
