@@ -26,7 +26,7 @@ from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from metrics.classify import classify, sample_row
 from metrics.judges import get_judge
-from metrics.outcomes import SafetyOutcomes
+from metrics.outcomes import COUNTS, SafetyOutcomes
 from metrics.refusal import is_refusal
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
@@ -142,9 +142,9 @@ class AlignmentModule(L.LightningModule):
         for name in self.eval_set_names:
             values = metrics[name].compute()  # synced across ranks (summed counts)
             metrics[name].reset()
-            results[name] = {k: float(v) for k, v in values.items()}
+            results[name] = {k: int(v) if k in COUNTS else float(v) for k, v in values.items()}
             for key, value in values.items():
-                if key != "n":
+                if key not in COUNTS:
                     self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False, rank_zero_only=True)
         gaps = {}
         if {"unsafe_clean", "unsafe_attacked"} <= results.keys():
