@@ -19,15 +19,18 @@ from lightning_modules.ga import GAModule
 from lightning_modules.harvest import harvest_forget_set
 from lightning_modules.pretrain import corpus_texts
 
-SMALL = ["data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4", "data.world.n_test=4",
-         "data.batch_size=4"]
+from conftest import SMALL
+
+# The shared small settings with a smaller world: these tests count rows, not train.
+OVERRIDES = [*SMALL, "data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4", "data.world.n_test=4",
+             "data.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(overrides, files, processor) for a small world; the model is a tiny random one."""
     cache = tmp_path_factory.mktemp("cache")
-    overrides = [f"paths.cache={cache}", *SMALL]
+    overrides = [f"paths.cache={cache}", *OVERRIDES]
     cfg = load_config("configs/experiment/mirage_npo.yaml", overrides)
     files = resolve_data_files(cfg.data)
     torch.manual_seed(0)

@@ -18,15 +18,20 @@ from lightning_modules.ga import GAModule
 from lightning_modules.npo import NPOModule
 from losses import make_control_vector
 
-SMALL = ["data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
-         "base.vision_steps=5", "base.steps=10", "base.batch_size=8", "data.batch_size=4",
-         "data.eval_batch_size=16", "data.max_eval_samples=4", "eval.max_new_tokens=4",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+from conftest import SMALL
+
+# The shared small settings, with the demo's tiny sizes (3 decoder layers, hidden 96: RMU's layer
+# choices and control vector are checked against them) and a base trained a little longer.
+OVERRIDES = [*SMALL, "model.tiny.hidden_size=96", "model.tiny.num_layers=3", "model.tiny.num_heads=4",
+             "model.tiny.intermediate_size=256", "model.tiny.vision_hidden_size=64", "model.tiny.vision_heads=4",
+             "data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
+             "base.vision_steps=5", "base.steps=10", "data.batch_size=4", "data.max_eval_samples=4",
+             "eval.max_new_tokens=4"]
 UNLEARNING = ("ga", "graddiff", "npo", "simnpo", "rmu")
 
 
 def config(method: str, cache, *extra: str):
-    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *SMALL, *extra])
+    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +159,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
     monkeypatch.setattr(GAModule, "loss_terms", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *SMALL,
+        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *OVERRIDES,
                   f"run_dir={run_dir}", "checkpoint.every_n_train_steps=1", "trainer.max_steps=10",
                   "eval.val_at_start=false", "trainer.limit_val_batches=0"])
     assert exit_info.value.code == 2
