@@ -112,11 +112,7 @@ def audit(records, ngram: int = 1, alpha: float = 1.0, min_count: int = 5, top: 
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
-    """Minimal GitHub markdown table (pandas.to_markdown needs tabulate, not installed)."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) if rows else "(none)"
+    return pd.DataFrame(rows, columns=cols).to_markdown(index=False, floatfmt=".3f") if rows else "(none)"
 
 
 def to_markdown(result: dict, top: int = 10) -> str:

@@ -28,6 +28,7 @@ from attacks.rewrite import replace_first_word
 from datamodules.examples import Example
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
+from core.distributed import shards_parameters
 from core.errors import UserError
 from core.text import first_word
 
@@ -223,8 +224,12 @@ class ForgetRetainDataModule(SafetyDataModule):
                                    num_workers=self.cfg.num_workers)
 
     def forget_dataloader(self) -> DataLoader:
-        """This rank's shard of the forget set in order, as training batches with `keys`."""
+        """This rank's shard of the forget set in order, as training batches with `keys`. Under
+        sharded weights (FSDP, ZeRO-3) every forward is a collective, so short shards are topped up
+        with a repeat of row 0 (its NLL is the same value again) and all ranks run as many batches."""
         rank, world = self._rank()
-        return DataLoader(self.forget, batch_size=self.cfg.batch_size,
-                          sampler=ShardSampler(len(self.forget), rank, world),
+        pad = self.trainer is not None and shards_parameters(self.trainer.strategy)
+        rows = self.forget + [self.forget[0]] if pad else self.forget
+        return DataLoader(rows, batch_size=self.cfg.batch_size,
+                          sampler=ShardSampler(len(self.forget), rank, world, pad=pad),
                           collate_fn=KeyedCollator(self.collator(train=True)), num_workers=self.cfg.num_workers)

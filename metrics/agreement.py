@@ -119,13 +119,12 @@ def compare_presets(path: str, preset_a: str, preset_b: str, by: Optional[str]) 
 def to_markdown(report: dict) -> str:
     a, b = report["raters"]
     lines = [f"# Judge agreement on '{report['field']}'", "", f"- A: {a}", f"- B: {b}",
-             f"- unmatched generations: {report['only_a']} only in A, {report['only_b']} only in B", "",
-             "| group | n | agreement | Cohen's kappa | confusion (A/B: count) |", "|---|---:|---:|---:|---|"]
-    for r in report["results"]:
-        kappa = "undefined" if math.isnan(r["kappa"]) else f"{r['kappa']:.3f}"
-        confusion = ", ".join(f"{k}: {v}" for k, v in r["confusion"].items())
-        lines.append(f"| {r['group']} | {r['n']} | {r['agreement']:.3f} | {kappa} | {confusion} |")
-    return "\n".join(lines)
+             f"- unmatched generations: {report['only_a']} only in A, {report['only_b']} only in B", ""]
+    table = pd.DataFrame([{"group": r["group"], "n": r["n"], "agreement": f"{r['agreement']:.3f}",
+                           "Cohen's kappa": "undefined" if math.isnan(r["kappa"]) else f"{r['kappa']:.3f}",
+                           "confusion (A/B: count)": ", ".join(f"{k}: {v}" for k, v in r["confusion"].items())}
+                          for r in report["results"]])
+    return "\n".join(lines) + "\n" + table.to_markdown(index=False)
 
 
 @cli_main
