@@ -22,6 +22,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from datamodules.examples import EVAL_SETS
 from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
+from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from metrics.judges import answer_correct, get_judge
@@ -39,7 +40,7 @@ class TrainingDiverged(UserError):
 class MethodParams:
     """Hyperparameters every method has. Subclasses add their own fields."""
 
-    retain_weight: float = 1.0  # λ: weight of CE on retain data (the "LLaVA loss"), where a method has it
+    retain_weight: float = setting(1.0, "λ: weight of CE on retain data (the LLaVA loss), where a method has it", ge=0)
 
 
 class AlignmentModule(L.LightningModule):
@@ -70,13 +71,9 @@ class AlignmentModule(L.LightningModule):
 
     @classmethod
     def parse_params(cls, method_cfg):
+        """`method.*` (less `name`) as a checked `Params`: unknown keys, types, ranges, choices."""
         values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "name"}
-        known = {f.name for f in dataclasses.fields(cls.Params)}
-        for key in values:
-            if key not in known:
-                raise UserError(f"unknown config key 'method.{key}' for method '{cls.name}'; "
-                                f"known: {', '.join(sorted(known))}")
-        return cls.Params(**values)
+        return parse_section(values, cls.Params, "method")
 
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
