@@ -251,16 +251,12 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             cfg[key] = _compose(_group_file(key, value))
         else:
             dotlist.append(item)
-    parsed = []
     for item in dotlist:
         try:
-            parsed.append(OmegaConf.from_dotlist([item]))
-        except Exception as err:  # yaml.YAMLError, OmegaConf's own errors
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as err:  # yaml.YAMLError, OmegaConf's errors, a list merged onto a mapping
             raise UserError(f"invalid override '{item}': {str(err).splitlines()[0]}") from err
-    try:
-        return OmegaConf.merge(cfg, *parsed)
-    except OmegaConfBaseException as err:
-        raise UserError(f"invalid override: {str(err).splitlines()[0]}") from err
+    return cfg
 
 
 def _validate(cfg: DictConfig) -> DictConfig:
