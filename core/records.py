@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import codecs
 import json
+import warnings
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from core.errors import UserError
 
@@ -112,3 +115,29 @@ def strict_json(obj: Any, **kwargs) -> str:
         return value
 
     return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
+# -- images -----------------------------------------------------------------------------------------
+def _image_error(path, record_id, err: BaseException) -> UserError:
+    where = f"{path} (record id={record_id})"
+    if isinstance(err, FileNotFoundError):
+        return UserError(f"missing image {where}")
+    if isinstance(err, IsADirectoryError) or Path(path).is_dir():
+        return UserError(f"image {where} is a directory, not an image file")
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return UserError(f"image {where} is too large to decode safely: {str(err).splitlines()[0]}")
+    return UserError(f"corrupt image {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def read_image(path: str | Path, record_id: Any, header_only: bool = False):
+    """The image as RGB (or, with `header_only`, its size from the header: milliseconds per
+    thousand files). Missing, a directory, corrupt, truncated, or a decompression bomb (PIL's
+    pixel limit) is one line naming the file and the record."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge is refused, not slow
+            with Image.open(path) as img:
+                return img.size if header_only else img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # UnidentifiedImageError and truncated data are OSErrors; some plugins raise SyntaxError / ValueError.
+        raise _image_error(path, record_id, err) from err

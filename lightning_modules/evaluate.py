@@ -43,6 +43,7 @@ from models.backbone import build_backbone
 from lightning_modules.base import AlignmentModule, MethodParams
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from core.errors import UserError, cli_main
+from core.records import decode
 from core.schema import parse_section, setting
 from metrics.judges import get_judge
 from metrics.refusal import is_refusal, refusal_presets
@@ -206,7 +207,7 @@ def read_samples(path: Path) -> list[dict]:
         data = data[:data.rfind(b"\n") + 1]
         with open(path, "r+b") as fh:
             fh.truncate(len(data))
-    return parse_jsonl(path, data.decode("utf-8"))
+    return parse_jsonl(path, decode(path, data))
 
 
 def append_lines(path: Path, rows: list[dict]) -> None:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from datamodules.examples import parse_jsonl
+from core.records import read_jsonl
 from core.errors import UserError, cli_main
 from metrics.refusal import is_refusal, refusal_presets
 
@@ -38,7 +38,7 @@ def read_samples(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"samples file not found: {path}")
-    rows = parse_jsonl(path, path.read_text(encoding="utf-8"))
+    rows = read_jsonl(path, "samples file")
     if not rows:
         raise UserError(f"{path}: no samples")
     frame = pd.DataFrame(rows)
