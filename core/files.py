@@ -126,7 +126,8 @@ def build_once(final: str | Path, build: Callable[[Path], None], done: str) -> P
     if (final / done).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(final.with_name(f".{final.name}.lock")):
+    lock = final.with_name(f".{final.name}.lock")
+    with file_lock(lock):
         if (final / done).exists():  # built while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -139,5 +140,7 @@ def build_once(final: str | Path, build: Callable[[Path], None], done: str) -> P
             raise io_error("cache", final, err) from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        # Published: whoever takes the lock after this finds `final` (waiters too, on the old file).
+        lock.unlink(missing_ok=True)
     fsync_dir(final.parent)
     return final
