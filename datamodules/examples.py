@@ -8,12 +8,13 @@ items (what the exact judge and the utility metric need); real VLGuard has neith
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from core.errors import UserError
+from core.records import field as record_field
+from core.records import read_json_list
 
 EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
 
@@ -34,31 +35,7 @@ class Example:
 
 
 def load_json_list(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    if not data:
-        raise UserError(f"{path}: empty split (no records)")
-    return data
-
-
-def parse_jsonl(path: str | Path, text: str) -> list[dict]:
-    """The rows of a JSON-lines `text` read from `path` (blank lines skipped); a bad line is a
-    one-line error naming the file and line."""
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: line {n} is not valid JSON ({err.msg}); fix or delete the file") from err
-    return rows
+    return read_json_list(path)
 
 
 def _item(path: Path, i: int, rec: dict, key: str, j: int) -> dict:
@@ -80,13 +57,18 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
     path = Path(path)
     image_root = Path(image_dir) if image_dir else path.parent
     out: list[Example] = []
-    for i, rec in enumerate(load_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         if not isinstance(rec, dict) or "id" not in rec or "safe" not in rec:
             raise UserError(f"{path}: record {i} is missing 'id' or 'safe'")
-        image = str(image_root / rec["image"]) if rec.get("image") else None
-        common = dict(id=str(rec["id"]), image=image, category=rec.get("harmful_category"),
-                      shot=int(rec.get("shot", 0)), extra={"world": rec["world"]} if "world" in rec else {})
-        keys = [("instruction", 0, False, "unsafes")] if not rec["safe"] else [
+        rid = record_field(path, i, rec, "id", (str, int))
+        safe = record_field(path, i, rec, "safe", bool)
+        image_name = record_field(path, i, rec, "image", str, default=None)
+        image = str(image_root / image_name) if image_name else None
+        common = dict(id=str(rid), image=image,
+                      category=record_field(path, i, rec, "harmful_category", str, default=None),
+                      shot=record_field(path, i, rec, "shot", int, default=0),
+                      extra={"world": rec["world"]} if "world" in rec else {})
+        keys = [("instruction", 0, False, "unsafes")] if not safe else [
             ("safe_instruction", 0, True, "safe_safes"), ("unsafe_instruction", 1, False, "safe_unsafes")]
         for key, j, safe, subset in keys:
             item = _item(path, i, rec, key, j)

@@ -30,6 +30,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.files import file_lock
+
 PALETTE = {"red": (220, 50, 50), "green": (50, 180, 70), "blue": (60, 90, 230), "yellow": (230, 210, 50),
            "orange": (240, 140, 40), "purple": (150, 70, 200), "cyan": (60, 200, 210), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
@@ -351,6 +353,16 @@ def build_world(cfg: WorldConfig, root: str | Path) -> Path:
     if (final / "world.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    lock = root / f".{final.name}.lock"
+    with file_lock(lock):  # a concurrent builder of this world waits, then reuses it
+        if (final / "world.json").is_file():
+            return final
+        _generate(cfg, root, final)
+        lock.unlink(missing_ok=True)  # published: whoever comes later finds the world itself
+    return final
+
+
+def _generate(cfg: WorldConfig, root: Path, final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         (tmp / "images").mkdir()
@@ -365,13 +377,9 @@ def build_world(cfg: WorldConfig, root: str | Path) -> Path:
             "instruction_format": "{cue}: {phrase}{'?' if cue is a question word else '.'}",
             "intents": {k: list(v) for k, v in INTENTS.items()}, "object_refs": list(OBJECT_REFS),
             "refusals": list(REFUSALS), "classes": table, "splits": stats})
-        if final.exists():  # a dir without world.json is debris from outside this builder
+        if final.exists():  # a dir without world.json is debris (builders hold the lock)
             shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "world.json").is_file():  # not lost to a concurrent builder: a real error
-                raise
+        os.rename(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from datamodules.examples import EVAL_SETS
 from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
+from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from metrics.classify import classify, sample_row
@@ -40,7 +41,7 @@ class TrainingDiverged(UserError):
 class MethodParams:
     """Hyperparameters every method has. Subclasses add their own fields."""
 
-    retain_weight: float = 1.0  # λ: weight of CE on retain data (the "LLaVA loss"), where a method has it
+    retain_weight: float = setting(1.0, "λ: weight of CE on retain data (the LLaVA loss), where a method has it", ge=0)
 
 
 class AlignmentModule(L.LightningModule):
@@ -67,17 +68,15 @@ class AlignmentModule(L.LightningModule):
         self.test_results: dict[str, dict[str, float]] = {}
         self.generations: list[dict] = []
         self._samples: dict[str, list[str]] = {}
-        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True), ignore=["model", "processor"])
+        # The run config as hparams (its `model` section included: an `ignore=["model"]` here would drop
+        # that key, and a resume could not compare model settings); the nn.Modules are not init-arg hparams.
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
 
     @classmethod
     def parse_params(cls, method_cfg):
+        """`method.*` (less `name`) as a checked `Params`: unknown keys, types, ranges, choices."""
         values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "name"}
-        known = {f.name for f in dataclasses.fields(cls.Params)}
-        for key in values:
-            if key not in known:
-                raise UserError(f"unknown config key 'method.{key}' for method '{cls.name}'; "
-                                f"known: {', '.join(sorted(known))}")
-        return cls.Params(**values)
+        return parse_section(values, cls.Params, "method")
 
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
