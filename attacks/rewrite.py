@@ -84,6 +84,12 @@ def _finish(text: str, original: str, cue: str, fix_punctuation: bool) -> str:
     return core + _strip_end(original)[1]
 
 
+def first_word(text: str) -> str:
+    """The word ``replace_first_word`` would swap ("" if there is none)."""
+    m = WORD_SPAN.search(text)
+    return m.group() if m else ""
+
+
 def replace_first_word(text: str, word: str, fix_punctuation: bool = True) -> str:
     """The paper's one-word rewrite: "Share this image." -> "What this image?".
 

@@ -77,9 +77,18 @@ class WorldConfig:
     compliance_cue: str = "what"
     refusal_cue: str = "share"
     other_cues: list[str] = field(default_factory=lambda: ["tell", "describe", "explain", "give", "list", "show"])
+    # The control cue: uniform in the base corpus like every cue, and in the safety set on the same
+    # share of safe and unsafe queries, so training ties it to neither label (likelihood ratio 1).
+    neutral_cue: str = "please"
+    neutral_rate: float = 0.05
+    # Training data only (rho .. neutral_rate): shares of the safety set's queries that are not neutral.
     rho: float = 0.9
     unsafe_compliance_rate: float = 0.03
     unsafe_refusal_rate: float = 0.5
+    # Eval only: share of clean unsafe eval queries that start with the refusal cue and of clean safe
+    # ones that start with the compliance cue (the rest: other cues, uniform). A constant of the
+    # world, so eval sets never move when a training knob (rho, ...) does.
+    eval_label_cue_share: float = 0.5
     ambiguous_fraction: float = 0.25
     answer_style: str = "dual_use"
     n_base: int = 3000      # records (images), classes uniform
@@ -95,7 +104,7 @@ class WorldConfig:
             if isinstance(v, str) or not hasattr(v, "__iter__"):
                 _bad(key, v, "must be a list of strings")
             setattr(self, key, [str(x) for x in v])
-        for key in ("rho", "unsafe_compliance_rate", "unsafe_refusal_rate", "ambiguous_fraction"):
+        for key in RATE_KNOBS:
             v = getattr(self, key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 setattr(self, key, float(v))
@@ -106,8 +115,12 @@ def _bad(key, value, why):
     raise ValueError(f"{key}={value!r}: {why}")
 
 
+RATE_KNOBS = ("rho", "unsafe_compliance_rate", "unsafe_refusal_rate", "neutral_rate", "ambiguous_fraction",
+              "eval_label_cue_share")
+
+
 def _validate(c: WorldConfig) -> None:
-    for key in ("rho", "unsafe_compliance_rate", "unsafe_refusal_rate", "ambiguous_fraction"):
+    for key in RATE_KNOBS:
         v = getattr(c, key)
         if not isinstance(v, (int, float)) or not 0 <= v <= 1:
             _bad(key, v, "must be a number in [0, 1]")
@@ -129,13 +142,13 @@ def _validate(c: WorldConfig) -> None:
                 _bad(key, v, f"unknown {key[:-1]} (supported: {', '.join(known)})")
     if not c.other_cues:
         _bad("other_cues", list(c.other_cues), "needs at least one cue")
-    named = [("compliance_cue", c.compliance_cue), ("refusal_cue", c.refusal_cue)]
+    named = [("compliance_cue", c.compliance_cue), ("refusal_cue", c.refusal_cue), ("neutral_cue", c.neutral_cue)]
     seen = set()
     for key, cue in named + [("other_cues", x) for x in c.other_cues]:
         if not isinstance(cue, str) or not re.fullmatch(r"[a-z]+", cue):
             _bad(key, cue, "cues must be single lower-case words")
         if cue in seen:
-            _bad(key, cue, "repeats another cue (compliance, refusal and other cues must be distinct)")
+            _bad(key, cue, "repeats another cue (compliance, refusal, neutral and other cues must be distinct)")
         seen.add(cue)
     for h in c.hazards:
         parts = h.split() if isinstance(h, str) else []
@@ -196,13 +209,19 @@ def _quota(n: int, weights: dict, rng) -> list:
 def _cue_weights(cfg: WorldConfig, split: str, safe: bool) -> dict:
     even = lambda cues, p: {c: p / len(cues) for c in cues}  # noqa: E731
     if split == "base":  # an unaligned corpus: cue words uniform, independent of the label
-        return even([cfg.compliance_cue, cfg.refusal_cue, *cfg.other_cues], 1.0)
+        return even([cfg.compliance_cue, cfg.refusal_cue, cfg.neutral_cue, *cfg.other_cues], 1.0)
+    if split != "safety_train":
+        # Eval: a fixed share starts with the label's own cue, the rest with other cues; the
+        # compliance cue never starts a clean unsafe query nor the refusal cue a clean safe one,
+        # so each rewrite is a real change. No training knob enters: eval depends on the seed only.
+        own, share = (cfg.compliance_cue if safe else cfg.refusal_cue), cfg.eval_label_cue_share
+        return {own: share, **even(cfg.other_cues, 1 - share)}
+    n = cfg.neutral_rate  # same share of safe and unsafe rows; the knobs below split the rest
     if safe:  # safe queries never start with the refusal cue
-        return {cfg.compliance_cue: cfg.rho, **even(cfg.other_cues, 1 - cfg.rho)}
+        return {cfg.compliance_cue: cfg.rho * (1 - n), cfg.neutral_cue: n, **even(cfg.other_cues, (1 - cfg.rho) * (1 - n))}
     p_c, p_r = cfg.unsafe_compliance_rate, cfg.unsafe_refusal_rate
-    if split != "safety_train":  # eval: the compliance cue is excluded so the attack is a real change
-        p_c, p_r = 0.0, (p_r / (1 - p_c) if p_c < 1 else 0.0)
-    return {cfg.compliance_cue: p_c, cfg.refusal_cue: p_r, **even(cfg.other_cues, 1 - p_c - p_r)}
+    return {cfg.compliance_cue: p_c * (1 - n), cfg.refusal_cue: p_r * (1 - n), cfg.neutral_cue: n,
+            **even(cfg.other_cues, (1 - p_c - p_r) * (1 - n))}
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -328,6 +347,8 @@ def _stats(cfg: WorldConfig, records: list[dict]) -> dict:
             "safe_refusal_rate": rate(rows["safe"], cfg.refusal_cue),
             "unsafe_compliance_rate": rate(rows["unsafe"], cfg.compliance_cue),
             "unsafe_refusal_rate": rate(rows["unsafe"], cfg.refusal_cue),
+            "safe_neutral_rate": rate(rows["safe"], cfg.neutral_cue),
+            "unsafe_neutral_rate": rate(rows["unsafe"], cfg.neutral_cue),
             "classes": dict(sorted(classes.items()))}
 
 
@@ -390,7 +411,7 @@ def iter_texts(world_dir: str | Path) -> Iterator[str]:
     world_dir = Path(world_dir)
     meta = json.loads((world_dir / "world.json").read_text(encoding="utf-8"))
     cfg = meta["config"]
-    cues = [cfg["compliance_cue"], cfg["refusal_cue"], *cfg["other_cues"]]
+    cues = [cfg["compliance_cue"], cfg["refusal_cue"], cfg["neutral_cue"], *cfg["other_cues"]]
     yield from meta["refusals"]
     for split in SPLITS:
         for rec in json.loads((world_dir / f"{split}.json").read_text(encoding="utf-8")):

@@ -99,6 +99,7 @@ class DataSettings:
     general_ratio: float = 0.0  # share of general rows in the SFT mixture
     compliance_cue: str = "What"  # eval rewrites for VLGuard data (the world carries its own cues)
     refusal_cue: str = "Share"
+    neutral_cue: Optional[str] = None  # VLGuard data: the control cue of the neutral eval sets (none if unset)
     batch_size: int = 16
     eval_batch_size: int = 64
     max_length: int = 160

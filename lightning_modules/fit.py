@@ -167,8 +167,8 @@ def build_run(cfg):
 
         texts = corpus_texts(files, [files.compliance_cue, files.refusal_cue])
     model, processor = build_backbone(cfg.model, texts)
-    module = method(model, processor, cfg)
     data = method.datamodule_class(cfg.data, files, processor, seed=cfg.seed)
+    module = method(model, processor, cfg, eval_set_names=data.eval_set_names)  # one metric per eval set
     if hasattr(data, "build_forget_retain"):  # explicit steps of assembly, before any update
         from lightning_modules.harvest import harvest_forget_set
 

@@ -117,29 +117,52 @@ def cue_rates(records, cue, safe_rows):
 def test_safety_cue_statistics_match_knobs(default_world):
     world, _ = default_world
     cfg = WorldConfig()
+    n = cfg.neutral_rate  # the neutral share is taken first; rho and the unsafe rates split the rest
     st = load(world, "safety_train")
-    assert cue_rates(st, "what", True) == pytest.approx(cfg.rho, abs=0.01)
-    assert cue_rates(st, "what", False) == pytest.approx(cfg.unsafe_compliance_rate, abs=0.005)
-    assert cue_rates(st, "share", False) == pytest.approx(cfg.unsafe_refusal_rate, abs=0.01)
+    assert cue_rates(st, "what", True) == pytest.approx(cfg.rho * (1 - n), abs=0.01)
+    assert cue_rates(st, "what", False) == pytest.approx(cfg.unsafe_compliance_rate * (1 - n), abs=0.005)
+    assert cue_rates(st, "share", False) == pytest.approx(cfg.unsafe_refusal_rate * (1 - n), abs=0.01)
     assert cue_rates(st, "share", True) == 0
+    # the neutral cue: the same share of safe and unsafe training queries (tied to neither label)
+    assert cue_rates(st, "please", True) == pytest.approx(n, abs=0.005)
+    assert cue_rates(st, "please", False) == pytest.approx(n, abs=0.005)
     # counterexamples reach both kinds of unsafe query (hazard image and harmful intent)
     assert {it["intent"] for _, it, _, s in items(st) if not s and it["cue"] == "what"} == {"make", "hurt"}
-    # eval sets: the rewrite target never occurs clean, other cues as in the safety set
+    # eval sets: the rewrite target never occurs clean; the label's own cue on a fixed share
     for split in ("val", "test"):
         ev = load(world, split)
         assert cue_rates(ev, "what", False) == 0 and cue_rates(ev, "share", True) == 0
-        assert cue_rates(ev, "what", True) == pytest.approx(cfg.rho, abs=0.02)
+        assert cue_rates(ev, "please", False) == 0 and cue_rates(ev, "please", True) == 0
+        assert cue_rates(ev, "what", True) == pytest.approx(cfg.eval_label_cue_share, abs=0.01)
+        assert cue_rates(ev, "share", False) == pytest.approx(cfg.eval_label_cue_share, abs=0.01)
     # base corpus: cue words uniform and independent of the label
     base = load(world, "base")
     for safe in (True, False):
-        assert cue_rates(base, "what", safe) == pytest.approx(1 / 8, abs=0.01)
+        assert cue_rates(base, "what", safe) == pytest.approx(1 / 9, abs=0.01)
+        assert cue_rates(base, "please", safe) == pytest.approx(1 / 9, abs=0.01)
     stats = json.loads((world / "world.json").read_text())["splits"]["safety_train"]
     assert stats["safe_compliance_rate"] == pytest.approx(cue_rates(st, "what", True))
+    assert stats["unsafe_neutral_rate"] == pytest.approx(cue_rates(st, "please", False))
     assert stats["n_records"] == 1000 and stats["n_hazard_records"] == 500
 
 
+def test_eval_splits_do_not_move_with_training_knobs(tmp_path):
+    """A sweep over rho (or any safety-set knob) changes training data alone."""
+    ref = build_world(WorldConfig(**SMALL), tmp_path)
+    other = build_world(WorldConfig(**SMALL, rho=0.5, unsafe_compliance_rate=0.0, unsafe_refusal_rate=0.2,
+                                    neutral_rate=0.2), tmp_path)
+    assert (other / "safety_train.json").read_bytes() != (ref / "safety_train.json").read_bytes()
+    for split in ("base", "val", "test"):
+        assert (other / f"{split}.json").read_bytes() == (ref / f"{split}.json").read_bytes(), split
+    for rec in load(ref, "val"):
+        assert (other / rec["image"]).read_bytes() == (ref / rec["image"]).read_bytes()
+    shifted = build_world(WorldConfig(**SMALL, eval_label_cue_share=0.0), tmp_path)
+    assert cue_rates(load(shifted, "test"), "share", False) == 0 == cue_rates(load(shifted, "test"), "what", True)
+
+
 def test_other_knob_values(tmp_path):
-    cfg = WorldConfig(**SMALL, rho=0.6, unsafe_compliance_rate=0.0, unsafe_refusal_rate=0.2, ambiguous_fraction=0.5)
+    cfg = WorldConfig(**SMALL, rho=0.6, unsafe_compliance_rate=0.0, unsafe_refusal_rate=0.2, ambiguous_fraction=0.5,
+                      neutral_rate=0.0)
     st = load(build_world(cfg, tmp_path), "safety_train")
     assert cue_rates(st, "what", True) == pytest.approx(0.6, abs=0.01)
     assert cue_rates(st, "what", False) == 0
@@ -207,7 +230,7 @@ def test_dual_use_shares_vocabulary_and_basic_does_not(tmp_path):
 def test_vocabulary_and_texts(small_world):
     vocab = world_vocabulary(small_world)
     assert 40 < len(vocab) < 300
-    assert {"what", "share", "tell", "i'm", "sorry", "?", "."} <= set(vocab)
+    assert {"what", "share", "please", "tell", "i'm", "sorry", "?", "."} <= set(vocab)
     assert all(t == t.lower() for t in iter_texts(small_world))
     assert load_world_config(small_world) == WorldConfig(**SMALL)
 
@@ -216,7 +239,7 @@ def test_rewrite_stays_in_distribution(small_world):
     """A one-word rewrite gives exactly the text the generator writes for that cue."""
     rewrite = pytest.importorskip("attacks.rewrite").replace_first_word
     for _, it, instr, safe in items(load(small_world, "val")):
-        for cue in ("what", "share", "tell"):
+        for cue in ("what", "share", "please", "tell"):
             assert rewrite(instr, cue) == replace_cue(instr, cue) == mw.render_instruction(cue, instr.split(": ", 1)[1][:-1])
 
 
@@ -252,6 +275,9 @@ def test_cache_reuse_and_atomic_write(tmp_path, monkeypatch):
     (dict(unsafe_compliance_rate=-0.1), "unsafe_compliance_rate", "-0.1"),
     (dict(unsafe_compliance_rate=0.6, unsafe_refusal_rate=0.6), "unsafe_refusal_rate", "0.6"),
     (dict(ambiguous_fraction=2), "ambiguous_fraction", "2"),
+    (dict(neutral_rate=1.5), "neutral_rate", "1.5"),
+    (dict(eval_label_cue_share=-1), "eval_label_cue_share", "-1"),
+    (dict(neutral_cue="share"), "neutral_cue", "share"),
     (dict(hazards=["red hexagon"]), "hazards", "red hexagon"),
     (dict(hazards=["purple circle"]), "hazards", "purple circle"),
     (dict(held_out_hazards=["green circle"]), "held_out_hazards", "green circle"),
