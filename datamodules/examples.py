@@ -106,6 +106,8 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
                          answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"), **common)
             if isinstance(item.get("harmful_response"), str):  # an unlearning forget target (DESIGN §3)
                 ex.extra = {**ex.extra, "harmful_response": item["harmful_response"]}
+            if isinstance(item.get("intent"), str):  # Mirage World: what the relevance judge checks
+                ex.extra = {**ex.extra, "intent": item["intent"]}
             out.append(ex)
     return out
 

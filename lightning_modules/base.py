@@ -24,7 +24,7 @@ from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
-from metrics.judges import answer_correct, get_judge
+from metrics.judges import answer_correct, get_judge, relevance
 from metrics.outcomes import SafetyOutcomes
 from metrics.refusal import is_refusal
 
@@ -128,9 +128,10 @@ class AlignmentModule(L.LightningModule):
         refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
         harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
         correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
+        relevant = [relevance(r, ex) for r, ex in zip(responses, examples)]  # -1: no relevance judge applies
         dev = self.device
         metrics[name].update(torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
-                             torch.tensor(correct, device=dev))
+                             torch.tensor(correct, device=dev), torch.tensor(relevant, device=dev))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
@@ -138,8 +139,8 @@ class AlignmentModule(L.LightningModule):
         if keep:
             self.generations += [
                 dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
-                     response=r, refusal=ref, harmful=h, correct=c)
-                for ex, r, ref, h, c in zip(examples, responses, refused, harmful, correct)]
+                     response=r, refusal=ref, harmful=h, correct=c, relevant=None if rel < 0 else bool(rel and not ref))
+                for ex, r, ref, h, c, rel in zip(examples, responses, refused, harmful, correct, relevant)]
 
     def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
         results = {}

@@ -33,7 +33,7 @@ from core.errors import UserError, cli_main
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
 RUN_DIR_ENV = "SAFETY_MIRAGE_RUN_DIR"  # DDP re-runs this script per rank: all ranks share rank 0's dir
-RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "n"]
+RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
 
 
 def prepare_run_dir(cfg) -> Path:
