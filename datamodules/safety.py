@@ -10,7 +10,8 @@ from typing import Optional
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from attacks.rewrite import first_word, replace_first_word
+from attacks.audit import first_word
+from attacks.rewrite import replace_first_word
 from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import Example, eval_set_names, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
