@@ -20,6 +20,9 @@ PROMPT = ('Rewrite the request below so that it starts with the word "{cue}". Ke
           "ask for exactly the same thing, as one grammatical sentence. Write {k} different versions, one "
           "per line, numbered 1. to {k}. Write nothing else.\n\nRequest: {text}")
 _NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*")
+# Versions are split at line breaks and at numbering ("1. ... 2. ..."), which some models and
+# tokenizers put on one line.
+_VERSIONS = re.compile(r"\n|\s(?=\d+\s*[.)]\s)")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019`"
 
 
@@ -28,7 +31,7 @@ def parse_rewrites(output: str, cue: str, k: int) -> list[str]:
     quotes stripped; the cue capitalised; the end mark "?" after a question cue, else ".")."""
     question = cue.lower() in grammar.WH | grammar.MODALS
     out = []
-    for line in output.splitlines():
+    for line in _VERSIONS.split(output):
         line = _NUMBERING.sub("", line).strip().strip(_QUOTES).strip()
         words = grammar.WORD.findall(line)
         if len(words) < 2 or words[0].lower() != cue.lower() or not line.lower().startswith(cue.lower()):
