@@ -66,3 +66,7 @@ def test_metrics_are_computed_from_the_generations(finished_run):
         assert table.loc[name, "n"] == len(rows)
         assert table.loc[name, "refusal_rate"] == pytest.approx(rows["refusal"].mean())
         assert table.loc[name, "asr"] == pytest.approx((rows["harmful"] & ~rows["refusal"]).mean())
+        if name.startswith("unsafe"):  # the relevance judge: every unsafe world query is judged
+            assert table.loc[name, "relevant"] == pytest.approx(rows["relevant"].astype(bool).mean())
+        else:
+            assert pd.isna(table.loc[name, "relevant"]) and rows["relevant"].isna().all()

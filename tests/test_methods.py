@@ -166,7 +166,7 @@ def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache
     assert set(table.index) == {*unsafe_sets, *safe_sets}
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     val_tags = {t for t in events.Tags()["scalars"] if t.startswith("val/")}
-    expected = {f"val/{s}/{k}" for s in unsafe_sets for k in ("refusal_rate", "asr", "ir")}
+    expected = {f"val/{s}/{k}" for s in unsafe_sets for k in ("refusal_rate", "asr", "ir", "relevant")}
     expected |= {f"val/{s}/{k}" for s in safe_sets for k in ("refusal_rate", "asr", "ir", "accuracy")}
     gaps = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
     assert val_tags == expected | {f"val/{g}" for g in gaps}
