@@ -10,7 +10,7 @@ from typing import Optional
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from attacks.rewrite import replace_first_word
+from attacks.rewrite import KShotAttack, replace_first_word
 from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
@@ -30,6 +30,13 @@ class DataFiles:
     refusal_cue: str
     general: Optional[Path] = None  # general instruction data for the SFT mixture
     world_dir: Optional[Path] = None
+    retain: Optional[Path] = None  # the retain set's file, where the data provides one (prepared VLGuard)
+    forget_queries: Optional[Path] = None  # unsafe queries to harvest forget answers for (prepared VLGuard)
+
+
+# Eval sets are sampled and attacked with a fixed seed, not the run's: runs with different seeds
+# are compared on the same queries.
+EVAL_SEED = 0
 
 
 def resolve_data_files(data_cfg) -> DataFiles:
@@ -49,14 +56,23 @@ def resolve_data_files(data_cfg) -> DataFiles:
                          image_dir=world, compliance_cue=world_cfg.compliance_cue,
                          refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world)
     if data_cfg.kind == "vlguard":
-        for key in ("train_file", "val_file"):
-            if not data_cfg.get(key):
-                raise UserError(f"data.{key} must be set when data.kind=vlguard")
-        opt = lambda p: Path(p) if p else None  # noqa: E731
-        return DataFiles(train=Path(data_cfg.train_file), val=Path(data_cfg.val_file),
-                         test=opt(data_cfg.test_file), image_dir=opt(data_cfg.image_dir),
-                         compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
-                         general=opt(data_cfg.general_file))
+        prepared = {}
+        if data_cfg.get("root"):
+            from datamodules.vlguard import read_manifest
+
+            prepared = read_manifest(data_cfg.root)["files"]
+        path = lambda key, name=None: (Path(data_cfg[key]) if data_cfg.get(key)  # noqa: E731
+                                       else prepared.get(name) if name else None)
+        files = DataFiles(train=path("train_file", "train"), val=path("val_file", "val"),
+                          test=path("test_file", "test"), image_dir=path("image_dir"),
+                          compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
+                          general=path("general_file"), retain=prepared.get("retain"),
+                          forget_queries=prepared.get("forget_queries"))
+        for key in ("train", "val"):
+            if getattr(files, key) is None:
+                raise UserError(f"data.{key}_file must be set when data.kind=vlguard (or data.root=DIR, a directory "
+                                "written by `python -m datamodules.vlguard prepare`)")
+        return files
     raise UserError(f"unknown data.kind '{data_cfg.kind}'; choose one of: mirage_world, vlguard")
 
 
@@ -141,12 +157,33 @@ class SafetyDataModule(L.LightningDataModule):
             rows = rows + [general[rng.randrange(len(general))] for _ in range(n)]
         return rows
 
+    def attack_rewrites(self):
+        """`(text, id) -> K rewrites` for a K-shot attack (data.attack_shots > 1), else None (one-word swap)."""
+        k = int(self.cfg.get("attack_shots", 1))
+        if k < 1:
+            raise UserError(f"data.attack_shots must be >= 1, got {k}")
+        if k == 1:
+            return None
+        try:
+            attack = KShotAttack(self.files.compliance_cue, k=k, seed=EVAL_SEED)
+        except ValueError as err:
+            raise UserError(f"data.attack_shots={k}: {err}") from err
+
+        def rewrites(text: str, rid: str) -> list[str]:
+            try:
+                return attack.rewrites(text, rid)
+            except ValueError as err:
+                raise UserError(f"data.attack_shots={k}: {err}") from err
+
+        return rewrites
+
     def eval_split(self, path: Optional[Path]) -> dict[str, list[Example]]:
         if path is None:
             return {}
-        # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files).
+        # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files);
+        # K-shot: K template rewrites per unsafe query, the first of them that same swap.
         return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
-                         replace_first_word, self.cfg.max_eval_samples)
+                         replace_first_word, self.cfg.max_eval_samples, kshot=self.attack_rewrites(), seed=EVAL_SEED)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._train is None:

@@ -9,12 +9,14 @@ swap `datamodule_class`. Nothing here knows which method is running.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -24,11 +26,17 @@ from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
-from metrics.judges import answer_correct, get_judge
-from metrics.outcomes import SafetyOutcomes
+from lightning_modules.loggers import log_samples
+from metrics.judges import answer_correct, get_judge, separates_irrelevant
+from metrics.outcomes import QueryOutcomes
 from metrics.refusal import is_refusal
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
+
+
+def row_query(ex) -> int:
+    """A stable query index for a row that carries none (each row its own query)."""
+    return int(hashlib.sha1(f"{ex.id}|{ex.subset}|{ex.instruction}".encode()).hexdigest()[:15], 16)
 
 
 class TrainingDiverged(UserError):
@@ -58,14 +66,21 @@ class AlignmentModule(L.LightningModule):
             is_refusal("", cfg.eval.refusal_preset)  # fail now on an unknown preset, not after training
         except ValueError as err:
             raise UserError(f"eval.refusal_preset: {err}") from err
-        self.judge = get_judge(cfg.eval.judge)
+        # eval.judge=vlm asks eval.vlm_judge in the eval steps (loaded at first use); rule-based code
+        # paths (the forget-set harvest) then count every non-refusal, as keyword mode does.
+        self.judge = get_judge("keyword" if cfg.eval.judge == "vlm" else cfg.eval.judge)
+        self._vlm_judge = None
+        self.image_mode = cfg.data.image_mode
+        # The datamodule's eval sets (run assembly passes `datamodule.eval_set_names`).
         self.eval_set_names = tuple(eval_set_names)
         # One metric object per stage (lightning-hydra-template): val and test never share state.
-        self.val_metrics = nn.ModuleDict({n: SafetyOutcomes() for n in self.eval_set_names})
-        self.test_metrics = nn.ModuleDict({n: SafetyOutcomes() for n in self.eval_set_names})
+        # Per query: K-shot sets count a query once, exactly under DDP.
+        self.val_metrics = nn.ModuleDict({n: QueryOutcomes() for n in self.eval_set_names})
+        self.test_metrics = nn.ModuleDict({n: QueryOutcomes() for n in self.eval_set_names})
         self.test_results: dict[str, dict[str, float]] = {}
         self.generations: list[dict] = []
-        self._samples: dict[str, list[str]] = {}
+        self._samples: dict[str, list[dict]] = {}
+        self._warned_ir_missing = False
         self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True), ignore=["model", "processor"])
 
     @classmethod
@@ -119,6 +134,39 @@ class AlignmentModule(L.LightningModule):
         synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
         return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
+    def vlm_judge(self):
+        """The configured VLM judge, loaded once on this module's device (never a submodule: it is
+        neither trained nor saved)."""
+        if self._vlm_judge is None:
+            from metrics.vlm_judge import VLMJudge, get_protocol
+
+            js = self.eval_cfg.vlm_judge
+            get_protocol(js.protocol)
+            self._vlm_judge = VLMJudge.from_settings(
+                js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens, max_length=js.max_length,
+                image_mode=self.image_mode, use_prefilter=js.prefilter, cache_path=js.cache, device=self.device)
+        return self._vlm_judge
+
+    def judge_batch(self, examples: list, responses: list[str], refused: list[bool]) -> tuple[list[bool], list[bool]]:
+        """(harmful, undetermined) per answer; only non-refused answers to unsafe queries are judged.
+        `undetermined`: the judge cannot tell harmful from irrelevant there (IR is then missing)."""
+        asked = [i for i, (ex, ref) in enumerate(zip(examples, refused)) if not ex.safe and not ref]
+        harmful = [False] * len(examples)
+        if self.eval_cfg.judge == "vlm":
+            from metrics.vlm_judge import RELEVANT, JudgeItem
+
+            protocol = self.eval_cfg.vlm_judge.protocol
+            verdicts = self.vlm_judge()([JudgeItem(examples[i].instruction, responses[i], examples[i].image, protocol)
+                                         for i in asked]) if asked else []
+            for i, v in zip(asked, verdicts):
+                harmful[i] = v.verdict == RELEVANT
+            return harmful, [False] * len(examples)
+        for i in asked:
+            harmful[i] = bool(self.judge(responses[i], examples[i]))
+        undetermined = [i in asked and not separates_irrelevant(self.eval_cfg.judge, examples[i])
+                        for i in range(len(examples))]
+        return harmful, undetermined
+
     def _eval_step(self, batch: dict, dataloader_idx: int, metrics: nn.ModuleDict, keep: bool) -> None:
         name = self.eval_set_names[dataloader_idx]
         responses = self.generate(batch)
@@ -126,15 +174,19 @@ class AlignmentModule(L.LightningModule):
         real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
         responses, examples = [responses[i] for i in real], [examples[i] for i in real]
         refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
-        harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
+        harmful, undetermined = self.judge_batch(examples, responses, refused)
         correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
         dev = self.device
-        metrics[name].update(torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
-                             torch.tensor(correct, device=dev))
+        # A query's index within its set (its K rewrites share it); data without one: its own row.
+        query = [ex.extra["query"] if "query" in ex.extra else row_query(ex) for ex in examples]
+        metrics[name].update(torch.tensor(query, dtype=torch.long, device=dev),
+                             torch.tensor([ex.safe for ex in examples], device=dev),
+                             torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
+                             torch.tensor(correct, device=dev), torch.tensor(undetermined, device=dev))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
-                shown.append(f"**{ex.instruction}** → {r}")
+                shown.append({"prompt": ex.instruction, "response": r, "image": ex.image})
         if keep:
             self.generations += [
                 dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
@@ -144,12 +196,18 @@ class AlignmentModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
         results = {}
         for name in self.eval_set_names:
-            values = metrics[name].compute()  # synced across ranks (summed counts)
+            values = metrics[name].compute()  # synced across ranks (rows gathered, grouped per query)
             metrics[name].reset()
             results[name] = {k: float(v) for k, v in values.items()}
             for key, value in values.items():
-                if key != "n":
+                if key != "n" and not torch.isnan(value):  # a missing rate is not logged (never as 0)
                     self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False, rank_zero_only=True)
+        missing = [n for n, r in results.items() if math.isnan(r.get("ir", 0.0))]
+        if missing and not self._warned_ir_missing:
+            self._warned_ir_missing = True
+            rank_zero_warn(f"IR is missing (NaN) on {', '.join(missing)}: eval.judge={self.eval_cfg.judge} cannot tell "
+                           "a harmful answer from an irrelevant one on records without harmful_keywords (real "
+                           "VLGuard), so ASR counts every non-refused answer; set eval.judge=vlm to measure IR")
         gaps = {}
         if {"unsafe_clean", "unsafe_attacked"} <= results.keys():
             gaps["mirage_gap"] = results["unsafe_attacked"]["asr"] - results["unsafe_clean"]["asr"]
@@ -162,10 +220,8 @@ class AlignmentModule(L.LightningModule):
         return results
 
     def _log_samples(self, stage: str) -> None:
-        writer = getattr(self.logger, "experiment", None)
-        if self.global_rank == 0 and hasattr(writer, "add_text"):
-            for name, lines in self._samples.items():
-                writer.add_text(f"{stage}_samples/{name}", "  \n".join(lines), self.global_step)
+        if self.global_rank == 0 and self._trainer is not None:
+            log_samples(self.loggers, stage, self._samples, self.global_step)
         self._samples = {}
 
     def on_train_start(self) -> None:

@@ -29,7 +29,7 @@ from core.errors import UserError
 from models.tiny import TinyConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim")
+GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim", "logger")
 
 
 @dataclass
@@ -88,6 +88,9 @@ class ForgetRetainSettings:
 @dataclass
 class DataSettings:
     kind: str = "mirage_world"  # mirage_world | vlguard
+    # kind=vlguard: a directory written by `python -m datamodules.vlguard prepare`; it supplies the
+    # train/val/test files, the images and the retain file (keys set explicitly still win).
+    root: Optional[str] = None
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig knobs
     world_root: str = "${paths.cache}/worlds"
     train_file: Optional[str] = None  # VLGuard-format JSON (kind=vlguard)
@@ -102,7 +105,8 @@ class DataSettings:
     batch_size: int = 16
     eval_batch_size: int = 64
     max_length: int = 160
-    max_eval_samples: Optional[int] = None  # per eval set
+    max_eval_samples: Optional[int] = None  # queries per eval set, stratified by subset, category, image source
+    attack_shots: int = 1  # K rewrites per unsafe query in unsafe_attacked (attacked if any succeeds)
     num_workers: int = 0
     forget_retain: ForgetRetainSettings = field(default_factory=ForgetRetainSettings)
 
@@ -117,10 +121,27 @@ class OptimSettings:
 
 
 @dataclass
+class VLMJudgeSettings:
+    """The VLM judge of harmful compliance in validation / test (eval.judge=vlm; metrics/vlm_judge.py)."""
+
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(
+        name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"))
+    protocol: str = "official_3shot"  # official_clean | official_3shot
+    prefilter: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = 200
+    max_length: int = 4096
+    cache: Optional[str] = "${run_dir}/judge_cache.jsonl"
+
+
+@dataclass
 class EvalSettings:
     max_new_tokens: int = 24
     refusal_preset: str = "vlguard"
-    judge: str = "reference"  # reference: harmful_keywords of the record (exact world judge) | keyword
+    # reference: the record's harmful_keywords (exact world judge) | keyword: every non-refusal |
+    # vlm: eval.vlm_judge. Without harmful_keywords (real VLGuard) only vlm measures IR.
+    judge: str = "reference"
+    vlm_judge: VLMJudgeSettings = field(default_factory=VLMJudgeSettings)
     log_samples: int = 3
     val_at_start: bool = True  # a step-0 point on every curve
     test_at_end: bool = True
@@ -155,6 +176,9 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     trainer: dict[str, Any] = field(default_factory=dict)  # keyword arguments of lightning.Trainer
+    # Experiment loggers, `<kind>: {keyword arguments}` with kind tensorboard | csv | wandb
+    # (configs/logger/*.yaml; empty: TensorBoard). trainer.logger=false turns logging off.
+    logger: dict[str, Any] = field(default_factory=dict)
     # The evaluate command's settings, validated by lightning_modules.evaluate.EvaluateSettings.
     evaluate: dict[str, Any] = field(default_factory=dict)
     # The compare command's settings, validated by lightning_modules.compare.CompareSettings.

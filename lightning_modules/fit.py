@@ -20,7 +20,6 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
@@ -29,6 +28,7 @@ from models.backbone import build_backbone
 from lightning_modules.base import get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed
 from lightning_modules.config import config_cli, to_yaml
+from lightning_modules.loggers import build_loggers, log_hparams_summary as log_to_loggers
 from core.errors import UserError, cli_main
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
@@ -60,17 +60,18 @@ def prepare_run_dir(cfg) -> Path:
 
 def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     """The Trainer for a run; `module` lets a strategy inspect the model (FSDP's wrap policy)."""
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = build_loggers(cfg, run_dir)  # configs/logger/*; False when trainer.logger=false
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                                  save_top_k=cfg.checkpoint.save_top_k,
                                  every_n_train_steps=cfg.checkpoint.every_n_train_steps)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.pop("logger", None)
     kwargs.setdefault("default_root_dir", str(run_dir))
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None))
     # Our samplers shard data themselves (eval without padding): Lightning must not replace them.
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
-    callbacks = [checkpoint, LearningRateMonitor("step"), PerBatchSeed(cfg.seed)]
+    callbacks = [checkpoint, PerBatchSeed(cfg.seed)] + ([LearningRateMonitor("step")] if logger else [])
     try:
         return L.Trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
     except (ValueError, TypeError, MisconfigurationException) as err:
@@ -92,8 +93,8 @@ def scale_hparams(cfg, trainer: L.Trainer) -> dict:
 def log_hparams_summary(trainer: L.Trainer, module, scale: dict) -> None:
     """TensorBoard's HParams view: the config + scale against the final val/test metrics."""
     metrics = {f"hp/{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
-    if trainer.logger is not None and metrics:
-        trainer.logger.log_hyperparams({**module.hparams, "scale": scale}, metrics=metrics)
+    if metrics:
+        log_to_loggers(trainer.loggers, {**module.hparams, "scale": scale}, metrics)
 
 
 def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -105,7 +106,9 @@ def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
 def write_results(run_dir: Path, module) -> pd.DataFrame:
     table = results_table(module.test_results)
     table.to_csv(run_dir / "results.csv")
-    (run_dir / "results.json").write_text(json.dumps(module.test_results, indent=1))
+    missing_as_null = {name: {k: None if v != v else v for k, v in row.items()}  # NaN (IR not measured) -> null
+                       for name, row in module.test_results.items()}
+    (run_dir / "results.json").write_text(json.dumps(missing_as_null, indent=1))
     with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as fh:
         for row in module.generations:
             fh.write(json.dumps(row) + "\n")
@@ -167,8 +170,8 @@ def build_run(cfg):
 
         texts = corpus_texts(files, [files.compliance_cue, files.refusal_cue])
     model, processor = build_backbone(cfg.model, texts)
-    module = method(model, processor, cfg)
     data = method.datamodule_class(cfg.data, files, processor, seed=cfg.seed)
+    module = method(model, processor, cfg, eval_set_names=data.eval_set_names)  # the data names its eval sets
     if hasattr(data, "build_forget_retain"):  # explicit steps of assembly, before any update
         from lightning_modules.harvest import harvest_forget_set
 
@@ -200,8 +203,8 @@ def _run(cfg) -> pd.DataFrame | None:
     if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     scale = scale_hparams(cfg, trainer)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams({"scale": scale})
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"scale": scale})
     if trainer.global_rank == 0:
         print(f"effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']} per device "
               f"x {scale['accumulate_grad_batches']} accumulated x {scale['world_size']} process(es)")
