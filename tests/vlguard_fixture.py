@@ -100,7 +100,7 @@ def write_vlguard_raw(root: Path, n_train: int = 40, n_test: int = 12, image_siz
     """A folder laid out as `python -m datamodules.vlguard fetch` leaves it: train.json, test.json and
     the unzipped train/<source>/... and test/<source>/... images. Records alternate safe / unsafe.
     The first `missing` training images are deleted and the next `corrupt` ones truncated;
-    `duplicate_id` gives the last training record the id of the first (VLGuard's train.json has one)."""
+    `duplicate_id` gives the last training record the id of the first intact one (VLGuard's train.json has one)."""
     root = Path(root)
     names = list(COLORS)
     start = 0
@@ -122,6 +122,6 @@ def write_vlguard_raw(root: Path, n_train: int = 40, n_test: int = 12, image_siz
                 path = root / split / rec["image"]
                 path.write_bytes(path.read_bytes()[:40])  # a PNG cut short
             if duplicate_id:
-                records[-1]["id"] = records[0]["id"]
+                records[-1]["id"] = records[missing + corrupt]["id"]
         (root / f"{split}.json").write_text(json.dumps(records, indent=1))
     return root
