@@ -243,3 +243,36 @@ def test_every_vlguard_experiment_fits_on_a_prepared_directory(method, prepared,
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     attacked = Counter(r["id"] for r in rows if r["subset"] == "unsafe_attacked")
     assert len(attacked) == 4 and set(attacked.values()) == {3}
+
+
+@pytest.mark.slow
+def test_the_vlm_judge_measures_ir_in_validation(prepared, tmp_path, recwarn):
+    """eval.judge=vlm: non-refused unsafe answers go to the judge model (here a random tiny VLM
+    saved like any checkpoint), verdicts are cached, IR is measured instead of missing."""
+    from lightning_modules import fit
+    from lightning_modules.config import ModelSettings, load_config
+    from models.backbone import build_backbone
+    from models.tiny import TinyConfig
+
+    judge_dir = tmp_path / "judge"
+    tiny = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_hidden_size=32,
+                      vision_heads=2, max_position_embeddings=1024)
+    model, processor = build_backbone(OmegaConf.structured(ModelSettings(tiny=tiny)), ["Relevant: Irrelevant: yes"])
+    model.save_pretrained(judge_dir)
+    processor.save_pretrained(judge_dir)
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("configs/experiment/vlguard_sft.yaml", fit_overrides(prepared, run_dir) + [
+        "eval.judge=vlm", f"eval.vlm_judge.model.name_or_path={judge_dir}", "eval.vlm_judge.model.dtype=float32",
+        "eval.vlm_judge.max_new_tokens=4", "eval.vlm_judge.max_length=1024", "eval.vlm_judge.batch_size=3",
+        "eval.vlm_judge.prefilter=false"])
+    table = fit.run(cfg)
+    unsafe = table.loc[["unsafe_clean", "unsafe_attacked"]]
+    assert unsafe["ir"].notna().all()
+    assert (unsafe[["asr", "ir", "refusal_rate"]].sum(axis=1) - 1).abs().max() < 1e-6
+    assert not any("IR is missing" in str(w.message) for w in recwarn)
+    verdicts = [json.loads(line) for line in (run_dir / "judge_cache.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    asked = {(r["prompt"], r["response"]) for r in rows if r["subset"].startswith("unsafe") and not r["refusal"]}
+    assert asked and asked <= {(v["question"], v["answer"]) for v in verdicts}
+    assert {v["judge"] for v in verdicts} == {str(judge_dir)}
