@@ -276,3 +276,19 @@ def test_the_vlm_judge_measures_ir_in_validation(prepared, tmp_path, recwarn):
     asked = {(r["prompt"], r["response"]) for r in rows if r["subset"].startswith("unsafe") and not r["refusal"]}
     assert asked and asked <= {(v["question"], v["answer"]) for v in verdicts}
     assert {v["judge"] for v in verdicts} == {str(judge_dir)}
+
+
+def test_query_outcomes_merged_from_shards_equal_one_process():
+    """Rows of one query split over ranks (strided like ShardSampler) and merged with the metric's own
+    reductions (what the DDP sync applies) give the one-process numbers; a rank may see nothing."""
+    rows = [dict(query=q, safe=False, refusal=(q + shot) % 3 == 0, harmful=(q * shot) % 4 == 1, correct=-1,
+                 undetermined=False) for q in range(9) for shot in range(3)]
+    whole = QueryOutcomes()
+    _update(whole, rows)
+    shards = [QueryOutcomes() for _ in range(4)]
+    for rank, metric in enumerate(shards[:3]):  # rank 3 gets no rows
+        _update(metric, rows[rank::3])
+    merged = shards[0]
+    for other in shards[1:]:
+        merged.merge_state(other)
+    assert {k: float(v) for k, v in merged.compute().items()} == {k: float(v) for k, v in whole.compute().items()}
