@@ -69,6 +69,10 @@ class AlignmentModule(L.LightningModule):
         # eval.judge=vlm asks eval.vlm_judge in the eval steps (loaded at first use); rule-based code
         # paths (the forget-set harvest) then count every non-refusal, as keyword mode does.
         self.judge = get_judge("keyword" if cfg.eval.judge == "vlm" else cfg.eval.judge)
+        if cfg.eval.judge == "vlm":
+            from metrics.vlm_judge import get_protocol
+
+            get_protocol(cfg.eval.vlm_judge.protocol)  # an unknown protocol fails now, not at the first validation
         self._vlm_judge = None
         self.image_mode = cfg.data.image_mode
         # The datamodule's eval sets (run assembly passes `datamodule.eval_set_names`).
@@ -138,10 +142,9 @@ class AlignmentModule(L.LightningModule):
         """The configured VLM judge, loaded once on this module's device (never a submodule: it is
         neither trained nor saved)."""
         if self._vlm_judge is None:
-            from metrics.vlm_judge import VLMJudge, get_protocol
+            from metrics.vlm_judge import VLMJudge
 
             js = self.eval_cfg.vlm_judge
-            get_protocol(js.protocol)
             self._vlm_judge = VLMJudge.from_settings(
                 js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens, max_length=js.max_length,
                 image_mode=self.image_mode, use_prefilter=js.prefilter, cache_path=js.cache, device=self.device)
