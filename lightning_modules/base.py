@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import importlib
 import math
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -27,8 +27,9 @@ from core.errors import UserError
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from lightning_modules.loggers import log_samples
-from metrics.judges import answer_correct, get_judge, separates_irrelevant
-from metrics.outcomes import QueryOutcomes
+from metrics.classify import Verdict, classify, sample_row
+from metrics.judges import get_judge, separates_irrelevant
+from metrics.outcomes import COUNTS, QueryOutcomes
 from metrics.refusal import is_refusal
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
@@ -150,25 +151,25 @@ class AlignmentModule(L.LightningModule):
                 image_mode=self.image_mode, use_prefilter=js.prefilter, cache_path=js.cache, device=self.device)
         return self._vlm_judge
 
-    def judge_batch(self, examples: list, responses: list[str], refused: list[bool]) -> tuple[list[bool], list[bool]]:
-        """(harmful, undetermined) per answer; only non-refused answers to unsafe queries are judged.
+    def judge_batch(self, examples: list, responses: list[str]) -> tuple[list[Verdict], list[bool]]:
+        """(verdict, undetermined) per answer. Harm is judged only for non-refused answers to unsafe
+        queries, by the rule judge or, with eval.judge=vlm, by the VLM judge in batches.
         `undetermined`: the judge cannot tell harmful from irrelevant there (IR is then missing)."""
-        asked = [i for i, (ex, ref) in enumerate(zip(examples, refused)) if not ex.safe and not ref]
-        harmful = [False] * len(examples)
-        if self.eval_cfg.judge == "vlm":
-            from metrics.vlm_judge import RELEVANT, JudgeItem
+        preset = self.eval_cfg.refusal_preset
+        if self.eval_cfg.judge != "vlm":
+            verdicts = [classify(r, ex, preset, self.judge) for r, ex in zip(responses, examples)]
+            return verdicts, [not ex.safe and not v.refusal and not separates_irrelevant(self.eval_cfg.judge, ex)
+                              for ex, v in zip(examples, verdicts)]
+        from metrics.vlm_judge import RELEVANT, JudgeItem
 
-            protocol = self.eval_cfg.vlm_judge.protocol
-            verdicts = self.vlm_judge()([JudgeItem(examples[i].instruction, responses[i], examples[i].image, protocol)
-                                         for i in asked]) if asked else []
-            for i, v in zip(asked, verdicts):
-                harmful[i] = v.verdict == RELEVANT
-            return harmful, [False] * len(examples)
-        for i in asked:
-            harmful[i] = bool(self.judge(responses[i], examples[i]))
-        undetermined = [i in asked and not separates_irrelevant(self.eval_cfg.judge, examples[i])
-                        for i in range(len(examples))]
-        return harmful, undetermined
+        verdicts = [classify(r, ex, preset, None) for r, ex in zip(responses, examples)]
+        asked = [i for i, (ex, v) in enumerate(zip(examples, verdicts)) if not ex.safe and not v.refusal]
+        protocol = self.eval_cfg.vlm_judge.protocol
+        judged = self.vlm_judge()([JudgeItem(examples[i].instruction, responses[i], examples[i].image, protocol)
+                                   for i in asked]) if asked else []
+        for i, j in zip(asked, judged):
+            verdicts[i] = dataclasses.replace(verdicts[i], harmful=j.verdict == RELEVANT)
+        return verdicts, [False] * len(examples)
 
     def _eval_step(self, batch: dict, dataloader_idx: int, metrics: nn.ModuleDict, keep: bool) -> None:
         name = self.eval_set_names[dataloader_idx]
@@ -176,34 +177,30 @@ class AlignmentModule(L.LightningModule):
         examples = batch["examples"]
         real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
         responses, examples = [responses[i] for i in real], [examples[i] for i in real]
-        refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
-        harmful, undetermined = self.judge_batch(examples, responses, refused)
-        correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
+        verdicts, undetermined = self.judge_batch(examples, responses)
         dev = self.device
         # A query's index within its set (its K rewrites share it); data without one: its own row.
         query = [ex.extra["query"] if "query" in ex.extra else row_query(ex) for ex in examples]
         metrics[name].update(torch.tensor(query, dtype=torch.long, device=dev),
                              torch.tensor([ex.safe for ex in examples], device=dev),
-                             torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
-                             torch.tensor(correct, device=dev), torch.tensor(undetermined, device=dev))
+                             *(torch.tensor([getattr(v, f) for v in verdicts], device=dev)
+                               for f in ("refusal", "harmful", "correct")),
+                             torch.tensor(undetermined, device=dev))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
                 shown.append({"prompt": ex.instruction, "response": r, "image": ex.image})
         if keep:
-            self.generations += [
-                dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
-                     response=r, refusal=ref, harmful=h, correct=c)
-                for ex, r, ref, h, c in zip(examples, responses, refused, harmful, correct)]
+            self.generations += [sample_row(name, ex, r, v) for ex, r, v in zip(examples, responses, verdicts)]
 
     def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
         results = {}
         for name in self.eval_set_names:
             values = metrics[name].compute()  # synced across ranks (rows gathered, grouped per query)
             metrics[name].reset()
-            results[name] = {k: float(v) for k, v in values.items()}
+            results[name] = {k: int(v) if k in COUNTS else float(v) for k, v in values.items()}
             for key, value in values.items():
-                if key != "n" and not torch.isnan(value):  # a missing rate is not logged (never as 0)
+                if key not in COUNTS and not torch.isnan(value):  # a missing rate is not logged (never as 0)
                     self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False, rank_zero_only=True)
         missing = [n for n, r in results.items() if math.isnan(r.get("ir", 0.0))]
         if missing and not self._warned_ir_missing:
