@@ -181,7 +181,7 @@ class SafetyDataModule(L.LightningDataModule):
         if path is None:
             return {}
         # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files);
-        # K-shot: K template rewrites per unsafe query, the first of them that same swap.
+        # K-shot: K distinct rewrites per unsafe query from the attack generator (its default mode).
         return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
                          replace_first_word, self.cfg.max_eval_samples, kshot=self.attack_rewrites(), seed=EVAL_SEED)
 
