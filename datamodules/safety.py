@@ -61,8 +61,11 @@ def resolve_data_files(data_cfg) -> DataFiles:
             from datamodules.vlguard import read_manifest
 
             prepared = read_manifest(data_cfg.root)["files"]
-        path = lambda key, name=None: (Path(data_cfg[key]) if data_cfg.get(key)  # noqa: E731
-                                       else prepared.get(name) if name else None)
+
+        def path(key: str, prepared_name: Optional[str] = None) -> Optional[Path]:
+            """data.<key> if set, else the prepared directory's file of that name."""
+            return Path(data_cfg[key]) if data_cfg.get(key) else prepared.get(prepared_name)
+
         files = DataFiles(train=path("train_file", "train"), val=path("val_file", "val"),
                           test=path("test_file", "test"), image_dir=path("image_dir"),
                           compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
