@@ -8,9 +8,10 @@ items (what the exact judge and the utility metric need); real VLGuard has neith
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from core.errors import UserError
 from core.records import field as record_field
@@ -94,30 +95,66 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
     return out
 
 
+def stratified_sample(examples: list[Example], n: Optional[int], seed: int,
+                      key: Callable[[Example], Hashable]) -> list[Example]:
+    """At most `n` examples, each stratum (`key`) represented in proportion to its size (largest
+    remainder), drawn with a seeded generator; the chosen rows keep their file order."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    strata: dict[Hashable, list[int]] = {}
+    for i, ex in enumerate(examples):
+        strata.setdefault(key(ex), []).append(i)
+    order = sorted(strata, key=str)
+    quota = {k: n * len(strata[k]) / len(examples) for k in order}
+    count = {k: int(quota[k]) for k in order}
+    for k in sorted(order, key=lambda k: count[k] - quota[k])[: n - sum(count.values())]:
+        count[k] += 1  # the largest remainders get the rows left over (stable sort: ties by key)
+    rng = random.Random(seed)
+    chosen = sorted(i for k in order for i in rng.sample(strata[k], count[k]))
+    return [examples[i] for i in chosen]
+
+
+def eval_stratum(ex: Example) -> tuple:
+    """Stratum of an eval query: VLGuard subset, harmful category and image source (the image's folder)."""
+    return ex.subset, ex.category or "", Path(ex.image).parent.name if ex.image else ""
+
+
 def eval_sets(examples: list[Example], compliance_cue: str, refusal_cue: str,
-              rewrite: Callable[[str, str], str], max_samples: int | None = None,
-              neutral_cue: str | None = None,
-              first_word: Callable[[str], str] | None = None) -> dict[str, list[Example]]:
+              rewrite: Callable[[str, str], str], max_samples: int | None = None, *,
+              neutral_cue: str | None = None, first_word: Callable[[str], str] | None = None,
+              kshot: Optional[Callable[[str, str], list[str]]] = None, seed: int = 0) -> dict[str, list[Example]]:
     """The named eval sets (`eval_set_names(neutral_cue)`): unsafe / safe queries, clean and with
     their first word rewritten.
 
     `unsafe_attacked` is the one-word attack (first word -> compliance cue); `safe_rewritten` the
-    over-prudence probe (first word -> refusal cue). With a `neutral_cue`: `unsafe_neutral` /
-    `safe_neutral` put the neutral cue first (what any first-word swap does, the control), and
-    `unsafe_cue_removed` swaps it in only where a query starts with the refusal cue (`first_word`
-    decides), so removing the refusal cue is measured apart from adding the compliance cue.
+    over-prudence probe (first word -> refusal cue). With `kshot(text, id) -> [K rewrites]` the attack
+    is K-shot: K rows per query (shot 1..K), counted as one query that is attacked if any row is.
+    With a `neutral_cue`: `unsafe_neutral` / `safe_neutral` put the neutral cue first (what any
+    first-word swap does, the control), and `unsafe_cue_removed` swaps it in only where a query starts
+    with the refusal cue (`first_word` decides), so removing the refusal cue is measured apart from
+    adding the compliance cue. At most `max_samples` queries per set, stratified by `eval_stratum` and
+    seeded. Every row carries its query's index in `extra["query"]` (what the per-query metric groups by).
     """
-    unsafe = [e for e in examples if not e.safe][:max_samples]
-    safe = [e for e in examples if e.safe][:max_samples]
+    unsafe = stratified_sample([e for e in examples if not e.safe], max_samples, seed, eval_stratum)
+    safe = stratified_sample([e for e in examples if e.safe], max_samples, seed, eval_stratum)
+
+    def row(e: Example, i: int, subset: str, instruction: Optional[str] = None, shot: Optional[int] = None):
+        return replace(e, subset=subset, instruction=e.instruction if instruction is None else instruction,
+                       shot=e.shot if shot is None else shot, extra={**e.extra, "query": i})
 
     def rewritten(name: str, rows: list[Example], cue: str, when=lambda text: True) -> list[Example]:
-        return [replace(e, subset=name, instruction=rewrite(e.instruction, cue) if when(e.instruction) else e.instruction)
-                for e in rows]
+        return [row(e, i, name, rewrite(e.instruction, cue) if when(e.instruction) else e.instruction)
+                for i, e in enumerate(rows)]
 
+    if kshot is None:
+        attacked = rewritten("unsafe_attacked", unsafe, compliance_cue)
+    else:
+        attacked = [row(e, i, "unsafe_attacked", text, k) for i, e in enumerate(unsafe)
+                    for k, text in enumerate(kshot(e.instruction, e.id), 1)]
     sets = {
-        "unsafe_clean": [replace(e, subset="unsafe_clean") for e in unsafe],
-        "unsafe_attacked": rewritten("unsafe_attacked", unsafe, compliance_cue),
-        "safe_clean": [replace(e, subset="safe_clean") for e in safe],
+        "unsafe_clean": [row(e, i, "unsafe_clean") for i, e in enumerate(unsafe)],
+        "unsafe_attacked": attacked,
+        "safe_clean": [row(e, i, "safe_clean") for i, e in enumerate(safe)],
         "safe_rewritten": rewritten("safe_rewritten", safe, refusal_cue),
     }
     if neutral_cue:

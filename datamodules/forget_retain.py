@@ -150,6 +150,8 @@ class ForgetRetainDataModule(SafetyDataModule):
     def forget_candidates(self) -> list[Example]:
         """The unsafe rows whose responses are forgotten (or, for a harvest, whose queries are asked)."""
         path = Path(self.fr.forget_file) if self.fr.forget_file else self.files.train
+        if not self.fr.forget_file and self.fr.forget_source == "harvest" and self.files.forget_queries:
+            path = self.files.forget_queries  # a prepared VLGuard directory's unsafe training queries
         rows = [ex for ex in self.examples(path) if not ex.safe]
         if not rows:
             raise UserError(f"{path}: no unsafe rows to forget")
@@ -168,6 +170,10 @@ class ForgetRetainDataModule(SafetyDataModule):
             rows, self.harvest_report = harvest(rows)
             return rows
         if self.fr.forget_file:  # a forget file's unsafe rows carry the harmful responses themselves
+            empty = next((ex for ex in rows if not ex.response.strip()), None)
+            if empty is not None:
+                raise UserError(f"{self.fr.forget_file}: unsafe record id={empty.id} has no response to forget "
+                                "(a prepared VLGuard forget_queries.json); set data.forget_retain.forget_source=harvest")
             return rows
         missing = next((ex for ex in rows if "harmful_response" not in ex.extra), None)
         if missing is not None:
@@ -177,7 +183,7 @@ class ForgetRetainDataModule(SafetyDataModule):
         return [replace(ex, response=ex.extra["harmful_response"]) for ex in rows]
 
     def retain_examples(self) -> list[Example]:
-        path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.train
+        path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.retain or self.files.train
         rows = [ex for ex in self.examples(path) if ex.safe]
         if not rows:
             raise UserError(f"{path}: no safe rows to retain")

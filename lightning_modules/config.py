@@ -32,7 +32,7 @@ from core.schema import check_value, config_error, field_docs, parse_section, re
 from models.tiny import TinyConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim")
+GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim", "logger")
 
 
 def _refusal_presets():
@@ -109,6 +109,8 @@ class ForgetRetainSettings:
 @dataclass
 class DataSettings:
     kind: str = setting("mirage_world", "where the data comes from", choices=("mirage_world", "vlguard"))
+    root: Optional[str] = setting(None, "kind=vlguard: a directory written by `python -m datamodules.vlguard "
+                                  "prepare` (train/val/test, images, retain file; keys set explicitly win)")
     world: dict[str, Any] = setting(doc="Mirage World knobs (datamodules.mirage_world.WorldConfig)", factory=dict)
     world_root: str = setting("${paths.cache}/worlds", "where generated worlds are cached")
     train_file: Optional[str] = setting(None, "VLGuard-format JSON (kind=vlguard)")
@@ -125,7 +127,9 @@ class DataSettings:
     batch_size: int = setting(16, "training batch size per device", ge=1)
     eval_batch_size: int = setting(64, "generation batch size per device", ge=1)
     max_length: int = setting(160, "longest tokenized example; longer ones are an error", ge=1)
-    max_eval_samples: Optional[int] = setting(None, "records per eval set (null: all)", ge=1)
+    max_eval_samples: Optional[int] = setting(None, "queries per eval set, stratified by subset, category and "
+                                              "image source (null: all)", ge=1)
+    attack_shots: int = setting(1, "K rewrites per unsafe query in unsafe_attacked (attacked if any succeeds)", ge=1)
     num_workers: int = setting(0, "DataLoader worker processes", ge=0)
     forget_retain: ForgetRetainSettings = setting(doc="unlearning data", factory=ForgetRetainSettings)
 
@@ -140,11 +144,27 @@ class OptimSettings:
 
 
 @dataclass
+class VLMJudgeSettings:
+    """The VLM judge of harmful compliance in validation / test (eval.judge=vlm; metrics/vlm_judge.py)."""
+
+    model: ModelSettings = setting(doc="the judge model", factory=lambda: ModelSettings(
+        name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"))
+    protocol: str = setting("official_3shot", "judge prompt protocol", choices=("official_clean", "official_3shot"))
+    prefilter: bool = setting(True, "the protocol's rule-based 'irrelevant' words, before asking the model")
+    batch_size: int = setting(8, "judge batch size", ge=1)
+    max_new_tokens: int = setting(200, "tokens the judge may write", ge=1)
+    max_length: int = setting(4096, "longest judge prompt", ge=1)
+    cache: Optional[str] = setting("${run_dir}/judge_cache.jsonl", "verdict cache (JSON lines)")
+
+
+@dataclass
 class EvalSettings:
     max_new_tokens: int = setting(24, "tokens generated per answer", ge=1)
     refusal_preset: str = setting("vlguard", "refusal keyword list", choices=_refusal_presets)
-    judge: str = setting("reference", "reference: the record's harmful_keywords | keyword: every non-refusal",
+    judge: str = setting("reference", "reference: the record's harmful_keywords | keyword: every non-refusal | "
+                         "vlm: eval.vlm_judge (without harmful_keywords, as on real VLGuard, only vlm measures IR)",
                          choices=_judges)
+    vlm_judge: VLMJudgeSettings = setting(doc="the VLM judge (eval.judge=vlm)", factory=VLMJudgeSettings)
     log_samples: int = setting(3, "sample answers logged to TensorBoard per eval set", ge=0)
     val_at_start: bool = setting(True, "a step-0 point on every curve")
     test_at_end: bool = setting(True, "test after training and write results")
@@ -181,6 +201,9 @@ class RunConfig:
     eval: EvalSettings = setting(doc="evaluation", factory=EvalSettings)
     checkpoint: CheckpointSettings = setting(doc="checkpoints", factory=CheckpointSettings)
     trainer: dict[str, Any] = setting(doc="keyword arguments of lightning.Trainer", factory=dict)
+    logger: dict[str, Any] = setting(doc="experiment loggers, `<kind>: {kwargs}` with kind tensorboard | csv | wandb "
+                                     "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
+                                     factory=dict)
     evaluate: dict[str, Any] = setting(doc="the evaluate command (lightning_modules.evaluate.EvaluateSettings)",
                                        factory=dict)
     compare: dict[str, Any] = setting(doc="the compare command (lightning_modules.compare.CompareSettings)",

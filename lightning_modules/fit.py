@@ -20,7 +20,6 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
@@ -29,6 +28,7 @@ from models.backbone import build_backbone
 from lightning_modules.base import TrainingDiverged, get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed, saved_step
 from lightning_modules.config import config_cli, to_yaml
+from lightning_modules.loggers import build_loggers, log_hparams_summary as log_to_loggers
 from core.errors import UserError, cli_main
 from core.files import DirectoryLock, atomic_write, io_error
 from core.records import strict_json
@@ -85,17 +85,18 @@ def release_run_dir(run_dir: Path | None = None) -> None:
 
 def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     """The Trainer for a run; `module` lets a strategy inspect the model (FSDP's wrap policy)."""
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = build_loggers(cfg, run_dir)  # configs/logger/*; False when trainer.logger=false
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                                  save_top_k=cfg.checkpoint.save_top_k,
                                  every_n_train_steps=cfg.checkpoint.every_n_train_steps)
     kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.pop("logger", None)
     kwargs.setdefault("default_root_dir", str(run_dir))
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None))
     # Our samplers shard data themselves (eval without padding): Lightning must not replace them.
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
-    callbacks = [checkpoint, LearningRateMonitor("step"), PerBatchSeed(cfg.seed)]
+    callbacks = [checkpoint, PerBatchSeed(cfg.seed)] + ([LearningRateMonitor("step")] if logger else [])
     try:
         return L.Trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
     except (ValueError, TypeError, MisconfigurationException) as err:
@@ -117,8 +118,8 @@ def scale_hparams(cfg, trainer: L.Trainer) -> dict:
 def log_hparams_summary(trainer: L.Trainer, module, scale: dict) -> None:
     """TensorBoard's HParams view: the config + scale against the final val/test metrics."""
     metrics = {f"hp/{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
-    if trainer.logger is not None and metrics:
-        trainer.logger.log_hyperparams({**module.hparams, "scale": scale}, metrics=metrics)
+    if metrics:
+        log_to_loggers(trainer.loggers, {**module.hparams, "scale": scale}, metrics)
 
 
 def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -355,8 +356,8 @@ def _run(cfg) -> pd.DataFrame | None:
     if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     scale = scale_hparams(cfg, trainer)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams({"scale": scale})
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"scale": scale})
     if trainer.global_rank == 0:
         print(f"effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']} per device "
               f"x {scale['accumulate_grad_batches']} accumulated x {scale['world_size']} process(es)")

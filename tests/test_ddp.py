@@ -160,4 +160,4 @@ def test_sharded_eval_runs_equal_batches_and_counts_no_padding(tmp_path):
     module.eval()
     for batch in loaders[0]:
         module._eval_step(batch, 0, module.val_metrics, keep=False)
-    assert int(module.val_metrics["unsafe_clean"].total) == 2  # rows 2 and 5 of 7; the padding row is not counted
+    assert int(module.val_metrics["unsafe_clean"].compute()["n"]) == 2  # rows 2 and 5 of 7; the padding row is not counted
