@@ -44,7 +44,9 @@ class LoraSettings:
 
 @dataclass
 class ModelSettings:
-    name_or_path: str = "tiny"  # "tiny" = built from `tiny`; else a Hugging Face id or local path
+    # "tiny" (the Mirage World's LLaVA) or a toy family (tiny-llava, tiny-llava-next, tiny-qwen2-vl,
+    # tiny-qwen2.5-vl), built from `tiny` with random weights; else a Hugging Face id or local path
+    name_or_path: str = "tiny"
     revision: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     trust_remote_code: bool = False
@@ -55,6 +57,11 @@ class ModelSettings:
     adapter_path: Optional[str] = None  # a saved LoRA adapter to start from
     lora: LoraSettings = field(default_factory=LoraSettings)
     tiny: TinyConfig = field(default_factory=TinyConfig)
+    # The token that closes an assistant turn: labelled once after every response and a stop token of
+    # generation. Default: the tokenizer's EOS (</s> for LLaVA, <|im_end|> for the Qwen-VL instruct models).
+    end_token: Optional[str] = None
+    # RMU's layer ℓ for this model when method.layer=auto (default: round(7/32 x the number of layers)).
+    rmu_layer: Optional[int] = None
 
 
 @dataclass
@@ -135,6 +142,15 @@ class CheckpointSettings:
 
 
 @dataclass
+class ExportSettings:
+    """What `fit` writes to <run_dir>/model: the weights (a LoRA adapter, or the full model), the
+    processor, and a model card (README.md) with the method, data, hyperparameters and test metrics."""
+
+    merge_lora: bool = False  # LoRA: model/ holds the merged full model, the adapter goes to adapter/
+    model_card: bool = True
+
+
+@dataclass
 class PathSettings:
     cache: str = ".cache/safety-mirage"
 
@@ -154,6 +170,7 @@ class RunConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     trainer: dict[str, Any] = field(default_factory=dict)  # keyword arguments of lightning.Trainer
     # The evaluate command's settings, validated by lightning_modules.evaluate.EvaluateSettings.
     evaluate: dict[str, Any] = field(default_factory=dict)

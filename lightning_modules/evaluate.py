@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.collate import VLMCollator, check_images
 from datamodules.examples import Example, parse_jsonl, vlguard_examples
-from models.backbone import build_backbone
+from models.backbone import build_backbone, is_built_from_config
 from lightning_modules.base import AlignmentModule, MethodParams
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from core.errors import UserError, cli_main
@@ -233,7 +233,7 @@ def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
     fp = dict(model=m.name_or_path, revision=m.revision, dtype=m.dtype, checkpoint=settings.checkpoint,
               adapter_path=m.adapter_path if m.finetune == "lora" else None, image_mode=cfg.data.image_mode,
               max_new_tokens=int(cfg.eval.max_new_tokens), system_prompt=settings.system_prompt)
-    if m.name_or_path == "tiny":  # a fresh random model: its seed and tokenizer texts define it
+    if is_built_from_config(m.name_or_path):  # a fresh random model: its seed and tokenizer texts define it
         fp.update(seed=cfg.seed, tiny=OmegaConf.to_container(m.tiny, resolve=True), max_samples=settings.max_samples,
                   files=[[f.path, list(f.subsets)] for f in settings.files])
     return fp
@@ -302,7 +302,7 @@ def load_fit_checkpoint(model, path: str) -> None:
 
 def build_generator(cfg, settings: EvaluateSettings, examples: list[Example]) -> EvalGenerator:
     texts = None
-    if cfg.model.name_or_path == "tiny":  # a word-level tokenizer over every evaluated text
+    if is_built_from_config(cfg.model.name_or_path):  # a tokenizer trained on every evaluated text
         texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
     model, processor = build_backbone(cfg.model, texts)
     if settings.checkpoint:

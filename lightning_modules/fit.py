@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from datamodules.safety import resolve_data_files
-from models.backbone import build_backbone
+from models.backbone import build_backbone, is_built_from_config
 from lightning_modules.base import get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed
 from lightning_modules.config import config_cli, to_yaml
@@ -162,7 +162,7 @@ def build_run(cfg):
 
         cfg.model.name_or_path = str(ensure_tiny_base(cfg, files))
     texts = None
-    if cfg.model.name_or_path == "tiny":
+    if is_built_from_config(cfg.model.name_or_path):
         from lightning_modules.pretrain import corpus_texts
 
         texts = corpus_texts(files, [files.compliance_cue, files.refusal_cue])
