@@ -28,6 +28,7 @@ from datamodules.safety import resolve_data_files
 from models.backbone import build_backbone, is_built_from_config
 from lightning_modules.base import get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed
+from lightning_modules.export import finish_export, save_model
 from lightning_modules.config import config_cli, to_yaml
 from core.errors import UserError, cli_main
 from lightning_modules.strategies import build_strategy, gathered_model_weights
@@ -211,18 +212,19 @@ def _run(cfg) -> pd.DataFrame | None:
     if ckpt_path is not None and trainer.global_rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
-    if trainer.global_rank == 0:
-        target = run_dir / "model"
-        module.model.save_pretrained(target, state_dict=weights)
-        module.processor.save_pretrained(target)
+    if trainer.global_rank == 0:  # saved before the test: a failed test never loses the weights
+        save_model(module, cfg, run_dir, weights)
     if not cfg.eval.test_at_end:
         log_hparams_summary(trainer, module, scale)
+        if trainer.global_rank == 0:
+            finish_export(module, cfg, run_dir, None, sharded=weights is not None)
         return None
     trainer.test(module, data, verbose=False)
     log_hparams_summary(trainer, module, scale)
     if trainer.global_rank != 0:
         return None
     table = write_results(run_dir, module)
+    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
     print(f"\nresults on the test split ({run_dir}/results.csv):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     return table
