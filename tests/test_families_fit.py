@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lightning_modules import fit
+from lightning_modules import evaluate, fit
 from lightning_modules.export import base_model_reference
 from vlguard_fixture import write_vlguard
 from test_bad_inputs import REPO, TIMEOUT_S, cli_env
@@ -53,6 +53,17 @@ def test_family_fits_sft_npo_rmu_and_evaluates(family, vlguard_dir, tmp_path):
         assert config["model_type"] == expected
         card = (run_dir / "model" / "README.md").read_text()
         assert f": {method} on tiny-{family}" in card and "unsafe_attacked" in card
+    # the evaluate command on the exported SFT model, loaded back through the Auto classes
+    eval_config = tmp_path / "evaluate.yaml"
+    eval_config.write_text(json.dumps({
+        "defaults": ["trainer/cpu"], "name": "eval", "run_dir": str(tmp_path / "eval"),
+        "model": {"name_or_path": str(tmp_path / "sft" / "model")},
+        "data": {"kind": "vlguard", "eval_batch_size": 4, "max_length": 256}, "eval": {"max_new_tokens": 4},
+        "evaluate": {"files": [{"name": "clean", "path": vlguard_dir["data.test_file"]}], "bootstrap": 0,
+                     "judge": {"name": "keyword"}, "gaps": None}}))
+    evaluate.main(["--config", str(eval_config)])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["subset"] for r in rows} == {"unsafes", "safe_unsafes", "safe_safes"}
 
 
 RELOAD = """
