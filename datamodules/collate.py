@@ -119,8 +119,9 @@ class VLMCollator:
         prompt_lens = prompt_batch["attention_mask"].sum(1)
         pad_lens = (1 - batch["attention_mask"]).sum(1)
         for i, ex in enumerate(examples):  # the prompt must tokenize the same alone and with its response
-            n, pad, prompt_pad = int(prompt_lens[i]), int(pad_lens[i]), prompt_batch["input_ids"].shape[1] - int(prompt_lens[i])
-            if not torch.equal(batch["input_ids"][i, pad:pad + n], prompt_batch["input_ids"][i, prompt_pad:]):
+            n, pad = int(prompt_lens[i]), int(pad_lens[i])
+            prompt_ids = prompt_batch["input_ids"][i, prompt_batch["input_ids"].shape[1] - n:]
+            if not torch.equal(batch["input_ids"][i, pad:pad + n], prompt_ids):
                 raise UserError(f"record id={ex.id}: the tokenizer merges the end of the prompt with the response, "
                                 "so the prompt/response boundary is not a token boundary")
         labels = batch["input_ids"].clone()

@@ -37,7 +37,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    # A regex on the language model only: a plain ["q_proj", "v_proj"] also adapts CLIP (DESIGN §7).
+    # A regex on the language model only: a plain ["q_proj", "v_proj"] also adapts CLIP.
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     modules_to_save: list[str] = field(default_factory=list)
 

@@ -76,7 +76,8 @@ def _yaml(node) -> str:
 
 def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool) -> str:
     """README.md of the exported model: what it is, how it was made, what it scored, how to load it."""
-    base = base_model_reference(cfg.model.name_or_path) or f"{cfg.model.name_or_path} (built from config, random weights)"
+    base = (base_model_reference(cfg.model.name_or_path)
+            or f"{cfg.model.name_or_path} (built from config, random weights)")
     method = cfg.method.name
     if lora and not merged:
         load = ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor\n"

@@ -1,4 +1,4 @@
-"""Representation misdirection for unlearning (RMU, DESIGN §2):
+"""Representation misdirection for unlearning (RMU):
 
     L = mse(h_ℓ^θ(x_f), c·u) + α·mse(h_ℓ^θ(x_r), h_ℓ^ref(x_r)) + λ·CE(D_r)
 
@@ -12,7 +12,7 @@ official VLM code) train, plus the projector (`train_projector`, as the official
 round(7/32 x the number of decoder layers) -- the official ℓ = 7 (layers 5-7) on LLaVA-1.5-7B's 32 layers,
 9 on 13B's 40, 6 on Qwen2-VL-2B's 28, 1 on the 3-layer Mirage World model (its tuned value).
 
-Cost (DESIGN §6): the forget term and the reference retain activations only need `h_ℓ`, so those
+Cost: the forget term and the reference retain activations only need `h_ℓ`, so those
 forwards stop after layer ℓ (a hook raises `StopForward`); the policy's retain activation is
 captured from the same full forward that computes CE(D_r) (truncated as well when λ = 0). The
 reference is the model with its adapter disabled (LoRA) or with the initial values of the few

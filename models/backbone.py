@@ -133,7 +133,8 @@ def build_backbone(model_cfg, tiny_texts: Optional[Iterable[str]] = None):
         model, processor = build_toy(name, model_cfg.tiny, tiny_texts)
     else:
         if not Path(name).exists() and "/" not in name:
-            raise UserError(f"model.name_or_path='{name}' is neither a toy model ({', '.join(['tiny', *TOY_FAMILIES])}), "
+            toys = ", ".join(["tiny", *TOY_FAMILIES])
+            raise UserError(f"model.name_or_path='{name}' is neither a toy model ({toys}), "
                             "a local directory nor a Hugging Face id")
         model, processor = load_pretrained(model_cfg)
     set_end_of_turn(model, processor, model_cfg.get("end_token"))

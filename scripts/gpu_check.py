@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             (Path(tmp) / "eval").mkdir()
             prompts = synthetic_examples(Path(tmp) / "eval", args.eval_samples, shape["vision"]["image_size"], 0,
                                          seed=1)
-            generation = [measure_generation(model, processor, prompts, args.eval_batch_size, args.max_new_tokens, device),
+            generation = [measure_generation(model, processor, prompts, args.eval_batch_size, args.max_new_tokens,
+                                             device),
                           measure_generation(model, processor, prompts[:args.eval_single], 1, args.max_new_tokens,
                                              device)]
 

@@ -178,3 +178,22 @@ def test_lora_and_freezing_touch_the_language_model_only(name):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("multi_modal_projector" in n or "visual.merger" in n for n in trainable)
     assert not any(("vision_tower" in n or "visual.blocks" in n or "patch_embed" in n) for n in trainable)
+
+
+def test_end_token_setting_is_checked_and_becomes_the_stop_token():
+    from core.errors import UserError
+
+    model, processor = toy("qwen2-vl", **{"model.end_token": "<|endoftext|>"})  # e.g. a base model's EOS
+    assert processor.tokenizer.eos_token == "<|endoftext|>"
+    assert processor.tokenizer.convert_tokens_to_ids("<|endoftext|>") == model.generation_config.eos_token_id[0]
+    with pytest.raises(UserError, match="model.end_token='<eot>' is not a token of this tokenizer"):
+        toy("llava", **{"model.end_token": "<eot>"})
+
+
+def test_a_template_that_rewrites_the_response_is_refused(images):
+    from core.errors import UserError
+
+    _, processor = build_toy("tiny-llava", CFG, TEXTS)
+    processor.chat_template = processor.chat_template.replace("content['text'] + ' '", "content['text'].upper()")
+    with pytest.raises(UserError, match="record id=a: the chat template does not render"):
+        VLMCollator(processor, max_length=512, train=True)([Example("a", images[0], QUESTION, ANSWER, safe=True)])

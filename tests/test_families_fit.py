@@ -17,7 +17,7 @@ from lightning_modules.export import base_model_reference
 from vlguard_fixture import write_vlguard
 from test_bad_inputs import REPO, TIMEOUT_S, cli_env
 
-FAMILIES = ("llava", "llava-next", "qwen2-vl")
+FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 EVAL_SETS = ["unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten"]
 
 
@@ -49,7 +49,8 @@ def test_family_fits_sft_npo_rmu_and_evaluates(family, vlguard_dir, tmp_path):
         samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         assert len(samples) == 12 and all(isinstance(s["response"], str) for s in samples)
         config = json.loads((run_dir / "model" / "config.json").read_text())
-        expected = {"llava": "llava", "llava-next": "llava_next", "qwen2-vl": "qwen2_vl"}[family]
+        expected = {"llava": "llava", "llava-next": "llava_next", "qwen2-vl": "qwen2_vl",
+                    "qwen2.5-vl": "qwen2_5_vl"}[family]
         assert config["model_type"] == expected
         card = (run_dir / "model" / "README.md").read_text()
         assert f": {method} on tiny-{family}" in card and "unsafe_attacked" in card
