@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.examples import Example
@@ -84,6 +85,13 @@ class VLMCollator:
             kwargs["images"] = [img for img in images if img is not None]
         return self.processor(**kwargs)
 
+    def _render(self, messages: list[dict], ex: Example, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except TemplateError as err:  # e.g. a system prompt for a template without a system role
+            raise UserError(f"record id={ex.id}: the model's chat template refuses the conversation: {err}") from err
+
     def _training_text(self, prompt: str, full: str, ex: Example) -> str:
         """The prompt, the response as the template places it, and one end-of-turn token.
 
@@ -101,17 +109,16 @@ class VLMCollator:
 
     def __call__(self, examples: list[Example]) -> dict:
         images = [load_image(ex, self.image_mode) for ex in examples]
-        prompts = [self.processor.apply_chat_template(_messages(ex.instruction, None, img is not None,
-                                                                self.system_prompt),
-                                                      add_generation_prompt=True, tokenize=False)
+        prompts = [self._render(_messages(ex.instruction, None, img is not None, self.system_prompt), ex,
+                                add_generation_prompt=True)
                    for ex, img in zip(examples, images)]
         if not self.train:
             batch = self._encode(prompts, images)
             self._check_length(batch, examples)
             batch["examples"] = examples
             return batch
-        fulls = [self._training_text(prompt, self.processor.apply_chat_template(
-                     _messages(ex.instruction, ex.response, img is not None, self.system_prompt), tokenize=False), ex)
+        fulls = [self._training_text(prompt, self._render(
+                     _messages(ex.instruction, ex.response, img is not None, self.system_prompt), ex), ex)
                  for ex, img, prompt in zip(examples, images, prompts)]
         batch = self._encode(fulls, images)
         self._check_length(batch, examples)

@@ -197,3 +197,12 @@ def test_a_template_that_rewrites_the_response_is_refused(images):
     processor.chat_template = processor.chat_template.replace("content['text'] + ' '", "content['text'].upper()")
     with pytest.raises(UserError, match="record id=a: the chat template does not render"):
         VLMCollator(processor, max_length=512, train=True)([Example("a", images[0], QUESTION, ANSWER, safe=True)])
+
+
+def test_a_system_prompt_the_template_refuses_is_one_line(images):
+    from core.errors import UserError
+
+    _, processor = build_toy("tiny-llava-next", CFG, TEXTS)  # the Mistral template has no system role
+    with pytest.raises(UserError, match="record id=a: the model's chat template refuses the conversation: Only user"):
+        VLMCollator(processor, 512, train=False, system_prompt="Be brief.")([Example("a", images[0], QUESTION, None,
+                                                                                     safe=True)])
