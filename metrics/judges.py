@@ -32,12 +32,3 @@ def get_judge(name: str) -> Callable[[str, Example], bool]:
     if name not in JUDGES:
         raise UserError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
     return JUDGES[name]
-
-
-def answer_correct(response: str, ex: Example) -> int:
-    """1 / 0 for benign queries with a reference answer, -1 where there is none."""
-    if not ex.safe or not ex.answer:
-        return -1
-    from datamodules.mirage_world import is_correct
-
-    return int(is_correct(response, ex.answer))

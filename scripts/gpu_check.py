@@ -12,8 +12,8 @@ on the LoRA parameters (model config: configs/model/llava-1.5-7b.yaml, r=128), w
 overhead. Tokens = every position of every sequence the step trains on, the 576 image tokens
 included (NPO: forget + retain batches; RMU: forget + retain). FLOPs are counted, not estimated:
 torch's FlopCounterMode over one step (matmuls and attention actually executed: LoRA's frozen
-weights get no weight gradient, RMU's forwards stop after layer ℓ, NPO's reference forward is
-counted). MFU = counted FLOPs per step / step time / the GPU's dense bf16 peak. With
+weights get no weight gradient, RMU's forwards stop after layer ℓ, NPO's reference forward (the
+adapter-disabled model, `method.reference=adapter`) is counted). MFU = counted FLOPs per step / step time / the GPU's dense bf16 peak. With
 --gradient-checkpointing the recomputed forwards are counted too (hardware FLOPs, HFU). RMU's ℓ is
 `method.layer=auto`: 7 (layers 5-7 trained) on the 32-layer shape.
 
@@ -104,6 +104,8 @@ def build_model(shape: dict, examples: list[Example], device: str, dtype: torch.
 
 def method_config(shape: dict, method: str, seed: int):
     overrides = list(shape["overrides"]) + [f"method={method}", f"seed={seed}"]
+    if method == "npo":  # the reference as a forward per step (adapter disabled), not NPO's precomputed NLL cache
+        overrides.append("method.reference=adapter")
     return load_config(CONFIG_ROOT.parent / "configs" / "demo.yaml", overrides)
 
 

@@ -18,15 +18,20 @@ from lightning_modules.ga import GAModule
 from lightning_modules.npo import NPOModule
 from losses import make_control_vector
 
-SMALL = ["data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
-         "base.vision_steps=5", "base.steps=10", "base.batch_size=8", "data.batch_size=4",
-         "data.eval_batch_size=16", "data.max_eval_samples=4", "eval.max_new_tokens=4",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+from conftest import SMALL
+
+# The shared small settings, with the demo's tiny sizes (3 decoder layers, hidden 96: RMU's layer
+# choices and control vector are checked against them) and a base trained a little longer.
+OVERRIDES = [*SMALL, "model.tiny.hidden_size=96", "model.tiny.num_layers=3", "model.tiny.num_heads=4",
+             "model.tiny.intermediate_size=256", "model.tiny.vision_hidden_size=64", "model.tiny.vision_heads=4",
+             "data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
+             "base.vision_steps=5", "base.steps=10", "data.batch_size=4", "data.max_eval_samples=4",
+             "eval.max_new_tokens=4"]
 UNLEARNING = ("ga", "graddiff", "npo", "simnpo", "rmu")
 
 
 def config(method: str, cache, *extra: str):
-    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *SMALL, *extra])
+    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +106,8 @@ def test_rmu_under_lora_trains_only_adapters_of_the_selected_layers(cache):
 
 def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
     expected = 2 / 0.1 * math.log(2)
-    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"]):
+    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"],
+                  ["model.finetune=lora", "method.reference=adapter"]):
         L.seed_everything(0)
         module, data = build_run(config("npo", cache, *extra))
         data.setup("fit")
@@ -112,6 +118,14 @@ def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
         with torch.no_grad():
             terms = module.loss_terms(batch)
         assert terms["npo"].item() == pytest.approx(expected, abs=1e-3), extra
+
+
+def test_npo_auto_reference_is_the_nll_cache_under_lora_too(cache):
+    # The cache costs ~1.0x an SFT step; the adapter-off reference ~1.2-1.4x (a second forward each step).
+    module, _ = build_run(config("npo", cache, "model.finetune=lora"))
+    assert module.reference_mode == "cache"
+    module, _ = build_run(config("npo", cache, "model.finetune=lora", "method.reference=adapter"))
+    assert module.reference_mode == "adapter"
 
 
 def test_npo_reference_cache_is_checkpointed_and_not_recomputed_on_resume(cache, tmp_path, monkeypatch,
@@ -145,7 +159,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
     monkeypatch.setattr(GAModule, "loss_terms", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *SMALL,
+        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *OVERRIDES,
                   f"run_dir={run_dir}", "checkpoint.every_n_train_steps=1", "trainer.max_steps=10",
                   "eval.val_at_start=false", "trainer.limit_val_batches=0"])
     assert exit_info.value.code == 2

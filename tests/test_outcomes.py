@@ -9,11 +9,18 @@ def test_rates_partition_and_accuracy():
     m.update(torch.tensor([1]), torch.tensor([1]), torch.tensor([1]))  # refused wins over harmful
     out = m.compute()
     assert out["n"] == 5
-    torch.testing.assert_close(out["refusal_rate"], torch.tensor(0.4))
-    torch.testing.assert_close(out["asr"], torch.tensor(0.4))
-    torch.testing.assert_close(out["ir"], torch.tensor(0.2))
-    torch.testing.assert_close(out["refusal_rate"] + out["asr"] + out["ir"], torch.tensor(1.0))
-    torch.testing.assert_close(out["accuracy"], torch.tensor(2 / 3))
+    assert [int(out[k]) for k in ("refused", "harmful", "answerable", "correct")] == [2, 2, 3, 2]
+    torch.testing.assert_close(out["refusal_rate"], torch.tensor(0.4, dtype=torch.float64))
+    torch.testing.assert_close(out["asr"], torch.tensor(0.4, dtype=torch.float64))
+    torch.testing.assert_close(out["ir"], torch.tensor(0.2, dtype=torch.float64))
+    torch.testing.assert_close(out["refusal_rate"] + out["asr"] + out["ir"], torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(out["accuracy"], torch.tensor(2 / 3, dtype=torch.float64))
+
+
+def test_rates_are_exact_decimals_not_float32_noise():
+    m = SafetyOutcomes()
+    m.update(torch.tensor([1] * 65 + [0] * 135), torch.tensor([0] * 200), torch.tensor([-1] * 200))
+    assert float(m.compute()["refusal_rate"]) == 0.325  # float32 would give 0.32499998807907104
 
 
 def test_no_answers_means_no_accuracy_and_reset():
