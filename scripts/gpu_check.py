@@ -13,8 +13,9 @@ overhead. Tokens = every position of every sequence the step trains on, the 576 
 included (NPO: forget + retain batches; RMU: forget + retain). FLOPs are counted, not estimated:
 torch's FlopCounterMode over one step (matmuls and attention actually executed: LoRA's frozen
 weights get no weight gradient, RMU's forwards stop after layer ℓ, NPO's reference forward (the
-adapter-disabled model, `method.reference=adapter`) is counted). MFU = counted FLOPs per step / step time / the GPU's dense bf16 peak. With
---gradient-checkpointing the recomputed forwards are counted too (hardware FLOPs, HFU). RMU's ℓ is
+adapter-disabled model, `method.reference=adapter`) is counted). MFU = counted FLOPs per step /
+step time / the GPU's dense bf16 peak. With --gradient-checkpointing the recomputed forwards are
+counted too (hardware FLOPs, HFU). RMU's ℓ is
 `method.layer=auto`: 7 (layers 5-7 trained) on the 32-layer shape.
 
 Evaluation: the trained LoRA model answers `--eval-samples` prompts through `greedy_generate` (the one
