@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,7 @@ def merge_lora(module, run_dir: Path) -> Path:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cell = lambda v: ("–" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v)  # noqa: E731
     rows = [[str(table.index.name or "")] + [str(c) for c in table.columns]]
     rows += [[str(i)] + [cell(v) for v in row] for i, row in zip(table.index, table.itertuples(index=False))]
     lines = ["| " + " | ".join(r) + " |" for r in rows]
@@ -74,10 +75,11 @@ def _yaml(node) -> str:
     return OmegaConf.to_yaml(node).strip()
 
 
-def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool) -> str:
-    """README.md of the exported model: what it is, how it was made, what it scored, how to load it."""
-    base = (base_model_reference(cfg.model.name_or_path)
-            or f"{cfg.model.name_or_path} (built from config, random weights)")
+def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, base: Optional[str] = None,
+               model_type: str = "") -> str:
+    """README.md of the exported model: what it is, how it was made, what it scored, how to load it.
+    `base`: the base recorded in the adapter config (default: from `model.name_or_path`)."""
+    base = base or base_model_reference(cfg.model.name_or_path) or f"{cfg.model.name_or_path} (random weights)"
     method = cfg.method.name
     if lora and not merged:
         load = ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor\n"
@@ -89,9 +91,9 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool) -
                 "model = AutoModelForImageTextToText.from_pretrained(PATH)\n"
                 "processor = AutoProcessor.from_pretrained(PATH)")
         kind = "the full model" + (" (LoRA adapter merged; the adapter itself is in ../adapter)" if merged else "")
-    data = OmegaConf.masked_copy(cfg.data, [k for k in ("kind", "train_file", "val_file", "test_file", "image_dir",
-                                                        "world", "general_file", "general_ratio", "batch_size",
-                                                        "max_length") if k in cfg.data])
+    keys = ("kind", "world", "train_file", "val_file", "test_file", "image_dir", "general_file", "general_ratio",
+            "batch_size", "max_length")
+    data = OmegaConf.masked_copy(cfg.data, [k for k in keys if cfg.data.get(k) not in (None, {}, "")])
     lines = [
         "---", "library_name: " + ("peft" if lora and not merged else "transformers"),
         "pipeline_tag: image-text-to-text", f"base_model: {base}", "tags: [safety-mirage, safety-alignment, "
@@ -123,6 +125,9 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool) -
             gap = results.loc["safe_rewritten", "refusal_rate"] - results.loc["safe_clean", "refusal_rate"]
             lines.append(f"- over-prudence gap (refusal rewritten - clean): {gap:+.3f}")
     lines += ["", "## Loading", "", "```python", load.replace("PATH", '"path/to/this/directory"'), "```", ""]
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        lines += ["Without torchvision (which Qwen2-VL's video processor needs), load the processor with "
+                  "`models.backbone.load_processor` of safety-mirage: the same processor, for images only.", ""]
     return "\n".join(lines)
 
 
@@ -135,5 +140,7 @@ def finish_export(module, cfg, run_dir: Path, results: Optional[pd.DataFrame], s
         print("export.merge_lora skipped: the weights are sharded; load model/ with peft and call merge_and_unload()")
     target = merge_lora(module, run_dir) if merged else run_dir / "model"
     if cfg.export.model_card:
-        (target / "README.md").write_text(model_card(cfg, results, merged, lora), encoding="utf-8")
+        base = next(iter(module.model.peft_config.values())).base_model_name_or_path if lora else None
+        card = model_card(cfg, results, merged, lora, base, module.model.config.model_type)
+        (target / "README.md").write_text(card, encoding="utf-8")
     return target
