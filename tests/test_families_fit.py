@@ -15,7 +15,7 @@ import torch
 from lightning_modules import evaluate, fit
 from lightning_modules.export import base_model_reference
 from vlguard_fixture import write_vlguard
-from test_bad_inputs import REPO, TIMEOUT_S, cli_env
+from test_bad_inputs import TIMEOUT_S, cli_env
 
 FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 EVAL_SETS = ["unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten"]
