@@ -62,7 +62,9 @@ class LoraSettings:
 
 @dataclass
 class ModelSettings:
-    name_or_path: str = setting("tiny", "'tiny' (built from model.tiny), a Hugging Face id or a local path")
+    name_or_path: str = setting("tiny", "'tiny' (the Mirage World's LLaVA) or a toy family (tiny-llava, "
+                                "tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), built from model.tiny with random "
+                                "weights; else a Hugging Face id or a local path")
     revision: Optional[str] = setting(None, "git revision of a Hugging Face model")
     dtype: str = setting("float32", "weight dtype", choices=("float32", "bfloat16", "float16", "auto"))
     trust_remote_code: bool = setting(False, "run a model repository's own code (off unless you trust it)")
@@ -73,6 +75,10 @@ class ModelSettings:
     adapter_path: Optional[str] = setting(None, "a saved LoRA adapter to start from")
     lora: LoraSettings = setting(doc="LoRA settings", factory=LoraSettings)
     tiny: TinyConfig = setting(doc="size of the tiny model", factory=TinyConfig)
+    end_token: Optional[str] = setting(None, "the token closing an assistant turn: labelled once after every "
+                                       "response and a stop token of generation (default: the tokenizer's EOS)")
+    rmu_layer: Optional[int] = setting(None, "RMU's layer for this model when method.layer=auto "
+                                       "(default: round(7/32 x decoder layers))", ge=0)
 
 
 @dataclass
@@ -180,6 +186,15 @@ class CheckpointSettings:
 
 
 @dataclass
+class ExportSettings:
+    """What `fit` writes to <run_dir>/model: the weights (a LoRA adapter, or the full model), the
+    processor, and a model card (README.md) with the method, data, hyperparameters and test metrics."""
+
+    merge_lora: bool = setting(False, "LoRA: model/ holds the merged full model, the adapter goes to adapter/")
+    model_card: bool = setting(True, "write model/README.md with the method, data, hyperparameters and test metrics")
+
+
+@dataclass
 class PathSettings:
     cache: str = setting(".cache/safety-mirage", "root of the shared caches (worlds, bases, harvests)")
 
@@ -200,6 +215,7 @@ class RunConfig:
     optim: OptimSettings = setting(doc="the optimizer", factory=OptimSettings)
     eval: EvalSettings = setting(doc="evaluation", factory=EvalSettings)
     checkpoint: CheckpointSettings = setting(doc="checkpoints", factory=CheckpointSettings)
+    export: ExportSettings = setting(doc="what fit writes to <run_dir>/model", factory=ExportSettings)
     trainer: dict[str, Any] = setting(doc="keyword arguments of lightning.Trainer", factory=dict)
     logger: dict[str, Any] = setting(doc="experiment loggers, `<kind>: {kwargs}` with kind tensorboard | csv | wandb "
                                      "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",

@@ -38,6 +38,7 @@ from datamodules.collate import check_images
 from datamodules.examples import Example, vlguard_examples
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from lightning_modules.predict import generate_missing
+from models.backbone import is_built_from_config
 from metrics.classify import classify
 from core.schema import parse_section, setting
 from metrics.judges import get_judge
@@ -185,7 +186,7 @@ def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
     fp = dict(model=m.name_or_path, revision=m.revision, dtype=m.dtype, checkpoint=settings.checkpoint,
               adapter_path=m.adapter_path if m.finetune == "lora" else None, image_mode=cfg.data.image_mode,
               max_new_tokens=int(cfg.eval.max_new_tokens), system_prompt=settings.system_prompt)
-    if m.name_or_path == "tiny":  # a fresh random model: its seed and tokenizer texts define it
+    if is_built_from_config(m.name_or_path):  # a fresh random model: its seed and tokenizer texts define it
         fp.update(seed=cfg.seed, tiny=OmegaConf.to_container(m.tiny, resolve=True), max_samples=settings.max_samples,
                   files=[[f.path, list(f.subsets)] for f in settings.files])
     return fp

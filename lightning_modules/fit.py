@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import shutil
 import socket
 import zipfile
 from pathlib import Path
@@ -24,13 +23,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from datamodules.safety import resolve_data_files
-from models.backbone import build_backbone
+from models.backbone import build_backbone, is_built_from_config
 from lightning_modules.base import TrainingDiverged, get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed, saved_step
+from lightning_modules.export import finish_export, save_model
 from lightning_modules.config import config_cli, to_yaml
 from lightning_modules.loggers import build_loggers, log_hparams_summary as log_to_loggers
 from core.errors import UserError, cli_main
-from core.files import DirectoryLock, atomic_write, io_error
+from core.files import DirectoryLock, atomic_write
 from core.records import strict_json
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
@@ -137,27 +137,6 @@ def write_results(run_dir: Path, module) -> pd.DataFrame:
     atomic_write(run_dir / "samples.jsonl", "".join(strict_json(row) + "\n" for row in module.generations),
                  what="samples")
     return table
-
-
-def save_model(run_dir: Path, module, weights) -> None:
-    """`model/` published whole: written next to it, then renamed over the old one."""
-    target = run_dir / "model"
-    tmp = run_dir / f".model.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        module.model.save_pretrained(tmp, state_dict=weights)
-        module.processor.save_pretrained(tmp)
-        if target.exists():
-            old = run_dir / f".model.old-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except OSError as err:
-        raise io_error("model", target, err) from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # Settings that may differ on a resume without changing what is trained: cache locations, loader
@@ -317,7 +296,7 @@ def build_run(cfg):
 
         cfg.model.name_or_path = str(ensure_tiny_base(cfg, files))
     texts = None
-    if cfg.model.name_or_path == "tiny":
+    if is_built_from_config(cfg.model.name_or_path):
         from lightning_modules.pretrain import corpus_texts
 
         texts = corpus_texts(files, [files.compliance_cue, files.refusal_cue])
@@ -367,16 +346,19 @@ def _run(cfg) -> pd.DataFrame | None:
     if ckpt_path is not None and trainer.global_rank == 0:
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
-    if trainer.global_rank == 0:
-        save_model(run_dir, module, weights)
+    if trainer.global_rank == 0:  # saved before the test: a failed test never loses the weights
+        save_model(module, cfg, run_dir, weights)
     if not cfg.eval.test_at_end:
         log_hparams_summary(trainer, module, scale)
+        if trainer.global_rank == 0:
+            finish_export(module, cfg, run_dir, None, sharded=weights is not None)
         return None
     trainer.test(module, data, verbose=False)
     log_hparams_summary(trainer, module, scale)
     if trainer.global_rank != 0:
         return None
     table = write_results(run_dir, module)
+    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
     print(f"\nresults on the test split ({run_dir}/results.csv):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     return table

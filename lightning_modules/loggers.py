@@ -43,7 +43,7 @@ def _logger_class(kind: str) -> type[Logger]:
     if kind == "csv":
         return CSVLogger
     try:
-        import wandb  # noqa: F401  (WandbLogger imports it only when the run starts)
+        import wandb  # noqa: F401  # WandbLogger imports it only when the run starts
     except ImportError as err:
         raise UserError("logger.wandb needs the wandb package: pip install wandb "
                         "(or choose logger=tensorboard / logger=csv)") from err

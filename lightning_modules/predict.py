@@ -21,7 +21,7 @@ from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from metrics.classify import classify, sample_row
 from metrics.samples import SAMPLES, append_samples, example_key, read_samples, record_key
-from models.backbone import build_backbone
+from models.backbone import build_backbone, is_built_from_config
 
 
 class GenerationModule(L.LightningModule):
@@ -71,7 +71,7 @@ def load_fit_checkpoint(model, path: str) -> None:
 
 def build_generator(cfg, checkpoint: Optional[str], examples: list[Example]) -> GenerationModule:
     texts = None
-    if cfg.model.name_or_path == "tiny":  # a word-level tokenizer over every evaluated text
+    if is_built_from_config(cfg.model.name_or_path):  # a tokenizer trained on every evaluated text
         texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
     model, processor = build_backbone(cfg.model, texts)
     if checkpoint:

@@ -2,6 +2,7 @@
 any-of-K counting, resume after an interruption, table contents, checkpoints, config errors."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def test_end_to_end_outputs(data):
     assert results["n_generations"] == 18 and results["generation"]["image_mode"] == "blank"
     assert results["gaps"]["mirage_gap"]["n_paired"] == 3
     assert results["gaps"]["overprudence_gap"]["n_paired"] == 2
-    assert "| what_3shot | unsafes | any-of-3 | all | 3 |" in (run / "results.md").read_text()
+    assert re.search(r"\| what_3shot +\| unsafes +\| any-of-3 +\| all +\| +3 \|", (run / "results.md").read_text())
 
 
 def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
