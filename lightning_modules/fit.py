@@ -29,6 +29,7 @@ from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed, sa
 from lightning_modules.export import finish_export, save_model
 from lightning_modules.config import config_cli, to_yaml
 from lightning_modules.loggers import build_loggers, log_hparams_summary as log_to_loggers
+from core.distributed import is_launch_rank_zero
 from core.errors import UserError, cli_main
 from core.files import DirectoryLock, atomic_write
 from core.records import strict_json
@@ -51,12 +52,16 @@ def prepare_run_dir(cfg) -> Path:
     overwritten (a new `_N` suffix is taken unless resuming; `resume=auto` never resumes a
     finished run). A second run on a locked directory fails at once."""
     if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])  # a DDP rank: rank 0 holds the lock
+        return Path(os.environ[RUN_DIR_ENV])  # a DDP rank Lightning started: rank 0 holds the lock
     run_dir = Path(cfg.run_dir)
     if not cfg.resume or cfg.resume == "auto":
         n, base = 1, run_dir
         while is_finished(run_dir):
             run_dir, n = base.with_name(f"{base.name}_{n}"), n + 1
+    if not is_launch_rank_zero():
+        # torchrun / SLURM start every rank themselves: the directory is rank 0's to create and lock.
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        return run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # One probe per process: under torchrun / SLURM every rank runs this at the same time.

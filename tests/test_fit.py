@@ -70,3 +70,20 @@ def test_metrics_are_computed_from_the_generations(finished_run):
             assert table.loc[name, "relevant"] == pytest.approx(rows["relevant"].astype(bool).mean())
         else:
             assert pd.isna(table.loc[name, "relevant"]) and rows["relevant"].isna().all()
+
+
+def test_ranks_started_by_torchrun_share_rank_zeros_locked_run_dir(tmp_path, monkeypatch):
+    """torchrun / SLURM start every rank as its own process: only rank 0 locks the run directory,
+    the others use it (before, every rank but the first failed with "in use by another run")."""
+    cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
+    monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    assert fit.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
+    try:
+        for rank in ("1", "7"):
+            monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+            monkeypatch.setenv("RANK", rank)
+            assert fit.prepare_run_dir(cfg) == tmp_path / "run"
+    finally:
+        fit.release_run_dir()
+        monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
