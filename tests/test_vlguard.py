@@ -292,3 +292,39 @@ def test_query_outcomes_merged_from_shards_equal_one_process():
     for other in shards[1:]:
         merged.merge_state(other)
     assert {k: float(v) for k, v in merged.compute().items()} == {k: float(v) for k, v in whole.compute().items()}
+
+
+@pytest.mark.slow
+def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
+    """The 3-shot attacked set under DDP: a query's rewrites land on different ranks (batch 1,
+    strided shards) and are grouped again after the gather. Every run starts from one model, SFT'd
+    for 4 steps so that it refuses some rewrites of a query and not others; lr=0 keeps it equal."""
+    import subprocess
+    import sys
+
+    from lightning_modules import fit
+    from lightning_modules.config import load_config
+    from test_bad_inputs import REPO, cli_env
+
+    fit.run(load_config("configs/experiment/vlguard_sft.yaml", fit_overrides(prepared, tmp_path / "start") + [
+        "trainer.max_steps=4", "optim.lr=1e-3", "eval.test_at_end=false", "eval.val_at_start=false"]))
+    results = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"devices{devices}"
+        args = [sys.executable, "-m", "lightning_modules.fit", "--config", "configs/experiment/vlguard_sft.yaml",
+                *fit_overrides(prepared, run_dir), f"model.name_or_path={tmp_path / 'start' / 'model'}",
+                "data.max_eval_samples=5", "optim.lr=0", "eval.judge=keyword", "trainer.accelerator=cpu",
+                f"trainer.devices={devices}"] + (["trainer.strategy=ddp"] if devices > 1 else [])
+        proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((run_dir / "results.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        attacked = [r for r in rows if r["subset"] == "unsafe_attacked"]
+        assert len(attacked) == 15 and len({(r["id"], r["shot"]) for r in attacked}) == 15  # each rewrite once
+    assert results[1] == results[2]
+    assert results[1]["unsafe_attacked"]["n"] == 5
+    # not a trivial comparison: some query has refused and answered rewrites
+    by_query = {}
+    for r in attacked:
+        by_query.setdefault(r["id"], set()).add(r["refusal"])
+    assert any(len(v) == 2 for v in by_query.values())
