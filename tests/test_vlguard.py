@@ -328,3 +328,39 @@ def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
     for r in attacked:
         by_query.setdefault(r["id"], set()).add(r["refusal"])
     assert any(len(v) == 2 for v in by_query.values())
+
+
+def test_fetch_downloads_and_unzips_into_the_layout_prepare_reads(tmp_path, monkeypatch):
+    """The hub stands in for itself with local files: VLGuard's four files, the image folders zipped."""
+    import shutil
+    import zipfile
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    raw = write_vlguard_raw(tmp_path / "raw", n_train=12, n_test=6)
+    hub.mkdir()
+    for name in ("train.json", "test.json"):
+        shutil.copy(raw / name, hub / name)
+    for split in ("train", "test"):
+        with zipfile.ZipFile(hub / f"{split}.zip", "w") as zf:
+            for path in sorted((raw / split).rglob("*.png")):
+                zf.write(path, path.relative_to(raw).as_posix())
+    asked = []
+
+    def download(repo_id, filename, repo_type, revision, local_dir):
+        asked.append((repo_id, filename, repo_type))
+        shutil.copy(hub / filename, Path(local_dir) / filename)
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = vlguard.fetch(tmp_path / "fetched")
+    assert asked == [("ys-zong/VLGuard", name, "dataset") for name in vlguard.HUB_FILES]
+    manifest = vlguard.prepare(out, tmp_path / "prep")
+    assert manifest["counts"]["test"]["records"] == 6 and not manifest["dropped"]["train"]
+
+    with zipfile.ZipFile(hub / "train.zip", "w") as zf:  # a member that would escape the folder
+        zf.writestr("../evil.txt", "x")
+    with pytest.raises(UserError, match="would be written outside"):
+        vlguard.fetch(tmp_path / "fetched2")
+    assert not (tmp_path / "evil.txt").exists()
