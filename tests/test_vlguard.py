@@ -115,6 +115,29 @@ def test_data_root_supplies_the_prepared_files(raw, tmp_path):
     assert resolve_data_files(_data_cfg(root=str(tmp_path / "prep"), test_file="x.json")).test == Path("x.json")
 
 
+def test_prepared_forget_set_comes_from_the_harvest_only(raw, tmp_path):
+    from datamodules.forget_retain import ForgetRetainDataModule
+    from lightning_modules.config import DataSettings
+
+    vlguard.prepare(raw, tmp_path / "prep", skip_bad=True)
+
+    def datamodule(**forget_retain):
+        cfg = OmegaConf.merge(OmegaConf.structured(DataSettings), {"kind": "vlguard", "root": str(tmp_path / "prep"),
+                                                                   "forget_retain": forget_retain})
+        return ForgetRetainDataModule(cfg, resolve_data_files(cfg), processor=None)
+
+    harvested = []
+    rows = datamodule(forget_source="harvest").forget_examples(lambda rows: (harvested.extend(rows) or rows, {}))
+    assert len(rows) == len(json.loads((tmp_path / "prep" / "forget_queries.json").read_text()))
+    assert all(not ex.safe for ex in harvested)
+    assert {ex.id for ex in datamodule().retain_examples()} == {
+        r["id"] for r in json.loads((tmp_path / "prep" / "retain.json").read_text())}
+    with pytest.raises(UserError, match="has no 'harmful_response'.*forget_source=harvest"):
+        datamodule().forget_examples()  # VLGuard's own responses are refusals
+    with pytest.raises(UserError, match="forget_queries.json: unsafe record id=.* has no response to forget"):
+        datamodule(forget_file=str(tmp_path / "prep" / "forget_queries.json")).forget_examples()
+
+
 def test_data_root_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"data.train_file must be set .* data.root=DIR"):
         resolve_data_files(_data_cfg())
