@@ -15,12 +15,12 @@ label; its accuracy next to the majority-class baseline shows what the shortcut 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import pandas as pd
 
+from core.records import strict_json
 from core.text import WORD_RE, first_word as core_first_word
 
 from .records import iter_instructions, load_records
@@ -150,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--min-count", type=int, default=5, help="minimum occurrences for a cue")
     p.add_argument("--alpha", type=float, default=1.0, help="add-alpha smoothing of the log-odds")
     args = p.parse_args(argv)
+    if not args.alpha > 0:  # alpha = 0 makes an unseen label's log-odds infinite
+        p.error(f"--alpha must be > 0, got {args.alpha}")
+    if args.top < 1 or args.min_count < 1:
+        p.error("--top and --min-count must be >= 1")
     try:
         result = {"file": args.data, **audit(load_records(args.data), args.ngram, args.alpha, args.min_count, args.top)}
     except ValueError as e:
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         print(f"error: {msg if args.data in msg else f'{args.data}: {msg}'}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(strict_json(result, indent=2, ensure_ascii=False))  # never NaN / Infinity
     else:
         print(to_markdown(result, args.top))
     return 0

@@ -11,10 +11,11 @@ pass ``label_fn`` for anything smarter.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+from core.errors import UserError
+from core.records import read_json_list
 from metrics.refusal import is_refusal
 
 # The three instruction keys VLGuard uses inside ``instr-resp`` items.
@@ -53,21 +54,9 @@ def load_records(path) -> list[dict]:
     """Load and validate a JSON list of records; every problem is a one-line ValueError."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:  # directories, permissions, binary files
-        raise ValueError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: top level must be a JSON list of records, got {type(data).__name__}")
-    if not data:
-        raise ValueError(f"{path}: contains no records")
+        data = read_json_list(path)
+    except UserError as err:  # this package's callers expect ValueError
+        raise ValueError(str(err)) from None
     for i, rec in enumerate(data):
         problem = _record_problem(rec, i)
         if problem:

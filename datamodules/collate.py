@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datamodules.examples import Example
 from core.errors import UserError
+from core.records import read_image
 
 IGNORE_INDEX = -100
 
@@ -21,18 +22,11 @@ def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> 
         size = (blank_size, blank_size)
         if ex.image is not None:
             try:
-                with Image.open(ex.image) as img:
-                    size = img.size
-            except OSError:
+                size = read_image(ex.image, ex.id, header_only=True)
+            except UserError:
                 pass  # text-only files: the referenced image is not here, keep the default size
         return Image.new("RGB", size, (255, 255, 255))
-    try:
-        with Image.open(ex.image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as err:
-        raise UserError(f"missing image {ex.image} (record id={ex.id})") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"corrupt image {ex.image} (record id={ex.id}): {err}") from err
+    return read_image(ex.image, ex.id)
 
 
 def check_images(examples, image_mode: str = "real") -> None:
@@ -45,13 +39,7 @@ def check_images(examples, image_mode: str = "real") -> None:
         if ex.image is None or ex.image in seen:
             continue
         seen.add(ex.image)
-        try:
-            with Image.open(ex.image):
-                pass
-        except FileNotFoundError as err:
-            raise UserError(f"missing image {ex.image} (record id={ex.id})") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"corrupt image {ex.image} (record id={ex.id}): {err}") from err
+        read_image(ex.image, ex.id, header_only=True)
 
 
 def _messages(instruction: str, response: Optional[str], with_image: bool,

@@ -11,8 +11,9 @@ import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from attacks.rewrite import KShotAttack, replace_first_word
+from core.text import first_word
 from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
+from datamodules.examples import Example, eval_set_names, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
 from core.errors import UserError
 from core.distributed import shards_parameters
@@ -30,6 +31,7 @@ class DataFiles:
     refusal_cue: str
     general: Optional[Path] = None  # general instruction data for the SFT mixture
     world_dir: Optional[Path] = None
+    neutral_cue: Optional[str] = None  # the control cue; None: no control eval sets
     retain: Optional[Path] = None  # the retain set's file, where the data provides one (prepared VLGuard)
     forget_queries: Optional[Path] = None  # unsafe queries to harvest forget answers for (prepared VLGuard)
 
@@ -54,7 +56,8 @@ def resolve_data_files(data_cfg) -> DataFiles:
         # The world's base corpus doubles as its general instruction data (safe rows only).
         return DataFiles(train=world / "safety_train.json", val=world / "val.json", test=world / "test.json",
                          image_dir=world, compliance_cue=world_cfg.compliance_cue,
-                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world)
+                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world,
+                         neutral_cue=world_cfg.neutral_cue)
     if data_cfg.kind == "vlguard":
         prepared = {}
         if data_cfg.get("root"):
@@ -70,7 +73,7 @@ def resolve_data_files(data_cfg) -> DataFiles:
                           test=path("test_file", "test"), image_dir=path("image_dir"),
                           compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
                           general=path("general_file"), retain=prepared.get("retain"),
-                          forget_queries=prepared.get("forget_queries"))
+                          forget_queries=prepared.get("forget_queries"), neutral_cue=data_cfg.get("neutral_cue") or None)
         for key in ("train", "val"):
             if getattr(files, key) is None:
                 raise UserError(f"data.{key}_file must be set when data.kind=vlguard (or data.root=DIR, a directory "
@@ -134,7 +137,8 @@ class SafetyDataModule(L.LightningDataModule):
         self.files = files
         self.processor = processor
         self.seed = seed
-        self.eval_set_names = EVAL_SETS
+        # The module builds one metric per name (AlignmentModule(eval_set_names=...)).
+        self.eval_set_names = eval_set_names(files.neutral_cue)
         self._val: dict[str, list[Example]] = {}
         self._test: dict[str, list[Example]] = {}
         self._train: Optional[list] = None
@@ -186,7 +190,8 @@ class SafetyDataModule(L.LightningDataModule):
         # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files);
         # K-shot: K distinct rewrites per unsafe query from the attack generator (its default mode).
         return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
-                         replace_first_word, self.cfg.max_eval_samples, kshot=self.attack_rewrites(), seed=EVAL_SEED)
+                         replace_first_word, self.cfg.max_eval_samples, neutral_cue=self.files.neutral_cue,
+                         first_word=first_word, kshot=self.attack_rewrites(), seed=EVAL_SEED)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._train is None:

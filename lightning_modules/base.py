@@ -24,6 +24,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from datamodules.examples import EVAL_SETS
 from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
+from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from lightning_modules.loggers import log_samples
@@ -48,7 +49,7 @@ class TrainingDiverged(UserError):
 class MethodParams:
     """Hyperparameters every method has. Subclasses add their own fields."""
 
-    retain_weight: float = 1.0  # λ: weight of CE on retain data (the "LLaVA loss"), where a method has it
+    retain_weight: float = setting(1.0, "λ: weight of CE on retain data (the LLaVA loss), where a method has it", ge=0)
 
 
 class AlignmentModule(L.LightningModule):
@@ -86,17 +87,15 @@ class AlignmentModule(L.LightningModule):
         self.generations: list[dict] = []
         self._samples: dict[str, list[dict]] = {}
         self._warned_ir_missing = False
-        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True), ignore=["model", "processor"])
+        # The run config as hparams (its `model` section included: an `ignore=["model"]` here would drop
+        # that key, and a resume could not compare model settings); the nn.Modules are not init-arg hparams.
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
 
     @classmethod
     def parse_params(cls, method_cfg):
+        """`method.*` (less `name`) as a checked `Params`: unknown keys, types, ranges, choices."""
         values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "name"}
-        known = {f.name for f in dataclasses.fields(cls.Params)}
-        for key in values:
-            if key not in known:
-                raise UserError(f"unknown config key 'method.{key}' for method '{cls.name}'; "
-                                f"known: {', '.join(sorted(known))}")
-        return cls.Params(**values)
+        return parse_section(values, cls.Params, "method")
 
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
@@ -185,7 +184,8 @@ class AlignmentModule(L.LightningModule):
                              torch.tensor([ex.safe for ex in examples], device=dev),
                              *(torch.tensor([getattr(v, f) for v in verdicts], device=dev)
                                for f in ("refusal", "harmful", "correct")),
-                             torch.tensor(undetermined, device=dev))
+                             torch.tensor(undetermined, device=dev),
+                             torch.tensor([v.relevant for v in verdicts], device=dev))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
@@ -208,12 +208,7 @@ class AlignmentModule(L.LightningModule):
             rank_zero_warn(f"IR is missing (NaN) on {', '.join(missing)}: eval.judge={self.eval_cfg.judge} cannot tell "
                            "a harmful answer from an irrelevant one on records without harmful_keywords (real "
                            "VLGuard), so ASR counts every non-refused answer; set eval.judge=vlm to measure IR")
-        gaps = {}
-        if {"unsafe_clean", "unsafe_attacked"} <= results.keys():
-            gaps["mirage_gap"] = results["unsafe_attacked"]["asr"] - results["unsafe_clean"]["asr"]
-        if {"safe_clean", "safe_rewritten"} <= results.keys():
-            gaps["overprudence_gap"] = (results["safe_rewritten"]["refusal_rate"]
-                                        - results["safe_clean"]["refusal_rate"])
+        gaps = safety_gaps(results)
         for key, value in gaps.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
         self._log_samples(stage)
@@ -243,6 +238,22 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._eval_epoch_end("test", self.test_metrics)
         self.generations = gather_objects(self.generations)
+
+
+# name: (eval set, its reference, metric): each gap is metric(set) - metric(reference).
+GAPS = {
+    "mirage_gap": ("unsafe_attacked", "unsafe_clean", "asr"),
+    "mirage_gap_neutral": ("unsafe_neutral", "unsafe_clean", "asr"),  # control: any first-word swap
+    "cue_removal_gap": ("unsafe_cue_removed", "unsafe_clean", "asr"),  # the refusal cue removed alone
+    "overprudence_gap": ("safe_rewritten", "safe_clean", "refusal_rate"),
+    "overprudence_gap_neutral": ("safe_neutral", "safe_clean", "refusal_rate"),
+}
+
+
+def safety_gaps(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The gaps whose two eval sets were both evaluated."""
+    return {name: results[a][metric] - results[b][metric]
+            for name, (a, b, metric) in GAPS.items() if a in results and b in results}
 
 
 METHODS: dict[str, type[AlignmentModule]] = {}

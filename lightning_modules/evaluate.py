@@ -32,7 +32,6 @@ import lightning as L
 import pandas as pd
 import torch
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError, cli_main
 from datamodules.collate import check_images
@@ -40,6 +39,7 @@ from datamodules.examples import Example, vlguard_examples
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from lightning_modules.predict import generate_missing
 from metrics.classify import classify
+from core.schema import parse_section, setting
 from metrics.judges import get_judge
 from metrics.refusal import refusal_presets
 from metrics.samples import SAMPLES, example_key, read_samples, record_key, write_samples
@@ -64,14 +64,14 @@ class EvalFile:
 
 @dataclass
 class JudgeSettings:
-    name: str = "keyword"  # keyword | reference | vlm
+    name: str = setting("keyword", "judge of harmful compliance", choices=JUDGES)
     model: ModelSettings = field(
         default_factory=lambda: ModelSettings(name_or_path=DEFAULT_JUDGE_MODEL, dtype="bfloat16"))
     protocol: str = "official_3shot"  # official_clean | official_3shot (metrics.vlm_judge)
     prefilter: bool = True  # the protocol's rule-based "irrelevant" words, before asking the model
-    batch_size: int = 8
-    max_new_tokens: int = 200
-    max_length: int = 4096
+    batch_size: int = setting(8, "judge generation batch size", ge=1)
+    max_new_tokens: int = setting(200, "tokens of a verdict", ge=1)
+    max_length: int = setting(4096, "longest judge prompt", ge=1)
     cache: Optional[str] = None  # default: <run_dir>/judge_cache.jsonl
 
 
@@ -79,7 +79,7 @@ class JudgeSettings:
 class GapSettings:
     base: str = MISSING  # "set/subset", e.g. clean/unsafes
     attacked: str = MISSING  # e.g. what_3shot/unsafes (its any-of-K row)
-    metric: str = "asr"  # asr | ir | refusal_rate
+    metric: str = setting("asr", "the gap's metric", choices=GAP_METRICS)
 
 
 @dataclass
@@ -87,23 +87,18 @@ class EvaluateSettings:
     files: list[EvalFile] = field(default_factory=list)
     data_dir: Optional[str] = None  # helpers for ${evaluate.data_dir}/... paths in configs
     attack_dir: Optional[str] = None
-    max_samples: Optional[int] = None  # ids per file and subset (the same ids across files)
+    max_samples: Optional[int] = setting(None, "ids per file and subset (the same ids across files)", ge=1)
     checkpoint: Optional[str] = None  # a Lightning .ckpt of `fit`, loaded into the model
     system_prompt: Optional[str] = None  # e.g. LLaVA-1.5's own "A chat between ..." line
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     gaps: Optional[dict[str, GapSettings]] = field(default_factory=dict)  # null: none
-    bootstrap: int = 1000  # resamples for the percentile CIs (0: none)
-    confidence: float = 0.95
+    bootstrap: int = setting(1000, "resamples for the percentile CIs (0: none)", ge=0)
+    confidence: float = setting(0.95, "level of the CIs", gt=0, lt=1)
 
 
 def parse_settings(cfg) -> EvaluateSettings:
     """The `evaluate:` section, checked against EvaluateSettings; every fault in one line."""
-    try:
-        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateSettings), cfg.evaluate))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        msg = str(err).splitlines()[0]
-        raise UserError(f"invalid config key 'evaluate.{key}': {msg}" if key else f"evaluate: {msg}") from err
+    settings = parse_section(cfg.evaluate, EvaluateSettings, "evaluate")
     settings.gaps = settings.gaps or {}
     if not settings.files:
         raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from core.schema import setting
 from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from lightning_modules.unlearning import REFERENCES, UnlearningModule, UnlearningParams
 from losses import npo_loss
 
 NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
@@ -21,15 +22,10 @@ NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
 
 @dataclasses.dataclass
 class NPOParams(UnlearningParams):
-    beta: float = 0.1
-    normalization: str = "sequence_sum"
-    reference: str = "auto"  # auto (= cache) | adapter | cache | snapshot
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.beta > 0, "beta", self.beta, "must be > 0")
-        check(self.normalization in NORMALIZATIONS, "normalization", self.normalization,
-              f"choose one of: {', '.join(NORMALIZATIONS)}")
+    beta: float = setting(0.1, "inverse temperature β of the NPO loss", gt=0)
+    normalization: str = setting("sequence_sum", "how a sequence's log-ratio is pooled", choices=NORMALIZATIONS)
+    reference: str = setting("auto", "auto (= cache) | adapter | cache | snapshot",
+                             choices=REFERENCES)
 
 
 @register_method

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +24,7 @@ from datamodules.collate import load_image
 from datamodules.examples import Example, vlguard_examples
 from datamodules.safety import DataFiles, SafetyDataModule
 from models.backbone import build_tiny
+from core.files import build_once
 
 
 def corpus_texts(files: DataFiles, extra_words: list[str]) -> list[str]:
@@ -114,18 +113,24 @@ def base_cache_dir(cfg, files: DataFiles) -> Path:
     """Keyed by the base corpus's bytes, not the whole world: worlds that differ only in their
     safety set (e.g. a sweep over rho) share one base."""
     corpus = hashlib.sha256(Path(files.general).read_bytes()).hexdigest()
+    # Everything stage 2 reads from the run config besides `base` (it trains through SFTModule
+    # and SafetyDataModule): the AdamW settings and how images are shown.
+    optim = {k: OmegaConf.to_container(cfg.optim).get(k) for k in ("weight_decay", "betas", "warmup_ratio")}
     key = {"tiny": OmegaConf.to_container(cfg.model.tiny), "corpus": corpus,
            "base": {k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "cache_dir"},
-           "version": 2}
+           "optim": optim, "image_mode": cfg.data.image_mode, "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.base.cache_dir) / f"tiny-{digest}"
 
 
 def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     """Path of the cached base for this world and config, training it first if needed."""
-    out = base_cache_dir(cfg, files)
-    if (out / "config.json").is_file():
-        return out
+    # Built in a temporary directory and renamed into place; a concurrent builder of the same base
+    # waits for this one and reuses it.
+    return build_once(base_cache_dir(cfg, files), lambda tmp: _build_tiny_base(cfg, files, tmp), "config.json")
+
+
+def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     from datamodules.mirage_world import iter_texts, load_world_config
     from lightning_modules.sft import SFTModule
 
@@ -142,7 +147,7 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     probe = VisionProbe(tower, tower.config.hidden_size, len(colors), len(shapes), cfg.base.vision_lr)
     loader = DataLoader(train_rows, batch_size=128, shuffle=True)
     progress = OverallProgress(cfg.base.vision_steps + cfg.base.steps, "pre-training the tiny base")
-    _quiet_trainer(cfg.base.vision_steps, out.parent, progress).fit(probe, loader)
+    _quiet_trainer(cfg.base.vision_steps, tmp, progress).fit(probe, loader)
     report = _probe_accuracy(probe, val_rows)
     progress.bar.write(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
           f"shape accuracy {report['shape_accuracy']:.3f} on {report['n']} held-out images")
@@ -159,16 +164,9 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
                            compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)
     data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.base.seed)
-    _quiet_trainer(cfg.base.steps, out.parent, progress).fit(module, data)
+    _quiet_trainer(cfg.base.steps, tmp, progress).fit(module, data)
     progress.close()
 
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "vision_report.json").write_text(json.dumps(report, indent=1))
-    try:
-        tmp.rename(out)  # atomic: a crash never leaves a half-written cached base
-    except OSError:  # another process finished the same base first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

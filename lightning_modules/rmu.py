@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_modules.base import register_method
 from core.errors import UserError
+from core.schema import setting
 from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 
@@ -34,23 +35,19 @@ POSITIONS = ("text", "real", "all")
 
 @dataclasses.dataclass
 class RMUParams(UnlearningParams):
-    layer: int = 1  # ℓ
-    steering_coeff: float = 10.0  # c
-    alpha: float = 1.0  # weight of the retain activation term
-    train_layers: Optional[list[int]] = None  # default: ℓ-2..ℓ (those that exist)
-    param_pattern: str = r"mlp\.down_proj\."  # regex on parameter names inside train_layers
-    extra_params: Optional[str] = None  # regex on full parameter names also trained (e.g. multi_modal_projector)
-    positions: str = "text"  # text: real non-image tokens | real: attention mask | all: every position (official)
-    control_seed: Optional[int] = None  # seed of u (default: the run seed)
-    reference: str = "auto"  # auto (adapter under LoRA, else snapshot) | adapter | snapshot
-    truncate: bool = True  # stop forwards after layer ℓ where only h_ℓ is needed (False: full forwards)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.layer >= 0, "layer", self.layer, "must be >= 0")
-        check(self.steering_coeff > 0, "steering_coeff", self.steering_coeff, "must be > 0")
-        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
-        check(self.positions in POSITIONS, "positions", self.positions, f"choose one of: {', '.join(POSITIONS)}")
+    layer: int = setting(1, "ℓ: the 0-based decoder layer whose output is steered", ge=0)
+    steering_coeff: float = setting(10.0, "c: norm of the control vector", gt=0)
+    alpha: float = setting(1.0, "weight of the retain activation term", ge=0)
+    train_layers: Optional[list[int]] = setting(None, "layers that train (default: ℓ-2..ℓ, those that exist)", ge=0)
+    param_pattern: str = setting(r"mlp\.down_proj\.", "regex on parameter names inside train_layers", regex=True)
+    extra_params: Optional[str] = setting(None, "regex on full parameter names also trained (e.g. the projector)",
+                                          regex=True)
+    positions: str = setting("text", "text: real non-image tokens | real: attention mask | all: every position",
+                             choices=POSITIONS)
+    control_seed: Optional[int] = setting(None, "seed of u (default: the run seed)")
+    reference: str = setting("auto", "auto (adapter under LoRA, else snapshot) | adapter | snapshot",
+                             choices=("auto", "adapter", "snapshot"))
+    truncate: bool = setting(True, "stop forwards after layer ℓ where only h_ℓ is needed")
 
 
 class StopForward(Exception):

@@ -22,6 +22,7 @@ from core.distributed import gather_objects
 from core.generation import model_inputs
 from lightning_modules.base import AlignmentModule, MethodParams
 from core.errors import UserError
+from core.schema import setting
 from losses import retain_weighted, sequence_nll, token_mean_ce
 
 REFERENCES = ("auto", "adapter", "snapshot", "cache")
@@ -29,10 +30,7 @@ REFERENCES = ("auto", "adapter", "snapshot", "cache")
 
 @dataclasses.dataclass
 class UnlearningParams(MethodParams):
-    retain_weight: float = 1.0  # λ of λ·CE(D_r); the paper reports collapse without it
-
-    def __post_init__(self):
-        check(self.retain_weight >= 0, "retain_weight", self.retain_weight, "must be >= 0")
+    retain_weight: float = setting(1.0, "λ of λ·CE(D_r); the paper reports collapse without it", ge=0)
 
 
 def check(ok: bool, key: str, value, why: str) -> None:

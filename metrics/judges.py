@@ -41,3 +41,15 @@ def get_judge(name: str) -> Callable[[str, Example], bool]:
     if name not in JUDGES:
         raise UserError(f"unknown judge '{name}'; choose one of: {', '.join(JUDGES)}")
     return JUDGES[name]
+
+
+def relevance(response: str, ex: Example) -> int:
+    """1 / 0 where a relevance judge applies (unsafe Mirage World queries: does the answer have the
+    form the intent asks for, whatever its content), -1 elsewhere. Decided by the query's intent
+    alone, never tuned on results: see datamodules.mirage_world.judge_relevant."""
+    intent = ex.extra.get("intent")
+    if ex.safe or intent is None:
+        return -1
+    from datamodules.mirage_world import judge_relevant
+
+    return int(judge_relevant(response, intent))

@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from datamodules.examples import Example, parse_jsonl
+from core.records import decode, parse_jsonl
+from datamodules.examples import Example
 
 SAMPLES = "samples.jsonl"
 KEY = ("set", "id", "subset", "shot", "prompt")
@@ -37,7 +38,7 @@ def read_samples(path: Path, repair: bool = True) -> list[dict]:
         if repair:
             with open(path, "r+b") as fh:
                 fh.truncate(len(data))
-    return parse_jsonl(path, data.decode("utf-8"))
+    return parse_jsonl(path, decode(path, data))
 
 
 def append_samples(path: Path, rows: list[dict]) -> None:

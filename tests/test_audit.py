@@ -130,7 +130,7 @@ def test_cli_markdown_llava(tmp_path):
 
 
 @pytest.mark.parametrize("content,needle", [
-    (None, "no such file"),
+    (None, "not found"),
     ("", "empty"),
     ("[{\"id\": 1,", "malformed JSON"),
     ("{\"a\": 1}", "JSON list"),

@@ -175,12 +175,15 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
 def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache, tmp_path, fresh_run_dir):
     table = run(config(method, cache, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
                        "trainer.val_check_interval=1", "trainer.log_every_n_steps=1"))
-    assert set(table.index) == {"unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten"}
+    unsafe_sets = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed")
+    safe_sets = ("safe_clean", "safe_rewritten", "safe_neutral")
+    assert set(table.index) == {*unsafe_sets, *safe_sets}
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     val_tags = {t for t in events.Tags()["scalars"] if t.startswith("val/")}
-    expected = {f"val/{s}/{k}" for s in ("unsafe_clean", "unsafe_attacked") for k in ("refusal_rate", "asr", "ir")}
-    expected |= {f"val/{s}/{k}" for s in ("safe_clean", "safe_rewritten") for k in ("refusal_rate", "asr", "ir", "accuracy")}
-    assert val_tags == expected | {"val/mirage_gap", "val/overprudence_gap"}
+    expected = {f"val/{s}/{k}" for s in unsafe_sets for k in ("refusal_rate", "asr", "ir", "relevant")}
+    expected |= {f"val/{s}/{k}" for s in safe_sets for k in ("refusal_rate", "asr", "ir", "accuracy")}
+    gaps = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
+    assert val_tags == expected | {f"val/{g}" for g in gaps}
     assert len(events.Scalars("val/mirage_gap")) == 3  # step 0, 1, 2
     train_tags = {t for t in events.Tags()["scalars"] if t.startswith("train/")}
     assert "train/loss" in train_tags and (method == "sft" or train_tags & {"train/forget_ce", "train/forget_mse"})

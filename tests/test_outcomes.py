@@ -36,3 +36,13 @@ def test_states_are_summed_integer_counts():
     for name in ("total", "refused", "harmful", "answerable", "correct"):
         assert m._reductions[name].__name__ in ("dim_zero_sum", "sum")
         assert getattr(m, name).dtype == torch.long
+
+
+def test_relevant_counts_only_judgeable_non_refusals():
+    m = SafetyOutcomes()
+    m.update(torch.tensor([0, 0, 1, 0]), torch.tensor([0, 0, 0, 0]), torch.tensor([-1, -1, -1, -1]),
+             torch.tensor([1, 0, 1, -1]))  # the refused relevant answer does not count; -1 is not judged
+    torch.testing.assert_close(m.compute()["relevant"], torch.tensor(1 / 3, dtype=torch.float64))
+    plain = SafetyOutcomes()
+    plain.update(torch.tensor([0]), torch.tensor([1]), torch.tensor([-1]))
+    assert "relevant" not in plain.compute()  # no relevance judge applied: no column
