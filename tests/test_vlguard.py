@@ -321,7 +321,7 @@ def test_query_outcomes_merged_from_shards_equal_one_process():
 def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
     """The 3-shot attacked set under DDP: a query's rewrites land on different ranks (batch 1,
     strided shards) and are grouped again after the gather. Every run starts from one model, SFT'd
-    for 4 steps so that it refuses some rewrites of a query and not others; lr=0 keeps it equal."""
+    for 4 steps so that it refuses some rewrites of a query and not others; max_steps=0 keeps it."""
     import subprocess
     import sys
 
@@ -336,7 +336,7 @@ def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
         run_dir = tmp_path / f"devices{devices}"
         args = [sys.executable, "-m", "lightning_modules.fit", "--config", "configs/experiment/vlguard_sft.yaml",
                 *fit_overrides(prepared, run_dir), f"model.name_or_path={tmp_path / 'start' / 'model'}",
-                "data.max_eval_samples=5", "optim.lr=0", "eval.judge=keyword", "trainer.accelerator=cpu",
+                "data.max_eval_samples=5", "trainer.max_steps=0", "eval.judge=keyword", "trainer.accelerator=cpu",
                 f"trainer.devices={devices}"] + (["trainer.strategy=ddp"] if devices > 1 else [])
         proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
