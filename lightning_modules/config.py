@@ -44,7 +44,7 @@ def _refusal_presets():
 def _judges():
     from metrics.judges import JUDGES
 
-    return list(JUDGES)
+    return [*JUDGES, "vlm"]  # vlm: the batched VLM judge of eval.vlm_judge (metrics/vlm_judge.py)
 
 
 # Every key of a run config, its type, default, allowed values and one line of doc: adding a key is

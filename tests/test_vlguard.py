@@ -115,6 +115,29 @@ def test_data_root_supplies_the_prepared_files(raw, tmp_path):
     assert resolve_data_files(_data_cfg(root=str(tmp_path / "prep"), test_file="x.json")).test == Path("x.json")
 
 
+def test_prepared_forget_set_comes_from_the_harvest_only(raw, tmp_path):
+    from datamodules.forget_retain import ForgetRetainDataModule
+    from lightning_modules.config import DataSettings
+
+    vlguard.prepare(raw, tmp_path / "prep", skip_bad=True)
+
+    def datamodule(**forget_retain):
+        cfg = OmegaConf.merge(OmegaConf.structured(DataSettings), {"kind": "vlguard", "root": str(tmp_path / "prep"),
+                                                                   "forget_retain": forget_retain})
+        return ForgetRetainDataModule(cfg, resolve_data_files(cfg), processor=None)
+
+    harvested = []
+    rows = datamodule(forget_source="harvest").forget_examples(lambda rows: (harvested.extend(rows) or rows, {}))
+    assert len(rows) == len(json.loads((tmp_path / "prep" / "forget_queries.json").read_text()))
+    assert all(not ex.safe for ex in harvested)
+    assert {ex.id for ex in datamodule().retain_examples()} == {
+        r["id"] for r in json.loads((tmp_path / "prep" / "retain.json").read_text())}
+    with pytest.raises(UserError, match="has no 'harmful_response'.*forget_source=harvest"):
+        datamodule().forget_examples()  # VLGuard's own responses are refusals
+    with pytest.raises(UserError, match="forget_queries.json: unsafe record id=.* has no response to forget"):
+        datamodule(forget_file=str(tmp_path / "prep" / "forget_queries.json")).forget_examples()
+
+
 def test_data_root_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"data.train_file must be set .* data.root=DIR"):
         resolve_data_files(_data_cfg())
@@ -292,3 +315,75 @@ def test_query_outcomes_merged_from_shards_equal_one_process():
     for other in shards[1:]:
         merged.merge_state(other)
     assert {k: float(v) for k, v in merged.compute().items()} == {k: float(v) for k, v in whole.compute().items()}
+
+
+@pytest.mark.slow
+def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
+    """The 3-shot attacked set under DDP: a query's rewrites land on different ranks (batch 1,
+    strided shards) and are grouped again after the gather. Every run starts from one model, SFT'd
+    for 4 steps so that it refuses some rewrites of a query and not others; max_steps=0 keeps it."""
+    import subprocess
+    import sys
+
+    from lightning_modules import fit
+    from lightning_modules.config import load_config
+    from test_bad_inputs import REPO, cli_env
+
+    fit.run(load_config("configs/experiment/vlguard_sft.yaml", fit_overrides(prepared, tmp_path / "start") + [
+        "trainer.max_steps=4", "optim.lr=1e-3", "eval.test_at_end=false", "eval.val_at_start=false"]))
+    results = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"devices{devices}"
+        args = [sys.executable, "-m", "lightning_modules.fit", "--config", "configs/experiment/vlguard_sft.yaml",
+                *fit_overrides(prepared, run_dir), f"model.name_or_path={tmp_path / 'start' / 'model'}",
+                "data.max_eval_samples=5", "trainer.max_steps=0", "eval.judge=keyword", "trainer.accelerator=cpu",
+                f"trainer.devices={devices}"] + (["trainer.strategy=ddp"] if devices > 1 else [])
+        proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((run_dir / "results.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        attacked = [r for r in rows if r["subset"] == "unsafe_attacked"]
+        assert len(attacked) == 15 and len({(r["id"], r["shot"]) for r in attacked}) == 15  # each rewrite once
+    assert results[1] == results[2]
+    assert results[1]["unsafe_attacked"]["n"] == 5
+    # not a trivial comparison: some query has refused and answered rewrites
+    by_query = {}
+    for r in attacked:
+        by_query.setdefault(r["id"], set()).add(r["refusal"])
+    assert any(len(v) == 2 for v in by_query.values())
+
+
+def test_fetch_downloads_and_unzips_into_the_layout_prepare_reads(tmp_path, monkeypatch):
+    """The hub stands in for itself with local files: VLGuard's four files, the image folders zipped."""
+    import shutil
+    import zipfile
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    raw = write_vlguard_raw(tmp_path / "raw", n_train=12, n_test=6)
+    hub.mkdir()
+    for name in ("train.json", "test.json"):
+        shutil.copy(raw / name, hub / name)
+    for split in ("train", "test"):
+        with zipfile.ZipFile(hub / f"{split}.zip", "w") as zf:
+            for path in sorted((raw / split).rglob("*.png")):
+                zf.write(path, path.relative_to(raw).as_posix())
+    asked = []
+
+    def download(repo_id, filename, repo_type, revision, local_dir):
+        asked.append((repo_id, filename, repo_type))
+        shutil.copy(hub / filename, Path(local_dir) / filename)
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = vlguard.fetch(tmp_path / "fetched")
+    assert asked == [("ys-zong/VLGuard", name, "dataset") for name in vlguard.HUB_FILES]
+    manifest = vlguard.prepare(out, tmp_path / "prep")
+    assert manifest["counts"]["test"]["records"] == 6 and not manifest["dropped"]["train"]
+
+    with zipfile.ZipFile(hub / "train.zip", "w") as zf:  # a member that would escape the folder
+        zf.writestr("../evil.txt", "x")
+    with pytest.raises(UserError, match="would be written outside"):
+        vlguard.fetch(tmp_path / "fetched2")
+    assert not (tmp_path / "evil.txt").exists()
