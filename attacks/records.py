@@ -1,4 +1,4 @@
-"""Read instruction records in VLGuard or LLaVA-conversation format (DESIGN §3).
+"""Read instruction records in VLGuard or LLaVA-conversation format.
 
 Both formats reduce to one stream of ``(record_id, instruction, label, item_key)`` so the
 audit and the attacks never branch on the file format themselves.
@@ -6,7 +6,7 @@ audit and the attacks never branch on the file format themselves.
 Labels in LLaVA files: a ``safe`` key on the record wins (VLGuard exports keep it); without
 one we look at the first ``gpt`` reply and call the instruction "unsafe" when that reply is
 a refusal. That matches how a safety set encodes its label (refusal target = unsafe query),
-and it is a deliberately small keyword list, not the full evaluation preset of DESIGN §4;
+and it is a deliberately small keyword list, not the full evaluation preset of metrics.refusal;
 pass ``label_fn`` for anything smarter.
 """
 from __future__ import annotations

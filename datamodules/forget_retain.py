@@ -3,13 +3,13 @@ retain batch (the shorter set cycles). The eval side is SafetyDataModule's, so e
 the same `val/...` tags.
 
 forget = unsafe queries with a *harmful* response (VLGuard's own responses are refusals and cannot
-be forgotten, DESIGN §3): the training rows' `harmful_response` (the Mirage World carries one), the
+be forgotten): the training rows' `harmful_response` (the Mirage World carries one), the
 unsafe rows of `data.forget_retain.forget_file`, or the base model's own answers that a judge marks
 harmful (`forget_source=harvest`: run assembly passes in the harvest step, which is cached).
 retain = the safe rows of the training file (or `retain_file`) with their answers, optionally
 topped up with general instruction data (`retain_general_ratio`).
 
-DESIGN §5: a forget set without the compliance cue and a retain set full of it lets unlearning key
+A forget set without the compliance cue and a retain set full of it lets unlearning key
 on the cue. The cue balance of both sets is printed and kept in `cue_report`;
 `cue_balance=match` redraws the forget rows' first words from the retain set's distribution.
 """

@@ -1,4 +1,4 @@
-"""Gradient ascent: L = -CE(D_f) [+ λ·CE(D_r)] (DESIGN §2). Unbounded below: without the retain
+"""Gradient ascent: L = -CE(D_f) [+ λ·CE(D_r)]. Unbounded below: without the retain
 term it diverges, and the divergence guard stops the run at the first non-finite loss."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradient difference: L = -γ·CE(D_f) + α·CE(D_r) [+ λ·CE(D_r)] (DESIGN §2). α is the method's own
+"""Gradient difference: L = -γ·CE(D_f) + α·CE(D_r) [+ λ·CE(D_r)]. α is the method's own
 retain weight; λ (default 0) is the retain term every unlearning method carries, kept for
 uniformity: the two add up."""
 

@@ -1,4 +1,4 @@
-"""Harvest the forget set from the base model itself, as the official pipeline does (DESIGN §3):
+"""Harvest the forget set from the base model itself, as the official pipeline does:
 ask the base model the unsafe training queries, keep the answers that the run's judge marks as
 harmful compliance (not refused, and harmful), and cache them as a VLGuard-format file.
 

@@ -1,4 +1,4 @@
-"""Negative preference optimisation (DESIGN §2):
+"""Negative preference optimisation:
 L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r).
 
 `normalization` picks what nll is: `sequence_sum` (per-sequence summed NLL; NPO paper,

@@ -1,6 +1,6 @@
 """The tiny unaligned base model for the Mirage World, built once and cached by its config.
 
-Two stages, as LLaVA is built (DESIGN §5: a vision tower trained jointly from scratch recognised
+Two stages, as LLaVA is built (a vision tower trained jointly from scratch recognised
 shapes 34% of the time; pre-trained and frozen, 96-100%):
 1. the CLIP tower learns colour and shape with linear probes, then is frozen;
 2. projector + language model learn the world's base corpus, where every query is answered

@@ -1,4 +1,4 @@
-"""SimNPO: reference-free, length-normalised NPO (DESIGN §2):
+"""SimNPO: reference-free, length-normalised NPO:
 L = -(2/β)·mean_i log σ(β·(nll_i^θ/len_i - δ)) on D_f, + λ·CE(D_r)."""
 
 from __future__ import annotations

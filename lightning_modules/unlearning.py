@@ -1,6 +1,6 @@
 """The shared base of the unlearning methods (GA, GradDiff, NPO, SimNPO, RMU): forget / retain
-batches, the retain cross-entropy λ·CE(D_r) that every method carries (DESIGN §2), and the
-reference model without a second copy (DESIGN §6):
+batches, the retain cross-entropy λ·CE(D_r) that every method carries, and the
+reference model without a second copy:
 
 - `adapter`: under LoRA the reference is the same model with the adapter disabled;
 - `snapshot`: a frozen copy of the *trainable* tensors only, swapped in with

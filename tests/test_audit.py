@@ -56,7 +56,7 @@ def run_cli(*args):
 
 def test_first_word_rule():
     assert first_word('  "Share this"') == "share"
-    assert first_word("Can't you?") == "can"  # first alphabetic token, as DESIGN §1 counted
+    assert first_word("Can't you?") == "can"  # first alphabetic token, as VLGuard's cues are counted
     assert first_word("N/A") == "n"
     assert first_word("123 ?") == "<none>"
     assert first_ngram("What is it?", 2) == "what is"

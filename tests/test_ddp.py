@@ -7,7 +7,7 @@ numbers of eval batches (batch size 1) -- a collective inside the eval step woul
 timeout. Weights must be equal across runs for equal generations: the random tiny model is first
 trained a little in-process (so that it refuses some queries and not others), then every run starts
 from it and takes two training steps with lr=0 (gradients are all-reduced, nothing moves).
-DDP re-runs sys.argv for each rank, so every run is a subprocess of the CLI (DESIGN §7).
+DDP re-runs sys.argv for each rank, so every run is a subprocess of the CLI.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def run(files: dict, run_dir: Path, devices: int, model: Path) -> Path:
     if devices > 1:
         trainer.append("trainer.strategy=ddp")
     args = [sys.executable, "-m", "lightning_modules.fit", "--config", "configs/demo.yaml",
-            *vlguard_overrides(files, run_dir), f"model.name_or_path={model}", *trainer, "trainer.max_steps=2",
-            "optim.lr=0", f"data.max_eval_samples={N_EVAL}", "eval.max_new_tokens=6", "eval.val_at_start=true",
+            *vlguard_overrides(files, run_dir), f"model.name_or_path={model}", *trainer,
+            "trainer.max_steps=0",  # the weights stay the base's: every world size evaluates one model
+            f"data.max_eval_samples={N_EVAL}", "eval.max_new_tokens=6", "eval.val_at_start=true",
             "eval.judge=keyword"]  # every non-refused unsafe answer counts: ASR is not all zero either
     proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
