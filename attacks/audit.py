@@ -2,7 +2,7 @@
 
     python -m attacks.audit DATA.json [--format json|markdown] [--top 10] [--ngram 1|2]
 
-Cue = first alphabetic token, lower-cased (how "what" is counted: 869/977 safe vs
+Cue = first alphabetic token, lower-cased (how VLGuard's "what" counts 869/977 safe vs
 61/2000 unsafe; note it makes "N/A" count as "n"); with ``--ngram 2`` the first two tokens.
 Log-odds use add-α smoothing (α = 1) over the cue vocabulary V:
 
