@@ -223,7 +223,7 @@ def resolve_checkpoint(cfg, run_dir: Path):
     else a fresh start -- one command for a job that a cluster may requeue.
 
     Before anything is written: the checkpoint is checked whole; a finished run is resumed only to
-    train further (trainer.max_steps above its step; its results move to `finished-step<N>/`); a
+    train further (trainer.max_steps above its step; `archive_finished_run` keeps its results); a
     change of model, base, data or method settings is refused unless resume_allow_changes=true."""
     if not cfg.resume:
         return None
@@ -259,14 +259,35 @@ def resolve_checkpoint(cfg, run_dir: Path):
             raise UserError(f"run {run_dir} is finished (checkpoint at step {step}, results written); nothing "
                             f"to resume. To train further pass trainer.max_steps > {step}; to start over, "
                             "choose another run_dir")
-        archive = run_dir / f"finished-step{step}"
-        archive.mkdir(exist_ok=True)
-        for name in ("results.csv", "results.json", "samples.jsonl", "model", "config.yaml"):
-            if (run_dir / name).exists():
-                os.replace(run_dir / name, archive / name)
-        print(f"run {run_dir} finished at step {step}: its results moved to {archive}; training on to "
-              f"step {max_steps}")
     return str(path)
+
+
+def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
+    """The checkpoint's weights have this model's names and shapes (else one line, before the
+    Trainer writes its first log file)."""
+    if ckpt_path is None or Path(ckpt_path).is_dir():
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    resized = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    for label, keys in (("Missing key(s)", missing), ("Unexpected key(s)", unexpected), ("Resized tensor(s)", resized)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
+                            f"{label} {shown}")
+
+
+def archive_finished_run(run_dir: Path, step) -> Path:
+    """A finished run trained further: its results, model and config move to
+    `finished-step<N>/` before the new ones are written (nothing of it is overwritten)."""
+    archive = run_dir / f"finished-step{step}"
+    archive.mkdir(exist_ok=True)
+    for name in ("results.csv", "results.json", "samples.jsonl", "model", "config.yaml"):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, archive / name)
+    return archive
 
 
 def fit_from_checkpoint(trainer: L.Trainer, module, data, ckpt_path: str | None) -> None:
@@ -351,6 +372,8 @@ def _run(cfg) -> pd.DataFrame | None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build_run(cfg)
+    check_checkpoint_fits(module, ckpt_path)
+    finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
     trainer = build_trainer(cfg, run_dir, module)
     if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
@@ -363,6 +386,9 @@ def _run(cfg) -> pd.DataFrame | None:
     if cfg.eval.val_at_start and ckpt_path is None:
         trainer.validate(module, data, verbose=False)
     fit_from_checkpoint(trainer, module, data, ckpt_path)
+    if finished_step is not None and trainer.global_rank == 0:
+        archive = archive_finished_run(run_dir, finished_step)
+        print(f"the results of step {finished_step} moved to {archive}")
     if ckpt_path is not None and trainer.global_rank == 0:
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
