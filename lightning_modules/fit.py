@@ -175,12 +175,22 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def _run_config(run_dir: Path) -> dict:
+    """The compared sections of the run's config.yaml (empty when there is none, or not a config)."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # noqa: BLE001 -- missing or unreadable: nothing to compare against
+        return {}
+    return {k: v for k, v in saved.items() if k in RESUME_COMPARED} if isinstance(saved, dict) else {}
+
+
 def changed_settings(old: dict, cfg) -> list[str]:
     """Keys of the model, base, data and method sections that differ between `old` (the
     checkpoint's run config) and `cfg`."""
     new = OmegaConf.to_container(cfg, resolve=True)
-    a = {k: v for s in RESUME_COMPARED for k, v in _flatten(old.get(s, {}), s).items()}
-    b = {k: v for s in RESUME_COMPARED for k, v in _flatten(new.get(s, {}), s).items()}
+    sections = [s for s in RESUME_COMPARED if isinstance(old.get(s), dict)]  # what the checkpoint recorded
+    a = {k: v for s in sections for k, v in _flatten(old[s], s).items()}
+    b = {k: v for s in sections for k, v in _flatten(new.get(s, {}), s).items()}
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_EXEMPT)
     # `tiny` is replaced by the cached base's path once built; that path follows from model.tiny,
     # base and data, which are compared themselves.
@@ -237,17 +247,18 @@ def resolve_checkpoint(cfg, run_dir: Path):
         path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
     if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
         raise UserError(f"resume checkpoint not found: {path}")
-    old_cfg, step = None, None
+    old_cfg, step = {}, None
     if path.is_dir():
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
-        if (run_dir / "config.yaml").is_file():
-            old_cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     else:
         ckpt = read_checkpoint(path)
-        old_cfg, step = ckpt.get("hyper_parameters"), ckpt.get("global_step")
+        old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")
         del ckpt
-    if isinstance(old_cfg, dict):
+    # The module's hyperparameters leave `model` out (a name it ignores): the run's config.yaml has it.
+    for section, value in _run_config(run_dir).items():
+        old_cfg.setdefault(section, value)
+    if old_cfg:
         changed = changed_settings(old_cfg, cfg)
         if changed and not cfg.resume_allow_changes:
             shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")

@@ -313,3 +313,25 @@ def test_results_write_on_a_full_disk_keeps_the_old_results(tmp_path, monkeypatc
     with pytest.raises(UserError, match=r"cannot write results .*results.csv: No space left on device \(disk full\)"):
         write_results(tmp_path, _Results())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path):
+    """The checkpoint's run config against the new one: data / model / base / method changes are
+    named in one line; resume_allow_changes=true lets them through; cache locations never count."""
+    from omegaconf import OmegaConf
+
+    from core.errors import UserError
+    from lightning_modules.config import load_config
+    from lightning_modules.fit import resolve_checkpoint
+
+    files, run = write_vlguard(tmp_path / "data"), tmp_path / "run"
+    old = load_config(REPO / "configs/demo.yaml", vlguard_overrides(files, run) + ["data.max_length=32"])
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3, "hyper_parameters": OmegaConf.to_container(old)}, ckpt)
+    new = vlguard_overrides(files, run) + [f"resume={ckpt}", f"paths.cache={tmp_path / 'elsewhere'}"]
+    with pytest.raises(UserError, match=r"was trained with other settings: data.max_length changed"):
+        resolve_checkpoint(load_config(REPO / "configs/demo.yaml", new), run)
+    allowed = load_config(REPO / "configs/demo.yaml", new + ["resume_allow_changes=true"])
+    assert resolve_checkpoint(allowed, run) == str(ckpt)
+    same = load_config(REPO / "configs/demo.yaml", new + ["data.max_length=32", "data.num_workers=2"])
+    assert resolve_checkpoint(same, run) == str(ckpt)
