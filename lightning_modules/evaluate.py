@@ -43,6 +43,7 @@ from models.backbone import build_backbone
 from lightning_modules.base import AlignmentModule, MethodParams
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from core.errors import UserError, cli_main
+from core.files import hold_directory
 from core.records import decode
 from core.schema import parse_section, setting
 from metrics.judges import get_judge
@@ -416,6 +417,11 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
+    with hold_directory(run_dir):  # a second evaluate on this run_dir fails at once
+        return _evaluate(cfg, settings, run_dir, judge)
+
+
+def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Judge]) -> pd.DataFrame:
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation

@@ -30,7 +30,7 @@ from lightning_modules.base import TrainingDiverged, get_method
 from lightning_modules.checkpointing import AtomicCheckpointIO, PerBatchSeed, saved_step
 from lightning_modules.config import config_cli, to_yaml
 from core.errors import UserError, cli_main
-from core.files import DirectoryLock, atomic_write, io_error
+from core.files import DirectoryLock, atomic_write, in_use_error, io_error
 from core.records import strict_json
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
@@ -68,8 +68,7 @@ def prepare_run_dir(cfg) -> Path:
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' is not writable: {err.strerror}") from err
     if not locked:
-        raise UserError(f"run_dir '{run_dir}' is in use by another run (pid {lock.holder()}); wait for it to "
-                        "end or choose another run_dir")
+        raise in_use_error(run_dir, lock)
     _RUN_LOCKS[str(run_dir)] = lock
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir

@@ -158,7 +158,7 @@ def test_cli(tmp_path):
 
 
 @pytest.mark.parametrize("records,extra,needle", [
-    (None, [], "no such file"),
+    (None, [], "not found"),
     ([unsafe("u1", "Share it.")], ["--attack", "overprudence"], "no instructions"),
     ([unsafe("u1", "Share it.")], ["--attack", "kshot", "--k", "99"], "k=99"),
     ([{"id": "l", "conversations": [{"from": "human", "value": "Hi"}]}], ["--attack", "one_word"], "VLGuard"),

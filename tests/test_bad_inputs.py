@@ -260,6 +260,7 @@ EVALUATE = [
     ("evaluate_shot_not_an_integer", _set_field("attacks/test_what_3shot.json", 0, "shot", 1.5), [],
      "field 'shot' is 1.5, not an integer"),
     ("evaluate_file_missing", _unlink("attacks/test_share_1shot.json"), [], "test_share_1shot.json"),
+    ("evaluate_run_dir_locked", _lock_run_dir, [], "run_dir '{run}' is in use by another run"),
 ]
 AUDIT = [
     ("audit_latin1_file", _encode("test.json", "latin-1"), ["{data}/test.json"], "test.json: not UTF-8 text"),

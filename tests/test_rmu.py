@@ -125,5 +125,5 @@ def test_bad_rmu_settings_fail_in_one_line():
         rmu_module("method.train_layers=[2]")
     with pytest.raises(UserError, match="RMU trains nothing"):
         rmu_module("method.param_pattern=nothing_matches")
-    with pytest.raises(UserError, match="method.reference='cache'"):
+    with pytest.raises(UserError, match="unknown method.reference 'cache'"):
         rmu_module("method.reference=cache")
