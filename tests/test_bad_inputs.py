@@ -164,7 +164,7 @@ _HELD: list[DirectoryLock] = []
 
 # (case id, how to break the fixture, extra arguments, text the error line must name)
 FIT_CONFIG = [
-    ("lr_negative", _nothing, ["optim.lr=-1"], "'optim.lr': -1.0 (allowed: a number > 0)"),
+    ("lr_negative", _nothing, ["optim.lr=-1"], "'optim.lr': -1.0 (allowed: a number >= 0)"),
     ("betas_out_of_range", _nothing, ["optim.betas=[1.5,0.9]"], "'optim.betas': [1.5, 0.9]"),
     ("betas_wrong_length", _nothing, ["optim.betas=[0.9]"], "'optim.betas'"),
     ("batch_size_zero", _nothing, ["data.batch_size=0"], "'data.batch_size': 0 (allowed: an integer >= 1)"),
