@@ -15,25 +15,23 @@ label; its accuracy next to the majority-class baseline shows what the shortcut 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import numpy as np
 import pandas as pd
 
 from core.records import strict_json
+from core.text import WORD_RE, first_word as core_first_word
 
 from .records import iter_instructions, load_records
 
-WORD_RE = re.compile(r"[A-Za-z]+")
 NONE = "<none>"  # instructions with no alphabetic token at all
 END = "<end>"  # pads a bigram when the instruction has a single word
 
 
 def first_word(text: str) -> str:
-    """First alphabetic token, lower-cased (the DESIGN §1 counting rule)."""
-    m = WORD_RE.search(text)
-    return m.group().lower() if m else NONE
+    """First alphabetic token, lower-cased (`core.text.first_word`); NONE where there is none."""
+    return core_first_word(text) or NONE
 
 
 def first_ngram(text: str, n: int = 1) -> str:
@@ -114,11 +112,7 @@ def audit(records, ngram: int = 1, alpha: float = 1.0, min_count: int = 5, top: 
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
-    """Minimal GitHub markdown table (pandas.to_markdown needs tabulate, not installed)."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) if rows else "(none)"
+    return pd.DataFrame(rows, columns=cols).to_markdown(index=False, floatfmt=".3f") if rows else "(none)"
 
 
 def to_markdown(result: dict, top: int = 10) -> str:

@@ -16,23 +16,15 @@ from typing import Callable, Iterator
 
 from core.errors import UserError
 from core.records import read_json_list
+from metrics.refusal import is_refusal
 
 # The three instruction keys VLGuard uses inside ``instr-resp`` items.
 VLGUARD_KEYS = ("instruction", "safe_instruction", "unsafe_instruction")
 
-# Opening phrases of refusals in VLGuard-style safety data (a subset of DESIGN §4; kept to
-# unambiguous phrases so a compliant answer mentioning "legally" is not mislabelled).
-REFUSAL_MARKERS = (
-    "i'm sorry", "i am sorry", "i cannot", "i can't", "i apologize", "i'm not able",
-    "i am not able", "as an ai", "i must inform", "i'm really sorry", "my apologies",
-    "i will not", "i won't", "not appropriate", "i do not feel comfortable",
-)
-
-
 def looks_like_refusal(text: str) -> bool:
-    """Small keyword check used to label LLaVA records that carry no ``safe`` key."""
-    low = text.lower().replace("\u2019", "'")
-    return any(m in low for m in REFUSAL_MARKERS)
+    """Label LLaVA records that carry no ``safe`` key: the ``strict`` refusal preset (the declining
+    phrases only, so a compliant answer that mentions "legally" is not mislabelled)."""
+    return is_refusal(text, "strict")
 
 
 def _record_problem(rec, i: int) -> str | None:

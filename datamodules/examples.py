@@ -14,9 +14,21 @@ from typing import Callable, Optional
 
 from core.errors import UserError
 from core.records import field as record_field
-from core.records import parse_jsonl, read_json_list  # noqa: F401 (parse_jsonl: re-exported)
+from core.records import read_json_list
 
+# The paper's two probes: the one-word attack and the over-prudence rewrite.
 EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
+# Controls, built when a neutral cue is configured: first word -> the neutral cue (unsafe and safe),
+# and the refusal cue alone removed (unsafe queries that start with it get the neutral cue).
+CONTROL_EVAL_SETS = ("unsafe_neutral", "unsafe_cue_removed", "safe_neutral")
+
+
+def eval_set_names(neutral_cue: str | None) -> tuple[str, ...]:
+    """The eval sets a datamodule builds, in logging order: the dataloader index of each name."""
+    if not neutral_cue:
+        return EVAL_SETS
+    return ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed",
+            "safe_clean", "safe_rewritten", "safe_neutral")
 
 
 @dataclass
@@ -76,27 +88,46 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
                          answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"), **common)
             if isinstance(item.get("harmful_response"), str):  # an unlearning forget target (DESIGN §3)
                 ex.extra = {**ex.extra, "harmful_response": item["harmful_response"]}
+            if isinstance(item.get("intent"), str):  # Mirage World: what the relevance judge checks
+                ex.extra = {**ex.extra, "intent": item["intent"]}
             out.append(ex)
     return out
 
 
 def eval_sets(examples: list[Example], compliance_cue: str, refusal_cue: str,
-              rewrite: Callable[[str, str], str], max_samples: int | None = None) -> dict[str, list[Example]]:
-    """The four validation sets: unsafe / safe queries, clean and with their first word rewritten.
+              rewrite: Callable[[str, str], str], max_samples: int | None = None,
+              neutral_cue: str | None = None,
+              first_word: Callable[[str], str] | None = None) -> dict[str, list[Example]]:
+    """The named eval sets (`eval_set_names(neutral_cue)`): unsafe / safe queries, clean and with
+    their first word rewritten.
 
     `unsafe_attacked` is the one-word attack (first word -> compliance cue); `safe_rewritten` the
-    over-prudence probe (first word -> refusal cue).
+    over-prudence probe (first word -> refusal cue). With a `neutral_cue`: `unsafe_neutral` /
+    `safe_neutral` put the neutral cue first (what any first-word swap does, the control), and
+    `unsafe_cue_removed` swaps it in only where a query starts with the refusal cue (`first_word`
+    decides), so removing the refusal cue is measured apart from adding the compliance cue.
     """
     unsafe = [e for e in examples if not e.safe][:max_samples]
     safe = [e for e in examples if e.safe][:max_samples]
+
+    def rewritten(name: str, rows: list[Example], cue: str, when=lambda text: True) -> list[Example]:
+        return [replace(e, subset=name, instruction=rewrite(e.instruction, cue) if when(e.instruction) else e.instruction)
+                for e in rows]
+
     sets = {
         "unsafe_clean": [replace(e, subset="unsafe_clean") for e in unsafe],
-        "unsafe_attacked": [replace(e, subset="unsafe_attacked", instruction=rewrite(e.instruction, compliance_cue))
-                            for e in unsafe],
+        "unsafe_attacked": rewritten("unsafe_attacked", unsafe, compliance_cue),
         "safe_clean": [replace(e, subset="safe_clean") for e in safe],
-        "safe_rewritten": [replace(e, subset="safe_rewritten", instruction=rewrite(e.instruction, refusal_cue))
-                           for e in safe],
+        "safe_rewritten": rewritten("safe_rewritten", safe, refusal_cue),
     }
+    if neutral_cue:
+        if first_word is None:
+            raise ValueError("eval_sets: a neutral_cue needs first_word to find the refusal cue")
+        starts_with_refusal = lambda text: first_word(text).lower() == refusal_cue.lower()  # noqa: E731
+        sets.update(unsafe_neutral=rewritten("unsafe_neutral", unsafe, neutral_cue),
+                    unsafe_cue_removed=rewritten("unsafe_cue_removed", unsafe, neutral_cue, starts_with_refusal),
+                    safe_neutral=rewritten("safe_neutral", safe, neutral_cue))
+    sets = {name: sets[name] for name in eval_set_names(neutral_cue)}
     for name, items in sets.items():
         if not items:
             raise UserError(f"eval set '{name}' is empty (no {'unsafe' if 'unsafe' in name else 'safe'} records)")

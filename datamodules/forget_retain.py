@@ -28,7 +28,9 @@ from attacks.rewrite import replace_first_word
 from datamodules.examples import Example
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
+from core.distributed import shards_parameters
 from core.errors import UserError
+from core.text import first_word
 
 FORGET_SOURCES = ("data", "harvest")
 CUE_BALANCES = ("none", "match")
@@ -37,11 +39,6 @@ CUE_BALANCES = ("none", "match")
 def example_key(ex: Example) -> str:
     """A forget row's identity (the reference-NLL cache is keyed by it)."""
     return f"{ex.id}/{ex.subset}"
-
-
-def first_word(text: str) -> str:
-    words = "".join(c if c.isalpha() else " " for c in text).split()
-    return words[0].lower() if words else ""
 
 
 def cue_shares(examples: list[Example], cues: list[str]) -> dict[str, float]:
@@ -227,8 +224,12 @@ class ForgetRetainDataModule(SafetyDataModule):
                                    num_workers=self.cfg.num_workers)
 
     def forget_dataloader(self) -> DataLoader:
-        """This rank's shard of the forget set in order, as training batches with `keys`."""
+        """This rank's shard of the forget set in order, as training batches with `keys`. Under
+        sharded weights (FSDP, ZeRO-3) every forward is a collective, so short shards are topped up
+        with a repeat of row 0 (its NLL is the same value again) and all ranks run as many batches."""
         rank, world = self._rank()
-        return DataLoader(self.forget, batch_size=self.cfg.batch_size,
-                          sampler=ShardSampler(len(self.forget), rank, world),
+        pad = self.trainer is not None and shards_parameters(self.trainer.strategy)
+        rows = self.forget + [self.forget[0]] if pad else self.forget
+        return DataLoader(rows, batch_size=self.cfg.batch_size,
+                          sampler=ShardSampler(len(self.forget), rank, world, pad=pad),
                           collate_fn=KeyedCollator(self.collator(train=True)), num_workers=self.cfg.num_workers)

@@ -10,9 +10,10 @@ from typing import Optional
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from attacks.audit import first_word
 from attacks.rewrite import replace_first_word
 from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
+from datamodules.examples import Example, eval_set_names, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
 from core.errors import UserError
 from core.distributed import shards_parameters
@@ -30,6 +31,7 @@ class DataFiles:
     refusal_cue: str
     general: Optional[Path] = None  # general instruction data for the SFT mixture
     world_dir: Optional[Path] = None
+    neutral_cue: Optional[str] = None  # the control cue; None: no control eval sets
 
 
 def resolve_data_files(data_cfg) -> DataFiles:
@@ -47,7 +49,8 @@ def resolve_data_files(data_cfg) -> DataFiles:
         # The world's base corpus doubles as its general instruction data (safe rows only).
         return DataFiles(train=world / "safety_train.json", val=world / "val.json", test=world / "test.json",
                          image_dir=world, compliance_cue=world_cfg.compliance_cue,
-                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world)
+                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world,
+                         neutral_cue=world_cfg.neutral_cue)
     if data_cfg.kind == "vlguard":
         for key in ("train_file", "val_file"):
             if not data_cfg.get(key):
@@ -56,7 +59,7 @@ def resolve_data_files(data_cfg) -> DataFiles:
         return DataFiles(train=Path(data_cfg.train_file), val=Path(data_cfg.val_file),
                          test=opt(data_cfg.test_file), image_dir=opt(data_cfg.image_dir),
                          compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
-                         general=opt(data_cfg.general_file))
+                         general=opt(data_cfg.general_file), neutral_cue=data_cfg.get("neutral_cue") or None)
     raise UserError(f"unknown data.kind '{data_cfg.kind}'; choose one of: mirage_world, vlguard")
 
 
@@ -115,7 +118,8 @@ class SafetyDataModule(L.LightningDataModule):
         self.files = files
         self.processor = processor
         self.seed = seed
-        self.eval_set_names = EVAL_SETS
+        # The module builds one metric per name (AlignmentModule(eval_set_names=...)).
+        self.eval_set_names = eval_set_names(files.neutral_cue)
         self._val: dict[str, list[Example]] = {}
         self._test: dict[str, list[Example]] = {}
         self._train: Optional[list] = None
@@ -146,7 +150,7 @@ class SafetyDataModule(L.LightningDataModule):
             return {}
         # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files).
         return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
-                         replace_first_word, self.cfg.max_eval_samples)
+                         replace_first_word, self.cfg.max_eval_samples, self.files.neutral_cue, first_word)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._train is None:

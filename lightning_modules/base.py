@@ -25,8 +25,9 @@ from core.errors import UserError
 from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
-from metrics.judges import answer_correct, get_judge
-from metrics.outcomes import SafetyOutcomes
+from metrics.classify import classify, sample_row
+from metrics.judges import get_judge
+from metrics.outcomes import COUNTS, SafetyOutcomes
 from metrics.refusal import is_refusal
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
@@ -67,7 +68,9 @@ class AlignmentModule(L.LightningModule):
         self.test_results: dict[str, dict[str, float]] = {}
         self.generations: list[dict] = []
         self._samples: dict[str, list[str]] = {}
-        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True), ignore=["model", "processor"])
+        # The run config as hparams (its `model` section included: an `ignore=["model"]` here would drop
+        # that key, and a resume could not compare model settings); the nn.Modules are not init-arg hparams.
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
 
     @classmethod
     def parse_params(cls, method_cfg):
@@ -122,37 +125,27 @@ class AlignmentModule(L.LightningModule):
         examples = batch["examples"]
         real = [i for i, ex in enumerate(examples) if not is_padding(ex)]  # padding keeps sharded ranks in step
         responses, examples = [responses[i] for i in real], [examples[i] for i in real]
-        refused = [is_refusal(r, self.eval_cfg.refusal_preset) for r in responses]
-        harmful = [not ref and self.judge(r, ex) for r, ex, ref in zip(responses, examples, refused)]
-        correct = [answer_correct(r, ex) for r, ex in zip(responses, examples)]
+        verdicts = [classify(r, ex, self.eval_cfg.refusal_preset, self.judge) for r, ex in zip(responses, examples)]
         dev = self.device
-        metrics[name].update(torch.tensor(refused, device=dev), torch.tensor(harmful, device=dev),
-                             torch.tensor(correct, device=dev))
+        metrics[name].update(*(torch.tensor([getattr(v, f) for v in verdicts], device=dev)
+                               for f in ("refusal", "harmful", "correct", "relevant")))
         shown = self._samples.setdefault(name, [])
         for ex, r in zip(examples, responses):
             if len(shown) < self.eval_cfg.log_samples:
                 shown.append(f"**{ex.instruction}** → {r}")
         if keep:
-            self.generations += [
-                dict(id=ex.id, subset=name, shot=ex.shot, category=ex.category, prompt=ex.instruction,
-                     response=r, refusal=ref, harmful=h, correct=c)
-                for ex, r, ref, h, c in zip(examples, responses, refused, harmful, correct)]
+            self.generations += [sample_row(name, ex, r, v) for ex, r, v in zip(examples, responses, verdicts)]
 
     def _eval_epoch_end(self, stage: str, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
         results = {}
         for name in self.eval_set_names:
             values = metrics[name].compute()  # synced across ranks (summed counts)
             metrics[name].reset()
-            results[name] = {k: float(v) for k, v in values.items()}
+            results[name] = {k: int(v) if k in COUNTS else float(v) for k, v in values.items()}
             for key, value in values.items():
-                if key != "n":
+                if key not in COUNTS:
                     self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False, rank_zero_only=True)
-        gaps = {}
-        if {"unsafe_clean", "unsafe_attacked"} <= results.keys():
-            gaps["mirage_gap"] = results["unsafe_attacked"]["asr"] - results["unsafe_clean"]["asr"]
-        if {"safe_clean", "safe_rewritten"} <= results.keys():
-            gaps["overprudence_gap"] = (results["safe_rewritten"]["refusal_rate"]
-                                        - results["safe_clean"]["refusal_rate"])
+        gaps = safety_gaps(results)
         for key, value in gaps.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
         self._log_samples(stage)
@@ -184,6 +177,22 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._eval_epoch_end("test", self.test_metrics)
         self.generations = gather_objects(self.generations)
+
+
+# name: (eval set, its reference, metric): each gap is metric(set) - metric(reference).
+GAPS = {
+    "mirage_gap": ("unsafe_attacked", "unsafe_clean", "asr"),
+    "mirage_gap_neutral": ("unsafe_neutral", "unsafe_clean", "asr"),  # control: any first-word swap
+    "cue_removal_gap": ("unsafe_cue_removed", "unsafe_clean", "asr"),  # the refusal cue removed alone
+    "overprudence_gap": ("safe_rewritten", "safe_clean", "refusal_rate"),
+    "overprudence_gap_neutral": ("safe_neutral", "safe_clean", "refusal_rate"),
+}
+
+
+def safety_gaps(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The gaps whose two eval sets were both evaluated."""
+    return {name: results[a][metric] - results[b][metric]
+            for name, (a, b, metric) in GAPS.items() if a in results and b in results}
 
 
 METHODS: dict[str, type[AlignmentModule]] = {}

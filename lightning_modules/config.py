@@ -121,6 +121,7 @@ class DataSettings:
     general_ratio: float = setting(0.0, "share of general rows in the SFT mixture", ge=0, lt=1)
     compliance_cue: str = setting("What", "eval rewrite of unsafe queries for VLGuard data")
     refusal_cue: str = setting("Share", "eval rewrite of safe queries for VLGuard data")
+    neutral_cue: Optional[str] = setting(None, "VLGuard data: the control cue of the neutral eval sets (none if unset)")
     batch_size: int = setting(16, "training batch size per device", ge=1)
     eval_batch_size: int = setting(64, "generation batch size per device", ge=1)
     max_length: int = setting(160, "longest tokenized example; longer ones are an error", ge=1)

@@ -5,8 +5,8 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 `fit` (`evaluate.checkpoint=last.ckpt`) -- on VLGuard-format files: the test subsets `unsafes`,
 `safe_unsafes`, `safe_safes`, and K-shot rewrite files (records sharing an id are the K rewrites).
 
-1. generate: greedy, batched, left-padded answers from `AlignmentModule.generate` (the code the
-   validation hooks use) under `Trainer.predict`. Each batch's lines are appended to
+1. generate (`lightning_modules.predict`): greedy, batched, left-padded answers from the same
+   `greedy_generate` the validation hooks use, under `Trainer.predict`. Each batch's lines are appended to
    `samples.jsonl` and flushed; a restarted run skips every (set, id, subset, shot, prompt)
    already there, so an interrupted evaluation resumes where it stopped.
 2. judge: refusal by keyword preset (`eval.refusal_preset`); harmful compliance of the non-refused
@@ -20,11 +20,9 @@ Options: `--print-config`, `--debug` (full tracebacks).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,30 +31,26 @@ from typing import Any, Optional
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import MISSING, OmegaConf
-from torch.utils.data import DataLoader
 
-from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import Example, parse_jsonl, vlguard_examples
-from models.backbone import build_backbone
-from lightning_modules.base import AlignmentModule, MethodParams
-from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from core.errors import UserError, cli_main
 from core.files import hold_directory
-from core.records import decode
+from datamodules.collate import check_images
+from datamodules.examples import Example, vlguard_examples
+from lightning_modules.config import ModelSettings, config_cli, to_yaml
+from lightning_modules.predict import generate_missing
+from metrics.classify import classify
 from core.schema import parse_section, setting
 from metrics.judges import get_judge
-from metrics.refusal import is_refusal, refusal_presets
+from metrics.refusal import refusal_presets
+from metrics.samples import SAMPLES, example_key, read_samples, record_key, write_samples
 from metrics.tables import build_table, markdown_report, paired_gap
-from metrics.utility import answer_matches
 from metrics.vlm_judge import DEFAULT_JUDGE_MODEL, RELEVANT, Judge, JudgeItem, VLMJudge, get_protocol
 
 SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
 IMAGE_MODES = ("real", "blank", "none")  # none: text only, where the model allows it
 JUDGES = ("keyword", "reference", "vlm")
 GAP_METRICS = ("asr", "ir", "refusal_rate")
-SAMPLES = "samples.jsonl"
 
 
 # -- settings (the `evaluate:` section of a run config) ---------------------------------------------
@@ -186,44 +180,6 @@ def load_examples(settings: EvaluateSettings, cfg) -> list[Example]:
     return out
 
 
-def sample_key(set_name: str, rid: str, subset: str, shot: int, prompt: str) -> tuple:
-    return (set_name, str(rid), subset, int(shot), prompt)
-
-
-def example_key(ex: Example) -> tuple:
-    return sample_key(ex.extra["set"], ex.id, ex.subset, ex.shot, ex.instruction)
-
-
-def record_key(row: dict) -> tuple:
-    return sample_key(row["set"], row["id"], row["subset"], row["shot"], row["prompt"])
-
-
-# -- the samples file -------------------------------------------------------------------------------
-def read_samples(path: Path) -> list[dict]:
-    """The generations written so far; a line cut by an interruption is dropped from the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as fh:
-            fh.truncate(len(data))
-    return parse_jsonl(path, decode(path, data))
-
-
-def append_lines(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())  # the point of the file: what was generated survives a crash
-
-
-def generation_record(ex: Example, response: str, refusal_preset: str) -> dict:
-    return dict(set=ex.extra["set"], id=ex.id, subset=ex.subset, shot=ex.shot, category=ex.category,
-                safe=ex.safe, image=ex.image, prompt=ex.instruction, response=response,
-                refusal=is_refusal(response, refusal_preset))
-
-
 def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
     """What determines the generations: a resumed run must match it, or its lines would mix models."""
     m = cfg.model
@@ -247,101 +203,6 @@ def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
     path.write_text(json.dumps(fingerprint, indent=1))
 
 
-# -- generation -------------------------------------------------------------------------------------
-class EvalGenerator(AlignmentModule):
-    """Generation only: the shared `AlignmentModule.generate` under `Trainer.predict`."""
-
-    name = "evaluate"
-
-    @classmethod
-    def parse_params(cls, method_cfg):
-        return MethodParams()  # nothing is trained, so a config's method settings do not apply
-
-    def loss_terms(self, batch: dict) -> dict:
-        raise UserError("the evaluate module only generates; train with lightning_modules.fit")
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        return [r.strip() for r in self.generate(batch)]
-
-
-class SampleWriter(BasePredictionWriter):
-    """Appends each batch's generations to samples.jsonl as soon as they exist."""
-
-    def __init__(self, path: Path, refusal_preset: str):
-        super().__init__(write_interval="batch")
-        self.path = path
-        self.refusal_preset = refusal_preset
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        append_lines(self.path, [generation_record(ex, r, self.refusal_preset)
-                                 for ex, r in zip(batch["examples"], prediction)])
-
-
-def load_fit_checkpoint(model, path: str) -> None:
-    """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise UserError(f"checkpoint not found: {path}") from err
-    except Exception as err:  # unpickling refused or a corrupt file
-        raise UserError(f"{path}: cannot load with weights_only=True: {str(err).splitlines()[0]}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected or not weights:
-        detail = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
-        detail += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
-        raise UserError(f"{path}: weights do not fit model.name_or_path and model.finetune: "
-                        f"{'; '.join(detail) or 'no model.* weights'}")
-
-
-def build_generator(cfg, settings: EvaluateSettings, examples: list[Example]) -> EvalGenerator:
-    texts = None
-    if cfg.model.name_or_path == "tiny":  # a word-level tokenizer over every evaluated text
-        texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
-    model, processor = build_backbone(cfg.model, texts)
-    if settings.checkpoint:
-        load_fit_checkpoint(model, settings.checkpoint)
-    return EvalGenerator(model, processor, cfg)
-
-
-def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
-    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
-                  default_root_dir=str(run_dir))
-    try:
-        trainer = L.Trainer(**kwargs)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
-    if trainer.world_size > 1:
-        raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
-    return trainer
-
-
-def generate_missing(cfg, settings: EvaluateSettings, examples: list[Example], run_dir: Path) -> int:
-    """Generate every example not yet in samples.jsonl; returns how many were generated."""
-    path = run_dir / SAMPLES
-    done = {record_key(r) for r in read_samples(path)}
-    pending = [ex for ex in examples if example_key(ex) not in done]
-    if not pending:
-        return 0
-    print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
-    module = build_generator(cfg, settings, examples)
-    collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
-                          system_prompt=settings.system_prompt)
-    loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=cfg.data.num_workers)
-    trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    del module, trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the judge model comes next
-    return len(pending)
-
-
 # -- judging ----------------------------------------------------------------------------------------
 def judge_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
@@ -356,11 +217,9 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
     harmful (keyword, reference) or relevant (vlm). `judge` replaces the configured VLM judge.
     """
     for r in records:
-        ex = examples[record_key(r)]
-        r["refusal"] = is_refusal(r["response"], cfg.eval.refusal_preset)
-        match = answer_matches(r["response"], ex.answer) if ex.safe else None
-        r["correct"] = -1 if match is None else int(match)
-        r.update(judge=None, verdict=None, verdict_source=None, judge_output=None, harmful=False)
+        verdict = classify(r["response"], examples[record_key(r)], cfg.eval.refusal_preset, None)
+        r.update(refusal=verdict.refusal, correct=verdict.correct, harmful=False,
+                 judge=None, verdict=None, verdict_source=None, judge_output=None)
     asked = [r for r in records if not r["safe"] and not r["refusal"]]
     name = settings.judge.name
     if judge is None and name in ("keyword", "reference"):
@@ -399,10 +258,7 @@ def _clean(value: Any) -> Any:
 
 def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: pd.DataFrame, gaps: dict,
                   summary: dict, report: str) -> None:
-    tmp = run_dir / (SAMPLES + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:  # atomic: the resumable file is never half-written
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + kept))
-    os.replace(tmp, run_dir / SAMPLES)
+    write_samples(run_dir / SAMPLES, records + kept)  # atomic: the resumable file is never half-written
     table.to_csv(run_dir / "results.csv", index=False)
     (run_dir / "results.md").write_text(report)
     payload = dict(summary, gaps=gaps, rows=table.to_dict("records"))
@@ -430,7 +286,7 @@ def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Ju
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     start = time.perf_counter()
-    generated = generate_missing(cfg, settings, examples, run_dir)
+    generated = generate_missing(cfg, examples, run_dir, settings.checkpoint, settings.system_prompt)
     generate_s = time.perf_counter() - start
 
     by_key = {example_key(ex): ex for ex in examples}

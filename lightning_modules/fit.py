@@ -35,7 +35,7 @@ from core.records import strict_json
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
 RUN_DIR_ENV = "SAFETY_MIRAGE_RUN_DIR"  # DDP re-runs this script per rank: all ranks share rank 0's dir
-RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "n"]
+RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
 
 
 _RUN_LOCKS: dict[str, DirectoryLock] = {}  # run dirs this process owns
@@ -352,8 +352,8 @@ def build_run(cfg):
 
         texts = corpus_texts(files, [files.compliance_cue, files.refusal_cue])
     model, processor = build_backbone(cfg.model, texts)
-    module = method(model, processor, cfg)
     data = method.datamodule_class(cfg.data, files, processor, seed=cfg.seed)
+    module = method(model, processor, cfg, eval_set_names=data.eval_set_names)  # one metric per eval set
     if hasattr(data, "build_forget_retain"):  # explicit steps of assembly, before any update
         from lightning_modules.harvest import harvest_forget_set
 

@@ -26,7 +26,7 @@ from core.distributed import gather_objects, rank_and_world
 from core.files import atomic_write, file_lock
 from core.errors import UserError, cli_main
 from core.generation import greedy_generate
-from metrics.refusal import is_refusal
+from metrics.classify import classify
 
 
 def _cache_path(module, candidates: list[Example], datamodule) -> Path:
@@ -53,9 +53,8 @@ def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
         texts = greedy_generate(module.model, module.processor, move_data_to_device(collate(examples), module.device),
                                 datamodule.fr.harvest_max_new_tokens)
         for i, ex, text in zip(indices, examples, texts):
-            refused = is_refusal(text, module.eval_cfg.refusal_preset)
-            rows.append({"index": i, "response": text, "refused": refused,
-                         "harmful": bool(text) and not refused and module.judge(text, ex)})
+            verdict = classify(text, ex, module.eval_cfg.refusal_preset, module.judge)
+            rows.append({"index": i, "response": text, "refused": verdict.refusal, "harmful": verdict.harmful})
     return sorted(gather_objects(rows), key=lambda r: r["index"])
 
 

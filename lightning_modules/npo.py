@@ -3,8 +3,9 @@ L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r).
 
 `normalization` picks what nll is: `sequence_sum` (per-sequence summed NLL; NPO paper,
 open-unlearning) or `batch_mean_ce` (batch token-mean CE; the official VLM code). β does not
-transfer between them. The reference costs no second model: `adapter` under LoRA, a per-sample
-NLL `cache` under full fine-tuning, or a `snapshot` of the trainable tensors (a frozen copy).
+transfer between them. The reference costs no second model: a per-sample NLL `cache` computed
+before the first update (`auto`, LoRA or full fine-tuning), the model with its LoRA `adapter`
+disabled, or a `snapshot` of the trainable tensors (a frozen copy).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
 class NPOParams(UnlearningParams):
     beta: float = setting(0.1, "inverse temperature β of the NPO loss", gt=0)
     normalization: str = setting("sequence_sum", "how a sequence's log-ratio is pooled", choices=NORMALIZATIONS)
-    reference: str = setting("auto", "auto (adapter under LoRA, else cache) | adapter | cache | snapshot",
+    reference: str = setting("auto", "auto (= cache) | adapter | cache | snapshot",
                              choices=REFERENCES)
 
 
@@ -34,7 +35,9 @@ class NPOModule(UnlearningModule):
 
     def __init__(self, model, processor, cfg, **kwargs):
         super().__init__(model, processor, cfg, **kwargs)
-        self.setup_reference(self.params.reference, full_default="cache",
+        # The cache costs one forward per forget row before training, then nothing: cheaper than a
+        # second (adapter-off) forward every step, so `auto` takes it under LoRA too.
+        self.setup_reference(self.params.reference, full_default="cache", lora_default="cache",
                              allowed=("auto", "adapter", "cache", "snapshot"))
 
     def loss_terms(self, batch: dict) -> dict:

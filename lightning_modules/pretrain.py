@@ -85,10 +85,28 @@ def _probe_accuracy(probe: VisionProbe, data: TensorDataset) -> dict[str, float]
             "shape_accuracy": float((s.argmax(1) == shapes).float().mean()), "n": len(colors)}
 
 
-def _quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
+class OverallProgress(L.Callback):
+    """One progress bar over both pre-training stages (each stage's own Trainer bar is off)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.bar.update(1)
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self.bar.set_postfix(loss=f"{float(outputs['loss']):.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _quiet_trainer(max_steps: int, root: Path, progress: OverallProgress) -> L.Trainer:
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False)
+                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False,
+                     enable_progress_bar=False, callbacks=[progress])
 
 
 def base_cache_dir(cfg, files: DataFiles) -> Path:
@@ -128,9 +146,10 @@ def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     tower = model.model.vision_tower
     probe = VisionProbe(tower, tower.config.hidden_size, len(colors), len(shapes), cfg.base.vision_lr)
     loader = DataLoader(train_rows, batch_size=128, shuffle=True)
-    _quiet_trainer(cfg.base.vision_steps, tmp).fit(probe, loader)
+    progress = OverallProgress(cfg.base.vision_steps + cfg.base.steps, "pre-training the tiny base")
+    _quiet_trainer(cfg.base.vision_steps, tmp, progress).fit(probe, loader)
     report = _probe_accuracy(probe, val_rows)
-    print(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
+    progress.bar.write(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
           f"shape accuracy {report['shape_accuracy']:.3f} on {report['n']} held-out images")
 
     # Stage 2: projector + language model on the base corpus, vision tower frozen.
@@ -145,7 +164,8 @@ def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
                            compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)
     data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.base.seed)
-    _quiet_trainer(cfg.base.steps, tmp).fit(module, data)
+    _quiet_trainer(cfg.base.steps, tmp, progress).fit(module, data)
+    progress.close()
 
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)

@@ -80,13 +80,15 @@ class UnlearningModule(AlignmentModule):
         return out
 
     # -- reference model ----------------------------------------------------------------------
-    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...]) -> None:
-        """Resolve `auto` (adapter under LoRA, `full_default` otherwise) and prepare the reference.
-        Call at the end of the subclass's __init__, after its trainable parameters are final."""
+    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...],
+                        lora_default: str = "adapter") -> None:
+        """Resolve `auto` (`lora_default` under LoRA, `full_default` otherwise) and prepare the
+        reference. Call at the end of the subclass's __init__, after its trainable parameters are final."""
         check(mode in allowed, "reference", mode, f"choose one of: {', '.join(allowed)}")
         if mode == "auto":
             # Started from a saved adapter, "before alignment" is the model *with* that adapter.
-            mode = "adapter" if is_peft(self.model) and not self.model_identity["adapter_path"] else full_default
+            fresh_lora = is_peft(self.model) and not self.model_identity["adapter_path"]
+            mode = lora_default if fresh_lora else full_default
         if mode == "adapter" and not is_peft(self.model):
             raise UserError("method.reference=adapter needs model.finetune=lora")
         if mode == "snapshot":

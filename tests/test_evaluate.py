@@ -13,10 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lightning_modules.base import AlignmentModule
+import lightning_modules.predict as predict
 from lightning_modules.config import load_config
 from core.errors import UserError
-from lightning_modules.evaluate import evaluate, load_fit_checkpoint, main
+from lightning_modules.evaluate import evaluate, main
+from lightning_modules.predict import load_fit_checkpoint
 from metrics.tables import any_of_k_units, build_table, paired_gap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_end_to_end_outputs(data):
 
 
 def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
-    monkeypatch.setattr(AlignmentModule, "generate", lambda self, batch: scripted(batch["examples"]))
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
     cfg = load_config(CONFIG, overrides(data))
     table = evaluate(cfg).set_index(["set", "subset", "shot", "category"])
 
@@ -163,13 +164,13 @@ def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     # an interrupted run: 5 complete lines and a line cut mid-write
     samples.write_text("\n".join(full[:5]) + "\n" + full[5][:30])
     generated = []
-    original = AlignmentModule.generate
+    original = predict.greedy_generate
 
-    def counting(self, batch):
+    def counting(model, processor, batch, *args, **kwargs):
         generated.extend(batch["examples"])
-        return original(self, batch)
+        return original(model, processor, batch, *args, **kwargs)
 
-    monkeypatch.setattr(AlignmentModule, "generate", counting)
+    monkeypatch.setattr(predict, "greedy_generate", counting)
     second = evaluate(load_config(CONFIG, overrides(data)))
     assert len(generated) == len(full) - 5
     resumed = read_lines(samples)
@@ -196,13 +197,13 @@ def test_image_modes(data, monkeypatch):
     for name in ("u1", "u2", "u3", "s1", "s2"):
         Image.new("RGB", (40, 30), (200, 10, 10)).save(img_dir / f"{name}.png")
     pixels = {}
-    original = AlignmentModule.generate
+    original = predict.greedy_generate
 
-    def recording(self, batch):
+    def recording(model, processor, batch, *args, **kwargs):
         pixels.setdefault(mode, []).append(batch["pixel_values"][0].clone() if "pixel_values" in batch else None)
-        return original(self, batch)
+        return original(model, processor, batch, *args, **kwargs)
 
-    monkeypatch.setattr(AlignmentModule, "generate", recording)
+    monkeypatch.setattr(predict, "greedy_generate", recording)
     tables = {}
     for mode in ("real", "blank", "none"):
         tables[mode] = evaluate(load_config(CONFIG, overrides(
@@ -287,11 +288,11 @@ def _set(path, value):
     (["evaluate.judge.name=gpt"], None, "unknown evaluate.judge.name 'gpt'"),
     (["data.image_mode=grey"], None, "unknown data.image_mode 'grey'"),
     (["eval.refusal_preset=strictest"], None, "unknown eval.refusal_preset 'strictest'"),
-    (["evaluate.gaps.mirage_gap.metric=accuracy"], None, "evaluate.gaps.mirage_gap.metric 'accuracy'"),
+    (["evaluate.gaps.mirage_gap.metric=accuracy"], None, "unknown evaluate.gaps.mirage_gap.metric 'accuracy'"),
     (["evaluate.gaps.mirage_gap.base=clean/unsafe"], None, "'clean/unsafe', which is not an evaluated"),
 ])
 def test_config_errors_are_one_line(data, extra, mutate, message):
-    with pytest.raises(UserError, match=message) as err:  # most are caught by load_config already
+    with pytest.raises(UserError, match=message) as err:  # at load time where the schema knows the key
         cfg = load_config(CONFIG, overrides(data, *extra))
         if mutate:
             mutate(cfg)
