@@ -118,6 +118,23 @@ class DirectoryLock:
             self.fd = None
 
 
+def in_use_error(directory, lock: DirectoryLock) -> UserError:
+    return UserError(f"run_dir '{directory}' is in use by another run (pid {lock.holder()}); wait for it to end "
+                     "or choose another run_dir")
+
+
+@contextlib.contextmanager
+def hold_directory(directory: str | Path) -> Iterator[None]:
+    """Own an existing directory for the duration of the block; one line if another run owns it."""
+    lock = DirectoryLock(directory)
+    if not lock.acquire():
+        raise in_use_error(directory, lock)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_once(final: str | Path, build: Callable[[Path], None], done: str) -> Path:
     """Return `final`, building it first if `final/done` does not exist: `build(tmp)` fills a
     temporary sibling, which is renamed into place. Builders of the same `final` take turns on a

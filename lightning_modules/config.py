@@ -142,7 +142,7 @@ class DataSettings:
 
 @dataclass
 class OptimSettings:
-    lr: float = setting(1e-3, "peak learning rate of AdamW", gt=0)
+    lr: float = setting(1e-3, "peak learning rate of AdamW (0: weights stay as they are)", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", ge=0, le=1)

@@ -34,6 +34,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from core.errors import UserError, cli_main
+from core.files import hold_directory
 from datamodules.collate import check_images
 from datamodules.examples import Example, vlguard_examples
 from lightning_modules.config import ModelSettings, config_cli, to_yaml
@@ -273,6 +274,11 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
+    with hold_directory(run_dir):  # a second evaluate on this run_dir fails at once
+        return _evaluate(cfg, settings, run_dir, judge)
+
+
+def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Judge]) -> pd.DataFrame:
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation

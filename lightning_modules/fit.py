@@ -31,7 +31,7 @@ from lightning_modules.config import config_cli, to_yaml
 from lightning_modules.loggers import build_loggers, log_hparams_summary as log_to_loggers
 from core.distributed import is_launch_rank_zero
 from core.errors import UserError, cli_main
-from core.files import DirectoryLock, atomic_write
+from core.files import DirectoryLock, atomic_write, in_use_error
 from core.records import strict_json
 from lightning_modules.strategies import build_strategy, gathered_model_weights
 
@@ -73,8 +73,7 @@ def prepare_run_dir(cfg) -> Path:
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' is not writable: {err.strerror}") from err
     if not locked:
-        raise UserError(f"run_dir '{run_dir}' is in use by another run (pid {lock.holder()}); wait for it to "
-                        "end or choose another run_dir")
+        raise in_use_error(run_dir, lock)
     _RUN_LOCKS[str(run_dir)] = lock
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
@@ -160,12 +159,22 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def _run_config(run_dir: Path) -> dict:
+    """The compared sections of the run's config.yaml (empty when there is none, or not a config)."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # noqa: BLE001 -- missing or unreadable: nothing to compare against
+        return {}
+    return {k: v for k, v in saved.items() if k in RESUME_COMPARED} if isinstance(saved, dict) else {}
+
+
 def changed_settings(old: dict, cfg) -> list[str]:
     """Keys of the model, base, data and method sections that differ between `old` (the
     checkpoint's run config) and `cfg`."""
     new = OmegaConf.to_container(cfg, resolve=True)
-    a = {k: v for s in RESUME_COMPARED for k, v in _flatten(old.get(s, {}), s).items()}
-    b = {k: v for s in RESUME_COMPARED for k, v in _flatten(new.get(s, {}), s).items()}
+    sections = [s for s in RESUME_COMPARED if isinstance(old.get(s), dict)]  # what the checkpoint recorded
+    a = {k: v for s in sections for k, v in _flatten(old[s], s).items()}
+    b = {k: v for s in sections for k, v in _flatten(new.get(s, {}), s).items()}
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_EXEMPT)
     # `tiny` is replaced by the cached base's path once built; that path follows from model.tiny,
     # base and data, which are compared themselves.
@@ -208,7 +217,7 @@ def resolve_checkpoint(cfg, run_dir: Path):
     else a fresh start -- one command for a job that a cluster may requeue.
 
     Before anything is written: the checkpoint is checked whole; a finished run is resumed only to
-    train further (trainer.max_steps above its step; its results move to `finished-step<N>/`); a
+    train further (trainer.max_steps above its step; `archive_finished_run` keeps its results); a
     change of model, base, data or method settings is refused unless resume_allow_changes=true."""
     if not cfg.resume:
         return None
@@ -222,17 +231,18 @@ def resolve_checkpoint(cfg, run_dir: Path):
         path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
     if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
         raise UserError(f"resume checkpoint not found: {path}")
-    old_cfg, step = None, None
+    old_cfg, step = {}, None
     if path.is_dir():
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
-        if (run_dir / "config.yaml").is_file():
-            old_cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     else:
         ckpt = read_checkpoint(path)
-        old_cfg, step = ckpt.get("hyper_parameters"), ckpt.get("global_step")
+        old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")
         del ckpt
-    if isinstance(old_cfg, dict):
+    # The module's hyperparameters leave `model` out (a name it ignores): the run's config.yaml has it.
+    for section, value in _run_config(run_dir).items():
+        old_cfg.setdefault(section, value)
+    if old_cfg:
         changed = changed_settings(old_cfg, cfg)
         if changed and not cfg.resume_allow_changes:
             shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
@@ -244,14 +254,35 @@ def resolve_checkpoint(cfg, run_dir: Path):
             raise UserError(f"run {run_dir} is finished (checkpoint at step {step}, results written); nothing "
                             f"to resume. To train further pass trainer.max_steps > {step}; to start over, "
                             "choose another run_dir")
-        archive = run_dir / f"finished-step{step}"
-        archive.mkdir(exist_ok=True)
-        for name in ("results.csv", "results.json", "samples.jsonl", "model", "config.yaml"):
-            if (run_dir / name).exists():
-                os.replace(run_dir / name, archive / name)
-        print(f"run {run_dir} finished at step {step}: its results moved to {archive}; training on to "
-              f"step {max_steps}")
     return str(path)
+
+
+def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
+    """The checkpoint's weights have this model's names and shapes (else one line, before the
+    Trainer writes its first log file)."""
+    if ckpt_path is None or Path(ckpt_path).is_dir():
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    resized = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    for label, keys in (("Missing key(s)", missing), ("Unexpected key(s)", unexpected), ("Resized tensor(s)", resized)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
+                            f"{label} {shown}")
+
+
+def archive_finished_run(run_dir: Path, step) -> Path:
+    """A finished run trained further: its results, model and config move to
+    `finished-step<N>/` before the new ones are written (nothing of it is overwritten)."""
+    archive = run_dir / f"finished-step{step}"
+    archive.mkdir(exist_ok=True)
+    for name in ("results.csv", "results.json", "samples.jsonl", "model", "config.yaml"):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, archive / name)
+    return archive
 
 
 def fit_from_checkpoint(trainer: L.Trainer, module, data, ckpt_path: str | None) -> None:
@@ -336,6 +367,8 @@ def _run(cfg) -> pd.DataFrame | None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build_run(cfg)
+    check_checkpoint_fits(module, ckpt_path)
+    finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
     trainer = build_trainer(cfg, run_dir, module)
     if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
@@ -348,6 +381,9 @@ def _run(cfg) -> pd.DataFrame | None:
     if cfg.eval.val_at_start and ckpt_path is None:
         trainer.validate(module, data, verbose=False)
     fit_from_checkpoint(trainer, module, data, ckpt_path)
+    if finished_step is not None and trainer.global_rank == 0:
+        archive = archive_finished_run(run_dir, finished_step)
+        print(f"the results of step {finished_step} moved to {archive}")
     if ckpt_path is not None and trainer.global_rank == 0:
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards

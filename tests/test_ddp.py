@@ -53,9 +53,8 @@ def run(files: dict, run_dir: Path, devices: int, model: Path) -> Path:
     if devices > 1:
         trainer.append("trainer.strategy=ddp")
     args = [sys.executable, "-m", "lightning_modules.fit", "--config", "configs/demo.yaml",
-            *vlguard_overrides(files, run_dir), f"model.name_or_path={model}", *trainer,
-            "trainer.max_steps=0",  # the weights stay the base's: every world size evaluates one model
-            f"data.max_eval_samples={N_EVAL}", "eval.max_new_tokens=6", "eval.val_at_start=true",
+            *vlguard_overrides(files, run_dir), f"model.name_or_path={model}", *trainer, "trainer.max_steps=2",
+            "optim.lr=0", f"data.max_eval_samples={N_EVAL}", "eval.max_new_tokens=6", "eval.val_at_start=true",
             "eval.judge=keyword"]  # every non-refused unsafe answer counts: ASR is not all zero either
     proc = subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
