@@ -171,7 +171,7 @@ FIT_CONFIG = [
     ("num_workers_negative", _nothing, ["data.num_workers=-1"], "'data.num_workers': -1"),
     ("threads_negative", _nothing, ["threads=-1"], "'threads': -1"),
     ("beta_not_a_number", _nothing, ["method=npo", "method.beta=abc"], "'method.beta': 'abc' (allowed: a number)"),
-    ("rmu_layer_fractional", _nothing, ["method=rmu", "method.layer=1.5"], "'method.layer': 1.5 (allowed: an integer)"),
+    ("rmu_layer_fractional", _nothing, ["method=rmu", "method.layer=1.5"], "'method.layer': 1.5 (allowed: an integer or one of auto)"),
     ("param_pattern_bad_regex", _nothing, ["method=rmu", "method.param_pattern=(mlp"],
      "'method.param_pattern': '(mlp' (not a regular expression"),
     ("lora_rank_zero", _nothing, ["model.lora.r=0"], "'model.lora.r': 0"),
