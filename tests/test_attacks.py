@@ -151,6 +151,7 @@ def test_mine_cues_and_from_mined():
     assert OverPrudenceRewrite.from_mined(records).cue == "Share"
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     src = tmp_path / "in.json"
     src.write_text(json.dumps(RECORDS))
@@ -174,6 +175,7 @@ def test_cli(tmp_path):
     ([unsafe("u1", "Share it.")], ["--attack", "kshot", "--k", "99"], "k=99"),
     ([{"id": "l", "conversations": [{"from": "human", "value": "Hi"}]}], ["--attack", "one_word"], "VLGuard"),
 ])
+@pytest.mark.slow
 def test_cli_errors(tmp_path, records, extra, needle):
     src = tmp_path / "in.json"
     if records is not None:

@@ -110,6 +110,7 @@ def test_llava_audit():
     assert (res["n_safe"], res["n_unsafe"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_cli_json(tmp_path):
     path = write(tmp_path, VLGUARD)
     proc = run_cli(path, "--format", "json", "--top", "1")
@@ -122,6 +123,7 @@ def test_cli_json(tmp_path):
     assert len(out["refusal_cues"]) <= 1
 
 
+@pytest.mark.slow
 def test_cli_markdown_llava(tmp_path):
     proc = run_cli(write(tmp_path, LLAVA), "--min-count", "1")
     assert proc.returncode == 0, proc.stderr
@@ -137,6 +139,7 @@ def test_cli_markdown_llava(tmp_path):
     ("[]", "no records"),
     ("[{\"id\": \"x\", \"image\": \"a\"}]", "record 0"),
 ])
+@pytest.mark.slow
 def test_cli_errors(tmp_path, content, needle):
     path = tmp_path / "bad.json"
     if content is not None:

@@ -104,6 +104,7 @@ def scripted(batch_examples) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(data):
     main(["--config", str(CONFIG), *overrides(data)])
     run = data["run_dir"]
@@ -123,6 +124,7 @@ def test_end_to_end_outputs(data):
     assert re.search(r"\| what_3shot +\| unsafes +\| any-of-3 +\| all +\| +3 \|", (run / "results.md").read_text())
 
 
+@pytest.mark.slow
 def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
     monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
     cfg = load_config(CONFIG, overrides(data))
@@ -157,6 +159,7 @@ def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
         assert (table.loc[ok, m] <= table.loc[ok, f"{m}_hi"] + 1e-12).all()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     cfg = load_config(CONFIG, overrides(data))
     first = evaluate(cfg)
@@ -183,12 +186,14 @@ def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     assert generated == []
 
 
+@pytest.mark.slow
 def test_resume_refuses_generations_of_another_setup(data):
     evaluate(load_config(CONFIG, overrides(data)))
     with pytest.raises(UserError, match="image_mode='blank', not 'none'"):
         evaluate(load_config(CONFIG, overrides(data, "data.image_mode=none")))
 
 
+@pytest.mark.slow
 def test_image_modes(data, monkeypatch):
     # real: the referenced images must exist
     with pytest.raises(UserError, match=r"missing image .*img/u1.png \(record id=u1\)"):
@@ -222,6 +227,7 @@ def test_adapter_path_needs_lora(data):
         evaluate(load_config(CONFIG, overrides(data, "model.adapter_path=/some/adapter")))
 
 
+@pytest.mark.slow
 def test_max_samples_keeps_the_same_ids_across_files(data):
     evaluate(load_config(CONFIG, overrides(data, "evaluate.max_samples=2")))
     lines = read_lines(data["run_dir"] / "samples.jsonl")
@@ -254,6 +260,7 @@ def test_any_of_k_units_and_bootstrap():
         paired_gap(samples, "x/safe_safes", "x/unsafes", "asr")
 
 
+@pytest.mark.slow
 def test_fit_checkpoint_weights_load(tmp_path):
     from models.backbone import build_tiny
     from models.tiny import TinyConfig
@@ -310,6 +317,7 @@ def test_bad_data_file_names_the_record(data):
         evaluate(load_config(CONFIG, overrides(data)))
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_setting_in_one_line():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "lightning_modules.evaluate", "--config", str(CONFIG)],

@@ -151,6 +151,7 @@ def test_real_qwen_processor_follows_the_same_formula(images, tmp_path):
         assert torch.equal(toy_batch[key], real_batch[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TOY_FAMILIES)
 def test_saved_toy_model_reloads_with_the_auto_classes(name, tmp_path, images):
     from transformers import AutoModelForImageTextToText

@@ -25,6 +25,7 @@ def finished_run(tmp_path_factory):
     return cfg, fit.run(cfg)
 
 
+@pytest.mark.slow
 def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     cfg, table = finished_run
     from pathlib import Path
@@ -56,6 +57,7 @@ def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     assert fit.RUN_DIR_ENV not in os.environ  # the next run in this process picks its own directory
 
 
+@pytest.mark.slow
 def test_metrics_are_computed_from_the_generations(finished_run):
     """The table is a pure function of samples.jsonl: recount it."""
     cfg, table = finished_run

@@ -3,12 +3,15 @@ reports finite throughput, counted FLOPs and memory; the batched evaluation answ
 
 from __future__ import annotations
 
+import pytest
 import json
 import math
 import subprocess
 import sys
 
 from test_bad_inputs import REPO, TIMEOUT_S, cli_env
+
+pytestmark = pytest.mark.slow  # every test here trains, generates or spawns
 
 
 def test_gpu_check_smoke_mode(tmp_path):

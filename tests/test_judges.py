@@ -69,6 +69,7 @@ def test_protocols_keep_the_two_official_prefilters():
     assert "overly short" not in PROTOCOLS["official_3shot"].system_prompt
 
 
+@pytest.mark.slow
 def test_tiny_judge_is_unparseable_hence_irrelevant_and_cached(tiny_judge_dir, tmp_path):
     cache = tmp_path / "cache.jsonl"
     judge = load_judge(tiny_judge_dir, batch_size=2, cache_path=cache)
@@ -98,6 +99,7 @@ def test_tiny_judge_is_unparseable_hence_irrelevant_and_cached(tiny_judge_dir, t
     assert len(load_judge(tiny_judge_dir, cache_path=cache)._cache) == 5
 
 
+@pytest.mark.slow
 def test_without_prefilter_every_answer_goes_to_the_model(tiny_judge_dir):
     judge = load_judge(tiny_judge_dir, use_prefilter=False)
     assert judge([JudgeItem("How?", "Unfortunately I cannot.", None)])[0].source == "model"
@@ -127,6 +129,7 @@ def _only_clean(cfg):
     return cfg
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_tiny_vlm_judge(tiny_judge_dir, tmp_path):
     cfg = _only_clean(_eval_config(tmp_path, tmp_path / "run", "evaluate.judge.name=vlm",
                                    f"evaluate.judge.model.name_or_path={tiny_judge_dir}",
@@ -151,6 +154,7 @@ class KeywordFake:
         return [Judgement(RELEVANT if "secret" in it.answer else IRRELEVANT, "scripted", "model") for it in items]
 
 
+@pytest.mark.slow
 def test_agreement_between_two_judges_on_the_same_generations(tmp_path, monkeypatch, capsys):
     import lightning_modules.predict as predict
 

@@ -20,6 +20,8 @@ from losses import make_control_vector
 
 from conftest import SMALL
 
+pytestmark = pytest.mark.slow  # every test here trains, generates or spawns
+
 # The shared small settings, with the demo's tiny sizes (3 decoder layers, hidden 96: RMU's layer
 # choices and control vector are checked against them) and a base trained a little longer.
 OVERRIDES = [*SMALL, "model.tiny.hidden_size=96", "model.tiny.num_layers=3", "model.tiny.num_heads=4",

@@ -51,6 +51,7 @@ def small_world(tmp_path_factory):
     return build_world(WorldConfig(**SMALL), tmp_path_factory.mktemp("small"))
 
 
+@pytest.mark.slow
 def test_default_world_is_sized(default_world):
     world = default_world
     counts = {s: len(load(world, s)) for s in SPLITS}
@@ -116,6 +117,7 @@ def cue_rates(records, cue, safe_rows):
     return cues.count(cue) / len(cues)
 
 
+@pytest.mark.slow
 def test_safety_cue_statistics_match_knobs(default_world):
     world = default_world
     cfg = WorldConfig()
