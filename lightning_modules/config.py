@@ -125,6 +125,7 @@ class EvalSettings:
     val_at_start: bool = True  # a step-0 point on every curve
     test_at_end: bool = True
     test_split: str = "test"  # test | val: "val" reports on the validation split (for choosing hyperparameters)
+    probes: bool = False  # knowledge probes after the test evaluation (lightning_modules.probes -> probes.json)
 
 
 @dataclass
@@ -159,6 +160,8 @@ class RunConfig:
     evaluate: dict[str, Any] = field(default_factory=dict)
     # The compare command's settings, validated by lightning_modules.compare.CompareSettings.
     compare: dict[str, Any] = field(default_factory=dict)
+    # The knowledge probes' settings (eval.probes=true), validated by lightning_modules.probes.ProbeSettings.
+    probes: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path) -> DictConfig:
