@@ -288,6 +288,8 @@ def key_tuple(key: RunKey) -> tuple:
 
 def metrics_row(run_dir: Path) -> dict:
     """The results.csv columns of a finished run, read from its results.json / probes.json by name."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"run {run_dir} wrote no results.json (compare needs eval.test_at_end=true)")
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     row = {}
     for col, (set_name, metric) in SET_METRICS.items():
@@ -329,6 +331,8 @@ def summarize(results: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
             mean, lo, hi = t_interval(units, confidence)
             if n_runs == 1 and m in RATE_N:
                 lo, hi = wilson_interval(part[m].iloc[0], part[RATE_N[m]].iloc[0], confidence)
+            elif m in RATE_N:  # a rate's t bounds, clipped to the range a rate can take
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
             row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -386,8 +390,23 @@ def strict_json(value):
     return value
 
 
-def write_summary(summary: pd.DataFrame, settings: CompareSettings, out: Path) -> str:
-    text = summary_markdown(summary, settings)
+def attribution_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """Mean first-token attribution per method and eval set (all runs of the method pooled)."""
+    if not tables:
+        return ""
+    parts = list(next(iter(tables.values())).columns)
+    lines = ["### First-token attribution (drop in log-odds of refusing when the part is occluded)", "",
+             "| method | eval set | " + " | ".join(parts) + " |", "|---|---|" + "---:|" * len(parts)]
+    for method, table in tables.items():
+        for set_name, row in table.iterrows():
+            lines.append(f"| {method} | {set_name} | " + " | ".join(
+                "–" if pd.isna(row[p]) else f"{row[p]:.2f}" for p in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: pd.DataFrame, settings: CompareSettings, out: Path,
+                  attribution: Optional[dict] = None) -> str:
+    text = summary_markdown(summary, settings) + "\n" + attribution_markdown(attribution or {})
     (out / "summary.md").write_text(text, encoding="utf-8")
     payload = {"settings": dataclasses.asdict(settings), "rows": summary.to_dict("records")}
     (out / "summary.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
@@ -444,9 +463,9 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     rows.sort(key=lambda r: order[_key_of(r)])
     results = write_results(rows, csv)
     summary = summarize(results, settings.confidence)
-    text = write_summary(summary, settings, out)
-    from lightning_modules.compare_plots import plot_all
+    from lightning_modules.compare_plots import attribution_by_method, plot_all
 
+    text = write_summary(summary, settings, out, attribution_by_method(results, out))
     plot_all(results, summary, settings, out)
     print(f"\n{text}\nwritten to {out}")
     return results

@@ -44,7 +44,9 @@ def _bars(ax, summary: pd.DataFrame, cols: list[tuple[str, str]], title: str, sc
         mean = scale * summary[col].to_numpy(float)
         lo, hi = scale * summary[f"{col}_lo"].to_numpy(float), scale * summary[f"{col}_hi"].to_numpy(float)
         err = np.nan_to_num(np.vstack([mean - lo, hi - mean]), nan=0.0).clip(min=0)
-        ax.bar(x + (i - (len(cols) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=err, capsize=2, label=label)
+        missing = np.isnan(mean).all()  # an eval set the runs lack: no bar, never a bar at 0
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, mean, width, yerr=err, capsize=2,
+               label=f"{label} (not measured)" if missing else label)
     ax.set_xticks(x, summary["method"], rotation=20)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
@@ -103,6 +105,7 @@ def attribution_by_method(results: pd.DataFrame, out: Path) -> dict[str, pd.Data
 
 def plot_attribution(tables: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
     plt = _plt()
+    tables = {m: t.drop(columns=["log_odds"], errors="ignore") for m, t in tables.items()}  # parts only
     limit = max(float(np.nanmax(np.abs(t.to_numpy()))) for t in tables.values()) or 1.0
     fig, axes = plt.subplots(1, len(tables), figsize=(3.6 * len(tables) + 1, 3.6), squeeze=False)
     for ax, (method, table) in zip(axes[0], tables.items()):
