@@ -53,15 +53,16 @@ SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed
         "safe_neutral")
 N_COLUMNS = [f"n_{s}" for s in SETS]
 # probes.json -> columns (lightning_modules.probes); NaN where a run has no probes
-PROBE_COLUMNS = ["hazard_nll_clean", "hazard_nll_attacked", "hazard_nll_neutral", "asr_relearn",
+PROBE_COLUMNS = ["hazard_nll_clean", "hazard_nll_attacked", "hazard_nll_neutral", "asr_before_relearn", "asr_relearn",
                  "asr_relearn_benign", "attr_first_word", "attr_image", "attr_rest"]
 KEY_COLUMNS = ["sweep", "method", "world_seed", "base_seed", "seed"]
-COLUMNS = KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS + ["wall_s", "run_dir", "config_hash"]
+COLUMNS = (KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS + ["n_relearn", "wall_s", "run_dir",
+                                                                                   "config_hash"])
 # paired differences per run, summarised like the metrics
 GAPS = {"mirage_gap": ("asr_attacked", "asr_clean"), "neutral_gap": ("asr_neutral", "asr_clean"),
         "overprudence_gap": ("rr_rewritten", "rr_clean"), "neutral_overprudence_gap": ("rr_neutral", "rr_clean")}
 RATE_N = {col: f"n_{s}" for col, (s, _) in SET_METRICS.items()}
-RATE_N.update(asr_relearn="n_unsafe_clean", asr_relearn_benign="n_unsafe_clean")
+RATE_N.update(asr_before_relearn="n_relearn", asr_relearn="n_relearn", asr_relearn_benign="n_relearn")
 STACK_KEYS = {"seed": "seeds", "base.seed": "base_seeds", "data.world.seed": "world_seeds"}
 RUN_KEYS = ("run_dir", "name", "resume")  # set per run by compare itself
 UNHASHED = ("run_dir", "name", "resume", "paths", "threads")  # what cannot change a run's numbers
@@ -119,6 +120,10 @@ def parse_settings(cfg) -> CompareSettings:
             raise UserError(f"compare.{key} must be a non-empty list of integers, got {value}")
     if settings.sweep_key and not settings.sweep_values:
         raise UserError(f"compare.sweep_key={settings.sweep_key} needs compare.sweep_values")
+    if settings.sweep_key in STACK_KEYS or settings.sweep_key in RUN_KEYS:
+        raise UserError(f"compare.sweep_key={settings.sweep_key} cannot be swept"
+                        + (f"; list its values in compare.{STACK_KEYS[settings.sweep_key]}"
+                           if settings.sweep_key in STACK_KEYS else " (compare sets it per run)"))
     if settings.sweep_values and not settings.sweep_key:
         raise UserError("compare.sweep_values needs compare.sweep_key (the dotted key they set)")
     if not 0 < settings.confidence < 1:
@@ -302,6 +307,7 @@ def metrics_row(run_dir: Path) -> dict:
     for col in PROBE_COLUMNS:
         value = probes.get("summary", {}).get(col)
         row[col] = math.nan if value is None else float(value)
+    row["n_relearn"] = probes.get("relearn", {}).get("hazard", {}).get("n_eval", math.nan)
     return row
 
 
@@ -352,7 +358,8 @@ TABLE = [("asr_clean", "ASR clean"), ("asr_attacked", "ASR attacked"), ("asr_neu
          ("rr_clean", "RR benign clean"), ("rr_rewritten", "RR benign rewritten"), ("rr_neutral", "RR benign neutral"),
          ("ir_attacked", "IR attacked"), ("accuracy", "accuracy")]
 PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked", "hazard NLL attacked"),
-               ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_relearn", "ASR after hazard relearn"),
+               ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_before_relearn", "ASR before relearn"),
+               ("asr_relearn", "ASR after hazard relearn"),
                ("asr_relearn_benign", "ASR after benign relearn"), ("attr_first_word", "attr first word"),
                ("attr_image", "attr image"), ("attr_rest", "attr rest")]
 

@@ -78,7 +78,7 @@ def plot_probes(summary: pd.DataFrame, confidence: float, path: Path, title: str
     _bars(axes[0], summary, [("hazard_nll_clean", "clean"), ("hazard_nll_attacked", "compliance cue"),
                              ("hazard_nll_neutral", "neutral cue")],
           "NLL of the hazard answer (nats/token; higher = less known)", scale=1)
-    _bars(axes[1], summary, [("asr_clean", "before"), ("asr_relearn", "after hazard relearning"),
+    _bars(axes[1], summary, [("asr_before_relearn", "before"), ("asr_relearn", "after hazard relearning"),
                              ("asr_relearn_benign", "after benign relearning")], "ASR on clean unsafe queries (%)")
     axes[1].set_ylim(0, 105)
     fig.suptitle(title)

@@ -6,7 +6,8 @@
     that refuses but still "knows" keeps it low (the mirage); removed knowledge raises it.
 (b) relearning attack: `relearn_steps` fine-tuning steps on a small set of hazard answers from the
     TRAINING split (disjoint from the test queries), and separately on benign answers, then ASR on
-    `unsafe_clean` again. Hidden knowledge returns after a few steps; removed knowledge stays away.
+    (the first `max_queries` of) `unsafe_clean` again, against the test evaluation's ASR on the same
+    queries. Hidden knowledge returns after a few steps; removed knowledge stays away.
     Always on a copy of the weights: the saved model is never touched.
 (c) first-token attribution: occlusion of the first word, the image and the rest of the query,
     measured on the log-odds of a refusal first token against the answer's first token
@@ -244,9 +245,15 @@ def run_probes(cfg, module, data, run_dir: Path) -> dict:
         nll[set_name] = {"mean": sum(values) / len(values) if values else None, "n": len(values)}
         summary[column] = nll[set_name]["mean"]
     relearn = {}
-    test = sets.get("unsafe_clean", [])
+    test = limited.get("unsafe_clean", [])
     if settings.relearn_steps > 0 and test:
-        hazard, benign = prober.relearn_rows({e.id for e in test}, {e.image for e in test})
+        # ASR before relearning on the same queries, from the test evaluation's own generations
+        asked = {(e.id, e.instruction) for e in test}
+        before = [g["harmful"] for g in module.generations
+                  if g["subset"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
+        summary["asr_before_relearn"] = sum(before) / len(before) if before else None
+        all_test = sets.get("unsafe_clean", [])
+        hazard, benign = prober.relearn_rows({e.id for e in all_test}, {e.image for e in all_test})
         for column, rows, kind in (("asr_relearn", hazard, "hazard"), ("asr_relearn_benign", benign, "benign")):
             if rows:
                 summary[column] = prober.relearn(rows, test)

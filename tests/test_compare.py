@@ -39,10 +39,11 @@ class FakeFit:
         (run_dir / "results.json").write_text(json.dumps(results))
         (run_dir / "results.csv").write_text("eval_set,asr\n")
         probes = {"summary": {"hazard_nll_clean": 1.0 + world, "hazard_nll_attacked": 0.5, "hazard_nll_neutral": None,
-                              "asr_relearn": 0.5, "asr_relearn_benign": 0.1, "attr_first_word": 0.3,
+                              "asr_before_relearn": 0.0, "asr_relearn": 0.5, "asr_relearn_benign": 0.1, "attr_first_word": 0.3,
                               "attr_image": 0.2, "attr_rest": 0.1},
                   "attribution": {"unsafe_clean": {"first_word": {"mean": 0.3}, "image": {"mean": 0.2},
-                                                   "rest": {"mean": 0.1}}}}
+                                                   "rest": {"mean": 0.1}}},
+                  "relearn": {"hazard": {"asr": 0.5, "n_train": 32, "n_eval": 40}}}
         (run_dir / "probes.json").write_text(json.dumps(probes))
 
 
@@ -77,7 +78,8 @@ def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
     assert summary.loc["sft", "interval"] == "t over 2 worlds"
     # sft's world means of asr_clean: 0.005 (world 0) and 0.105 (world 1); t over the two worlds
     mean, lo, hi = t_interval([0.005, 0.105])
-    assert summary.loc["sft", "asr_clean"] == pytest.approx(mean) and summary.loc["sft", "asr_clean_lo"] == pytest.approx(lo)
+    assert lo < 0 and summary.loc["sft", "asr_clean_hi"] == pytest.approx(hi)
+    assert summary.loc["sft", "asr_clean"] == pytest.approx(mean) and summary.loc["sft", "asr_clean_lo"] == pytest.approx(max(lo, 0.0))  # clipped
     assert "| sft | 2 | 4 |" in (out / "summary.md").read_text()
     for name in ("methods.png", "probes.png", "attribution.png"):
         assert (out / name).stat().st_size > 5000
@@ -140,6 +142,8 @@ def test_any_dotted_key_is_swept_and_plotted(tmp_path, fake_fit):
     assert (tmp_path / "cmp" / "sweep.png").stat().st_size > 5000
     with pytest.raises(UserError, match="swept by compare.sweep_key"):
         compare.run(cfg, ["optim.lr=0.1"])
+    with pytest.raises(UserError, match="list its values in compare.world_seeds"):
+        compare.parse_settings(compare_cfg(tmp_path, "compare.sweep_key=data.world.seed", "compare.sweep_values=[1]"))
 
 
 def test_experiment_family_is_a_setting(tmp_path, fake_fit, monkeypatch):
