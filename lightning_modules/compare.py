@@ -76,6 +76,7 @@ class CompareSettings:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # alignment seeds
     world_seeds: Optional[list[int]] = None  # None: the experiment's data.world.seed
     base_seeds: Optional[list[int]] = None  # None: the experiment's base.seed
+    dev_world_seeds: list[int] = dataclasses.field(default_factory=list)  # worlds tuning may use (never reported)
     sweep_key: Optional[str] = None  # any dotted config key, e.g. data.world.rho
     sweep_values: list[Any] = dataclasses.field(default_factory=list)
     overrides: list[str] = dataclasses.field(default_factory=list)  # applied to every run
@@ -379,6 +380,10 @@ def summary_markdown(summary: pd.DataFrame, settings: CompareSettings) -> str:
                          + " | ".join(cells) + " |")
         lines.append("")
     kinds = sorted(set(summary["interval"]))
+    if settings.world_seeds:
+        held_out = [w for w in settings.world_seeds if w not in settings.dev_world_seeds]
+        lines.append(f"World seeds {settings.world_seeds} ({'held out from tuning' if held_out == settings.world_seeds else 'INCLUDING dev worlds ' + str(settings.dev_world_seeds)}), "
+                     f"{settings.split} split.")
     lines.append(f"[lo, hi]: {settings.confidence:.0%} interval ({'; '.join(kinds)}); runs are averaged within "
                  "a world before the interval over worlds; – where a run has no such eval set or probe.")
     return "\n".join(lines) + "\n"
@@ -434,6 +439,10 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     previous = read_results(csv).to_dict("records") if csv.exists() else []
     done = {_key_of(r): r for r in previous}
     keys = plan(settings, common)
+    dev = sorted({k.world_seed for k in keys} & set(settings.dev_world_seeds))
+    if dev and settings.split == "test":
+        print(f"compare: world seed(s) {dev} are dev worlds (compare.dev_world_seeds), used to choose "
+              "hyperparameters: this table is not a held-out result")
     # Every planned config first: a stale row is refused before anything runs.
     planned = []
     for key in keys:

@@ -9,12 +9,14 @@
 # dev worlds; among settings whose benign accuracy (safe_clean) stays >= 0.75, take the lowest clean
 # ASR on unsafe queries; ties go to the higher accuracy. Only clean metrics are used: neither the
 # test split nor the one-word attacks choose the hyperparameters.
-#   bash scripts/tune_methods.sh [OUT_DIR]      (DEV_WORLDS="0 1 2"; about 1 hour on 2 cores)
+#   bash scripts/tune_methods.sh [OUT_DIR]      (about 1 hour on 2 cores; DEV_WORLDS="0" for one world)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/tune}
 PY=${PY:-.venv/bin/python}
-DEV_WORLDS=${DEV_WORLDS:-"0 1 2"}
+# the dev worlds: compare.dev_world_seeds of the reported experiment, unless DEV_WORLDS is set
+DEV_WORLDS=${DEV_WORLDS:-$($PY -c "from lightning_modules.config import load_config as l
+print(*l('configs/experiment/mirage_compare.yaml').compare.dev_world_seeds)")}
 worlds="[$(echo $DEV_WORLDS | tr ' ' ',')]"
 common="compare.split=val compare.seeds=[0] compare.world_seeds=$worlds"
 grid() {  # name, methods, overrides
