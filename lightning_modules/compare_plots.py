@@ -29,10 +29,11 @@ def _plt():
     return plt
 
 
-def _caption(summary: pd.DataFrame, confidence: float) -> str:
+def _caption(summary: pd.DataFrame, confidence: float, gaps: bool = False) -> str:
     runs = sorted(set(summary["n_runs"]))
     worlds = sorted(set(summary["n_worlds"]))
-    kinds = "; ".join(sorted(set(summary["interval"])))
+    kinds = "; ".join(sorted({"none for a gap of one run" if gaps and k.startswith("Wilson") else k
+                              for k in summary["interval"]}))
     return (f"n = {'/'.join(map(str, runs))} run(s) per method over {'/'.join(map(str, worlds))} world(s); "
             f"bars/points: mean; whiskers: {confidence:.0%} interval ({kinds})")
 
@@ -142,7 +143,7 @@ def plot_sweep(summary: pd.DataFrame, sweep_key: str, confidence: float, path: P
         ax.set_xlabel(sweep_key)
         ax.set_ylabel(label, fontsize=9)
         ax.legend(fontsize=7)
-    fig.text(0.5, 0.01, _caption(summary, confidence) + "; methods offset horizontally for legibility",
+    fig.text(0.5, 0.01, _caption(summary, confidence, gaps=True) + "; methods offset horizontally for legibility",
              ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
