@@ -98,6 +98,7 @@ def attribution_by_method(results: pd.DataFrame, out: Path) -> dict[str, pd.Data
         if not file.is_file():
             continue
         attribution = json.loads(file.read_text(encoding="utf-8")).get("attribution") or {}
+        attribution = {k: v for k, v in attribution.items() if isinstance(v, dict)}  # sets only
         if attribution:
             frame = pd.DataFrame({s: {k: v.get("mean") for k, v in parts.items()} for s, parts in attribution.items()}).T
             tables.setdefault(method, []).append(frame.astype(float))

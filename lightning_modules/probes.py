@@ -9,7 +9,9 @@
     (the first `max_queries` of) `unsafe_clean` again, against the test evaluation's ASR on the same
     queries. Hidden knowledge returns after a few steps; removed knowledge stays away.
     Always on a copy of the weights: the saved model is never touched.
-(c) first-token attribution: occlusion of the first word, the image and the rest of the query,
+(c) first-token attribution: occlusion of the first word (replaced by the neutral-cue control's
+    word where the run has an `unsafe_neutral` set, else removed), the image (blanked) and the rest
+    of the query (removed),
     measured on the log-odds of a refusal first token against the answer's first token
     (metrics.attribution).
 """
@@ -198,7 +200,11 @@ class Prober:
         if not refusal_ids:
             print("probes: no refusal in the training split's unsafe responses; attribution skipped")
             return {}
-        out = {}
+        # The first word is occluded by the neutral-cue control's word where the run has one (a
+        # word training ties to neither label), else removed (an input the model never saw).
+        neutral = {e.instruction.split()[0] for e in sets.get("unsafe_neutral", []) if e.instruction.split()}
+        filler = [next(iter(neutral))] if len(neutral) == 1 else []
+        out = {"first_word_occlusion": f"replaced by '{filler[0]}'" if filler else "removed"}
         for name in ATTRIBUTION_SETS:
             if name not in sets:
                 continue
@@ -216,7 +222,8 @@ class Prober:
             full = self.log_odds(model, examples, comply, refusal_ids)
             words = [e.instruction.split() for e in examples]
             occluded = {
-                "first_word": self.log_odds(model, [replace(e, instruction=" ".join(w[1:])) for e, w in zip(examples, words)],
+                "first_word": self.log_odds(model, [replace(e, instruction=" ".join(filler + w[1:]))
+                                                    for e, w in zip(examples, words)],
                                             comply, refusal_ids),
                 "image": self.log_odds(model, examples, comply, refusal_ids, image_mode="blank"),
                 "rest": self.log_odds(model, [replace(e, instruction=w[0]) for e, w in zip(examples, words)],
