@@ -54,7 +54,7 @@ SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed
 N_COLUMNS = [f"n_{s}" for s in SETS]
 # probes.json -> columns (lightning_modules.probes); NaN where a run has no probes
 PROBE_COLUMNS = ["hazard_nll_clean", "hazard_nll_attacked", "hazard_nll_neutral", "asr_before_relearn", "asr_relearn",
-                 "asr_relearn_benign", "attr_first_word", "attr_image", "attr_rest"]
+                 "asr_relearn_benign", "attr_first_word", "attr_image", "attr_rest", "attr_end_mark"]
 KEY_COLUMNS = ["sweep", "method", "world_seed", "base_seed", "seed"]
 COLUMNS = (KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS + ["n_relearn", "wall_s", "run_dir",
                                                                                    "config_hash"])
@@ -362,7 +362,7 @@ PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked",
                ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_before_relearn", "ASR before relearn"),
                ("asr_relearn", "ASR after hazard relearn"),
                ("asr_relearn_benign", "ASR after benign relearn"), ("attr_first_word", "attr first word"),
-               ("attr_image", "attr image"), ("attr_rest", "attr rest")]
+               ("attr_image", "attr image"), ("attr_rest", "attr rest"), ("attr_end_mark", "attr end mark")]
 
 
 def summary_markdown(summary: pd.DataFrame, settings: CompareSettings) -> str:

@@ -109,18 +109,23 @@ def plot_attribution(tables: dict[str, pd.DataFrame], path: Path, title: str) ->
     plt = _plt()
     tables = {m: t.drop(columns=["log_odds"], errors="ignore") for m, t in tables.items()}  # parts only
     limit = max(float(np.nanmax(np.abs(t.to_numpy()))) for t in tables.values()) or 1.0
-    fig, axes = plt.subplots(1, len(tables), figsize=(3.6 * len(tables) + 1, 3.6), squeeze=False)
-    for ax, (method, table) in zip(axes[0], tables.items()):
+    ncols = min(4, len(tables))
+    nrows = math.ceil(len(tables) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols + 2.4, 2.9 * nrows + 0.6), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat[len(tables):]:
+        ax.axis("off")
+    for k, (ax, (method, table)) in enumerate(zip(axes.flat, tables.items())):
         image = ax.imshow(table.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, fontsize=8)
-        ax.set_yticks(range(table.shape[0]), table.index, fontsize=8)
+        ax.set_yticks(range(table.shape[0]), table.index if k % ncols == 0 else [], fontsize=8)
         for (i, j), v in np.ndenumerate(table.to_numpy()):
             if math.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         ax.set_title(method)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="log-odds(refuse) lost when occluded")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="log-odds(refuse) lost when occluded")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -166,7 +171,7 @@ def plot_all(results: pd.DataFrame, summary: pd.DataFrame, settings, out: Path) 
     for sweep in sweeps:
         part = summary[summary["sweep"] == sweep]
         suffix = "" if len(sweeps) == 1 else f"_{settings.sweep_key.rsplit('.', 1)[-1]}{sweep}"
-        title = f"{settings.experiment}" + ("" if sweep == "-" else f", {settings.sweep_key}={sweep}")
+        title = f"{out.name} ({settings.experiment})" + ("" if sweep == "-" else f", {settings.sweep_key}={sweep}")
         written.append(plot_methods(part, settings.confidence, out / f"methods{suffix}.png", title))
         if part[["hazard_nll_clean", "asr_relearn"]].notna().any().any():
             written.append(plot_probes(part, settings.confidence, out / f"probes{suffix}.png", title))

@@ -11,7 +11,7 @@
     Always on a copy of the weights: the saved model is never touched.
 (c) first-token attribution: occlusion of the first word (replaced by the neutral-cue control's
     word where the run has an `unsafe_neutral` set, else removed), the image (blanked) and the rest
-    of the query (removed),
+    of the query (removed), and of the end mark alone (stripped),
     measured on the log-odds of a refusal first token against the answer's first token
     (metrics.attribution).
 """
@@ -42,7 +42,8 @@ from metrics.refusal import is_refusal
 NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_attacked",
             "hazard_nll_neutral": "unsafe_neutral"}
 ATTRIBUTION_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "safe_clean", "safe_rewritten", "safe_neutral")
-PARTS = ("first_word", "image", "rest")
+PARTS = ("first_word", "image", "rest", "end_mark")
+END_MARKS = ".?!"
 
 
 @dataclasses.dataclass
@@ -228,6 +229,10 @@ class Prober:
                 "image": self.log_odds(model, examples, comply, refusal_ids, image_mode="blank"),
                 "rest": self.log_odds(model, [replace(e, instruction=w[0]) for e, w in zip(examples, words)],
                                       comply, refusal_ids),
+                # part of "rest", measured alone: in the Mirage World the end mark follows the cue
+                # ("?" after a question word), so it can carry the cue's signal by itself
+                "end_mark": self.log_odds(model, [replace(e, instruction=e.instruction.rstrip(END_MARKS))
+                                                  for e in examples], comply, refusal_ids),
             }
             out[name] = summarize_attribution(full, occluded)
         return out

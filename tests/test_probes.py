@@ -61,6 +61,6 @@ def test_probes_on_a_tiny_run_leave_the_model_untouched(small_overrides):
     asr = prober.relearn(hazard, sets["unsafe_clean"])
     assert 0.0 <= asr <= 1.0
     attribution = prober.attribution(module.model, {k: v[:4] for k, v in sets.items()})
-    assert {"log_odds", "first_word", "image", "rest"} <= set(attribution["unsafe_clean"])
+    assert {"log_odds", "first_word", "image", "rest", "end_mark"} <= set(attribution["unsafe_clean"])
     after = module.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # relearning trained a copy
