@@ -5,9 +5,10 @@ paper's Table 1, measured with intervals over worlds.
 
 Each run is an ordinary `fit` run of the family's experiment file (`compare.experiment`, e.g.
 `mirage_{method}` or `vlguard_{method}`) with `compare.overrides` and the command line's own
-top-level overrides applied. The seed stack varies the world (`data.world.seed`, one list per
-world in `compare.world_seeds`), the tiny base (`base.seed`) and the alignment run (`seed`);
-`base` is the unaligned base model, evaluated once per (world, base seed). `data.world.seed=S`,
+top-level overrides applied. The seed stack varies the world (`data.world.seed`, listed in
+`compare.world_seeds`), the tiny base (`base.seed`, `compare.base_seeds`) and the alignment run
+(`seed`, `compare.seeds`); `base` is the unaligned base model, evaluated once per (swept value,
+world, base seed). `data.world.seed=S`,
 `base.seed=S` or `seed=S` on the command line replace that list by [S].
 
 Writes into `run_dir`: `results.csv` (one row per run, rates as fractions, NaN where a run has
@@ -461,7 +462,7 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         planned.append((key, path, digest, row))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    dropped = len(done) - sum(row is not None for *_, row in planned)
+    dropped = len(done.keys() - {key_tuple(k) for k in keys})
     if dropped:
         print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
     rows = [row for *_, row in planned if row is not None]
