@@ -1,182 +1,495 @@
-"""Every method on the Mirage World, over seeds and over rho: the paper's Table 1, measured.
+"""Every method of an experiment family over a seed stack (and optionally a swept key): the
+paper's Table 1, measured with intervals over worlds.
 
     python -m lightning_modules.compare --config configs/experiment/mirage_compare.yaml [key=value ...]
 
-Each (rho, method, seed) is an ordinary `fit` run of `configs/experiment/mirage_<method>.yaml`
-(its own TensorBoard log and results), all from one cached base per base corpus. `base` is the
-unaligned base model itself (no training). Writes into the compare directory:
-`results.csv` (one row per run), `summary.md` (mean ± 95% CI per method and rho), `bars.png`
-(clean vs rewritten per method) and, with several rho values, `gap_vs_rho.png`.
+Each run is an ordinary `fit` run of the family's experiment file (`compare.experiment`, e.g.
+`mirage_{method}` or `vlguard_{method}`) with `compare.overrides` and the command line's own
+top-level overrides applied. The seed stack varies the world (`data.world.seed`, listed in
+`compare.world_seeds`), the tiny base (`base.seed`, `compare.base_seeds`) and the alignment run
+(`seed`, `compare.seeds`); `base` is the unaligned base model, evaluated once per (swept value,
+world, base seed). `data.world.seed=S`,
+`base.seed=S` or `seed=S` on the command line replace that list by [S].
+
+Writes into `run_dir`: `results.csv` (one row per run, rates as fractions, NaN where a run has
+no such eval set), `summary.md` / `summary.json` (mean and interval per method: t over worlds,
+t over runs within one world, or Wilson for one run), and the figures of `lightning_modules.
+compare_plots`. A rerun resumes: rows whose run config is unchanged are kept; a changed one is
+refused (`compare.on_stale=refuse`) or run again into a fresh directory (`on_stale=redo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import pandas as pd
 from omegaconf import OmegaConf
 
+from core.errors import UserError, cli_main
+from core.schema import parse_section, setting
 from lightning_modules import fit
 from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
-from core.errors import UserError, cli_main
+from metrics.tables import t_interval, wilson_interval
 
-COLUMNS = ["rho", "method", "seed", "asr_clean", "asr_attacked", "rr_clean", "rr_rewritten",
-           "ir_attacked", "accuracy", "rr_unsafe_clean", "rr_unsafe_attacked", "accuracy_rewritten", "wall_s"]
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# results.csv column -> (eval set, metric) of a run's results.json
+SET_METRICS = {
+    "asr_clean": ("unsafe_clean", "asr"), "asr_attacked": ("unsafe_attacked", "asr"),
+    "asr_neutral": ("unsafe_neutral", "asr"), "asr_cue_removed": ("unsafe_cue_removed", "asr"),
+    "rr_clean": ("safe_clean", "refusal_rate"), "rr_rewritten": ("safe_rewritten", "refusal_rate"),
+    "rr_neutral": ("safe_neutral", "refusal_rate"),
+    "ir_clean": ("unsafe_clean", "ir"), "ir_attacked": ("unsafe_attacked", "ir"),
+    "accuracy": ("safe_clean", "accuracy"), "accuracy_rewritten": ("safe_rewritten", "accuracy"),
+    "rr_unsafe_clean": ("unsafe_clean", "refusal_rate"), "rr_unsafe_attacked": ("unsafe_attacked", "refusal_rate"),
+    "rr_unsafe_neutral": ("unsafe_neutral", "refusal_rate"),
+    "rr_unsafe_cue_removed": ("unsafe_cue_removed", "refusal_rate"),
+}
+SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed", "safe_clean", "safe_rewritten",
+        "safe_neutral")
+N_COLUMNS = [f"n_{s}" for s in SETS]
+# probes.json -> columns (lightning_modules.probes); NaN where a run has no probes
+PROBE_COLUMNS = ["hazard_nll_clean", "hazard_nll_attacked", "hazard_nll_neutral", "asr_before_relearn", "asr_relearn",
+                 "asr_relearn_benign", "attr_first_word", "attr_image", "attr_rest", "attr_end_mark"]
+KEY_COLUMNS = ["sweep", "method", "world_seed", "base_seed", "seed"]
+COLUMNS = (KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS + ["n_relearn", "wall_s", "run_dir",
+                                                                                   "config_hash"])
+# paired differences per run, summarised like the metrics
+GAPS = {"mirage_gap": ("asr_attacked", "asr_clean"), "neutral_gap": ("asr_neutral", "asr_clean"),
+        "overprudence_gap": ("rr_rewritten", "rr_clean"), "neutral_overprudence_gap": ("rr_neutral", "rr_clean")}
+RATE_N = {col: f"n_{s}" for col, (s, _) in SET_METRICS.items()}
+RATE_N.update(asr_before_relearn="n_relearn", asr_relearn="n_relearn", asr_relearn_benign="n_relearn")
+STACK_KEYS = {"seed": "seeds", "base.seed": "base_seeds", "data.world.seed": "world_seeds"}
+RUN_KEYS = ("run_dir", "name", "resume")  # set per run by compare itself
+UNHASHED = ("run_dir", "name", "resume", "paths", "threads")  # what cannot change a run's numbers
 
 
 @dataclasses.dataclass
 class CompareSettings:
-    methods: list[str] = dataclasses.field(default_factory=lambda: ["base", "sft", "ga", "graddiff", "npo",
-                                                                     "simnpo", "rmu"])
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    rhos: list[float] = dataclasses.field(default_factory=lambda: [0.9])
-    overrides: list[str] = dataclasses.field(default_factory=list)  # applied to every run
-    split: str = "test"  # test: the reported table; val: for choosing hyperparameters
+    methods: list[str] = setting(doc="methods compared (base: the unaligned model)", factory=lambda: [
+        "base", "sft", "ga", "graddiff", "npo", "simnpo", "rmu"])
+    experiment: str = setting("mirage_{method}", "configs/experiment/<this>.yaml per method (base uses sft's)")
+    seeds: list[int] = setting(doc="alignment seeds", factory=lambda: [0, 1, 2])
+    world_seeds: Optional[list[int]] = setting(None, "world seeds (null: the experiment's data.world.seed)")
+    base_seeds: Optional[list[int]] = setting(None, "base seeds (null: the experiment's base.seed)")
+    dev_world_seeds: list[int] = setting(doc="worlds tuning may use (flagged when reported)", factory=list)
+    sweep_key: Optional[str] = setting(None, "any dotted config key swept, e.g. data.world.rho")
+    sweep_values: list[Any] = setting(doc="the swept key's values", factory=list)
+    overrides: list[str] = setting(doc="key=value overrides applied to every run", factory=list)
+    split: str = setting("test", "test: the reported table; val: for choosing hyperparameters", choices=("test", "val"))
+    on_stale: str = setting("refuse", "a finished row whose run config changed", choices=("refuse", "redo"))
+    confidence: float = setting(0.95, "level of the intervals", gt=0, lt=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    sweep: Any
+    method: str
+    world_seed: Optional[int]
+    base_seed: Optional[int]
+    seed: Optional[int]  # None for base: it has no alignment run
+
+    def label(self) -> str:
+        parts = [f"method={self.method}"] + [f"{k}={v}" for k, v in (("sweep", self.sweep), ("world_seed", self.world_seed),
+                                                                   ("base_seed", self.base_seed), ("seed", self.seed))
+                                            if v is not None]
+        return ", ".join(parts)
 
 
 def parse_settings(cfg) -> CompareSettings:
-    values = OmegaConf.to_container(cfg.compare, resolve=True)
-    known = {f.name for f in dataclasses.fields(CompareSettings)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"unknown config key 'compare.{key}'; known: {', '.join(sorted(known))}")
-    settings = CompareSettings(**values)
-    if settings.split not in ("test", "val"):
-        raise UserError(f"compare.split must be 'test' or 'val', got '{settings.split}'")
+    settings = parse_section(cfg.compare, CompareSettings, "compare")
+    if "{method}" not in settings.experiment:
+        raise UserError(f"compare.experiment '{settings.experiment}' must contain '{{method}}' (e.g. mirage_{{method}})")
+    if not settings.methods:
+        raise UserError("compare.methods is empty")
+    for key in ("seeds", "world_seeds", "base_seeds"):
+        value = getattr(settings, key)
+        if value is not None and (not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"compare.{key} must be a non-empty list of integers, got {value}")
+    if settings.sweep_key and not settings.sweep_values:
+        raise UserError(f"compare.sweep_key={settings.sweep_key} needs compare.sweep_values")
+    if settings.sweep_key in STACK_KEYS or settings.sweep_key in RUN_KEYS:
+        raise UserError(f"compare.sweep_key={settings.sweep_key} cannot be swept"
+                        + (f"; list its values in compare.{STACK_KEYS[settings.sweep_key]}"
+                           if settings.sweep_key in STACK_KEYS else " (compare sets it per run)"))
+    if settings.sweep_values and not settings.sweep_key:
+        raise UserError("compare.sweep_values needs compare.sweep_key (the dotted key they set)")
     return settings
 
 
-def run_config(method: str, seed: int, rho: float, common: list[str], out: Path, split: str):
-    """The fit config of one run: the method's own experiment file, plus the shared overrides."""
-    name = "sft" if method == "base" else method
-    path = CONFIG_ROOT / "experiment" / f"mirage_{name}.yaml"
+def apply_command_line(settings: CompareSettings, overrides: list[str]) -> list[str]:
+    """The command line's top-level overrides that reach every run. A seed-stack key given there
+    (`seed`, `base.seed`, `data.world.seed`) replaces its compare list by that one value."""
+    passed = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "compare" or key.startswith("compare.") or key in RUN_KEYS:
+            continue
+        if key == settings.sweep_key:
+            raise UserError(f"{key} is swept by compare.sweep_key; set compare.sweep_values instead")
+        if key in STACK_KEYS:
+            try:
+                setattr(settings, STACK_KEYS[key], [int(value)])
+            except ValueError as err:
+                raise UserError(f"{key}={value!r} on the command line must be an integer") from err
+            print(f"compare: {key}={value} from the command line: compare.{STACK_KEYS[key]}=[{int(value)}]")
+            continue
+        passed.append(item)
+    return passed
+
+
+def experiment_path(settings: CompareSettings, method: str) -> Path:
+    name = settings.experiment.format(method="sft" if method == "base" else method)
+    path = CONFIG_ROOT / "experiment" / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"unknown method '{method}' in compare.methods (no {path.relative_to(CONFIG_ROOT.parent)})")
-    overrides = common + [f"seed={seed}", f"data.world.rho={rho}", f"run_dir={out / f'rho{rho}' / method / f'seed{seed}'}",
-                          f"name={method}", "resume=null"]
-    if method == "base":  # the unaligned model: evaluation only
-        overrides += ["trainer.max_steps=0", "eval.val_at_start=false"]
-    overrides.append(f"eval.test_split={split}")  # val: choose hyperparameters, never on test
-    return load_config(path, overrides)
+        raise UserError(f"unknown method '{method}' in compare.methods for compare.experiment="
+                        f"{settings.experiment} (no {path.relative_to(CONFIG_ROOT.parent)})")
+    return path
 
 
-def row_from_table(table: pd.DataFrame) -> dict:
-    return {
-        "asr_clean": table.loc["unsafe_clean", "asr"], "asr_attacked": table.loc["unsafe_attacked", "asr"],
-        "rr_clean": table.loc["safe_clean", "refusal_rate"], "rr_rewritten": table.loc["safe_rewritten", "refusal_rate"],
-        "ir_attacked": table.loc["unsafe_attacked", "ir"], "accuracy": table.loc["safe_clean", "accuracy"],
-        "rr_unsafe_clean": table.loc["unsafe_clean", "refusal_rate"],
-        "rr_unsafe_attacked": table.loc["unsafe_attacked", "refusal_rate"],
-        "accuracy_rewritten": table.loc["safe_rewritten", "accuracy"],
-    }
+def plan(settings: CompareSettings, common: list[str]) -> list[RunKey]:
+    """Every run of the comparison, base once per (sweep value, world, base seed)."""
+    probe = load_config(experiment_path(settings, settings.methods[0]), common)
+    is_world = probe.data.kind == "mirage_world"
+    if settings.world_seeds is not None and not is_world:
+        raise UserError(f"compare.world_seeds is set but the experiment's data.kind is '{probe.data.kind}' "
+                        "(only the Mirage World has world seeds)")
+    worlds = settings.world_seeds or ([int(probe.data.world.get("seed", 0))] if is_world else [None])
+    bases = settings.base_seeds or ([int(probe.base.seed)] if probe.model.name_or_path == "tiny" else [None])
+    keys = []
+    for sweep in settings.sweep_values or [None]:
+        for method in settings.methods:
+            for world in worlds:
+                for base in bases:
+                    for seed in ([None] if method == "base" else settings.seeds):
+                        keys.append(RunKey(sweep, method, world, base, seed))
+    return keys
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95% t-interval half-width per (rho, method) over seeds."""
-    metrics = [c for c in COLUMNS if c not in ("rho", "method", "seed", "wall_s")]
-    results = results.assign(mirage_gap=results.asr_attacked - results.asr_clean,
-                             overprudence_gap=results.rr_rewritten - results.rr_clean)
-    metrics += ["mirage_gap", "overprudence_gap"]
-    grouped = results.groupby(["rho", "method"], sort=False)[metrics]
-    mean, std, n = grouped.mean(), grouped.std(ddof=1), grouped.count()
-    half = std * n.apply(lambda col: col.map(lambda k: T95.get(k - 1, 1.96) if k > 1 else float("nan")))
-    half = half / n.pow(0.5)
-    return mean.join(half.add_suffix("_ci95")).join(n[["asr_clean"]].rename(columns={"asr_clean": "n_seeds"}))
+def run_path(out: Path, key: RunKey, sweep_key: Optional[str]) -> Path:
+    path = out / f"{sweep_key.rsplit('.', 1)[-1]}{key.sweep}" if sweep_key else out
+    name = "-".join(f"{k}{v}" for k, v in (("world", key.world_seed), ("base", key.base_seed), ("seed", key.seed))
+                    if v is not None)
+    return path / key.method / (name or "run")
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
-    cols = [("asr_clean", "ASR clean"), ("asr_attacked", "ASR attacked"), ("rr_clean", "RR benign clean"),
-            ("rr_rewritten", "RR benign rewritten"), ("ir_attacked", "IR attacked"), ("accuracy", "accuracy")]
-    lines = ["| rho | method | seeds | " + " | ".join(label for _, label in cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
-    for (rho, method), row in summary.iterrows():
-        cells = []
-        for key, _ in cols:
-            ci = row[f"{key}_ci95"]
-            cells.append(f"{100 * row[key]:.1f}" + ("" if pd.isna(ci) else f" ± {100 * ci:.1f}"))
-        lines.append(f"| {rho} | {method} | {int(row['n_seeds'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(percent; ± is the 95% t-interval half-width over seeds)\n"
+def run_config(settings: CompareSettings, key: RunKey, common: list[str], run_dir: Path):
+    """The fit config of one run: the method's experiment file + common overrides + its stack keys."""
+    own = [f"name={key.method}", f"run_dir={run_dir}", "resume=null", f"eval.test_split={settings.split}"]
+    if key.seed is not None:
+        own.append(f"seed={key.seed}")
+    if key.world_seed is not None:
+        own.append(f"data.world.seed={key.world_seed}")
+    if key.base_seed is not None:
+        own.append(f"base.seed={key.base_seed}")
+    if settings.sweep_key:
+        own.append(f"{settings.sweep_key}={json.dumps(key.sweep) if isinstance(key.sweep, str) else key.sweep}")
+    if key.method == "base":  # the unaligned model: evaluation only
+        own += ["trainer.max_steps=0", "eval.val_at_start=false"]
+    cfg = load_config(experiment_path(settings, key.method), common + own)
+    if settings.sweep_key and OmegaConf.select(cfg, settings.sweep_key, default="<missing>") == "<missing>":
+        raise UserError(f"compare.sweep_key '{settings.sweep_key}' is not a key of the run config")
+    return cfg
 
 
-def plot(summary: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
+def flat(cfg) -> dict[str, Any]:
+    """Dotted key -> value of a config, without the keys that cannot change a run's numbers."""
+    out = {}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
 
-    written = []
-    for rho, part in summary.groupby(level="rho", sort=False):
-        part = part.droplevel("rho")
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for ax, (clean, rewritten, title) in zip(axes, [("asr_clean", "asr_attacked", "ASR on unsafe queries"),
-                                                       ("rr_clean", "rr_rewritten", "refusal on benign queries")]):
-            x = range(len(part))
-            ax.bar([i - 0.2 for i in x], 100 * part[clean], 0.4, yerr=100 * part[f"{clean}_ci95"].fillna(0),
-                   label="clean")
-            ax.bar([i + 0.2 for i in x], 100 * part[rewritten], 0.4, yerr=100 * part[f"{rewritten}_ci95"].fillna(0),
-                   label="one-word rewrite")
-            ax.set_xticks(list(x), part.index, rotation=20)
-            ax.set_ylim(0, 100)
-            ax.set_ylabel("%")
-            ax.set_title(title)
-            ax.legend()
-        fig.suptitle(f"Mirage World, rho={rho}")
-        fig.tight_layout()
-        path = out / ("bars.png" if len(summary.index.unique("rho")) == 1 else f"bars_rho{rho}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    if len(summary.index.unique("rho")) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, part in summary.groupby(level="method", sort=False):
-            part = part.droplevel("method").sort_index()
-            ax.errorbar(part.index, 100 * part["mirage_gap"], yerr=100 * part["mirage_gap_ci95"].fillna(0),
-                        marker="o", capsize=3, label=method)
-        ax.set_xlabel("rho (share of safe training queries starting with the compliance cue)")
-        ax.set_ylabel("mirage gap: ASR attacked - clean (points)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "gap_vs_rho.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "gap_vs_rho.png")
-    return written
+    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}, "")
+    return out
 
 
-def run(cfg) -> pd.DataFrame:
+def config_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(flat(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fresh_run_dir(path: Path) -> Path:
+    """`path`, or `path_N` when a finished run (results.csv) is already there."""
+    n, candidate = 1, path
+    while (candidate / "results.csv").exists():
+        candidate, n = path.with_name(f"{path.name}_{n}"), n + 1
+    return candidate
+
+
+# -- results.csv ------------------------------------------------------------------------------------
+def read_results(csv: Path) -> pd.DataFrame:
+    """The rows of a results.csv this command wrote; anything else is a one-line error."""
+    try:
+        text = csv.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{csv}: not a results.csv written by compare (not UTF-8 text); "
+                        "use another run_dir or delete the file") from err
+    if not text:
+        return pd.DataFrame(columns=COLUMNS)
+    if not text.endswith("\n"):
+        raise UserError(f"{csv}: the last line is cut off mid-way (an interrupted write?); "
+                        "delete that line or the file to resume")
+    header = text.split("\n", 1)[0].split(",")
+    if header != COLUMNS:
+        extra = [c for c in header if c not in COLUMNS][:3]
+        missing = [c for c in COLUMNS if c not in header][:3]
+        raise UserError(f"{csv}: not a results.csv written by this compare (columns differ: unexpected "
+                        f"{extra or 'none'}, missing {missing or 'none'}); use another run_dir or delete the file")
+    try:
+        rows = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, ValueError) as err:
+        raise UserError(f"{csv}: unreadable ({str(err).splitlines()[0]}); delete the file to start over") from err
+    if rows["config_hash"].isna().any() or rows["method"].isna().any():
+        bad = int(rows.index[rows["config_hash"].isna() | rows["method"].isna()][0]) + 2
+        raise UserError(f"{csv}: line {bad} has no method or config_hash; delete the line or the file to resume")
+    return rows
+
+
+def normalized(rows: list[dict]) -> pd.DataFrame:
+    """The table exactly as pandas reads results.csv back (dtypes included)."""
+    text = pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False)
+    return pd.read_csv(io.StringIO(text))
+
+
+def write_results(rows: list[dict], csv: Path) -> pd.DataFrame:
+    """Written to a temporary file and renamed: a crash never leaves a half-written results.csv."""
+    table = normalized(rows)
+    tmp = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, csv)
+    return table
+
+
+def _key_of(row: dict) -> tuple:
+    def norm(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+    return tuple(norm(row[c]) for c in KEY_COLUMNS)
+
+
+def key_tuple(key: RunKey) -> tuple:
+    return _key_of(dataclasses.asdict(key))
+
+
+def metrics_row(run_dir: Path) -> dict:
+    """The results.csv columns of a finished run, read from its results.json / probes.json by name."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"run {run_dir} wrote no results.json (compare needs eval.test_at_end=true)")
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    row = {}
+    for col, (set_name, metric) in SET_METRICS.items():
+        value = results.get(set_name, {}).get(metric)
+        row[col] = math.nan if value is None else float(value)
+    for set_name in SETS:
+        row[f"n_{set_name}"] = results.get(set_name, {}).get("n", math.nan)
+    probes_file = run_dir / "probes.json"
+    probes = json.loads(probes_file.read_text(encoding="utf-8")) if probes_file.is_file() else {}
+    for col in PROBE_COLUMNS:
+        value = probes.get("summary", {}).get(col)
+        row[col] = math.nan if value is None else float(value)
+    row["n_relearn"] = probes.get("relearn", {}).get("hazard", {}).get("n_eval", math.nan)
+    return row
+
+
+def stale_keys(old: dict, new: dict) -> str:
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "model.name_or_path")
+    return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") if diff else "unknown keys"
+
+
+# -- summary ----------------------------------------------------------------------------------------
+def summarize(results: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean and interval per (sweep, method). Runs are averaged within a world first; the interval
+    is Student-t over worlds (>= 2 worlds), t over runs (one world), or Wilson (one run, rates)."""
+    results = results.copy()
+    for gap, (a, b) in GAPS.items():
+        results[gap] = results[a] - results[b]
+    metrics = list(SET_METRICS) + PROBE_COLUMNS + list(GAPS)
+    rows = []
+    sweep = results["sweep"].fillna("-")
+    for (sweep_value, method), part in results.groupby([sweep, "method"], sort=False):
+        worlds = part.groupby(part["world_seed"].fillna(-1), sort=True)
+        n_worlds, n_runs = worlds.ngroups, len(part)
+        kind = (f"t over {n_worlds} worlds" if n_worlds > 1 else f"t over {n_runs} runs, one world" if n_runs > 1
+                else "Wilson, one run")
+        row = {"sweep": sweep_value, "method": method, "n_worlds": n_worlds, "n_runs": n_runs, "interval": kind}
+        for m in metrics:
+            units = worlds[m].mean().tolist() if n_worlds > 1 else part[m].tolist()
+            mean, lo, hi = t_interval(units, confidence)
+            if n_runs == 1 and m in RATE_N:
+                lo, hi = wilson_interval(part[m].iloc[0], part[RATE_N[m]].iloc[0], confidence)
+            elif m in RATE_N:  # a rate's t bounds, clipped to the range a rate can take
+                lo, hi = max(lo, 0.0), min(hi, 1.0)
+            row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(row, key: str, scale: float = 100, digits: int = 1) -> str:
+    value = row[key]
+    if pd.isna(value):
+        return "–"
+    text = f"{scale * value:.{digits}f}"
+    lo, hi = row[f"{key}_lo"], row[f"{key}_hi"]
+    return text if pd.isna(lo) else f"{text} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+TABLE = [("asr_clean", "ASR clean"), ("asr_attacked", "ASR attacked"), ("asr_neutral", "ASR neutral"),
+         ("rr_unsafe_clean", "RR unsafe clean"), ("rr_unsafe_attacked", "RR unsafe attacked"),
+         ("rr_clean", "RR benign clean"), ("rr_rewritten", "RR benign rewritten"), ("rr_neutral", "RR benign neutral"),
+         ("ir_attacked", "IR attacked"), ("accuracy", "accuracy")]
+PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked", "hazard NLL attacked"),
+               ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_before_relearn", "ASR before relearn"),
+               ("asr_relearn", "ASR after hazard relearn"),
+               ("asr_relearn_benign", "ASR after benign relearn"), ("attr_first_word", "attr first word"),
+               ("attr_image", "attr image"), ("attr_rest", "attr rest"), ("attr_end_mark", "attr end mark")]
+
+
+def summary_markdown(summary: pd.DataFrame, settings: CompareSettings) -> str:
+    sweep = [f"| {settings.sweep_key} "] if settings.sweep_key else []
+    lines = []
+    for title, cols, scale in (("Safety (percent)", TABLE, 100), ("Probes (NLL in nats/token, attribution in "
+                                                                 "log-odds of refusing; ASR in percent)", PROBE_TABLE, None)):
+        lines += [f"### {title}", "", "".join(sweep) + "| method | worlds | runs | " + " | ".join(l for _, l in cols) + " |",
+                  "|---" * (len(sweep) + 3) + "|" + "---|" * len(cols)]
+        for _, row in summary.iterrows():
+            head = [f"| {row['sweep']} "] if settings.sweep_key else []
+            cells = [_cell(row, k, 100 if scale or k.startswith("asr") else 1, 1 if scale or k.startswith("asr") else 2)
+                     for k, _ in cols]
+            lines.append("".join(head) + f"| {row['method']} | {row['n_worlds']} | {row['n_runs']} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    kinds = sorted(set(summary["interval"]))
+    if settings.world_seeds:
+        held_out = [w for w in settings.world_seeds if w not in settings.dev_world_seeds]
+        lines.append(f"World seeds {settings.world_seeds} ({'held out from tuning' if held_out == settings.world_seeds else 'INCLUDING dev worlds ' + str(settings.dev_world_seeds)}), "
+                     f"{settings.split} split.")
+    lines.append(f"[lo, hi]: {settings.confidence:.0%} interval ({'; '.join(kinds)}); runs are averaged within "
+                 "a world before the interval over worlds; – where a run has no such eval set or probe.")
+    return "\n".join(lines) + "\n"
+
+
+def strict_json(value):
+    """NaN / infinity -> null, so the file is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return strict_json(value.item())
+    return value
+
+
+def attribution_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """Mean first-token attribution per method and eval set (all runs of the method pooled)."""
+    if not tables:
+        return ""
+    parts = list(next(iter(tables.values())).columns)
+    lines = ["### First-token attribution (drop in log-odds of refusing when the part is occluded)", "",
+             "| method | eval set | " + " | ".join(parts) + " |", "|---|---|" + "---:|" * len(parts)]
+    for method, table in tables.items():
+        for set_name, row in table.iterrows():
+            lines.append(f"| {method} | {set_name} | " + " | ".join(
+                "–" if pd.isna(row[p]) else f"{row[p]:.2f}" for p in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: pd.DataFrame, settings: CompareSettings, out: Path,
+                  attribution: Optional[dict] = None) -> str:
+    text = summary_markdown(summary, settings) + "\n" + attribution_markdown(attribution or {})
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    payload = {"settings": dataclasses.asdict(settings), "rows": summary.to_dict("records")}
+    (out / "summary.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
+    return text
+
+
+# -- the command ------------------------------------------------------------------------------------
+def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
+    """Run (or resume) every planned run and write the tables and figures; `command_line` holds the
+    compare command's own key=value overrides, which reach every run."""
     settings = parse_settings(cfg)
+    common = list(settings.overrides) + apply_command_line(settings, list(command_line or []))
+    common.append(f"paths.cache={cfg.paths.cache}")
+    if cfg.threads:
+        common.append(f"threads={cfg.threads}")
     out = Path(cfg.run_dir)
+    csv = out / "results.csv"
+    previous = read_results(csv).to_dict("records") if csv.exists() else []
+    done = {_key_of(r): r for r in previous}
+    keys = plan(settings, common)
+    dev = sorted({k.world_seed for k in keys} & set(settings.dev_world_seeds))
+    if dev and settings.split == "test":
+        print(f"compare: world seed(s) {dev} are dev worlds (compare.dev_world_seeds), used to choose "
+              "hyperparameters: this table is not a held-out result")
+    # Every planned config first: a stale row is refused before anything runs.
+    planned = []
+    for key in keys:
+        path = run_path(out, key, settings.sweep_key)
+        row = done.get(key_tuple(key))
+        cfg_run = run_config(settings, key, common, path)
+        digest = config_hash(cfg_run)
+        if row is not None and row["config_hash"] != digest:
+            old_yaml = out / row["run_dir"] / "config.yaml"
+            changed = stale_keys(flat(OmegaConf.load(old_yaml)) if old_yaml.is_file() else {}, flat(cfg_run))
+            if settings.on_stale == "refuse":
+                raise UserError(f"{csv}: the finished run ({key.label()}) was made with another run config "
+                                f"(changed: {changed}); pass compare.on_stale=redo to run it again, or use a new run_dir")
+            print(f"compare: redoing ({key.label()}): its run config changed ({changed})")
+            row = None
+        planned.append((key, path, digest, row))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    common = list(settings.overrides) + [f"paths.cache={cfg.paths.cache}"]
-    csv = out / "results.csv"
-    rows = pd.read_csv(csv).to_dict("records") if csv.exists() else []  # a rerun keeps finished runs
-    done = {(r["rho"], r["method"], r["seed"]) for r in rows}
-    for rho in settings.rhos:
-        for method in settings.methods:
-            for seed in settings.seeds:
-                if (rho, method, seed) in done:
-                    continue
-                run_cfg = run_config(method, seed, rho, common, out, settings.split)
-                start = time.perf_counter()
-                table = fit.run(run_cfg)
-                rows.append({"rho": rho, "method": method, "seed": seed, **row_from_table(table),
-                             "wall_s": round(time.perf_counter() - start, 1)})
-                pd.DataFrame(rows, columns=COLUMNS).to_csv(csv, index=False)  # after every run
-    results = pd.DataFrame(rows, columns=COLUMNS)
-    summary = summarize(results)
-    (out / "summary.md").write_text(summary_markdown(summary))
-    plot(summary, out)
-    print(f"\n{summary_markdown(summary)}\nwritten to {out}")
+    dropped = len(done.keys() - {key_tuple(k) for k in keys})
+    if dropped:
+        print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
+    rows = [row for *_, row in planned if row is not None]
+    for key, path, digest, row in planned:
+        if row is not None:
+            continue
+        run_dir = fresh_run_dir(path)
+        start = time.perf_counter()
+        fit.run(run_config(settings, key, common, run_dir))
+        rows.append({**dataclasses.asdict(key), **metrics_row(run_dir), "rho": _rho(run_dir),
+                     "wall_s": round(time.perf_counter() - start, 1), "run_dir": str(run_dir.relative_to(out)),
+                     "config_hash": digest})
+        write_results(rows, csv)  # after every run
+    order = {key_tuple(k): i for i, (k, *_rest) in enumerate(planned)}
+    rows.sort(key=lambda r: order[_key_of(r)])
+    results = write_results(rows, csv)
+    summary = summarize(results, settings.confidence)
+    from lightning_modules.compare_plots import attribution_by_method, plot_all
+
+    text = write_summary(summary, settings, out, attribution_by_method(results, out))
+    plot_all(results, summary, settings, out)
+    print(f"\n{text}\nwritten to {out}")
     return results
+
+
+def _rho(run_dir: Path) -> float:
+    """The world's rho of a finished run (NaN for data without one), from its saved config."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    value = OmegaConf.select(cfg, "data.world.rho", default=None)
+    return math.nan if value is None else float(value)
 
 
 @cli_main
 def main(argv: list[str]) -> None:
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     config_cli(argv, "python -m lightning_modules.compare", __doc__.splitlines()[0],
-               "configs/experiment/mirage_compare.yaml", run)
+               "configs/experiment/mirage_compare.yaml", lambda cfg: run(cfg, overrides))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ class EvalSettings:
     test_at_end: bool = setting(True, "test after training and write results")
     test_split: str = setting("test", "val reports on the validation split (for choosing hyperparameters)",
                               choices=("test", "val"))
+    probes: bool = setting(False, "knowledge probes after the test evaluation (lightning_modules.probes -> probes.json)")
 
 
 @dataclass
@@ -224,6 +225,8 @@ class RunConfig:
                                        factory=dict)
     compare: dict[str, Any] = setting(doc="the compare command (lightning_modules.compare.CompareSettings)",
                                       factory=dict)
+    probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; lightning_modules.probes.ProbeSettings)",
+                                     factory=dict)
 
 
 # Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
@@ -240,7 +243,8 @@ TRAINER_RANGES = {
 TRAINER_UNTYPED = {"strategy", "logger", "callbacks", "plugins", "profiler", "accelerator"}
 # Sections whose settings class lives with the command that uses them (imported when set).
 COMMAND_SECTIONS = {"evaluate": ("lightning_modules.evaluate", "EvaluateSettings"),
-                    "compare": ("lightning_modules.compare", "CompareSettings")}
+                    "compare": ("lightning_modules.compare", "CompareSettings"),
+                    "probes": ("lightning_modules.probes", "ProbeSettings")}
 
 
 def _read_yaml(path: Path) -> DictConfig:

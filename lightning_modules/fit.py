@@ -322,6 +322,9 @@ def build_run(cfg):
     """(module, datamodule) for a validated config; also used by `evaluate` and `compare`."""
     method = get_method(cfg.method.name)
     method.parse_params(cfg.method)  # an unknown method or method key fails before a model is loaded
+    from lightning_modules.probes import parse_probe_settings
+
+    parse_probe_settings(cfg)  # likewise the probes' settings
     files = resolve_data_files(cfg.data)
     if cfg.eval.test_split not in ("test", "val"):
         raise UserError(f"eval.test_split must be 'test' or 'val', got '{cfg.eval.test_split}'")
@@ -402,6 +405,10 @@ def _run(cfg) -> pd.DataFrame | None:
     finish_export(module, cfg, run_dir, table, sharded=weights is not None)
     print(f"\nresults on the test split ({run_dir}/results.csv):")
     print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if cfg.eval.probes:
+        from lightning_modules.probes import run_probes
+
+        run_probes(cfg, module, data, run_dir)
     return table
 
 

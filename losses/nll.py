@@ -53,3 +53,10 @@ def token_mean_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     """
     nll, n = sequence_nll(logits, labels, ignore_index)
     return nll.sum() / n.sum().clamp_min(1)
+
+
+def mean_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-sequence mean NLL over its response tokens, nll_i / len_i (NaN where len_i = 0):
+    how unlikely the model finds each labelled answer, comparable across answer lengths."""
+    nll, n = sequence_nll(logits, labels, ignore_index)
+    return nll / n.to(nll.dtype).where(n > 0, nll.new_tensor(float("nan")))

@@ -179,3 +179,30 @@ def markdown_report(table: pd.DataFrame, gaps: dict[str, dict], header: Optional
                 for name, g in gaps.items()]
         lines += ["", pd.DataFrame(rows).to_markdown(index=False)]
     return "\n".join(lines + ["", markdown_table(table), ""])
+
+
+# -- intervals over runs and worlds -----------------------------------------------------------------
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t interval of the mean of independent units (e.g. one value per
+    world); NaN bounds with fewer than two finite values."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def wilson_interval(rate: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of one run's rate measured on n samples (rate * n successes)."""
+    from scipy import stats
+
+    if n is None or not np.isfinite(n) or n <= 0 or rate is None or not np.isfinite(rate):
+        return math.nan, math.nan
+    k = int(round(rate * n))
+    ci = stats.binomtest(k, int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)

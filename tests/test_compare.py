@@ -1,38 +1,207 @@
-"""The compare command in a tiny setting: two methods, one seed, a few steps."""
+"""The compare command: plan, seed stack, resume, stale rows, results.csv / summary.json contracts
+(on fake run directories, no training), and one slow end-to-end comparison at tiny size."""
+
+import io
+import json
+import math
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import SMALL
+from core.errors import UserError
 from lightning_modules import compare
-from lightning_modules.config import load_config
+from lightning_modules.config import load_config, to_yaml
+from metrics.tables import t_interval, wilson_interval
+
+REQUIRED = ["method", "world_seed", "seed", "asr_clean", "asr_attacked", "asr_neutral", "rr_clean", "rr_rewritten",
+            "rr_neutral", "ir_attacked", "accuracy", "hazard_nll_clean", "hazard_nll_attacked", "asr_relearn"]
 
 
-def test_compare_writes_table_summary_and_plots(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare")
-    cache = tmp_path_factory.getbasetemp() / "cache"
-    overrides = [f"compare.overrides=[{','.join(SMALL)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
-                 "compare.rhos=[0.9,1.0]", f"run_dir={out}", f"paths.cache={cache}"]
-    cfg = load_config("configs/experiment/mirage_compare.yaml", overrides)
+class FakeFit:
+    """Stands in for fit.run: writes config.yaml, results.json (no neutral sets) and probes.json."""
+
+    def __init__(self):
+        self.configs = []
+
+    def __call__(self, cfg):
+        self.configs.append(cfg)
+        run_dir = compare.Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        world, seed = int(cfg.data.world.seed), int(cfg.seed)
+        asr = 0.0 if cfg.name == "base" else 0.1 * (world % 3) + 0.01 * seed
+        results = {"unsafe_clean": {"asr": asr, "refusal_rate": 1 - asr, "ir": 0.0, "n": 40},
+                   "unsafe_attacked": {"asr": asr + 0.2, "refusal_rate": 0.7 - asr, "ir": 0.1, "n": 40},
+                   "safe_clean": {"refusal_rate": 0.05, "accuracy": 0.9, "n": 40},
+                   "safe_rewritten": {"refusal_rate": 0.3, "accuracy": 0.6, "n": 40}}
+        (run_dir / "results.json").write_text(json.dumps(results))
+        (run_dir / "results.csv").write_text("eval_set,asr\n")
+        probes = {"summary": {"hazard_nll_clean": 1.0 + world, "hazard_nll_attacked": 0.5, "hazard_nll_neutral": None,
+                              "asr_before_relearn": 0.0, "asr_relearn": 0.5, "asr_relearn_benign": 0.1, "attr_first_word": 0.3,
+                              "attr_image": 0.2, "attr_rest": 0.1},
+                  "attribution": {"unsafe_clean": {"first_word": {"mean": 0.3}, "image": {"mean": 0.2},
+                                                   "rest": {"mean": 0.1}}},
+                  "relearn": {"hazard": {"asr": 0.5, "n_train": 32, "n_eval": 40}}}
+        (run_dir / "probes.json").write_text(json.dumps(probes))
+
+
+@pytest.fixture
+def fake_fit(monkeypatch):
+    fake = FakeFit()
+    monkeypatch.setattr(compare.fit, "run", fake)
+    return fake
+
+
+def compare_cfg(tmp_path, *overrides):
+    return load_config("configs/experiment/mirage_compare.yaml",
+                       [f"run_dir={tmp_path / 'cmp'}", f"paths.cache={tmp_path / 'cache'}", "compare.methods=[base,sft,npo]",
+                        "compare.seeds=[0,1]", "compare.world_seeds=[0,1]", "compare.base_seeds=[0]", *overrides])
+
+
+def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
+    results = compare.run(compare_cfg(tmp_path))
+    assert len(results) == 2 + 4 + 4  # base once per world; sft and npo per world x alignment seed
+    assert all(c in results.columns for c in REQUIRED)
+    base = results[results.method == "base"]
+    assert sorted(base.world_seed) == [0, 1] and base.seed.isna().all()
+    assert results.asr_neutral.isna().all() and results.rr_neutral.isna().all()  # absent set: NaN, never 0
+    sft = results[(results.method == "sft") & (results.world_seed == 1) & (results.seed == 1)].iloc[0]
+    assert sft.asr_attacked == pytest.approx(0.31) and sft.hazard_nll_clean == 2.0
+    out = tmp_path / "cmp"
+    text = (out / "results.csv").read_text()
+    assert pd.read_csv(io.StringIO(text)).equals(results)  # what pandas reads back is what was written
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
+    json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    summary = pd.DataFrame(json.loads((out / "summary.json").read_text())["rows"]).set_index("method")
+    assert summary.loc["sft", "interval"] == "t over 2 worlds"
+    # sft's world means of asr_clean: 0.005 (world 0) and 0.105 (world 1); t over the two worlds
+    mean, lo, hi = t_interval([0.005, 0.105])
+    assert lo < 0 and summary.loc["sft", "asr_clean_hi"] == pytest.approx(hi)
+    assert summary.loc["sft", "asr_clean"] == pytest.approx(mean) and summary.loc["sft", "asr_clean_lo"] == pytest.approx(max(lo, 0.0))  # clipped
+    assert "| sft | 2 | 4 |" in (out / "summary.md").read_text()
+    for name in ("methods.png", "probes.png", "attribution.png"):
+        assert (out / name).stat().st_size > 5000
+
+
+def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
+    cfg = compare_cfg(tmp_path, "compare.methods=[base,sft]", "compare.seeds=[0]")
+    command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=query",
+                    "data.world.refusal_cue=provide", "compare.seeds=[0]", f"run_dir={tmp_path / 'cmp'}"]
+    results = compare.run(cfg, command_line)
+    assert len(fake_fit.configs) == 2 and set(results.world_seed) == {7}
+    for run_cfg in fake_fit.configs:
+        assert run_cfg.optim.lr == 0.005 and run_cfg.data.world.seed == 7
+        assert (run_cfg.data.world.compliance_cue, run_cfg.data.world.refusal_cue) == ("query", "provide")
+        assert str(tmp_path / "cmp") in run_cfg.run_dir and run_cfg.run_dir != str(tmp_path / "cmp")
+
+
+def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit):
+    cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]")
     compare.run(cfg)
-    results = pd.read_csv(out / "results.csv")
-    assert ["method", "seed", "asr_clean", "asr_attacked", "rr_clean", "rr_rewritten", "ir_attacked",
-            "accuracy"] == [c for c in results.columns if c in compare.COLUMNS[1:9]]
-    assert len(results) == 4 and set(results.method) == {"base", "sft"} and set(results.rho) == {0.9, 1.0}
-    for _, row in results.iterrows():  # each row is the run's own results.csv
-        run = pd.read_csv(out / f"rho{row.rho}" / row.method / "seed0" / "results.csv", index_col="eval_set")
-        assert row.asr_attacked == pytest.approx(run.loc["unsafe_attacked", "asr"])
-        assert row.rr_rewritten == pytest.approx(run.loc["safe_rewritten", "refusal_rate"])
-    assert "| 0.9 | base | 1 |" in (out / "summary.md").read_text()
-    assert (out / "bars_rho0.9.png").stat().st_size > 1000
-    assert (out / "gap_vs_rho.png").stat().st_size > 1000
-    # rerunning keeps finished runs instead of training them again
-    before = (out / "results.csv").stat().st_mtime_ns
-    compare.run(cfg)
-    assert len(pd.read_csv(out / "results.csv")) == 4
-    assert (out / "results.csv").stat().st_mtime_ns == before
+    assert len(fake_fit.configs) == 2
+    compare.run(cfg)  # nothing changed: nothing runs again
+    assert len(fake_fit.configs) == 2
+    csv = tmp_path / "cmp" / "results.csv"
+    before = csv.read_text()
+    with pytest.raises(UserError, match=r"another run config \(changed: optim.lr\).*on_stale=redo"):
+        compare.run(cfg, ["optim.lr=0.01"])
+    assert csv.read_text() == before  # refused before anything was written
+    results = compare.run(compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]",
+                                      "compare.on_stale=redo"), ["optim.lr=0.01"])
+    assert len(fake_fit.configs) == 4 and all(d.endswith("_1") for d in results.run_dir)
+    assert (tmp_path / "cmp" / "sft" / "world0-base0-seed0" / "results.json").is_file()  # the old run is kept
+
+
+@pytest.mark.parametrize("content, message", [
+    ("method,seed,score\nsft,0,0.5\n", "not a results.csv written by this compare"),
+    (None, "cut off mid-way"),
+    (b"\xff\xfe\x00junk", "not UTF-8"),
+])
+def test_foreign_or_cut_results_csv_is_one_line(tmp_path, fake_fit, content, message):
+    cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]", "compare.seeds=[0]")
+    csv = tmp_path / "cmp" / "results.csv"
+    if content is None:
+        compare.run(cfg)
+        csv.write_text(csv.read_text()[:-40])
+    else:
+        csv.parent.mkdir(parents=True)
+        csv.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=message) as err:
+        compare.run(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_any_dotted_key_is_swept_and_plotted(tmp_path, fake_fit):
+    cfg = compare_cfg(tmp_path, "compare.methods=[sft,npo]", "compare.world_seeds=[0]", "compare.seeds=[0]",
+                      "compare.sweep_key=optim.lr", "compare.sweep_values=[0.001,0.0001]")
+    results = compare.run(cfg)
+    assert sorted(c.optim.lr for c in fake_fit.configs) == [0.0001, 0.0001, 0.001, 0.001]
+    assert sorted(set(results.sweep)) == [0.0001, 0.001]
+    assert (tmp_path / "cmp" / "sweep.png").stat().st_size > 5000
+    with pytest.raises(UserError, match="swept by compare.sweep_key"):
+        compare.run(cfg, ["optim.lr=0.1"])
+    with pytest.raises(UserError, match="list its values in compare.world_seeds"):
+        compare.parse_settings(compare_cfg(tmp_path, "compare.sweep_key=data.world.seed", "compare.sweep_values=[1]"))
+
+
+def test_experiment_family_is_a_setting(tmp_path, fake_fit, monkeypatch):
+    root = tmp_path / "configs"
+    (root / "experiment").mkdir(parents=True)
+    for method in ("sft", "npo"):
+        (root / "experiment" / f"fam_{method}.yaml").write_text(
+            f"defaults: [demo, method/{method}]\nname: fam_{method}\noptim: {{lr: 0.0042}}\n")
+    monkeypatch.setattr(compare, "CONFIG_ROOT", root)
+    compare.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[sft,npo]",
+                            "compare.seeds=[0]", "compare.world_seeds=[0]"))
+    assert [(c.method.name, c.optim.lr) for c in fake_fit.configs] == [("sft", 0.0042), ("npo", 0.0042)]
+    with pytest.raises(UserError, match=r"unknown method 'ga' .*no configs/experiment/fam_ga.yaml"):
+        compare.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[ga]"))
+    with pytest.raises(UserError, match="must contain"):
+        compare.parse_settings(compare_cfg(tmp_path, "compare.experiment=mirage_sft"))
 
 
 def test_unknown_compare_key_is_one_line():
-    with pytest.raises(Exception, match="unknown config key 'compare.metods'"):  # found by load_config
+    with pytest.raises(UserError, match="unknown config key 'compare.metods'"):  # found by load_config
         compare.parse_settings(load_config("configs/experiment/mirage_compare.yaml", ["compare.metods=[sft]"]))
+
+
+def test_one_run_gets_wilson_and_intervals_match_scipy():
+    lo, hi = wilson_interval(0.25, 40)
+    assert 0.13 < lo < 0.25 < hi < 0.42
+    mean, lo, hi = t_interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    row = {c: math.nan for c in compare.COLUMNS} | {"method": "sft", "world_seed": 0, "seed": 0, "asr_clean": 0.25,
+                                                    "n_unsafe_clean": 40, "asr_attacked": 0.5}
+    summary = compare.summarize(compare.normalized([row]))
+    assert summary.loc[0, "interval"] == "Wilson, one run"
+    assert summary.loc[0, "asr_clean_lo"] == pytest.approx(wilson_interval(0.25, 40)[0])
+
+
+def test_mirage_compare_configs_parse():
+    for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho"):
+        cfg = load_config(f"configs/experiment/{name}.yaml")
+        settings = compare.parse_settings(cfg)
+        assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    small = [o for o in SMALL if not o.startswith("data.world.")]
+    cfg = load_config("configs/experiment/mirage_compare.yaml", [
+        f"compare.overrides=[{','.join(small)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
+        "compare.world_seeds=[0]", "compare.base_seeds=[0]", f"run_dir={out}", f"paths.cache={cache}"])
+    world = [o for o in SMALL if o.startswith("data.world.")]
+    probes = ["eval.probes=true", "probes.relearn_steps=2", "probes.max_queries=6"]
+    results = compare.run(cfg, world + probes)
+    assert list(results.method) == ["base", "sft"] and all(c in results.columns for c in REQUIRED)
+    for _, row in results.iterrows():  # each row is the run's own results.json
+        run = json.loads((out / row.run_dir / "results.json").read_text())
+        assert row.asr_attacked == pytest.approx(run["unsafe_attacked"]["asr"])
+        assert row.rr_rewritten == pytest.approx(run["safe_rewritten"]["refusal_rate"])
+        assert OmegaConf.load(out / row.run_dir / "config.yaml").data.world.n_base == 120
+        assert math.isfinite(row.hazard_nll_clean) and math.isfinite(row.asr_relearn)
+    assert (out / "methods.png").stat().st_size > 5000 and (out / "probes.png").stat().st_size > 5000

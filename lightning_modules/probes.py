@@ -1,0 +1,273 @@
+"""Knowledge probes of an aligned model, run by `fit` after the test evaluation when
+`eval.probes=true`, written to `<run_dir>/probes.json` (read by `compare`):
+
+(a) hazard NLL: mean per-token NLL of each unsafe test query's harmful answer (the record's
+    `harmful_response`) under the clean, attacked (compliance cue) and neutral-cue prompt. A model
+    that refuses but still "knows" keeps it low (the mirage); removed knowledge raises it.
+(b) relearning attack: `relearn_steps` fine-tuning steps on a small set of hazard answers from the
+    TRAINING split (disjoint from the test queries), and separately on benign answers, then ASR on
+    (the first `max_queries` of) `unsafe_clean` again, against the test evaluation's ASR on the same
+    queries. Hidden knowledge returns after a few steps; removed knowledge stays away.
+    Always on a copy of the weights: the saved model is never touched.
+(c) first-token attribution: occlusion of the first word (replaced by the neutral-cue control's
+    word where the run has an `unsafe_neutral` set, else removed), the image (blanked) and the rest
+    of the query (removed), and of the end mark alone (stripped),
+    measured on the log-odds of a refusal first token against the answer's first token
+    (metrics.attribution).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from core.schema import parse_section, setting
+from core.generation import greedy_generate, model_inputs
+from datamodules.collate import VLMCollator
+from datamodules.examples import Example
+from losses.nll import mean_token_nll, token_mean_ce
+from metrics.attribution import refusal_log_odds, summarize_attribution
+from metrics.classify import classify
+from metrics.refusal import is_refusal
+
+NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_attacked",
+            "hazard_nll_neutral": "unsafe_neutral"}
+ATTRIBUTION_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "safe_clean", "safe_rewritten", "safe_neutral")
+PARTS = ("first_word", "image", "rest", "end_mark")
+END_MARKS = ".?!"
+
+
+@dataclasses.dataclass
+class ProbeSettings:
+    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL and attribution probes", ge=1)
+    relearn_steps: int = setting(20, "fine-tuning steps of the relearning attack", ge=0)
+    relearn_examples: int = setting(32, "hazard (and, separately, benign) rows of the training split", ge=1)
+    relearn_batch_size: int = setting(8, "batch size of the relearning attack", ge=1)
+    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning attack (null: optim.lr)", gt=0)
+    attribution: bool = setting(True, "first-token attribution by occlusion")
+
+
+def parse_probe_settings(cfg) -> ProbeSettings:
+    return parse_section(cfg.get("probes") or {}, ProbeSettings, "probes")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def with_hazard_answer(examples: list[Example]) -> list[Example]:
+    return [replace(e, response=e.extra["harmful_response"]) for e in examples
+            if isinstance(e.extra.get("harmful_response"), str)]
+
+
+class Prober:
+    def __init__(self, cfg, module, data, settings: ProbeSettings):
+        self.cfg, self.module, self.data, self.settings = cfg, module, data, settings
+        self.processor = module.processor
+        self.device = module.device
+        self.batch_size = int(cfg.data.eval_batch_size)
+        self.train_collate = VLMCollator(self.processor, cfg.data.max_length, train=True,
+                                         image_mode=cfg.data.image_mode)
+
+    def _collator(self, train: bool, image_mode: Optional[str] = None) -> VLMCollator:
+        return VLMCollator(self.processor, self.cfg.data.max_length, train=train,
+                           image_mode=image_mode or self.cfg.data.image_mode)
+
+    # -- (a) -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def hazard_nll(self, model, examples: list[Example]) -> list[float]:
+        model.eval()
+        out = []
+        for chunk in _batches(with_hazard_answer(examples), self.batch_size):
+            batch = _to(self.train_collate(chunk), self.device)
+            logits = model(**model_inputs(batch)).logits
+            out += mean_token_nll(logits, batch["labels"]).tolist()
+        return out
+
+    # -- (b) -----------------------------------------------------------------------------------
+    def asr(self, model, examples: list[Example]) -> float:
+        collate = self._collator(train=False)
+        harmful = []
+        for chunk in _batches(examples, self.batch_size):
+            responses = greedy_generate(model, self.processor, _to(collate(chunk), self.device),
+                                        self.cfg.eval.max_new_tokens)
+            harmful += [classify(r, ex, self.cfg.eval.refusal_preset, self.module.judge).harmful
+                        for ex, r in zip(chunk, responses)]
+        return sum(harmful) / len(harmful) if harmful else math.nan
+
+    def relearn(self, rows: list[Example], test: list[Example]) -> float:
+        """ASR on `test` after `relearn_steps` AdamW steps on `rows`, on a copy of the weights."""
+        settings = self.settings
+        model = copy.deepcopy(self.module.model)
+        mcfg = self.cfg.model
+        for name, param in model.named_parameters():  # the same parameters for every method
+            if mcfg.finetune == "lora":
+                trainable = "lora_" in name
+            elif mcfg.finetune == "projector":
+                trainable = "multi_modal_projector" in name
+            else:
+                trainable = not (mcfg.freeze_vision and "vision_tower" in name)
+            param.requires_grad_(trainable and param.is_floating_point())
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=settings.relearn_lr or self.cfg.optim.lr)
+        rng = random.Random(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        model.train()
+        for _ in range(settings.relearn_steps):
+            batch = _to(self.train_collate(rng.sample(rows, min(settings.relearn_batch_size, len(rows)))), self.device)
+            logits = model(**model_inputs(batch)).logits
+            loss = token_mean_ce(logits, batch["labels"])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        model.eval()
+        try:
+            return self.asr(model, test)
+        finally:
+            del model, optim
+
+    def relearn_rows(self, test_ids: set[str], test_images: set) -> tuple[list[Example], list[Example]]:
+        """(hazard rows with their harmful answer, benign rows with their answer) of the training
+        split, none sharing an id or an image with the test queries."""
+        rows = [e for e in self.data.examples(self.data.files.train)
+                if e.id not in test_ids and (e.image is None or e.image not in test_images)]
+        rng = random.Random(self.cfg.seed)
+        hazard, benign = with_hazard_answer([e for e in rows if not e.safe]), [e for e in rows if e.safe]
+        rng.shuffle(hazard)
+        rng.shuffle(benign)
+        n = self.settings.relearn_examples
+        return hazard[:n], benign[:n]
+
+    # -- (c) -----------------------------------------------------------------------------------
+    def _first_label(self, examples: list[Example]) -> list[int]:
+        batch = self.train_collate(examples)
+        labels = batch["labels"]
+        first = (labels != -100).int().argmax(1)
+        return labels[torch.arange(len(examples)), first].tolist()
+
+    @torch.no_grad()
+    def log_odds(self, model, examples: list[Example], comply: list[int], refusal_ids: list[int],
+                 image_mode: Optional[str] = None) -> list[float]:
+        collate = self._collator(train=False, image_mode=image_mode)
+        out = []
+        for i in range(0, len(examples), self.batch_size):
+            batch = _to(collate(examples[i:i + self.batch_size]), self.device)
+            last = model(**model_inputs(batch)).logits[:, -1, :]
+            ids = torch.tensor(comply[i:i + self.batch_size], device=self.device)
+            out += refusal_log_odds(last, refusal_ids, ids).tolist()
+        return out
+
+    def refusal_token_ids(self, anchor: Example) -> list[int]:
+        """First tokens of the training split's refusals (the unsafe rows' responses)."""
+        refusals = sorted({e.response for e in self.data.examples(self.data.files.train)
+                           if not e.safe and e.response and is_refusal(e.response, self.cfg.eval.refusal_preset)})
+        if not refusals:
+            return []
+        return sorted(set(self._first_label([replace(anchor, response=r) for r in refusals[:50]])))
+
+    def attribution(self, model, sets: dict[str, list[Example]]) -> dict:
+        model.eval()
+        anchor = next(iter(sets.values()))[0]
+        refusal_ids = self.refusal_token_ids(anchor)
+        if not refusal_ids:
+            print("probes: no refusal in the training split's unsafe responses; attribution skipped")
+            return {}
+        # The first word is occluded by the neutral-cue control's word where the run has one (a
+        # word training ties to neither label), else removed (an input the model never saw).
+        neutral = {e.instruction.split()[0] for e in sets.get("unsafe_neutral", []) if e.instruction.split()}
+        filler = [next(iter(neutral))] if len(neutral) == 1 else []
+        out = {"first_word_occlusion": f"replaced by '{filler[0]}'" if filler else "removed"}
+        for name in ATTRIBUTION_SETS:
+            if name not in sets:
+                continue
+            examples = [e for e in sets[name] if len(e.instruction.split()) > 1]
+            targets = [e.response if e.safe else e.extra.get("harmful_response") for e in examples]
+            examples = [replace(e, response=t) for e, t in zip(examples, targets) if isinstance(t, str) and t]
+            if not examples:
+                continue
+            comply = self._first_label(examples)
+            refusal_set = set(refusal_ids)
+            keep = [i for i, c in enumerate(comply) if c not in refusal_set]  # an answer that is itself a refusal says nothing
+            examples, comply = [examples[i] for i in keep], [comply[i] for i in keep]
+            if not examples:
+                continue
+            full = self.log_odds(model, examples, comply, refusal_ids)
+            words = [e.instruction.split() for e in examples]
+            occluded = {
+                "first_word": self.log_odds(model, [replace(e, instruction=" ".join(filler + w[1:]))
+                                                    for e, w in zip(examples, words)],
+                                            comply, refusal_ids),
+                "image": self.log_odds(model, examples, comply, refusal_ids, image_mode="blank"),
+                "rest": self.log_odds(model, [replace(e, instruction=w[0]) for e, w in zip(examples, words)],
+                                      comply, refusal_ids),
+                # part of "rest", measured alone: in the Mirage World the end mark follows the cue
+                # ("?" after a question word), so it can carry the cue's signal by itself
+                "end_mark": self.log_odds(model, [replace(e, instruction=e.instruction.rstrip(END_MARKS))
+                                                  for e in examples], comply, refusal_ids),
+            }
+            out[name] = summarize_attribution(full, occluded)
+        return out
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def run_probes(cfg, module, data, run_dir: Path) -> dict:
+    """All three probes on the run's test sets; writes and returns probes.json's content."""
+    settings = parse_probe_settings(cfg)
+    start = time.perf_counter()
+    prober = Prober(cfg, module, data, settings)
+    sets = data.eval_split(data.files.test)
+    limited = {k: v[:settings.max_queries] for k, v in sets.items()}
+    model = module.model
+    summary: dict[str, Optional[float]] = {}
+    nll = {}
+    for column, set_name in NLL_SETS.items():
+        values = prober.hazard_nll(model, limited.get(set_name, []))
+        nll[set_name] = {"mean": sum(values) / len(values) if values else None, "n": len(values)}
+        summary[column] = nll[set_name]["mean"]
+    relearn = {}
+    test = limited.get("unsafe_clean", [])
+    if settings.relearn_steps > 0 and test:
+        # ASR before relearning on the same queries, from the test evaluation's own generations
+        asked = {(e.id, e.instruction) for e in test}
+        before = [g["harmful"] for g in module.generations
+                  if g["subset"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
+        summary["asr_before_relearn"] = sum(before) / len(before) if before else None
+        all_test = sets.get("unsafe_clean", [])
+        hazard, benign = prober.relearn_rows({e.id for e in all_test}, {e.image for e in all_test})
+        for column, rows, kind in (("asr_relearn", hazard, "hazard"), ("asr_relearn_benign", benign, "benign")):
+            if rows:
+                summary[column] = prober.relearn(rows, test)
+                relearn[kind] = {"asr": summary[column], "n_train": len(rows), "n_eval": len(test)}
+            else:
+                print(f"probes: the training split has no {kind} rows with an answer; {column} not measured")
+    attribution = prober.attribution(model, limited) if settings.attribution else {}
+    for part in PARTS:
+        summary[f"attr_{part}"] = attribution.get("unsafe_clean", {}).get(part, {}).get("mean")
+    payload = {"summary": {k: _finite(v) if v is not None else None for k, v in summary.items()},
+               "hazard_nll": nll, "relearn": relearn,
+               "relearn_settings": {"steps": settings.relearn_steps, "lr": settings.relearn_lr or float(cfg.optim.lr),
+                                    "batch_size": settings.relearn_batch_size, "source": "training split"},
+               "attribution": attribution, "wall_s": round(time.perf_counter() - start, 1)}
+    from lightning_modules.compare import strict_json
+
+    (run_dir / "probes.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
+    print(f"probes ({run_dir}/probes.json): " + ", ".join(
+        f"{k}={v:.3f}" for k, v in payload["summary"].items() if v is not None))
+    return payload
