@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,8 +79,18 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
         return _harvest(module, candidates, datamodule, path, report_path)
 
 
+def harvest_device(module) -> torch.device:
+    """Where the harvest generates: it runs in run assembly, before Lightning has moved the model,
+    so a GPU run would otherwise answer thousands of queries with a 7B model on the CPU."""
+    accelerator = str((module.hparams.get("trainer") or {}).get("accelerator", "auto"))
+    if torch.cuda.is_available() and accelerator != "cpu":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return module.device
+
+
 def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> tuple[list[Example], dict]:
     if not (path.is_file() and report_path.is_file()):
+        module.to(harvest_device(module))  # Lightning moves it again (to the same device) at fit
         rows = _answer(module, candidates, datamodule)
         kept = [_record(candidates[r["index"]], r["response"]) for r in rows if r["harmful"]]
         report = {"candidates": len(rows), "refused": sum(r["refused"] for r in rows),
