@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (DESIGN §7).
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -1,4 +1,4 @@
-"""Spurious-cue audit and cue-word attacks from Safety Mirage (DESIGN §1, §3).
+"""Spurious-cue audit and cue-word attacks from Safety Mirage.
 
 CLIs: ``python -m attacks.audit DATA.json`` and ``python -m attacks.rewrite IN OUT --attack ...``.
 Names are imported lazily so ``python -m attacks.audit`` does not import itself twice

@@ -2,7 +2,7 @@
 
     python -m attacks.audit DATA.json [--format json|markdown] [--top 10] [--ngram 1|2]
 
-Cue = first alphabetic token, lower-cased (how DESIGN §1 counted "what" 869/977 safe vs
+Cue = first alphabetic token, lower-cased (how VLGuard's "what" counts 869/977 safe vs
 61/2000 unsafe; note it makes "N/A" count as "n"); with ``--ngram 2`` the first two tokens.
 Log-odds use add-α smoothing (α = 1) over the cue vocabulary V:
 
@@ -15,24 +15,23 @@ label; its accuracy next to the majority-class baseline shows what the shortcut 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 
 import numpy as np
 import pandas as pd
 
+from core.records import strict_json
+from core.text import WORD_RE, first_word as core_first_word
+
 from .records import iter_instructions, load_records
 
-WORD_RE = re.compile(r"[A-Za-z]+")
 NONE = "<none>"  # instructions with no alphabetic token at all
 END = "<end>"  # pads a bigram when the instruction has a single word
 
 
 def first_word(text: str) -> str:
-    """First alphabetic token, lower-cased (the DESIGN §1 counting rule)."""
-    m = WORD_RE.search(text)
-    return m.group().lower() if m else NONE
+    """First alphabetic token, lower-cased (`core.text.first_word`); NONE where there is none."""
+    return core_first_word(text) or NONE
 
 
 def first_ngram(text: str, n: int = 1) -> str:
@@ -113,11 +112,7 @@ def audit(records, ngram: int = 1, alpha: float = 1.0, min_count: int = 5, top: 
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
-    """Minimal GitHub markdown table (pandas.to_markdown needs tabulate, not installed)."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) if rows else "(none)"
+    return pd.DataFrame(rows, columns=cols).to_markdown(index=False, floatfmt=".3f") if rows else "(none)"
 
 
 def to_markdown(result: dict, top: int = 10) -> str:
@@ -155,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--min-count", type=int, default=5, help="minimum occurrences for a cue")
     p.add_argument("--alpha", type=float, default=1.0, help="add-alpha smoothing of the log-odds")
     args = p.parse_args(argv)
+    if not args.alpha > 0:  # alpha = 0 makes an unseen label's log-odds infinite
+        p.error(f"--alpha must be > 0, got {args.alpha}")
+    if args.top < 1 or args.min_count < 1:
+        p.error("--top and --min-count must be >= 1")
     try:
         result = {"file": args.data, **audit(load_records(args.data), args.ngram, args.alpha, args.min_count, args.top)}
     except ValueError as e:
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
         print(f"error: {msg if args.data in msg else f'{args.data}: {msg}'}", file=sys.stderr)
         return 2
     if args.format == "json":
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(strict_json(result, indent=2, ensure_ascii=False))  # never NaN / Infinity
     else:
         print(to_markdown(result, args.top))
     return 0

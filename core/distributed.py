@@ -3,6 +3,7 @@ sharded (every forward a collective), and gathering Python objects from all rank
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -13,6 +14,15 @@ def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0 as its launcher set it, before torch.distributed
+    exists (torchrun: RANK; SLURM: SLURM_PROCID; Lightning's own DDP children: LOCAL_RANK, NODE_RANK)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]) == 0
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
 
 
 def gather_objects(items: list) -> list:

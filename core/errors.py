@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -28,6 +30,7 @@ def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None]
     def wrapper(argv: list[str] | None = None) -> None:
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv
+        quiet_lightning_tips()
         try:
             main(argv)
         except UserError as err:
@@ -35,5 +38,24 @@ def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None]
                 raise
             print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
+        except BrokenPipeError:
+            # `... | head` closed the pipe: stop quietly, as Unix tools do (and silence the flush at exit).
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
 
     return wrapper
+
+
+class _NoPromotionalTips(logging.Filter):
+    """Lightning logs "💡 Tip: try installing ..." advertisements at INFO on every Trainer; our
+    output carries results, not adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in str(record.msg)
+
+
+def quiet_lightning_tips() -> None:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoPromotionalTips) for f in logger.filters):
+        logger.addFilter(_NoPromotionalTips())

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from jinja2 import TemplateError
+from PIL import Image
 
 from datamodules.examples import Example
 from core.errors import UserError
+from core.records import read_image
 
 IGNORE_INDEX = -100
 
@@ -21,18 +23,11 @@ def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> 
         size = (blank_size, blank_size)
         if ex.image is not None:
             try:
-                with Image.open(ex.image) as img:
-                    size = img.size
-            except OSError:
+                size = read_image(ex.image, ex.id, header_only=True)
+            except UserError:
                 pass  # text-only files: the referenced image is not here, keep the default size
         return Image.new("RGB", size, (255, 255, 255))
-    try:
-        with Image.open(ex.image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError as err:
-        raise UserError(f"missing image {ex.image} (record id={ex.id})") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"corrupt image {ex.image} (record id={ex.id}): {err}") from err
+    return read_image(ex.image, ex.id)
 
 
 def check_images(examples, image_mode: str = "real") -> None:
@@ -45,13 +40,7 @@ def check_images(examples, image_mode: str = "real") -> None:
         if ex.image is None or ex.image in seen:
             continue
         seen.add(ex.image)
-        try:
-            with Image.open(ex.image):
-                pass
-        except FileNotFoundError as err:
-            raise UserError(f"missing image {ex.image} (record id={ex.id})") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"corrupt image {ex.image} (record id={ex.id}): {err}") from err
+        read_image(ex.image, ex.id, header_only=True)
 
 
 def _messages(instruction: str, response: Optional[str], with_image: bool,
@@ -84,26 +73,53 @@ class VLMCollator:
             kwargs["images"] = [img for img in images if img is not None]
         return self.processor(**kwargs)
 
+    def _render(self, messages: list[dict], ex: Example, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except TemplateError as err:  # e.g. a system prompt for a template without a system role
+            raise UserError(f"record id={ex.id}: the model's chat template refuses the conversation: {err}") from err
+
+    def _training_text(self, prompt: str, full: str, ex: Example) -> str:
+        """The prompt, the response as the template places it, and one end-of-turn token.
+
+        Templates close a turn in their own way (LLaVA-1.5: a space and no EOS; LLaVA-NeXT-Mistral: the
+        literal text `<\\s> `; Qwen2-VL: `<|im_end|>` and a newline); whatever follows the response is
+        dropped and the tokenizer's EOS (the model's end-of-turn token) appended, so the labels are the
+        response plus exactly one stop token and generation learns to stop where it is told to."""
+        rest = full[len(prompt):] if full.startswith(prompt) else None
+        for response in (ex.response, ex.response.strip()):
+            at = -1 if rest is None else rest.find(response)
+            if at >= 0 and not rest[:at].strip():
+                return prompt + rest[:at + len(response)] + self.processor.tokenizer.eos_token
+        raise UserError(f"record id={ex.id}: the chat template does not render the generation prompt followed "
+                        "by the response verbatim, so the response cannot be labelled")
+
     def __call__(self, examples: list[Example]) -> dict:
         images = [load_image(ex, self.image_mode) for ex in examples]
-        prompts = [self.processor.apply_chat_template(_messages(ex.instruction, None, img is not None,
-                                                                self.system_prompt),
-                                                      add_generation_prompt=True, tokenize=False)
+        prompts = [self._render(_messages(ex.instruction, None, img is not None, self.system_prompt), ex,
+                                add_generation_prompt=True)
                    for ex, img in zip(examples, images)]
         if not self.train:
             batch = self._encode(prompts, images)
             self._check_length(batch, examples)
             batch["examples"] = examples
             return batch
-        fulls = [self.processor.apply_chat_template(_messages(ex.instruction, ex.response, img is not None,
-                                                              self.system_prompt),
-                                                    tokenize=False)
-                 for ex, img in zip(examples, images)]
+        fulls = [self._training_text(prompt, self._render(
+                     _messages(ex.instruction, ex.response, img is not None, self.system_prompt), ex), ex)
+                 for ex, img, prompt in zip(examples, images, prompts)]
         batch = self._encode(fulls, images)
         self._check_length(batch, examples)
-        prompt_lens = self._encode(prompts, images)["attention_mask"].sum(1)
-        labels = batch["input_ids"].clone()
+        prompt_batch = self._encode(prompts, images)
+        prompt_lens = prompt_batch["attention_mask"].sum(1)
         pad_lens = (1 - batch["attention_mask"]).sum(1)
+        for i, ex in enumerate(examples):  # the prompt must tokenize the same alone and with its response
+            n, pad = int(prompt_lens[i]), int(pad_lens[i])
+            prompt_ids = prompt_batch["input_ids"][i, prompt_batch["input_ids"].shape[1] - n:]
+            if not torch.equal(batch["input_ids"][i, pad:pad + n], prompt_ids):
+                raise UserError(f"record id={ex.id}: the tokenizer merges the end of the prompt with the response, "
+                                "so the prompt/response boundary is not a token boundary")
+        labels = batch["input_ids"].clone()
         positions = torch.arange(labels.shape[1]).unsqueeze(0)
         labels[positions < (pad_lens + prompt_lens).unsqueeze(1)] = IGNORE_INDEX
         batch["labels"] = labels

@@ -3,13 +3,13 @@ retain batch (the shorter set cycles). The eval side is SafetyDataModule's, so e
 the same `val/...` tags.
 
 forget = unsafe queries with a *harmful* response (VLGuard's own responses are refusals and cannot
-be forgotten, DESIGN §3): the training rows' `harmful_response` (the Mirage World carries one), the
+be forgotten): the training rows' `harmful_response` (the Mirage World carries one), the
 unsafe rows of `data.forget_retain.forget_file`, or the base model's own answers that a judge marks
 harmful (`forget_source=harvest`: run assembly passes in the harvest step, which is cached).
 retain = the safe rows of the training file (or `retain_file`) with their answers, optionally
 topped up with general instruction data (`retain_general_ratio`).
 
-DESIGN §5: a forget set without the compliance cue and a retain set full of it lets unlearning key
+A forget set without the compliance cue and a retain set full of it lets unlearning key
 on the cue. The cue balance of both sets is printed and kept in `cue_report`;
 `cue_balance=match` redraws the forget rows' first words from the retain set's distribution.
 """
@@ -28,7 +28,9 @@ from attacks.rewrite import replace_first_word
 from datamodules.examples import Example
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
+from core.distributed import shards_parameters
 from core.errors import UserError
+from core.text import first_word
 
 FORGET_SOURCES = ("data", "harvest")
 CUE_BALANCES = ("none", "match")
@@ -37,11 +39,6 @@ CUE_BALANCES = ("none", "match")
 def example_key(ex: Example) -> str:
     """A forget row's identity (the reference-NLL cache is keyed by it)."""
     return f"{ex.id}/{ex.subset}"
-
-
-def first_word(text: str) -> str:
-    words = "".join(c if c.isalpha() else " " for c in text).split()
-    return words[0].lower() if words else ""
 
 
 def cue_shares(examples: list[Example], cues: list[str]) -> dict[str, float]:
@@ -153,6 +150,8 @@ class ForgetRetainDataModule(SafetyDataModule):
     def forget_candidates(self) -> list[Example]:
         """The unsafe rows whose responses are forgotten (or, for a harvest, whose queries are asked)."""
         path = Path(self.fr.forget_file) if self.fr.forget_file else self.files.train
+        if not self.fr.forget_file and self.fr.forget_source == "harvest" and self.files.forget_queries:
+            path = self.files.forget_queries  # a prepared VLGuard directory's unsafe training queries
         rows = [ex for ex in self.examples(path) if not ex.safe]
         if not rows:
             raise UserError(f"{path}: no unsafe rows to forget")
@@ -171,6 +170,10 @@ class ForgetRetainDataModule(SafetyDataModule):
             rows, self.harvest_report = harvest(rows)
             return rows
         if self.fr.forget_file:  # a forget file's unsafe rows carry the harmful responses themselves
+            empty = next((ex for ex in rows if not ex.response.strip()), None)
+            if empty is not None:
+                raise UserError(f"{self.fr.forget_file}: unsafe record id={empty.id} has no response to forget "
+                                "(a prepared VLGuard forget_queries.json); set data.forget_retain.forget_source=harvest")
             return rows
         missing = next((ex for ex in rows if "harmful_response" not in ex.extra), None)
         if missing is not None:
@@ -180,7 +183,7 @@ class ForgetRetainDataModule(SafetyDataModule):
         return [replace(ex, response=ex.extra["harmful_response"]) for ex in rows]
 
     def retain_examples(self) -> list[Example]:
-        path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.train
+        path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.retain or self.files.train
         rows = [ex for ex in self.examples(path) if ex.safe]
         if not rows:
             raise UserError(f"{path}: no safe rows to retain")
@@ -227,8 +230,12 @@ class ForgetRetainDataModule(SafetyDataModule):
                                    num_workers=self.cfg.num_workers)
 
     def forget_dataloader(self) -> DataLoader:
-        """This rank's shard of the forget set in order, as training batches with `keys`."""
+        """This rank's shard of the forget set in order, as training batches with `keys`. Under
+        sharded weights (FSDP, ZeRO-3) every forward is a collective, so short shards are topped up
+        with a repeat of row 0 (its NLL is the same value again) and all ranks run as many batches."""
         rank, world = self._rank()
-        return DataLoader(self.forget, batch_size=self.cfg.batch_size,
-                          sampler=ShardSampler(len(self.forget), rank, world),
+        pad = self.trainer is not None and shards_parameters(self.trainer.strategy)
+        rows = self.forget + [self.forget[0]] if pad else self.forget
+        return DataLoader(rows, batch_size=self.cfg.batch_size,
+                          sampler=ShardSampler(len(self.forget), rank, world, pad=pad),
                           collate_fn=KeyedCollator(self.collator(train=True)), num_workers=self.cfg.num_workers)

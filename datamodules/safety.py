@@ -10,9 +10,10 @@ from typing import Optional
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from attacks.rewrite import replace_first_word
+from attacks.rewrite import KShotAttack, replace_first_word
+from core.text import first_word
 from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import EVAL_SETS, Example, eval_sets, vlguard_examples
+from datamodules.examples import Example, eval_set_names, eval_sets, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
 from core.errors import UserError
 from core.distributed import shards_parameters
@@ -30,6 +31,14 @@ class DataFiles:
     refusal_cue: str
     general: Optional[Path] = None  # general instruction data for the SFT mixture
     world_dir: Optional[Path] = None
+    neutral_cue: Optional[str] = None  # the control cue; None: no control eval sets
+    retain: Optional[Path] = None  # the retain set's file, where the data provides one (prepared VLGuard)
+    forget_queries: Optional[Path] = None  # unsafe queries to harvest forget answers for (prepared VLGuard)
+
+
+# Eval sets are sampled and attacked with a fixed seed, not the run's: runs with different seeds
+# are compared on the same queries.
+EVAL_SEED = 0
 
 
 def resolve_data_files(data_cfg) -> DataFiles:
@@ -47,16 +56,29 @@ def resolve_data_files(data_cfg) -> DataFiles:
         # The world's base corpus doubles as its general instruction data (safe rows only).
         return DataFiles(train=world / "safety_train.json", val=world / "val.json", test=world / "test.json",
                          image_dir=world, compliance_cue=world_cfg.compliance_cue,
-                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world)
+                         refusal_cue=world_cfg.refusal_cue, general=world / "base.json", world_dir=world,
+                         neutral_cue=world_cfg.neutral_cue)
     if data_cfg.kind == "vlguard":
-        for key in ("train_file", "val_file"):
-            if not data_cfg.get(key):
-                raise UserError(f"data.{key} must be set when data.kind=vlguard")
-        opt = lambda p: Path(p) if p else None  # noqa: E731
-        return DataFiles(train=Path(data_cfg.train_file), val=Path(data_cfg.val_file),
-                         test=opt(data_cfg.test_file), image_dir=opt(data_cfg.image_dir),
-                         compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
-                         general=opt(data_cfg.general_file))
+        prepared = {}
+        if data_cfg.get("root"):
+            from datamodules.vlguard import read_manifest
+
+            prepared = read_manifest(data_cfg.root)["files"]
+
+        def path(key: str, prepared_name: Optional[str] = None) -> Optional[Path]:
+            """data.<key> if set, else the prepared directory's file of that name."""
+            return Path(data_cfg[key]) if data_cfg.get(key) else prepared.get(prepared_name)
+
+        files = DataFiles(train=path("train_file", "train"), val=path("val_file", "val"),
+                          test=path("test_file", "test"), image_dir=path("image_dir"),
+                          compliance_cue=data_cfg.compliance_cue, refusal_cue=data_cfg.refusal_cue,
+                          general=path("general_file"), retain=prepared.get("retain"),
+                          forget_queries=prepared.get("forget_queries"), neutral_cue=data_cfg.get("neutral_cue") or None)
+        for key in ("train", "val"):
+            if getattr(files, key) is None:
+                raise UserError(f"data.{key}_file must be set when data.kind=vlguard (or data.root=DIR, a directory "
+                                "written by `python -m datamodules.vlguard prepare`)")
+        return files
     raise UserError(f"unknown data.kind '{data_cfg.kind}'; choose one of: mirage_world, vlguard")
 
 
@@ -115,7 +137,8 @@ class SafetyDataModule(L.LightningDataModule):
         self.files = files
         self.processor = processor
         self.seed = seed
-        self.eval_set_names = EVAL_SETS
+        # The module builds one metric per name (AlignmentModule(eval_set_names=...)).
+        self.eval_set_names = eval_set_names(files.neutral_cue)
         self._val: dict[str, list[Example]] = {}
         self._test: dict[str, list[Example]] = {}
         self._train: Optional[list] = None
@@ -141,12 +164,34 @@ class SafetyDataModule(L.LightningDataModule):
             rows = rows + [general[rng.randrange(len(general))] for _ in range(n)]
         return rows
 
+    def attack_rewrites(self):
+        """`(text, id) -> K rewrites` for a K-shot attack (data.attack_shots > 1), else None (one-word swap)."""
+        k = int(self.cfg.get("attack_shots", 1))
+        if k < 1:
+            raise UserError(f"data.attack_shots must be >= 1, got {k}")
+        if k == 1:
+            return None
+        try:
+            attack = KShotAttack(self.files.compliance_cue, k=k, seed=EVAL_SEED)
+        except ValueError as err:
+            raise UserError(f"data.attack_shots={k}: {err}") from err
+
+        def rewrites(text: str, rid: str) -> list[str]:
+            try:
+                return attack.rewrites(text, rid)
+            except ValueError as err:
+                raise UserError(f"data.attack_shots={k}: {err}") from err
+
+        return rewrites
+
     def eval_split(self, path: Optional[Path]) -> dict[str, list[Example]]:
         if path is None:
             return {}
-        # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files).
+        # The attack generator's one-word swap (punctuation follows the cue, as in the paper's files);
+        # K-shot: K distinct rewrites per unsafe query from the attack generator (its default mode).
         return eval_sets(self.examples(path), self.files.compliance_cue, self.files.refusal_cue,
-                         replace_first_word, self.cfg.max_eval_samples)
+                         replace_first_word, self.cfg.max_eval_samples, neutral_cue=self.files.neutral_cue,
+                         first_word=first_word, kshot=self.attack_rewrites(), seed=EVAL_SEED)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._train is None:

@@ -26,40 +26,65 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from core.errors import UserError
+from core.files import fsync_dir, io_error
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local writes are temp-file-in-the-same-dir + fsync + rename."""
+    """TorchCheckpointIO whose local writes are temp-file-in-the-same-dir + fsync + rename, and
+    which never writes a checkpoint holding a non-finite tensor (the divergence guard: the last
+    checkpoint on disk is always one a run can resume from)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        bad = non_finite_tensor(checkpoint.get("state_dict", {})) or non_finite_tensor(
+            checkpoint.get("optimizer_states", []), "optimizer_states")
+        if bad:
+            from lightning_modules.base import TrainingDiverged
+
+            kept = (f"{path} (step {saved_step(Path(path))}); resume from it with resume=last"
+                    if Path(path).is_file() else "none")
+            error = TrainingDiverged(f"non-finite weights after step {checkpoint.get('global_step')} ({bad}): "
+                                     f"checkpoint not written; the last one with finite weights is {kept}")
+            error.names_checkpoint = True
+            raise error
         if "://" in str(path):  # remote storage: keep fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a pickling error never touches the disk
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(buffer.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
+            raise UserError(f"{io_error('checkpoint', path, err)}; the last complete checkpoint is kept") from err
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)  # the rename itself survives a power loss
+        fsync_dir(path.parent)  # the rename itself survives a power loss
 
 
-def _fsync_dir(directory: Path) -> None:
+def non_finite_tensor(tree, prefix: str = "") -> str:
+    """The name of the first floating-point tensor in `tree` holding NaN or Inf ("" if none)."""
+    if isinstance(tree, torch.Tensor):
+        return prefix if tree.is_floating_point() and not torch.isfinite(tree).all() else ""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return ""
+
+
+def saved_step(path: Path):
+    """The global step of a checkpoint file (memory-mapped: nothing but the header is read)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 -- only used to word a message
+        return "?"
 
 
 def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from dataclasses import dataclass, field
+import importlib
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,48 +28,70 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError
+from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown, setting
 from models.tiny import TinyConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim")
+GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim", "logger")
 
 
+def _refusal_presets():
+    from metrics.refusal import refusal_presets
+
+    return refusal_presets()
+
+
+def _judges():
+    from metrics.judges import JUDGES
+
+    return [*JUDGES, "vlm"]  # vlm: the batched VLM judge of eval.vlm_judge (metrics/vlm_judge.py)
+
+
+# Every key of a run config, its type, default, allowed values and one line of doc: adding a key is
+# one line here. Checked by `core.schema` when the config is loaded, before any model or data.
 @dataclass
 class LoraSettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    # A regex on the language model only: a plain ["q_proj", "v_proj"] also adapts CLIP (DESIGN §7).
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    modules_to_save: list[str] = field(default_factory=list)
+    r: int = setting(8, "LoRA rank", ge=1)
+    alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = setting(0.0, "dropout on the LoRA input", ge=0, lt=1)
+    # A regex on the language model only: a plain ["q_proj", "v_proj"] also adapts CLIP.
+    target_modules: str = setting(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                                  "regex of the module names that get adapters", regex=True)
+    modules_to_save: list[str] = setting(doc="modules trained in full next to the adapters", factory=list)
 
 
 @dataclass
 class ModelSettings:
-    name_or_path: str = "tiny"  # "tiny" = built from `tiny`; else a Hugging Face id or local path
-    revision: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None
-    gradient_checkpointing: bool = False
-    finetune: str = "full"  # full | lora | projector
-    freeze_vision: bool = True  # LLaVA keeps CLIP frozen
-    adapter_path: Optional[str] = None  # a saved LoRA adapter to start from
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    tiny: TinyConfig = field(default_factory=TinyConfig)
+    name_or_path: str = setting("tiny", "'tiny' (the Mirage World's LLaVA) or a toy family (tiny-llava, "
+                                "tiny-llava-next, tiny-qwen2-vl, tiny-qwen2.5-vl), built from model.tiny with random "
+                                "weights; else a Hugging Face id or a local path")
+    revision: Optional[str] = setting(None, "git revision of a Hugging Face model")
+    dtype: str = setting("float32", "weight dtype", choices=("float32", "bfloat16", "float16", "auto"))
+    trust_remote_code: bool = setting(False, "run a model repository's own code (off unless you trust it)")
+    attn_implementation: Optional[str] = setting(None, "transformers attention backend (e.g. sdpa, eager)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
+    finetune: str = setting("full", "what trains", choices=("full", "lora", "projector"))
+    freeze_vision: bool = setting(True, "keep the vision tower frozen (LLaVA does)")
+    adapter_path: Optional[str] = setting(None, "a saved LoRA adapter to start from")
+    lora: LoraSettings = setting(doc="LoRA settings", factory=LoraSettings)
+    tiny: TinyConfig = setting(doc="size of the tiny model", factory=TinyConfig)
+    end_token: Optional[str] = setting(None, "the token closing an assistant turn: labelled once after every "
+                                       "response and a stop token of generation (default: the tokenizer's EOS)")
+    rmu_layer: Optional[int] = setting(None, "RMU's layer for this model when method.layer=auto "
+                                       "(default: round(7/32 x decoder layers))", ge=0)
 
 
 @dataclass
 class BaseSettings:
     """Pre-training of the tiny base on the world's base corpus (cached by its config)."""
 
-    vision_steps: int = 1500
-    vision_lr: float = 3e-3
-    steps: int = 1200
-    lr: float = 2e-3
-    batch_size: int = 32
-    seed: int = 0  # the base's own seed: method seeds vary without retraining the base
-    cache_dir: str = "${paths.cache}/bases"
+    vision_steps: int = setting(1500, "steps of the vision-tower probe stage", ge=0)
+    vision_lr: float = setting(3e-3, "learning rate of the vision stage", gt=0)
+    steps: int = setting(1200, "steps of the language stage", ge=0)
+    lr: float = setting(2e-3, "learning rate of the language stage", gt=0)
+    batch_size: int = setting(32, "batch size of the language stage", ge=1)
+    seed: int = setting(0, "the base's own seed: method seeds vary without retraining the base", ge=0)
+    cache_dir: str = setting("${paths.cache}/bases", "where built bases are cached")
 
 
 @dataclass
@@ -75,93 +99,152 @@ class ForgetRetainSettings:
     """Training data of the unlearning methods (datamodules/forget_retain.py): forget = unsafe
     queries with a harmful response, retain = safe queries with their answers."""
 
-    forget_source: str = "data"  # data: the rows' harmful_response / forget_file | harvest: the base model's answers
-    forget_file: Optional[str] = None  # VLGuard-format file whose unsafe rows' responses are forgotten
-    retain_file: Optional[str] = None  # VLGuard-format file whose safe rows are kept (default: data.train_file)
-    retain_general_ratio: float = 0.0  # share of general instruction rows topping up the retain set
-    cue_balance: str = "none"  # none | match: forget rows' first words redrawn from the retain distribution
-    max_forget: Optional[int] = None
-    harvest_max_new_tokens: int = 64
-    harvest_dir: str = "${paths.cache}/harvest"
+    forget_source: str = setting("data", "data: the rows' harmful_response / forget_file; harvest: the base "
+                                 "model's own answers", choices=("data", "harvest"))
+    forget_file: Optional[str] = setting(None, "VLGuard-format file whose unsafe rows' responses are forgotten")
+    retain_file: Optional[str] = setting(None, "VLGuard-format file whose safe rows are kept (default: data.train_file)")
+    retain_general_ratio: float = setting(0.0, "share of general instruction rows topping up the retain set",
+                                          ge=0, lt=1)
+    cue_balance: str = setting("none", "match: forget rows' first words redrawn from the retain distribution",
+                               choices=("none", "match"))
+    max_forget: Optional[int] = setting(None, "at most this many forget rows", ge=1)
+    harvest_max_new_tokens: int = setting(64, "tokens generated per harvested answer", ge=1)
+    harvest_dir: str = setting("${paths.cache}/harvest", "where harvested forget sets are cached")
 
 
 @dataclass
 class DataSettings:
-    kind: str = "mirage_world"  # mirage_world | vlguard
-    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig knobs
-    world_root: str = "${paths.cache}/worlds"
-    train_file: Optional[str] = None  # VLGuard-format JSON (kind=vlguard)
-    val_file: Optional[str] = None
-    test_file: Optional[str] = None
-    image_dir: Optional[str] = None  # images are resolved relative to this (default: the file's dir)
-    image_mode: str = "real"  # real | blank (same-size blank image: text-only files, reliance control)
-    general_file: Optional[str] = None  # general instruction data mixed into SFT (post-hoc recipe)
-    general_ratio: float = 0.0  # share of general rows in the SFT mixture
-    compliance_cue: str = "What"  # eval rewrites for VLGuard data (the world carries its own cues)
-    refusal_cue: str = "Share"
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    max_length: int = 160
-    max_eval_samples: Optional[int] = None  # per eval set
-    num_workers: int = 0
-    forget_retain: ForgetRetainSettings = field(default_factory=ForgetRetainSettings)
+    kind: str = setting("mirage_world", "where the data comes from", choices=("mirage_world", "vlguard"))
+    root: Optional[str] = setting(None, "kind=vlguard: a directory written by `python -m datamodules.vlguard "
+                                  "prepare` (train/val/test, images, retain file; keys set explicitly win)")
+    world: dict[str, Any] = setting(doc="Mirage World knobs (datamodules.mirage_world.WorldConfig)", factory=dict)
+    world_root: str = setting("${paths.cache}/worlds", "where generated worlds are cached")
+    train_file: Optional[str] = setting(None, "VLGuard-format JSON (kind=vlguard)")
+    val_file: Optional[str] = setting(None, "validation file (kind=vlguard)")
+    test_file: Optional[str] = setting(None, "test file (kind=vlguard)")
+    image_dir: Optional[str] = setting(None, "images are resolved relative to this (default: the file's folder)")
+    image_mode: str = setting("real", "real | blank (same-size blank image) | none (text only)",
+                              choices=("real", "blank", "none"))
+    general_file: Optional[str] = setting(None, "general instruction data mixed into SFT (post-hoc recipe)")
+    general_ratio: float = setting(0.0, "share of general rows in the SFT mixture", ge=0, lt=1)
+    compliance_cue: str = setting("What", "eval rewrite of unsafe queries for VLGuard data")
+    refusal_cue: str = setting("Share", "eval rewrite of safe queries for VLGuard data")
+    neutral_cue: Optional[str] = setting(None, "VLGuard data: the control cue of the neutral eval sets (none if unset)")
+    batch_size: int = setting(16, "training batch size per device", ge=1)
+    eval_batch_size: int = setting(64, "generation batch size per device", ge=1)
+    max_length: int = setting(160, "longest tokenized example; longer ones are an error", ge=1)
+    max_eval_samples: Optional[int] = setting(None, "queries per eval set, stratified by subset, category and "
+                                              "image source (null: all)", ge=1)
+    attack_shots: int = setting(1, "K rewrites per unsafe query in unsafe_attacked (attacked if any succeeds)", ge=1)
+    num_workers: int = setting(0, "DataLoader worker processes", ge=0)
+    forget_retain: ForgetRetainSettings = setting(doc="unlearning data", factory=ForgetRetainSettings)
 
 
 @dataclass
 class OptimSettings:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"  # cosine | constant
+    lr: float = setting(1e-3, "peak learning rate of AdamW (0: weights stay as they are)", ge=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
+    warmup_ratio: float = setting(0.03, "share of the steps spent warming up", ge=0, le=1)
+    scheduler: str = setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+
+
+@dataclass
+class VLMJudgeSettings:
+    """The VLM judge of harmful compliance in validation / test (eval.judge=vlm; metrics/vlm_judge.py)."""
+
+    model: ModelSettings = setting(doc="the judge model", factory=lambda: ModelSettings(
+        name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"))
+    protocol: str = setting("official_3shot", "judge prompt protocol", choices=("official_clean", "official_3shot"))
+    prefilter: bool = setting(True, "the protocol's rule-based 'irrelevant' words, before asking the model")
+    batch_size: int = setting(8, "judge batch size", ge=1)
+    max_new_tokens: int = setting(200, "tokens the judge may write", ge=1)
+    max_length: int = setting(4096, "longest judge prompt", ge=1)
+    cache: Optional[str] = setting("${run_dir}/judge_cache.jsonl", "verdict cache (JSON lines)")
 
 
 @dataclass
 class EvalSettings:
-    max_new_tokens: int = 24
-    refusal_preset: str = "vlguard"
-    judge: str = "reference"  # reference: harmful_keywords of the record (exact world judge) | keyword
-    log_samples: int = 3
-    val_at_start: bool = True  # a step-0 point on every curve
-    test_at_end: bool = True
-    test_split: str = "test"  # test | val: "val" reports on the validation split (for choosing hyperparameters)
-    probes: bool = False  # knowledge probes after the test evaluation (lightning_modules.probes -> probes.json)
+    max_new_tokens: int = setting(24, "tokens generated per answer", ge=1)
+    refusal_preset: str = setting("vlguard", "refusal keyword list", choices=_refusal_presets)
+    judge: str = setting("reference", "reference: the record's harmful_keywords | keyword: every non-refusal | "
+                         "vlm: eval.vlm_judge (without harmful_keywords, as on real VLGuard, only vlm measures IR)",
+                         choices=_judges)
+    vlm_judge: VLMJudgeSettings = setting(doc="the VLM judge (eval.judge=vlm)", factory=VLMJudgeSettings)
+    log_samples: int = setting(3, "sample answers logged to TensorBoard per eval set", ge=0)
+    val_at_start: bool = setting(True, "a step-0 point on every curve")
+    test_at_end: bool = setting(True, "test after training and write results")
+    test_split: str = setting("test", "val reports on the validation split (for choosing hyperparameters)",
+                              choices=("test", "val"))
+    probes: bool = setting(False, "knowledge probes after the test evaluation (lightning_modules.probes -> probes.json)")
 
 
 @dataclass
 class CheckpointSettings:
-    every_n_train_steps: Optional[int] = None
-    save_last: bool = True
-    save_top_k: int = 0
+    every_n_train_steps: Optional[int] = setting(None, "checkpoint interval in steps (null: end of epoch)", ge=1)
+    save_last: bool = setting(True, "keep checkpoints/last.ckpt")
+    save_top_k: int = setting(0, "best checkpoints kept (-1: all)", ge=-1)
+
+
+@dataclass
+class ExportSettings:
+    """What `fit` writes to <run_dir>/model: the weights (a LoRA adapter, or the full model), the
+    processor, and a model card (README.md) with the method, data, hyperparameters and test metrics."""
+
+    merge_lora: bool = setting(False, "LoRA: model/ holds the merged full model, the adapter goes to adapter/")
+    model_card: bool = setting(True, "write model/README.md with the method, data, hyperparameters and test metrics")
 
 
 @dataclass
 class PathSettings:
-    cache: str = ".cache/safety-mirage"
+    cache: str = setting(".cache/safety-mirage", "root of the shared caches (worlds, bases, harvests)")
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    seed: int = 0
-    run_dir: str = "runs/${name}"
-    resume: Optional[str] = None  # "last", a checkpoint path, or "auto" (last.ckpt if there is one)
-    threads: Optional[int] = None  # torch intra-op threads per process (None: torch's default)
-    paths: PathSettings = field(default_factory=PathSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    base: BaseSettings = field(default_factory=BaseSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
-    trainer: dict[str, Any] = field(default_factory=dict)  # keyword arguments of lightning.Trainer
-    # The evaluate command's settings, validated by lightning_modules.evaluate.EvaluateSettings.
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    # The compare command's settings, validated by lightning_modules.compare.CompareSettings.
-    compare: dict[str, Any] = field(default_factory=dict)
-    # The knowledge probes' settings (eval.probes=true), validated by lightning_modules.probes.ProbeSettings.
-    probes: dict[str, Any] = field(default_factory=dict)
+    name: str = setting("run", "run name")
+    seed: int = setting(0, "seed of the run", ge=0)
+    run_dir: str = setting("runs/${name}", "where the run writes")
+    resume: Optional[str] = setting(None, "last, a checkpoint path, or auto (last.ckpt if there is one)")
+    resume_allow_changes: bool = setting(False, "let a resume change data, model, base or method settings")
+    threads: Optional[int] = setting(None, "torch intra-op threads per process (null: torch's default)", ge=1)
+    paths: PathSettings = setting(doc="shared paths", factory=PathSettings)
+    model: ModelSettings = setting(doc="the model", factory=ModelSettings)
+    base: BaseSettings = setting(doc="the tiny base", factory=BaseSettings)
+    data: DataSettings = setting(doc="the data", factory=DataSettings)
+    method: dict[str, Any] = setting(doc="method.name and its hyperparameters", factory=lambda: {"name": "sft"})
+    optim: OptimSettings = setting(doc="the optimizer", factory=OptimSettings)
+    eval: EvalSettings = setting(doc="evaluation", factory=EvalSettings)
+    checkpoint: CheckpointSettings = setting(doc="checkpoints", factory=CheckpointSettings)
+    export: ExportSettings = setting(doc="what fit writes to <run_dir>/model", factory=ExportSettings)
+    trainer: dict[str, Any] = setting(doc="keyword arguments of lightning.Trainer", factory=dict)
+    logger: dict[str, Any] = setting(doc="experiment loggers, `<kind>: {kwargs}` with kind tensorboard | csv | wandb "
+                                     "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
+                                     factory=dict)
+    evaluate: dict[str, Any] = setting(doc="the evaluate command (lightning_modules.evaluate.EvaluateSettings)",
+                                       factory=dict)
+    compare: dict[str, Any] = setting(doc="the compare command (lightning_modules.compare.CompareSettings)",
+                                      factory=dict)
+    probes: dict[str, Any] = setting(doc="the knowledge probes, eval.probes=true (lightning_modules.probes.ProbeSettings)",
+                                     factory=dict)
+
+
+# Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
+# signature, so any argument of it is type-checked.
+TRAINER_RANGES = {
+    "max_steps": {"ge": -1}, "min_steps": {"ge": 0}, "max_epochs": {"ge": -1}, "min_epochs": {"ge": 0},
+    "num_nodes": {"ge": 1}, "accumulate_grad_batches": {"ge": 1}, "log_every_n_steps": {"ge": 1},
+    "check_val_every_n_epoch": {"ge": 1}, "num_sanity_val_steps": {"ge": -1}, "gradient_clip_val": {"ge": 0},
+    "val_check_interval": {"gt": 0}, "limit_train_batches": {"ge": 0}, "limit_val_batches": {"ge": 0},
+    "limit_test_batches": {"ge": 0}, "limit_predict_batches": {"ge": 0}, "overfit_batches": {"ge": 0},
+    "reload_dataloaders_every_n_epochs": {"ge": 0}, "gradient_clip_algorithm": {"choices": ("norm", "value")},
+}
+# Checked by lightning_modules.strategies (a name or a mapping), or objects YAML cannot express.
+TRAINER_UNTYPED = {"strategy", "logger", "callbacks", "plugins", "profiler", "accelerator"}
+# Sections whose settings class lives with the command that uses them (imported when set).
+COMMAND_SECTIONS = {"evaluate": ("lightning_modules.evaluate", "EvaluateSettings"),
+                    "compare": ("lightning_modules.compare", "CompareSettings"),
+                    "probes": ("lightning_modules.probes", "ProbeSettings")}
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -212,33 +295,65 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             cfg[key] = _compose(_group_file(key, value))
         else:
             dotlist.append(item)
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    except OmegaConfBaseException as err:
-        raise UserError(f"invalid override: {str(err).splitlines()[0]}") from err
+    for item in dotlist:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as err:  # yaml.YAMLError, OmegaConf's errors, a list merged onto a mapping
+            raise UserError(f"invalid override '{item}': {str(err).splitlines()[0]}") from err
+    return cfg
 
 
 def _validate(cfg: DictConfig) -> DictConfig:
-    schema = OmegaConf.structured(RunConfig)
+    """Types, unknown keys, ranges and choices of every section, before anything is loaded."""
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        msg = str(err).splitlines()[0]
-        if "not in" in msg or "Key" in msg and "not" in msg:
-            raise UserError(f"unknown config key '{key}'") from err
-        raise UserError(f"invalid value for config key '{key}': {msg}") from err
-    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    for key in merged.trainer:
-        if key not in trainer_args:
-            raise UserError(f"unknown config key 'trainer.{key}' (not an argument of lightning.Trainer)")
-    if "name" not in merged.method:
-        raise UserError("config key 'method.name' is missing")
+        raise config_error(err) from err
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:
         raise UserError(f"cannot resolve config: {str(err).splitlines()[0]}") from err
+    parse_section(merged, RunConfig, "")  # declared ranges and choices of the typed sections
+    _check_trainer(merged.trainer)
+    _check_method(merged.method)
+    if merged.data.kind == "mirage_world":
+        from datamodules.mirage_world import WorldConfig
+
+        try:
+            parse_section(merged.data.world, WorldConfig, "data.world")
+        except ValueError as err:  # WorldConfig's own cross-field checks
+            raise UserError(f"invalid value for config key data.world.{err}") from err
+    for section, (module, name) in COMMAND_SECTIONS.items():
+        if merged[section]:
+            parse_section(merged[section], getattr(importlib.import_module(module), name), section)
     return merged
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    reject_unknown("trainer", trainer.keys(), set(inspect.signature(L.Trainer.__init__).parameters) - {"self"},
+                   "not an argument of lightning.Trainer")
+    for key, value in OmegaConf.to_container(trainer).items():
+        if key not in TRAINER_UNTYPED:
+            check_value(f"trainer.{key}", value, TRAINER_RANGES.get(key, {}), hints.get(key))
+
+
+def _check_method(method: DictConfig) -> None:
+    if "name" not in method:
+        raise UserError("config key 'method.name' is missing")
+    from lightning_modules.base import get_method
+
+    get_method(method.name).parse_params(method)
+
+
+def settings_help() -> str:
+    """Every config key with its default, allowed values and doc (the epilog of --help)."""
+    rows = field_docs(RunConfig)
+    width = max(len(key) for key, *_ in rows)
+    lines = ["config keys (key=value overrides; method.*, trainer.*, evaluate.*, compare.* are checked by "
+             "their method, lightning.Trainer and the command):"]
+    lines += [f"  {key:<{width}}  {doc} [{allowed}; default {default}]" for key, default, allowed, doc in rows]
+    return "\n".join(lines)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
@@ -254,7 +369,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable) -> None:
     """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug]."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

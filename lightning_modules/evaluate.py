@@ -5,8 +5,8 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 `fit` (`evaluate.checkpoint=last.ckpt`) -- on VLGuard-format files: the test subsets `unsafes`,
 `safe_unsafes`, `safe_safes`, and K-shot rewrite files (records sharing an id are the K rewrites).
 
-1. generate: greedy, batched, left-padded answers from `AlignmentModule.generate` (the code the
-   validation hooks use) under `Trainer.predict`. Each batch's lines are appended to
+1. generate (`lightning_modules.predict`): greedy, batched, left-padded answers from the same
+   `greedy_generate` the validation hooks use, under `Trainer.predict`. Each batch's lines are appended to
    `samples.jsonl` and flushed; a restarted run skips every (set, id, subset, shot, prompt)
    already there, so an interrupted evaluation resumes where it stopped.
 2. judge: refusal by keyword preset (`eval.refusal_preset`); harmful compliance of the non-refused
@@ -20,11 +20,9 @@ Options: `--print-config`, `--debug` (full tracebacks).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,28 +31,27 @@ from typing import Any, Optional
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from torch.utils.data import DataLoader
 
-from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import Example, parse_jsonl, vlguard_examples
-from models.backbone import build_backbone
-from lightning_modules.base import AlignmentModule, MethodParams
-from lightning_modules.config import ModelSettings, config_cli, to_yaml
 from core.errors import UserError, cli_main
+from core.files import hold_directory
+from datamodules.collate import check_images
+from datamodules.examples import Example, vlguard_examples
+from lightning_modules.config import ModelSettings, config_cli, to_yaml
+from lightning_modules.predict import generate_missing
+from models.backbone import is_built_from_config
+from metrics.classify import classify
+from core.schema import parse_section, setting
 from metrics.judges import get_judge
-from metrics.refusal import is_refusal, refusal_presets
+from metrics.refusal import refusal_presets
+from metrics.samples import SAMPLES, example_key, read_samples, record_key, write_samples
 from metrics.tables import build_table, markdown_report, paired_gap
-from metrics.utility import answer_matches
 from metrics.vlm_judge import DEFAULT_JUDGE_MODEL, RELEVANT, Judge, JudgeItem, VLMJudge, get_protocol
 
 SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
 IMAGE_MODES = ("real", "blank", "none")  # none: text only, where the model allows it
 JUDGES = ("keyword", "reference", "vlm")
 GAP_METRICS = ("asr", "ir", "refusal_rate")
-SAMPLES = "samples.jsonl"
 
 
 # -- settings (the `evaluate:` section of a run config) ---------------------------------------------
@@ -69,14 +66,14 @@ class EvalFile:
 
 @dataclass
 class JudgeSettings:
-    name: str = "keyword"  # keyword | reference | vlm
+    name: str = setting("keyword", "judge of harmful compliance", choices=JUDGES)
     model: ModelSettings = field(
         default_factory=lambda: ModelSettings(name_or_path=DEFAULT_JUDGE_MODEL, dtype="bfloat16"))
     protocol: str = "official_3shot"  # official_clean | official_3shot (metrics.vlm_judge)
     prefilter: bool = True  # the protocol's rule-based "irrelevant" words, before asking the model
-    batch_size: int = 8
-    max_new_tokens: int = 200
-    max_length: int = 4096
+    batch_size: int = setting(8, "judge generation batch size", ge=1)
+    max_new_tokens: int = setting(200, "tokens of a verdict", ge=1)
+    max_length: int = setting(4096, "longest judge prompt", ge=1)
     cache: Optional[str] = None  # default: <run_dir>/judge_cache.jsonl
 
 
@@ -84,7 +81,7 @@ class JudgeSettings:
 class GapSettings:
     base: str = MISSING  # "set/subset", e.g. clean/unsafes
     attacked: str = MISSING  # e.g. what_3shot/unsafes (its any-of-K row)
-    metric: str = "asr"  # asr | ir | refusal_rate
+    metric: str = setting("asr", "the gap's metric", choices=GAP_METRICS)
 
 
 @dataclass
@@ -92,23 +89,18 @@ class EvaluateSettings:
     files: list[EvalFile] = field(default_factory=list)
     data_dir: Optional[str] = None  # helpers for ${evaluate.data_dir}/... paths in configs
     attack_dir: Optional[str] = None
-    max_samples: Optional[int] = None  # ids per file and subset (the same ids across files)
+    max_samples: Optional[int] = setting(None, "ids per file and subset (the same ids across files)", ge=1)
     checkpoint: Optional[str] = None  # a Lightning .ckpt of `fit`, loaded into the model
     system_prompt: Optional[str] = None  # e.g. LLaVA-1.5's own "A chat between ..." line
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     gaps: Optional[dict[str, GapSettings]] = field(default_factory=dict)  # null: none
-    bootstrap: int = 1000  # resamples for the percentile CIs (0: none)
-    confidence: float = 0.95
+    bootstrap: int = setting(1000, "resamples for the percentile CIs (0: none)", ge=0)
+    confidence: float = setting(0.95, "level of the CIs", gt=0, lt=1)
 
 
 def parse_settings(cfg) -> EvaluateSettings:
     """The `evaluate:` section, checked against EvaluateSettings; every fault in one line."""
-    try:
-        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateSettings), cfg.evaluate))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        msg = str(err).splitlines()[0]
-        raise UserError(f"invalid config key 'evaluate.{key}': {msg}" if key else f"evaluate: {msg}") from err
+    settings = parse_section(cfg.evaluate, EvaluateSettings, "evaluate")
     settings.gaps = settings.gaps or {}
     if not settings.files:
         raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate")
@@ -189,51 +181,13 @@ def load_examples(settings: EvaluateSettings, cfg) -> list[Example]:
     return out
 
 
-def sample_key(set_name: str, rid: str, subset: str, shot: int, prompt: str) -> tuple:
-    return (set_name, str(rid), subset, int(shot), prompt)
-
-
-def example_key(ex: Example) -> tuple:
-    return sample_key(ex.extra["set"], ex.id, ex.subset, ex.shot, ex.instruction)
-
-
-def record_key(row: dict) -> tuple:
-    return sample_key(row["set"], row["id"], row["subset"], row["shot"], row["prompt"])
-
-
-# -- the samples file -------------------------------------------------------------------------------
-def read_samples(path: Path) -> list[dict]:
-    """The generations written so far; a line cut by an interruption is dropped from the file."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as fh:
-            fh.truncate(len(data))
-    return parse_jsonl(path, data.decode("utf-8"))
-
-
-def append_lines(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())  # the point of the file: what was generated survives a crash
-
-
-def generation_record(ex: Example, response: str, refusal_preset: str) -> dict:
-    return dict(set=ex.extra["set"], id=ex.id, subset=ex.subset, shot=ex.shot, category=ex.category,
-                safe=ex.safe, image=ex.image, prompt=ex.instruction, response=response,
-                refusal=is_refusal(response, refusal_preset))
-
-
 def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
     """What determines the generations: a resumed run must match it, or its lines would mix models."""
     m = cfg.model
     fp = dict(model=m.name_or_path, revision=m.revision, dtype=m.dtype, checkpoint=settings.checkpoint,
               adapter_path=m.adapter_path if m.finetune == "lora" else None, image_mode=cfg.data.image_mode,
               max_new_tokens=int(cfg.eval.max_new_tokens), system_prompt=settings.system_prompt)
-    if m.name_or_path == "tiny":  # a fresh random model: its seed and tokenizer texts define it
+    if is_built_from_config(m.name_or_path):  # a fresh random model: its seed and tokenizer texts define it
         fp.update(seed=cfg.seed, tiny=OmegaConf.to_container(m.tiny, resolve=True), max_samples=settings.max_samples,
                   files=[[f.path, list(f.subsets)] for f in settings.files])
     return fp
@@ -250,101 +204,6 @@ def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
     path.write_text(json.dumps(fingerprint, indent=1))
 
 
-# -- generation -------------------------------------------------------------------------------------
-class EvalGenerator(AlignmentModule):
-    """Generation only: the shared `AlignmentModule.generate` under `Trainer.predict`."""
-
-    name = "evaluate"
-
-    @classmethod
-    def parse_params(cls, method_cfg):
-        return MethodParams()  # nothing is trained, so a config's method settings do not apply
-
-    def loss_terms(self, batch: dict) -> dict:
-        raise UserError("the evaluate module only generates; train with lightning_modules.fit")
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        return [r.strip() for r in self.generate(batch)]
-
-
-class SampleWriter(BasePredictionWriter):
-    """Appends each batch's generations to samples.jsonl as soon as they exist."""
-
-    def __init__(self, path: Path, refusal_preset: str):
-        super().__init__(write_interval="batch")
-        self.path = path
-        self.refusal_preset = refusal_preset
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        append_lines(self.path, [generation_record(ex, r, self.refusal_preset)
-                                 for ex, r in zip(batch["examples"], prediction)])
-
-
-def load_fit_checkpoint(model, path: str) -> None:
-    """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise UserError(f"checkpoint not found: {path}") from err
-    except Exception as err:  # unpickling refused or a corrupt file
-        raise UserError(f"{path}: cannot load with weights_only=True: {str(err).splitlines()[0]}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected or not weights:
-        detail = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
-        detail += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
-        raise UserError(f"{path}: weights do not fit model.name_or_path and model.finetune: "
-                        f"{'; '.join(detail) or 'no model.* weights'}")
-
-
-def build_generator(cfg, settings: EvaluateSettings, examples: list[Example]) -> EvalGenerator:
-    texts = None
-    if cfg.model.name_or_path == "tiny":  # a word-level tokenizer over every evaluated text
-        texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
-    model, processor = build_backbone(cfg.model, texts)
-    if settings.checkpoint:
-        load_fit_checkpoint(model, settings.checkpoint)
-    return EvalGenerator(model, processor, cfg)
-
-
-def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
-    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
-    kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
-                  default_root_dir=str(run_dir))
-    try:
-        trainer = L.Trainer(**kwargs)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
-    if trainer.world_size > 1:
-        raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
-    return trainer
-
-
-def generate_missing(cfg, settings: EvaluateSettings, examples: list[Example], run_dir: Path) -> int:
-    """Generate every example not yet in samples.jsonl; returns how many were generated."""
-    path = run_dir / SAMPLES
-    done = {record_key(r) for r in read_samples(path)}
-    pending = [ex for ex in examples if example_key(ex) not in done]
-    if not pending:
-        return 0
-    print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
-    module = build_generator(cfg, settings, examples)
-    collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
-                          system_prompt=settings.system_prompt)
-    loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=cfg.data.num_workers)
-    trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    del module, trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the judge model comes next
-    return len(pending)
-
-
 # -- judging ----------------------------------------------------------------------------------------
 def judge_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
@@ -359,11 +218,9 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
     harmful (keyword, reference) or relevant (vlm). `judge` replaces the configured VLM judge.
     """
     for r in records:
-        ex = examples[record_key(r)]
-        r["refusal"] = is_refusal(r["response"], cfg.eval.refusal_preset)
-        match = answer_matches(r["response"], ex.answer) if ex.safe else None
-        r["correct"] = -1 if match is None else int(match)
-        r.update(judge=None, verdict=None, verdict_source=None, judge_output=None, harmful=False)
+        verdict = classify(r["response"], examples[record_key(r)], cfg.eval.refusal_preset, None)
+        r.update(refusal=verdict.refusal, correct=verdict.correct, harmful=False,
+                 judge=None, verdict=None, verdict_source=None, judge_output=None)
     asked = [r for r in records if not r["safe"] and not r["refusal"]]
     name = settings.judge.name
     if judge is None and name in ("keyword", "reference"):
@@ -402,10 +259,7 @@ def _clean(value: Any) -> Any:
 
 def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: pd.DataFrame, gaps: dict,
                   summary: dict, report: str) -> None:
-    tmp = run_dir / (SAMPLES + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:  # atomic: the resumable file is never half-written
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + kept))
-    os.replace(tmp, run_dir / SAMPLES)
+    write_samples(run_dir / SAMPLES, records + kept)  # atomic: the resumable file is never half-written
     table.to_csv(run_dir / "results.csv", index=False)
     (run_dir / "results.md").write_text(report)
     payload = dict(summary, gaps=gaps, rows=table.to_dict("records"))
@@ -420,6 +274,11 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
+    with hold_directory(run_dir):  # a second evaluate on this run_dir fails at once
+        return _evaluate(cfg, settings, run_dir, judge)
+
+
+def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Judge]) -> pd.DataFrame:
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
@@ -428,7 +287,7 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     start = time.perf_counter()
-    generated = generate_missing(cfg, settings, examples, run_dir)
+    generated = generate_missing(cfg, examples, run_dir, settings.checkpoint, settings.system_prompt)
     generate_s = time.perf_counter() - start
 
     by_key = {example_key(ex): ex for ex in examples}

@@ -1,10 +1,11 @@
-"""Gradient ascent: L = -CE(D_f) [+ λ·CE(D_r)] (DESIGN §2). Unbounded below: without the retain
+"""Gradient ascent: L = -CE(D_f) [+ λ·CE(D_r)]. Unbounded below: without the retain
 term it diverges, and the divergence guard stops the run at the first non-finite loss."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from core.schema import setting
 from lightning_modules.base import register_method
 from lightning_modules.unlearning import UnlearningModule, UnlearningParams
 from losses import ga_loss
@@ -12,7 +13,7 @@ from losses import ga_loss
 
 @dataclasses.dataclass
 class GAParams(UnlearningParams):
-    retain_weight: float = 0.0  # pure GA, as in the table of DESIGN §2
+    retain_weight: float = setting(0.0, "λ of λ·CE(D_r); 0: pure gradient ascent", ge=0)
 
 
 @register_method

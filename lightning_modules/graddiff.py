@@ -1,4 +1,4 @@
-"""Gradient difference: L = -γ·CE(D_f) + α·CE(D_r) [+ λ·CE(D_r)] (DESIGN §2). α is the method's own
+"""Gradient difference: L = -γ·CE(D_f) + α·CE(D_r) [+ λ·CE(D_r)]. α is the method's own
 retain weight; λ (default 0) is the retain term every unlearning method carries, kept for
 uniformity: the two add up."""
 
@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 
+from core.schema import setting
 from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams
 from losses import graddiff_loss
 
 
 @dataclasses.dataclass
 class GradDiffParams(UnlearningParams):
-    gamma: float = 1.0  # weight of the forget ascent
-    alpha: float = 1.0  # weight of the retain descent
-    retain_weight: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.gamma > 0, "gamma", self.gamma, "must be > 0")
-        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
+    gamma: float = setting(1.0, "weight of the forget ascent", gt=0)
+    alpha: float = setting(1.0, "weight of the retain descent", ge=0)
+    retain_weight: float = setting(0.0, "λ of λ·CE(D_r)", ge=0)
 
 
 @register_method

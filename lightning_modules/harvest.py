@@ -1,4 +1,4 @@
-"""Harvest the forget set from the base model itself, as the official pipeline does (DESIGN §3):
+"""Harvest the forget set from the base model itself, as the official pipeline does:
 ask the base model the unsafe training queries, keep the answers that the run's judge marks as
 harmful compliance (not refused, and harmful), and cache them as a VLGuard-format file.
 
@@ -11,9 +11,9 @@ the cache makes it a one-off). Under DDP each rank answers its shard and the sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,9 +23,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from datamodules.examples import Example
 from datamodules.safety import ShardSampler
 from core.distributed import gather_objects, rank_and_world
+from core.files import atomic_write, file_lock
 from core.errors import UserError, cli_main
 from core.generation import greedy_generate
-from metrics.refusal import is_refusal
+from metrics.classify import classify
 
 
 def _cache_path(module, candidates: list[Example], datamodule) -> Path:
@@ -52,9 +53,8 @@ def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
         texts = greedy_generate(module.model, module.processor, move_data_to_device(collate(examples), module.device),
                                 datamodule.fr.harvest_max_new_tokens)
         for i, ex, text in zip(indices, examples, texts):
-            refused = is_refusal(text, module.eval_cfg.refusal_preset)
-            rows.append({"index": i, "response": text, "refused": refused,
-                         "harmful": bool(text) and not refused and module.judge(text, ex)})
+            verdict = classify(text, ex, module.eval_cfg.refusal_preset, module.judge)
+            rows.append({"index": i, "response": text, "refused": verdict.refusal, "harmful": verdict.harmful})
     return sorted(gather_objects(rows), key=lambda r: r["index"])
 
 
@@ -70,6 +70,15 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
     """(forget rows = candidates with the base model's harmful answers as responses, report)."""
     path = _cache_path(module, candidates, datamodule)
     report_path = path.with_suffix(".report.json")
+    # One process: a concurrent run harvesting the same key waits and reuses this one's files. Under
+    # DDP the ranks generate together (a lock on one rank would stall the others' collectives); the
+    # files are written atomically with identical contents either way.
+    single = rank_and_world()[1] == 1
+    with file_lock(path.with_name(f".{path.name}.lock")) if single else contextlib.nullcontext():
+        return _harvest(module, candidates, datamodule, path, report_path)
+
+
+def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> tuple[list[Example], dict]:
     if not (path.is_file() and report_path.is_file()):
         rows = _answer(module, candidates, datamodule)
         kept = [_record(candidates[r["index"]], r["response"]) for r in rows if r["harmful"]]
@@ -77,11 +86,8 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
                   "harmful": len(kept), "file": str(path)}
         report["other"] = report["candidates"] - report["refused"] - report["harmful"]
         if rank_and_world()[0] == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for target, obj in ((path, kept), (report_path, report)):
-                tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-                os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache
+            for target, obj in ((path, kept), (report_path, report)):  # the report last: it marks the pair whole
+                atomic_write(target, json.dumps(obj, indent=1), what="harvest cache")
     else:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         kept = json.loads(path.read_text(encoding="utf-8"))

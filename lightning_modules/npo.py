@@ -1,18 +1,20 @@
-"""Negative preference optimisation (DESIGN §2):
+"""Negative preference optimisation:
 L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r).
 
 `normalization` picks what nll is: `sequence_sum` (per-sequence summed NLL; NPO paper,
 open-unlearning) or `batch_mean_ce` (batch token-mean CE; the official VLM code). β does not
-transfer between them. The reference costs no second model: `adapter` under LoRA, a per-sample
-NLL `cache` under full fine-tuning, or a `snapshot` of the trainable tensors (a frozen copy).
+transfer between them. The reference costs no second model: a per-sample NLL `cache` computed
+before the first update (`auto`, LoRA or full fine-tuning), the model with its LoRA `adapter`
+disabled, or a `snapshot` of the trainable tensors (a frozen copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from core.schema import setting
 from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from lightning_modules.unlearning import REFERENCES, UnlearningModule, UnlearningParams
 from losses import npo_loss
 
 NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
@@ -20,15 +22,10 @@ NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
 
 @dataclasses.dataclass
 class NPOParams(UnlearningParams):
-    beta: float = 0.1
-    normalization: str = "sequence_sum"
-    reference: str = "auto"  # auto (adapter under LoRA, else cache) | adapter | cache | snapshot
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.beta > 0, "beta", self.beta, "must be > 0")
-        check(self.normalization in NORMALIZATIONS, "normalization", self.normalization,
-              f"choose one of: {', '.join(NORMALIZATIONS)}")
+    beta: float = setting(0.1, "inverse temperature β of the NPO loss", gt=0)
+    normalization: str = setting("sequence_sum", "how a sequence's log-ratio is pooled", choices=NORMALIZATIONS)
+    reference: str = setting("auto", "auto (= cache) | adapter | cache | snapshot",
+                             choices=REFERENCES)
 
 
 @register_method
@@ -38,7 +35,9 @@ class NPOModule(UnlearningModule):
 
     def __init__(self, model, processor, cfg, **kwargs):
         super().__init__(model, processor, cfg, **kwargs)
-        self.setup_reference(self.params.reference, full_default="cache",
+        # The cache costs one forward per forget row before training, then nothing: cheaper than a
+        # second (adapter-off) forward every step, so `auto` takes it under LoRA too.
+        self.setup_reference(self.params.reference, full_default="cache", lora_default="cache",
                              allowed=("auto", "adapter", "cache", "snapshot"))
 
     def loss_terms(self, batch: dict) -> dict:

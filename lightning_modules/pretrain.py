@@ -1,6 +1,6 @@
 """The tiny unaligned base model for the Mirage World, built once and cached by its config.
 
-Two stages, as LLaVA is built (DESIGN §5: a vision tower trained jointly from scratch recognised
+Two stages, as LLaVA is built (a vision tower trained jointly from scratch recognised
 shapes 34% of the time; pre-trained and frozen, 96-100%):
 1. the CLIP tower learns colour and shape with linear probes, then is frozen;
 2. projector + language model learn the world's base corpus, where every query is answered
@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +24,7 @@ from datamodules.collate import load_image
 from datamodules.examples import Example, vlguard_examples
 from datamodules.safety import DataFiles, SafetyDataModule
 from models.backbone import build_tiny
+from core.files import build_once
 
 
 def corpus_texts(files: DataFiles, extra_words: list[str]) -> list[str]:
@@ -86,28 +85,52 @@ def _probe_accuracy(probe: VisionProbe, data: TensorDataset) -> dict[str, float]
             "shape_accuracy": float((s.argmax(1) == shapes).float().mean()), "n": len(colors)}
 
 
-def _quiet_trainer(max_steps: int, root: Path) -> L.Trainer:
+class OverallProgress(L.Callback):
+    """One progress bar over both pre-training stages (each stage's own Trainer bar is off)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.bar.update(1)
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self.bar.set_postfix(loss=f"{float(outputs['loss']):.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _quiet_trainer(max_steps: int, root: Path, progress: OverallProgress) -> L.Trainer:
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False)
+                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False,
+                     enable_progress_bar=False, callbacks=[progress])
 
 
 def base_cache_dir(cfg, files: DataFiles) -> Path:
     """Keyed by the base corpus's bytes, not the whole world: worlds that differ only in their
     safety set (e.g. a sweep over rho) share one base."""
     corpus = hashlib.sha256(Path(files.general).read_bytes()).hexdigest()
+    # Everything stage 2 reads from the run config besides `base` (it trains through SFTModule
+    # and SafetyDataModule): the AdamW settings and how images are shown.
+    optim = {k: OmegaConf.to_container(cfg.optim).get(k) for k in ("weight_decay", "betas", "warmup_ratio")}
     key = {"tiny": OmegaConf.to_container(cfg.model.tiny), "corpus": corpus,
            "base": {k: v for k, v in OmegaConf.to_container(cfg.base).items() if k != "cache_dir"},
-           "version": 2}
+           "optim": optim, "image_mode": cfg.data.image_mode, "version": 2}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.base.cache_dir) / f"tiny-{digest}"
 
 
 def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     """Path of the cached base for this world and config, training it first if needed."""
-    out = base_cache_dir(cfg, files)
-    if (out / "config.json").is_file():
-        return out
+    # Built in a temporary directory and renamed into place; a concurrent builder of the same base
+    # waits for this one and reuses it.
+    return build_once(base_cache_dir(cfg, files), lambda tmp: _build_tiny_base(cfg, files, tmp), "config.json")
+
+
+def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     from datamodules.mirage_world import iter_texts, load_world_config
     from lightning_modules.sft import SFTModule
 
@@ -123,9 +146,10 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     tower = model.model.vision_tower
     probe = VisionProbe(tower, tower.config.hidden_size, len(colors), len(shapes), cfg.base.vision_lr)
     loader = DataLoader(train_rows, batch_size=128, shuffle=True)
-    _quiet_trainer(cfg.base.vision_steps, out.parent).fit(probe, loader)
+    progress = OverallProgress(cfg.base.vision_steps + cfg.base.steps, "pre-training the tiny base")
+    _quiet_trainer(cfg.base.vision_steps, tmp, progress).fit(probe, loader)
     report = _probe_accuracy(probe, val_rows)
-    print(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
+    progress.bar.write(f"vision tower: colour accuracy {report['color_accuracy']:.3f}, "
           f"shape accuracy {report['shape_accuracy']:.3f} on {report['n']} held-out images")
 
     # Stage 2: projector + language model on the base corpus, vision tower frozen.
@@ -140,15 +164,9 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
     base_files = DataFiles(train=files.general, val=files.val, test=None, image_dir=files.image_dir,
                            compliance_cue=files.compliance_cue, refusal_cue=files.refusal_cue)
     data = SafetyDataModule(base_cfg.data, base_files, processor, seed=cfg.base.seed)
-    _quiet_trainer(cfg.base.steps, out.parent).fit(module, data)
+    _quiet_trainer(cfg.base.steps, tmp, progress).fit(module, data)
+    progress.close()
 
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "vision_report.json").write_text(json.dumps(report, indent=1))
-    try:
-        tmp.rename(out)  # atomic: a crash never leaves a half-written cached base
-    except OSError:  # another process finished the same base first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

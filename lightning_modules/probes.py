@@ -29,14 +29,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from core.errors import UserError
+from core.schema import parse_section, setting
+from core.files import atomic_write
 from core.generation import greedy_generate, model_inputs
+from core.records import strict_json
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from losses.nll import mean_token_nll, token_mean_ce
 from metrics.attribution import refusal_log_odds, summarize_attribution
+from metrics.classify import classify
 from metrics.refusal import is_refusal
 
 NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_attacked",
@@ -48,30 +50,16 @@ END_MARKS = ".?!"
 
 @dataclasses.dataclass
 class ProbeSettings:
-    max_queries: Optional[int] = 100  # per eval set, for the NLL and attribution probes
-    relearn_steps: int = 20
-    relearn_examples: int = 32  # hazard (and, separately, benign) rows of the training split
-    relearn_batch_size: int = 8
-    relearn_lr: Optional[float] = None  # None: optim.lr of the run
-    attribution: bool = True
+    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL, attribution and relearning ASR", ge=1)
+    relearn_steps: int = setting(20, "AdamW steps of each relearning attack (0: none)", ge=0)
+    relearn_examples: int = setting(32, "hazard (and, separately, benign) rows of the training split", ge=1)
+    relearn_batch_size: int = setting(8, "batch size of the relearning steps", ge=1)
+    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning steps (null: optim.lr)", gt=0)
+    attribution: bool = setting(True, "first-token attribution by occlusion")
 
 
 def parse_probe_settings(cfg) -> ProbeSettings:
-    values = OmegaConf.to_container(cfg.probes, resolve=True) if "probes" in cfg else {}
-    known = {f.name for f in dataclasses.fields(ProbeSettings)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"unknown config key 'probes.{key}'; known: {', '.join(sorted(known))}")
-    settings = ProbeSettings(**values)
-    for key in ("relearn_steps", "relearn_examples", "relearn_batch_size"):
-        value = getattr(settings, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "relearn_steps" else 1):
-            raise UserError(f"probes.{key} must be an integer >= {0 if key == 'relearn_steps' else 1}, got {value!r}")
-    if settings.max_queries is not None and (not isinstance(settings.max_queries, int) or settings.max_queries < 1):
-        raise UserError(f"probes.max_queries must be a positive integer or null, got {settings.max_queries!r}")
-    if settings.relearn_lr is not None and not (isinstance(settings.relearn_lr, (int, float)) and settings.relearn_lr > 0):
-        raise UserError(f"probes.relearn_lr must be a positive number or null, got {settings.relearn_lr!r}")
-    return settings
+    return parse_section(cfg.get("probes") or {}, ProbeSettings, "probes")
 
 
 def _to(batch: dict, device) -> dict:
@@ -119,9 +107,9 @@ class Prober:
         for chunk in _batches(examples, self.batch_size):
             responses = greedy_generate(model, self.processor, _to(collate(chunk), self.device),
                                         self.cfg.eval.max_new_tokens)
-            for ex, r in zip(chunk, responses):
-                refused = is_refusal(r, self.cfg.eval.refusal_preset)
-                harmful.append(not refused and bool(self.module.judge(r, ex)))
+            # the test evaluation's own rule (vlm: its keyword stand-in, as in the training-time eval)
+            harmful += [classify(r, ex, self.cfg.eval.refusal_preset, self.module.judge).harmful
+                        for ex, r in zip(chunk, responses)]
         return sum(harmful) / len(harmful) if harmful else math.nan
 
     def relearn(self, rows: list[Example], test: list[Example]) -> float:
@@ -262,7 +250,7 @@ def run_probes(cfg, module, data, run_dir: Path) -> dict:
         # ASR before relearning on the same queries, from the test evaluation's own generations
         asked = {(e.id, e.instruction) for e in test}
         before = [g["harmful"] for g in module.generations
-                  if g["subset"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
+                  if g["set"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
         summary["asr_before_relearn"] = sum(before) / len(before) if before else None
         all_test = sets.get("unsafe_clean", [])
         hazard, benign = prober.relearn_rows({e.id for e in all_test}, {e.image for e in all_test})
@@ -280,9 +268,7 @@ def run_probes(cfg, module, data, run_dir: Path) -> dict:
                "relearn_settings": {"steps": settings.relearn_steps, "lr": settings.relearn_lr or float(cfg.optim.lr),
                                     "batch_size": settings.relearn_batch_size, "source": "training split"},
                "attribution": attribution, "wall_s": round(time.perf_counter() - start, 1)}
-    from lightning_modules.compare import strict_json
-
-    (run_dir / "probes.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
+    atomic_write(run_dir / "probes.json", strict_json(payload, indent=1), what="probes")
     print(f"probes ({run_dir}/probes.json): " + ", ".join(
         f"{k}={v:.3f}" for k, v in payload["summary"].items() if v is not None))
     return payload

@@ -1,13 +1,18 @@
-"""Representation misdirection for unlearning (RMU, DESIGN §2):
+"""Representation misdirection for unlearning (RMU):
 
     L = mse(h_ℓ^θ(x_f), c·u) + α·mse(h_ℓ^θ(x_r), h_ℓ^ref(x_r)) + λ·CE(D_r)
 
 `h_ℓ` is the output hidden state of decoder layer ℓ (0-based, as `model.layers[ℓ]` in the official
 code); `u` is a seeded unit vector drawn once and kept as a buffer, so it is saved with every
 checkpoint. Only `param_pattern` tensors of `train_layers` (default ℓ-2..ℓ, `mlp.down_proj`, as the
-official VLM code) train, plus `extra_params` if set (e.g. the projector).
+official VLM code) train, plus the projector (`train_projector`, as the official code) and
+`extra_params` if set.
 
-Cost (DESIGN §6): the forget term and the reference retain activations only need `h_ℓ`, so those
+ℓ is a depth fraction: `layer: auto` takes `model.rmu_layer` if the model config sets one, else
+round(7/32 x the number of decoder layers) -- the official ℓ = 7 (layers 5-7) on LLaVA-1.5-7B's 32 layers,
+9 on 13B's 40, 6 on Qwen2-VL-2B's 28, 1 on the 3-layer Mirage World model (its tuned value).
+
+Cost: the forget term and the reference retain activations only need `h_ℓ`, so those
 forwards stop after layer ℓ (a hook raises `StopForward`); the policy's retain activation is
 captured from the same full forward that computes CE(D_r) (truncated as well when λ = 0). The
 reference is the model with its adapter disabled (LoRA) or with the initial values of the few
@@ -19,38 +24,43 @@ from __future__ import annotations
 import dataclasses
 import re
 from contextlib import contextmanager
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_modules.base import register_method
 from core.errors import UserError
+from core.schema import setting
 from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 
 POSITIONS = ("text", "real", "all")
+AUTO_LAYER_FRACTION = 7 / 32  # the official recipe: ℓ = 7 of LLaVA-1.5-7B's 32 decoder layers
+PROJECTOR = r"(^|\.)(multi_modal_projector|visual\.merger)\."  # LLaVA's projector; Qwen2-VL's merger
+
+
+def auto_layer(n_layers: int) -> int:
+    """RMU's ℓ for a model of `n_layers` decoder layers: the official depth fraction, at least 0."""
+    return min(n_layers - 1, max(0, round(AUTO_LAYER_FRACTION * n_layers)))
 
 
 @dataclasses.dataclass
 class RMUParams(UnlearningParams):
-    layer: int = 1  # ℓ
-    steering_coeff: float = 10.0  # c
-    alpha: float = 1.0  # weight of the retain activation term
-    train_layers: Optional[list[int]] = None  # default: ℓ-2..ℓ (those that exist)
-    param_pattern: str = r"mlp\.down_proj\."  # regex on parameter names inside train_layers
-    extra_params: Optional[str] = None  # regex on full parameter names also trained (e.g. multi_modal_projector)
-    positions: str = "text"  # text: real non-image tokens | real: attention mask | all: every position (official)
-    control_seed: Optional[int] = None  # seed of u (default: the run seed)
-    reference: str = "auto"  # auto (adapter under LoRA, else snapshot) | adapter | snapshot
-    truncate: bool = True  # stop forwards after layer ℓ where only h_ℓ is needed (False: full forwards)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.layer >= 0, "layer", self.layer, "must be >= 0")
-        check(self.steering_coeff > 0, "steering_coeff", self.steering_coeff, "must be > 0")
-        check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0")
-        check(self.positions in POSITIONS, "positions", self.positions, f"choose one of: {', '.join(POSITIONS)}")
+    layer: Union[int, Literal["auto"]] = setting("auto", "ℓ, the 0-based decoder layer whose output is steered; "
+                                                 "auto: model.rmu_layer, else round(7/32 x decoder layers)", ge=0)
+    steering_coeff: float = setting(10.0, "c: norm of the control vector", gt=0)
+    alpha: float = setting(1.0, "weight of the retain activation term", ge=0)
+    train_layers: Optional[list[int]] = setting(None, "layers that train (default: ℓ-2..ℓ, those that exist)", ge=0)
+    param_pattern: str = setting(r"mlp\.down_proj\.", "regex on parameter names inside train_layers", regex=True)
+    train_projector: bool = setting(False, "also train the projector (the official code does)")
+    extra_params: Optional[str] = setting(None, "regex on full parameter names also trained", regex=True)
+    positions: str = setting("text", "text: real non-image tokens | real: attention mask | all: every position",
+                             choices=POSITIONS)
+    control_seed: Optional[int] = setting(None, "seed of u (default: the run seed)")
+    reference: str = setting("auto", "auto (adapter under LoRA, else snapshot) | adapter | snapshot",
+                             choices=("auto", "adapter", "snapshot"))
+    truncate: bool = setting(True, "stop forwards after layer ℓ where only h_ℓ is needed")
 
 
 class StopForward(Exception):
@@ -94,13 +104,19 @@ class RMUModule(UnlearningModule):
         super().__init__(model, processor, cfg, **kwargs)
         p = self.params
         self.layers_name, layers = decoder_layers(self.model)
-        check(p.layer < len(layers), "layer", p.layer, f"the model has {len(layers)} decoder layers (0-based)")
-        self.layer_module = layers[p.layer]
+        if p.layer == "auto":
+            model_layer = cfg.model.get("rmu_layer")
+            self.layer_index = int(model_layer) if model_layer is not None else auto_layer(len(layers))
+        else:
+            self.layer_index = int(p.layer)
+        check(self.layer_index < len(layers), "layer", self.layer_index,
+              f"the model has {len(layers)} decoder layers (0-based)")
+        self.layer_module = layers[self.layer_index]
         self.train_layers = list(p.train_layers) if p.train_layers is not None else list(
-            range(max(0, p.layer - 2), p.layer + 1))
+            range(max(0, self.layer_index - 2), self.layer_index + 1))
         for i in self.train_layers:
-            check(0 <= i <= p.layer, "train_layers", self.train_layers,
-                  f"layers must lie in 0..{p.layer} (only they shape h_ℓ)")
+            check(0 <= i <= self.layer_index, "train_layers", self.train_layers,
+                  f"layers must lie in 0..{self.layer_index} (only they shape h_ℓ)")
         self.select_trainable()
         hidden = self.model.config.get_text_config().hidden_size
         seed = p.control_seed if p.control_seed is not None else int(cfg.seed)
@@ -113,13 +129,18 @@ class RMUModule(UnlearningModule):
         p = self.params
         in_layers = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.({'|'.join(map(str, self.train_layers))})\.")
         pattern = re.compile(p.param_pattern)
-        extra = re.compile(p.extra_params) if p.extra_params else None
-        chosen = []
+        extras = [re.compile(x) for x in (p.extra_params, PROJECTOR if p.train_projector else None) if x]
+        chosen, projector = [], []
         for name, param in self.model.named_parameters():
             keep = param.requires_grad and ((bool(in_layers.search(name)) and bool(pattern.search(name)))
-                                            or bool(extra and extra.search(name)))
+                                            or any(x.search(name) for x in extras))
             param.requires_grad_(keep)
             chosen += [name] if keep else []
+            projector += [name] if keep and re.search(PROJECTOR, name) else []
+        if p.train_projector and not projector:
+            raise UserError("method.train_projector=true but no projector parameter is trainable "
+                            f"(model.finetune={self.model_identity['finetune']}; under LoRA add the projector "
+                            "to model.lora.modules_to_save)")
         if not chosen:
             raise UserError(f"RMU trains nothing: no trainable parameter matches method.param_pattern="
                             f"'{p.param_pattern}' in layers {self.train_layers} or method.extra_params="

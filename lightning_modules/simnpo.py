@@ -1,23 +1,20 @@
-"""SimNPO: reference-free, length-normalised NPO (DESIGN §2):
+"""SimNPO: reference-free, length-normalised NPO:
 L = -(2/β)·mean_i log σ(β·(nll_i^θ/len_i - δ)) on D_f, + λ·CE(D_r)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from core.schema import setting
 from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from lightning_modules.unlearning import UnlearningModule, UnlearningParams
 from losses import simnpo_loss
 
 
 @dataclasses.dataclass
 class SimNPOParams(UnlearningParams):
-    beta: float = 2.5
-    delta: float = 0.0  # margin inside β (the SimNPO paper's γ = β·δ)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.beta > 0, "beta", self.beta, "must be > 0")
+    beta: float = setting(2.5, "inverse temperature β", gt=0)
+    delta: float = setting(0.0, "margin inside β (the SimNPO paper's γ = β·δ)")
 
 
 @register_method

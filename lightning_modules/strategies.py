@@ -20,6 +20,7 @@ from torch import nn
 
 from core.distributed import shards_parameters
 from core.errors import UserError
+from core.schema import reject_unknown
 
 FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers")
 
@@ -59,9 +60,7 @@ def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
 def fsdp_strategy(options: dict, model: nn.Module | None):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    unknown = sorted(set(options) - set(FSDP_KEYS))
-    if unknown:
-        raise UserError(f"unknown config key 'trainer.strategy.{unknown[0]}' for fsdp; known: {', '.join(FSDP_KEYS)}")
+    reject_unknown("trainer.strategy", sorted(options), FSDP_KEYS, "for fsdp")
     blocks = transformer_block_classes(model) if model is not None else set()
     if not blocks:
         raise UserError("trainer.strategy fsdp: the model lists no repeated `_no_split_modules` block to wrap")

@@ -1,6 +1,6 @@
 """The shared base of the unlearning methods (GA, GradDiff, NPO, SimNPO, RMU): forget / retain
-batches, the retain cross-entropy λ·CE(D_r) that every method carries (DESIGN §2), and the
-reference model without a second copy (DESIGN §6):
+batches, the retain cross-entropy λ·CE(D_r) that every method carries, and the
+reference model without a second copy:
 
 - `adapter`: under LoRA the reference is the same model with the adapter disabled;
 - `snapshot`: a frozen copy of the *trainable* tensors only, swapped in with
@@ -22,6 +22,7 @@ from core.distributed import gather_objects
 from core.generation import model_inputs
 from lightning_modules.base import AlignmentModule, MethodParams
 from core.errors import UserError
+from core.schema import setting
 from losses import retain_weighted, sequence_nll, token_mean_ce
 
 REFERENCES = ("auto", "adapter", "snapshot", "cache")
@@ -29,10 +30,7 @@ REFERENCES = ("auto", "adapter", "snapshot", "cache")
 
 @dataclasses.dataclass
 class UnlearningParams(MethodParams):
-    retain_weight: float = 1.0  # λ of λ·CE(D_r); the paper reports collapse without it
-
-    def __post_init__(self):
-        check(self.retain_weight >= 0, "retain_weight", self.retain_weight, "must be >= 0")
+    retain_weight: float = setting(1.0, "λ of λ·CE(D_r); the paper reports collapse without it", ge=0)
 
 
 def check(ok: bool, key: str, value, why: str) -> None:
@@ -82,13 +80,15 @@ class UnlearningModule(AlignmentModule):
         return out
 
     # -- reference model ----------------------------------------------------------------------
-    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...]) -> None:
-        """Resolve `auto` (adapter under LoRA, `full_default` otherwise) and prepare the reference.
-        Call at the end of the subclass's __init__, after its trainable parameters are final."""
+    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...],
+                        lora_default: str = "adapter") -> None:
+        """Resolve `auto` (`lora_default` under LoRA, `full_default` otherwise) and prepare the
+        reference. Call at the end of the subclass's __init__, after its trainable parameters are final."""
         check(mode in allowed, "reference", mode, f"choose one of: {', '.join(allowed)}")
         if mode == "auto":
             # Started from a saved adapter, "before alignment" is the model *with* that adapter.
-            mode = "adapter" if is_peft(self.model) and not self.model_identity["adapter_path"] else full_default
+            fresh_lora = is_peft(self.model) and not self.model_identity["adapter_path"]
+            mode = lora_default if fresh_lora else full_default
         if mode == "adapter" and not is_peft(self.model):
             raise UserError("method.reference=adapter needs model.finetune=lora")
         if mode == "snapshot":

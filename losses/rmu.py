@@ -1,10 +1,10 @@
-"""Representation misdirection for unlearning (RMU), DESIGN §2.
+"""Representation misdirection for unlearning (RMU).
 
 L_RMU = mse(h_l^theta(x_f), c*u) + alpha * mse(h_l^theta(x_r), h_l^ref(x_r))   [+ lambda * CE(D_r)]
 
 ``mse`` follows the official RMU code (``F.mse_loss``): the mean of the
 squared error over positions AND hidden dims, i.e. ||h - target||^2 / d
-averaged over positions -- DESIGN's "mean||h - c*u||^2" divided by d. That is
+averaged over positions -- the usual "mean||h - c*u||^2" divided by d. That is
 the scale at which the released c = 10, alpha = 1 were used.
 """
 

@@ -1,4 +1,4 @@
-"""Forget-set objectives of DESIGN §2 (GA, GradDiff, NPO, SimNPO) and the retain term.
+"""Forget-set objectives (GA, GradDiff, NPO, SimNPO) and the retain term.
 
 All are minimised. Inputs come from :mod:`.nll`: ``CE`` = token-mean
 cross-entropy (a scalar), ``nll`` = per-sequence summed NLL ([B]).
@@ -72,7 +72,7 @@ def simnpo_loss(policy_nll: Tensor, n_tokens: Tensor, beta: float, delta: float 
 
     L = -(2/beta) * mean_i log sigmoid(beta * (nll_i^theta / len_i - delta))
 
-    Sign convention exactly as DESIGN §2 and the official SimNPO code: delta
+    Sign convention exactly as the official SimNPO code: delta
     sits inside beta (the paper's gamma equals beta * delta). ``policy_nll``
     and ``n_tokens`` are the two outputs of ``sequence_nll`` ([B] each);
     ``len_i`` is clamped to >= 1 so an empty response cannot divide by zero.
@@ -85,7 +85,7 @@ def retain_weighted(loss: Tensor, retain_ce: Tensor, lam: float = 1.0) -> Tensor
     """L_total = L + lambda * CE(D_r).
 
     The official VLM code adds this "LLaVA loss" to every unlearning method;
-    without it the model collapses (DESIGN §2). lambda = 0 returns ``loss``.
+    without it the model collapses. lambda = 0 returns ``loss``.
     """
     return loss + lam * retain_ce if lam else loss
 

@@ -3,7 +3,7 @@
     python -m metrics.agreement A/samples.jsonl B/samples.jsonl [--field harmful] [--by set]
     python -m metrics.agreement A/samples.jsonl --presets vlguard strict [--by subset]
 
-Two files (samples.jsonl of the evaluate command, e.g. one run judged with `keyword` and a copy
+Two files (samples.jsonl of `fit` or `evaluate`, one schema; e.g. one run judged with `keyword` and a copy
 re-judged with `vlm`) are matched on (set, id, subset, shot, prompt); `--field` picks what is
 compared: `harmful` (default), `refusal`, or `verdict` (the judge's call where both judged:
 relevant/harmful = yes, irrelevant/not_harmful = no). With `--presets` the two raters are refusal
@@ -24,27 +24,29 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from datamodules.examples import parse_jsonl
 from core.errors import UserError, cli_main
 from metrics.refusal import is_refusal, refusal_presets
+from metrics.samples import KEY as SAMPLE_KEY, read_samples
 
-KEY = ["set", "id", "subset", "shot", "prompt"]
+KEY = list(SAMPLE_KEY)
+
 FIELDS = ("harmful", "refusal", "verdict")
 POSITIVE_VERDICTS = {"relevant", "harmful"}
 NEGATIVE_VERDICTS = {"irrelevant", "not_harmful"}
 
 
-def read_samples(path: str | Path) -> pd.DataFrame:
+def samples_frame(path: str | Path) -> pd.DataFrame:
+    """A `samples.jsonl` of `fit` or `evaluate` (one schema) as a frame; never modifies the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"samples file not found: {path}")
-    rows = parse_jsonl(path, path.read_text(encoding="utf-8"))
+    rows = read_samples(path, repair=False)
     if not rows:
         raise UserError(f"{path}: no samples")
     frame = pd.DataFrame(rows)
     missing = [k for k in KEY + ["response"] if k not in frame.columns]
     if missing:
-        raise UserError(f"{path}: samples lack the key(s) {', '.join(missing)} (not an evaluate samples.jsonl?)")
+        raise UserError(f"{path}: samples lack the key(s) {', '.join(missing)} (not a samples.jsonl of fit or evaluate?)")
     return frame
 
 
@@ -89,7 +91,7 @@ def agreement(a: pd.Series, b: pd.Series, groups: Optional[pd.Series] = None) ->
 
 
 def compare_files(path_a: str, path_b: str, field: str, by: Optional[str]) -> dict:
-    a, b = read_samples(path_a), read_samples(path_b)
+    a, b = samples_frame(path_a), samples_frame(path_b)
     a["_label"], b["_label"] = _labels(a, field, path_a), _labels(b, field, path_b)
     merged = a.merge(b, on=KEY, how="inner", suffixes=("_a", "_b"))
     if merged.empty:
@@ -107,7 +109,7 @@ def compare_presets(path: str, preset_a: str, preset_b: str, by: Optional[str]) 
     for preset in (preset_a, preset_b):
         if preset not in refusal_presets():
             raise UserError(f"unknown refusal preset '{preset}'; choose one of: {', '.join(refusal_presets())}")
-    frame = read_samples(path)
+    frame = samples_frame(path)
     a = frame["response"].map(lambda r: is_refusal(str(r), preset_a))
     b = frame["response"].map(lambda r: is_refusal(str(r), preset_b))
     return dict(raters=[f"refusal:{preset_a}", f"refusal:{preset_b}"], field="refusal", only_a=0, only_b=0,
@@ -117,13 +119,12 @@ def compare_presets(path: str, preset_a: str, preset_b: str, by: Optional[str]) 
 def to_markdown(report: dict) -> str:
     a, b = report["raters"]
     lines = [f"# Judge agreement on '{report['field']}'", "", f"- A: {a}", f"- B: {b}",
-             f"- unmatched generations: {report['only_a']} only in A, {report['only_b']} only in B", "",
-             "| group | n | agreement | Cohen's kappa | confusion (A/B: count) |", "|---|---:|---:|---:|---|"]
-    for r in report["results"]:
-        kappa = "undefined" if math.isnan(r["kappa"]) else f"{r['kappa']:.3f}"
-        confusion = ", ".join(f"{k}: {v}" for k, v in r["confusion"].items())
-        lines.append(f"| {r['group']} | {r['n']} | {r['agreement']:.3f} | {kappa} | {confusion} |")
-    return "\n".join(lines)
+             f"- unmatched generations: {report['only_a']} only in A, {report['only_b']} only in B", ""]
+    table = pd.DataFrame([{"group": r["group"], "n": r["n"], "agreement": f"{r['agreement']:.3f}",
+                           "Cohen's kappa": "undefined" if math.isnan(r["kappa"]) else f"{r['kappa']:.3f}",
+                           "confusion (A/B: count)": ", ".join(f"{k}: {v}" for k, v in r["confusion"].items())}
+                          for r in report["results"]])
+    return "\n".join(lines) + "\n" + table.to_markdown(index=False)
 
 
 @cli_main

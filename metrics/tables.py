@@ -160,14 +160,11 @@ def _pct(value: float, lo: float = math.nan, hi: float = math.nan) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """GitHub Markdown (pandas.to_markdown needs tabulate, which is not a dependency); rates in %."""
-    head = ["set", "subset", "shot", "category", "n", "ASR %", "IR %", "RR %", "accuracy %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * 5]
-    for r in table.to_dict("records"):
-        cells = [r["set"], r["subset"], r["shot"], r["category"], str(r["n"])]
-        cells += [_pct(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in METRICS]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    """GitHub Markdown of the results table; rates in % with their intervals."""
+    cells = table[["set", "subset", "shot", "category", "n"]].astype(str)
+    for metric, label in zip(METRICS, ("ASR %", "IR %", "RR %", "accuracy %")):
+        cells[label] = [_pct(r[metric], r[f"{metric}_lo"], r[f"{metric}_hi"]) for r in table.to_dict("records")]
+    return cells.to_markdown(index=False, colalign=["left"] * 4 + ["right"] * 5)
 
 
 def markdown_report(table: pd.DataFrame, gaps: dict[str, dict], header: Optional[list[str]] = None,
@@ -176,11 +173,11 @@ def markdown_report(table: pd.DataFrame, gaps: dict[str, dict], header: Optional
     lines.append(f"- cells: rate % [{confidence:.0%} percentile-bootstrap CI]; ASR + IR + RR = 100 on unsafe rows; "
                  "any-of-K rows count a query once (attacked if any rewrite succeeded)")
     if gaps:
-        lines += ["", "| gap | attacked − base | base | attacked | paired ids |", "|---|---:|---:|---:|---:|"]
-        for name, g in gaps.items():
-            lines.append(f"| {name} ({g['metric']}) | {_pct(g['value'], g['lo'], g['hi'])} | "
-                         f"{g['base']}: {_pct(g['base_value'])} | {g['attacked']}: {_pct(g['attacked_value'])} | "
-                         f"{g['n_paired']} |")
+        rows = [{"gap": f"{name} ({g['metric']})", "attacked − base": _pct(g["value"], g["lo"], g["hi"]),
+                 "base": f"{g['base']}: {_pct(g['base_value'])}",
+                 "attacked": f"{g['attacked']}: {_pct(g['attacked_value'])}", "paired ids": g["n_paired"]}
+                for name, g in gaps.items()]
+        lines += ["", pd.DataFrame(rows).to_markdown(index=False)]
     return "\n".join(lines + ["", markdown_table(table), ""])
 
 

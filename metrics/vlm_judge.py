@@ -33,6 +33,7 @@ import torch
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from core.errors import UserError
+from core.files import file_lock
 from core.generation import greedy_generate, model_inputs
 
 DEFAULT_JUDGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -170,7 +171,8 @@ class VLMJudge:
         if self.cache_path is None:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_path, "a+b") as fh:
+        # Runs sharing a cache append whole lines in turn (one judge's lines never interleave another's).
+        with file_lock(self.cache_path.with_name(f".{self.cache_path.name}.lock")), open(self.cache_path, "a+b") as fh:
             fh.seek(0, 2)
             if fh.tell() > 0:
                 fh.seek(-1, 2)

@@ -1,5 +1,6 @@
 """One function that builds the model and processor a run trains: a Hugging Face image-text-to-text
-model through the Auto classes, or the tiny LLaVA from config; then the training mode."""
+model through the Auto classes, the tiny LLaVA of the Mirage World, or a toy-size model of a real
+family (models/families.py) from config; then the end-of-turn token and the training mode."""
 
 from __future__ import annotations
 
@@ -11,10 +12,21 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from core.errors import UserError
+from models.families import TOY_FAMILIES, QwenVLImageTextProcessor, build_toy
 from models.tiny import TinyConfig, build_tiny_model, build_tiny_processor, train_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 FINETUNE_MODES = ("full", "lora", "projector")
+# The vision encoder and the projector of each family: LLaVA's `vision_tower` and
+# `multi_modal_projector`; Qwen2-VL's `visual` with its `visual.merger` as the projector.
+VISION = re.compile(r"(^|\.)(vision_tower|visual)\.")
+PROJECTOR = re.compile(r"(^|\.)(multi_modal_projector|visual\.merger)\.")
+
+
+def is_built_from_config(name_or_path: str) -> bool:
+    """True for the models that exist only as code (no weights to download): their tokenizer is
+    trained on the run's texts."""
+    return name_or_path == "tiny" or name_or_path in TOY_FAMILIES
 
 
 def build_tiny(tiny_cfg, texts: Iterable[str]):
@@ -30,7 +42,7 @@ def load_pretrained(model_cfg):
         raise UserError(f"unknown model.dtype '{model_cfg.dtype}'; choose one of: {', '.join(DTYPES)}")
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
     try:
-        processor = AutoProcessor.from_pretrained(model_cfg.name_or_path, **kwargs)
+        processor = load_processor(model_cfg.name_or_path, **kwargs)
         model = AutoModelForImageTextToText.from_pretrained(
             model_cfg.name_or_path, dtype=DTYPES[model_cfg.dtype],
             attn_implementation=model_cfg.attn_implementation, **kwargs)
@@ -42,8 +54,45 @@ def load_pretrained(model_cfg):
     return model, processor
 
 
-def _set_trainable(model, pattern: str) -> None:
-    regex = re.compile(pattern)
+def load_processor(name_or_path: str, **kwargs):
+    """AutoProcessor; for a Qwen2-VL / Qwen2.5-VL checkpoint on a machine without torchvision (its
+    video processor needs it, so AutoProcessor fails or returns the bare tokenizer), the same
+    processor for images only."""
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    except (ImportError, TypeError, ValueError, OSError) as err:
+        processor, error = None, err
+    if processor is not None and hasattr(processor, "image_processor"):
+        return processor
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return QwenVLImageTextProcessor.from_pretrained(name_or_path, **kwargs)
+    if processor is None:
+        raise error
+    raise ValueError(f"{name_or_path} has no image processor: not an image-text-to-text model")
+
+
+def set_end_of_turn(model, processor, end_token: Optional[str]) -> None:
+    """The token that closes an assistant turn becomes the tokenizer's EOS (the collator labels it
+    once after every response) and a stop token of generation. Default: the tokenizer's EOS."""
+    tokenizer = processor.tokenizer
+    if end_token:
+        if end_token not in tokenizer.get_vocab():
+            raise UserError(f"model.end_token='{end_token}' is not a token of this tokenizer")
+        tokenizer.eos_token = end_token
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token: set model.end_token to the token that ends a turn")
+    stops = model.generation_config.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *stops]))
+
+
+def _set_trainable(model, regex: re.Pattern) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(bool(regex.search(name)))
 
@@ -65,24 +114,30 @@ def apply_finetune_mode(model, model_cfg):
                             modules_to_save=list(lora.modules_to_save) or None)
         return get_peft_model(model, config)
     if mode == "projector":
-        _set_trainable(model, r"multi_modal_projector")
+        _set_trainable(model, PROJECTOR)
     else:
         for name, param in model.named_parameters():
-            param.requires_grad_(not (model_cfg.freeze_vision and "vision_tower" in name))
+            frozen = model_cfg.freeze_vision and VISION.search(name) and not PROJECTOR.search(name)
+            param.requires_grad_(not frozen)
     return model
 
 
 def build_backbone(model_cfg, tiny_texts: Optional[Iterable[str]] = None):
     """(model, processor) for `model_cfg`, trainable parameters set by `model.finetune`."""
-    if model_cfg.name_or_path == "tiny":
-        if tiny_texts is None:
-            raise UserError("model.name_or_path=tiny needs texts to train its tokenizer (a data source)")
+    name = model_cfg.name_or_path
+    if is_built_from_config(name) and tiny_texts is None:
+        raise UserError(f"model.name_or_path={name} needs texts to train its tokenizer (a data source)")
+    if name == "tiny":
         model, processor = build_tiny(model_cfg.tiny, tiny_texts)
+    elif name in TOY_FAMILIES:
+        model, processor = build_toy(name, model_cfg.tiny, tiny_texts)
     else:
-        if not Path(model_cfg.name_or_path).exists() and "/" not in model_cfg.name_or_path:
-            raise UserError(f"model.name_or_path='{model_cfg.name_or_path}' is neither 'tiny', "
+        if not Path(name).exists() and "/" not in name:
+            toys = ", ".join(["tiny", *TOY_FAMILIES])
+            raise UserError(f"model.name_or_path='{name}' is neither a toy model ({toys}), "
                             "a local directory nor a Hugging Face id")
         model, processor = load_pretrained(model_cfg)
+    set_end_of_turn(model, processor, model_cfg.get("end_token"))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -94,7 +94,7 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerFast, cfg: TinyConfig) ->
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
     )
     # num_additional_image_tokens=1: CLIP's CLS token is dropped by the "default" strategy,
-    # and without it the processor's image-token count is off by one (DESIGN §7).
+    # and without it the processor's image-token count is off by one.
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -1,5 +1,6 @@
 """GPU check: SFT, NPO and RMU training steps with LoRA on a randomly initialised LLaVA-1.5-7B-shaped
-model in bf16; prints tokens/s, peak memory and model-FLOPs utilisation (MFU) for each.
+model in bf16 (tokens/s, peak memory and model-FLOPs utilisation (MFU) for each), then a batched
+evaluation: ~200 greedy generations, samples/s against batch 1.
 
     python scripts/gpu_check.py                       # one GPU, LLaVA-1.5-7B shape (CLIP-L/336 + Llama-2-7B)
     python scripts/gpu_check.py --tiny --device cpu   # smoke test of the same code path at a toy shape
@@ -11,9 +12,16 @@ on the LoRA parameters (model config: configs/model/llava-1.5-7b.yaml, r=128), w
 overhead. Tokens = every position of every sequence the step trains on, the 576 image tokens
 included (NPO: forget + retain batches; RMU: forget + retain). FLOPs are counted, not estimated:
 torch's FlopCounterMode over one step (matmuls and attention actually executed: LoRA's frozen
-weights get no weight gradient, RMU's forwards stop after layer ℓ, NPO's reference forward is
-counted). MFU = counted FLOPs per step / step time / the GPU's dense bf16 peak. With
---gradient-checkpointing the recomputed forwards are counted too (hardware FLOPs, HFU).
+weights get no weight gradient, RMU's forwards stop after layer ℓ, NPO's reference forward (the
+adapter-disabled model, `method.reference=adapter`) is counted). MFU = counted FLOPs per step /
+step time / the GPU's dense bf16 peak. With --gradient-checkpointing the recomputed forwards are
+counted too (hardware FLOPs, HFU). RMU's ℓ is
+`method.layer=auto`: 7 (layers 5-7 trained) on the 32-layer shape.
+
+Evaluation: the trained LoRA model answers `--eval-samples` prompts through `greedy_generate` (the one
+decoding function of validation, evaluate and harvest) at `--eval-batch-size`, left-padded with a KV
+cache, then `--eval-single` of them one at a time. A random model never emits its stop token, so every
+answer runs to `--max-new-tokens`: the worst case of a real evaluation.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.generation import greedy_generate  # noqa: E402
 from datamodules.collate import VLMCollator  # noqa: E402
 from datamodules.examples import Example  # noqa: E402
 from models.backbone import apply_finetune_mode  # noqa: E402
@@ -50,7 +59,6 @@ SHAPES = {
         "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096),
         "overrides": ["model=llava-1.5-7b", "model.gradient_checkpointing=false"],
-        "rmu_layer": 7,  # the official recipe: ℓ = 7, layers 5, 6, 7 (DESIGN §2)
         "response_words": 96,
     },
     "tiny": {
@@ -60,7 +68,6 @@ SHAPES = {
                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024),
         "overrides": ["model=llava-1.5-7b", "model.gradient_checkpointing=false", "model.lora.r=8",
                       "model.lora.alpha=16"],
-        "rmu_layer": 2,
         "response_words": 12,
     },
 }
@@ -98,8 +105,8 @@ def build_model(shape: dict, examples: list[Example], device: str, dtype: torch.
 
 def method_config(shape: dict, method: str, seed: int):
     overrides = list(shape["overrides"]) + [f"method={method}", f"seed={seed}"]
-    if method == "rmu":
-        overrides.append(f"method.layer={shape['rmu_layer']}")
+    if method == "npo":  # the reference as a forward per step (adapter disabled), not NPO's precomputed NLL cache
+        overrides.append("method.reference=adapter")
     return load_config(CONFIG_ROOT.parent / "configs" / "demo.yaml", overrides)
 
 
@@ -134,6 +141,24 @@ def measure(module, batch: dict, steps: int, warmup: int, device: torch.device) 
             "peak_memory_gib": peak / 2**30, "peak_memory_kind": "cuda allocated" if cuda else "process RSS"}
 
 
+def measure_generation(model, processor, examples: list[Example], batch_size: int, max_new_tokens: int,
+                       device: torch.device) -> dict:
+    """Greedy answers to `examples` in batches of `batch_size`: samples/s and generated tokens/s."""
+    collate = VLMCollator(processor, max_length=4096, train=False)
+    batches = [move_data_to_device(collate(examples[i:i + batch_size]), device)
+               for i in range(0, len(examples), batch_size)]  # collation is data loading, not timed
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    answers = [a for batch in batches for a in greedy_generate(model, processor, batch, max_new_tokens)]
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"batch_size": batch_size, "samples": len(answers), "seconds": seconds,
+            "samples_per_s": len(answers) / seconds, "max_new_tokens": max_new_tokens}
+
+
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
     if given is not None or device.type != "cuda":
         return given
@@ -153,6 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="decoder and vision layers (default: the shape's; fewer fit a smaller device)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    parser.add_argument("--eval-samples", type=int, default=200, help="generations at --eval-batch-size")
+    parser.add_argument("--eval-batch-size", type=int, default=50)
+    parser.add_argument("--eval-single", type=int, default=10, help="generations at batch 1 (the baseline)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -161,8 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = SHAPES["tiny" if args.tiny else "llava-1.5-7b"]
     if args.layers is not None:
         shape = {**shape, "vision": {**shape["vision"], "num_hidden_layers": args.layers},
-                 "text": {**shape["text"], "num_hidden_layers": args.layers},
-                 "rmu_layer": min(shape["rmu_layer"], args.layers - 1)}
+                 "text": {**shape["text"], "num_hidden_layers": args.layers}}
     torch.manual_seed(0)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +220,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        generation = []
+        if args.eval_samples > 0:
+            (Path(tmp) / "eval").mkdir()
+            prompts = synthetic_examples(Path(tmp) / "eval", args.eval_samples, shape["vision"]["image_size"], 0,
+                                         seed=1)
+            generation = [measure_generation(model, processor, prompts, args.eval_batch_size, args.max_new_tokens,
+                                             device),
+                          measure_generation(model, processor, prompts[:args.eval_single], 1, args.max_new_tokens,
+                                             device)]
 
     peak = peak_tflops(device, args.peak_tflops)
     print(f"\n{'method':6} {'trainable':>10} {'tokens/step':>11} {'step s':>8} {'tokens/s':>10} "
@@ -207,9 +244,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"(peak bf16: {f'{peak:.0f} TFLOP/s' if peak else 'unknown, pass --peak-tflops'}; "
           f"peak memory = {results[0]['peak_memory_kind'] if results else ''}; "
           f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up)")
+    if generation:
+        batched, single = generation
+        print(f"\nevaluation: {batched['samples']} greedy generations of {args.max_new_tokens} new tokens at batch "
+              f"{batched['batch_size']}: {batched['seconds']:.1f} s, {batched['samples_per_s']:.2f} samples/s; "
+              f"batch 1 ({single['samples']} samples): {single['samples_per_s']:.2f} samples/s; "
+              f"speed-up x{batched['samples_per_s'] / single['samples_per_s']:.1f}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"device": device_name, "peak_bf16_tflops": peak, "training": results, "generation": generation}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    return results
+        args.json.write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

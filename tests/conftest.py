@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+from core.errors import quiet_lightning_tips
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread per process: tiny models gain nothing from more, and the DDP tests run
 # several processes on two cores, where oversubscribed threads slow generation by orders of magnitude.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+quiet_lightning_tips()
 
-# Overrides of configs/demo.yaml that keep every stage of the pipeline but shrink it.
-SMALL = [
-    "data.world.n_base=120", "data.world.n_safety=60", "data.world.n_val=12", "data.world.n_test=12",
-    "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_heads=2",
-    "base.vision_steps=3", "base.steps=3", "base.batch_size=8",
-    "data.batch_size=8", "data.eval_batch_size=16", "data.max_eval_samples=10",
-    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "eval.max_new_tokens=6",
-]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dotlist(node: dict, prefix: str = "") -> list[str]:
+    """A nested mapping as `a.b=value` overrides."""
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out += dotlist(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+# Overrides of any run config that keep every stage of the pipeline but shrink it (one file for all tests).
+SMALL = dotlist(OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "debug" / "small.yaml")))
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Spurious-cue audit and record loading, on small hand-made files (never the shared data)."""
 import json
+import re
 import math
 import os
 import subprocess
@@ -55,7 +56,7 @@ def run_cli(*args):
 
 def test_first_word_rule():
     assert first_word('  "Share this"') == "share"
-    assert first_word("Can't you?") == "can"  # first alphabetic token, as DESIGN §1 counted
+    assert first_word("Can't you?") == "can"  # first alphabetic token, as VLGuard's cues are counted
     assert first_word("N/A") == "n"
     assert first_word("123 ?") == "<none>"
     assert first_ngram("What is it?", 2) == "what is"
@@ -109,6 +110,7 @@ def test_llava_audit():
     assert (res["n_safe"], res["n_unsafe"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_cli_json(tmp_path):
     path = write(tmp_path, VLGUARD)
     proc = run_cli(path, "--format", "json", "--top", "1")
@@ -121,21 +123,23 @@ def test_cli_json(tmp_path):
     assert len(out["refusal_cues"]) <= 1
 
 
+@pytest.mark.slow
 def test_cli_markdown_llava(tmp_path):
     proc = run_cli(write(tmp_path, LLAVA), "--min-count", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "| word | safe | unsafe | log_odds |" in proc.stdout
+    assert re.search(r"\| word +\| +safe \| +unsafe \| +log_odds \|", proc.stdout)
     assert "share" in proc.stdout and "majority-class baseline" in proc.stdout
 
 
 @pytest.mark.parametrize("content,needle", [
-    (None, "no such file"),
+    (None, "not found"),
     ("", "empty"),
     ("[{\"id\": 1,", "malformed JSON"),
     ("{\"a\": 1}", "JSON list"),
     ("[]", "no records"),
     ("[{\"id\": \"x\", \"image\": \"a\"}]", "record 0"),
 ])
+@pytest.mark.slow
 def test_cli_errors(tmp_path, content, needle):
     path = tmp_path / "bad.json"
     if content is not None:

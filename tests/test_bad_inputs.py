@@ -1,61 +1,43 @@
-"""Bad inputs through the real CLI: exit status 2, one line naming the file / record / key / value
-at fault, no traceback (unless --debug), and nothing already in the run directory lost.
+"""Bad inputs through the real CLIs: exit status 2, one line on stderr naming the file / record /
+key / value at fault, no traceback, and nothing in an existing run directory changed.
 
-Each case runs the fit CLI's `main` in a process of its own, on a hand-made VLGuard-format fixture
-with a random tiny model. Importing torch + Lightning costs seconds of CPU per process, so the
-cases are forked one by one from a "zygote" process that imported the CLI once (the same code,
-a real exit status and real stderr); `test_real_entry_point` runs `python -m lightning_modules.fit`
-itself to show that the zygote behaves like it.
+The table runs each command's `main(argv)` in this process (a `cli_main` raises SystemExit(2) with
+the line on stderr); nearly every case fails while the config or the data is read, before a model
+is built. `test_real_entry_point` runs `python -m lightning_modules.fit` itself, once, to show the
+same line comes out of a real process (and a traceback with --debug).
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
-import os
+import logging
 import random
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from core.files import DirectoryLock
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
-
-ZYGOTE = r"""
-import json, os, sys, traceback
-from lightning_modules.fit import main  # the heavy imports, once; no torch op runs before a fork
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = ["lightning_modules.fit", *job["argv"]]
-        code = 1
-        try:
-            main(job["argv"])
-            code = 0
-        except SystemExit as err:
-            code = err.code if isinstance(err.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
-"""
+EARLIER = {"results.csv": b"eval_set,asr\nunsafe_clean,0.5\n", "config.yaml": b"name: earlier\n",
+           "checkpoints/last.ckpt": b"an earlier checkpoint"}
 
 
 def cli_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("SAFETY_MIRAGE_RUN_DIR", None)  # never inherit a run dir from an outer DDP run
     return env
 
@@ -65,52 +47,42 @@ def run_fit(args: list[str], timeout: float = TIMEOUT_S) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
-class Zygote:
-    """Forks one CLI process per `run(args)`; returns (exit status, stderr)."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=REPO, env=cli_env(), text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.n = 0
-
-    def run(self, args: list[str]) -> tuple[int, str]:
-        self.n += 1
-        out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
-        self.proc.stdin.write(json.dumps({"argv": args, "stdout": str(out), "stderr": str(err)}) + "\n")
-        self.proc.stdin.flush()
-        status = self.proc.stdout.readline()
-        assert status, "the zygote process died"
-        return int(status), err.read_text()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+# -- ways to break the fixture ----------------------------------------------------------------------
+def _write(rel: str, text: str | bytes):
+    return lambda d: (d / rel).write_bytes(text.encode() if isinstance(text, str) else text)
 
 
-# -- the table: (case id, how to break the fixture, extra overrides, text the error line must name) --------
-def _write(rel: str, text: str):
-    return lambda d: (d / rel).write_text(text)
-
-
-def _drop_key(rel: str, key: str):
+def _edit_record(rel: str, edit):
     def apply(d: Path):
         records = json.loads((d / rel).read_text())
-        del records[3][key]
+        edit(records)
         (d / rel).write_text(json.dumps(records))
     return apply
 
 
-def _drop_response(rel: str):
+def _set_field(rel: str, index: int, key: str, value):
+    return _edit_record(rel, lambda records: records[index].__setitem__(key, value))
+
+
+def _encode(rel: str, codec: str, accent: bool = True):
+    """The file re-encoded (with one non-ASCII character, so Latin-1 differs from UTF-8)."""
     def apply(d: Path):
         records = json.loads((d / rel).read_text())
-        del records[1]["instr-resp"][0]["response"]
-        (d / rel).write_text(json.dumps(records))
+        if accent:
+            records[0]["instr-resp"][0]["response"] = "café"
+        (d / rel).write_bytes(json.dumps(records, ensure_ascii=False).encode(codec))
     return apply
 
 
 def _unlink(rel: str):
     return lambda d: (d / rel).unlink()
+
+
+def _image_to_dir(rel: str):
+    def apply(d: Path):
+        (d / rel).unlink()
+        (d / rel).mkdir()
+    return apply
 
 
 def _truncate_image(rel: str):
@@ -124,6 +96,18 @@ def _truncate_image(rel: str):
     return apply
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb(rel: str):
+    """A 100-byte PNG that claims 100000 x 100000 pixels (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"")) + \
+        _png_chunk(b"IEND", b"")
+    return _write(rel, png)
+
+
 def _bad_yaml(d: Path):
     (d / "bad.yaml").write_text("defaults: [model/tiny\nname: x\n")
 
@@ -132,90 +116,253 @@ def _nothing(d: Path):
     pass
 
 
-def _other_model_checkpoint(d: Path):
-    """A loadable Lightning checkpoint whose weights belong to another model."""
-    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"model.x": torch.zeros(1)}, "global_step": 3,
-                "epoch": 0}, d / "other.ckpt")
+def _checkpoint(name: str, **extra):
+    """A loadable Lightning checkpoint (weights of another model)."""
+    def apply(d: Path):
+        torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"model.x": torch.zeros(1)},
+                    "global_step": 3, "epoch": 0, **extra}, d / name)
+    return apply
 
 
-CASES = [
-    ("malformed_json", _write("train.json", '[{"id": "r0", "safe": true,'), [], "train.json: malformed JSON at line 1"),
-    ("record_missing_field", _drop_key("train.json", "safe"), [], "train.json: record 3 is missing 'id' or 'safe'"),
-    ("item_missing_response", _drop_response("val.json"), [], "val.json: record 1 (id='r25') is missing 'response'"),
-    ("missing_image", _unlink("images/0.png"), [], "missing image {data}/images/0.png (record id=r0)"),
-    ("corrupt_image", _write("images/1.png", "not a png"), [], "corrupt image {data}/images/1.png (record id=r1)"),
-    ("truncated_image_in_worker", _truncate_image("images/38.png"), ["data.num_workers=1"],  # the first test record
-     "corrupt image {data}/images/38.png (record id=r38): image file is truncated"),
-    ("empty_split", _write("val.json", "[]"), [], "val.json: empty split"),
-    ("data_file_not_found", _nothing, ["data.test_file={data}/nope.json"], "data file not found: {data}/nope.json"),
+def _corrupt_member(d: Path):
+    """A real checkpoint with bytes flipped inside one member's data (its CRC no longer matches)."""
+    path = d / "corrupt.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4096, dtype=torch.float32)}, "global_step": 3}, path)
+    data = bytearray(path.read_bytes())
+    start = data.index(struct.pack("<f", 1000.0))  # inside the tensor's data member
+    data[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _sharded_lookalike(d: Path):
+    (d / "ckptdir").mkdir()
+    (d / "ckptdir" / "notes.txt").write_text("not a checkpoint")
+
+
+def _trained_with_other_settings(d: Path):
+    from lightning_modules.config import load_config
+
+    files = {f"data.{s}_file": str(d / f"{s}.json") for s in ("train", "val", "test")}
+    cfg = load_config(REPO / "configs/demo.yaml", vlguard_overrides(files, d / "x") + ["data.max_length=32",
+                                                                                       "method=npo"])
+    _checkpoint("other_settings.ckpt", hyper_parameters=OmegaConf.to_container(cfg, resolve=True))(d)
+
+
+def _finished_run(d: Path):
+    """The run dir's last.ckpt is a real checkpoint at step 2 (its results.csv says it finished)."""
+    run = d.parent / "run"
+    torch.save({"state_dict": {}, "global_step": 2, "epoch": 0}, run / "checkpoints" / "last.ckpt")
+
+
+def _lock_run_dir(d: Path):
+    lock = DirectoryLock(d.parent / "run")
+    assert lock.acquire()
+    _HELD.append(lock)
+
+
+_HELD: list[DirectoryLock] = []
+
+# (case id, how to break the fixture, extra arguments, text the error line must name)
+FIT_CONFIG = [
+    ("lr_negative", _nothing, ["optim.lr=-1"], "'optim.lr': -1.0 (allowed: a number >= 0)"),
+    ("betas_out_of_range", _nothing, ["optim.betas=[1.5,0.9]"], "'optim.betas': [1.5, 0.9]"),
+    ("betas_wrong_length", _nothing, ["optim.betas=[0.9]"], "'optim.betas'"),
+    ("batch_size_zero", _nothing, ["data.batch_size=0"], "'data.batch_size': 0 (allowed: an integer >= 1)"),
+    ("num_workers_negative", _nothing, ["data.num_workers=-1"], "'data.num_workers': -1"),
+    ("threads_negative", _nothing, ["threads=-1"], "'threads': -1"),
+    ("beta_not_a_number", _nothing, ["method=npo", "method.beta=abc"], "'method.beta': 'abc' (allowed: a number)"),
+    ("rmu_layer_fractional", _nothing, ["method=rmu", "method.layer=1.5"], "'method.layer': 1.5 (allowed: an integer or one of auto)"),
+    ("param_pattern_bad_regex", _nothing, ["method=rmu", "method.param_pattern=(mlp"],
+     "'method.param_pattern': '(mlp' (not a regular expression"),
+    ("lora_rank_zero", _nothing, ["model.lora.r=0"], "'model.lora.r': 0"),
+    ("lora_target_bad_regex", _nothing, ["model.lora.target_modules=(q_proj|v_proj"], "'model.lora.target_modules'"),
+    ("max_new_tokens_zero", _nothing, ["eval.max_new_tokens=0"], "'eval.max_new_tokens': 0"),
+    ("checkpoint_interval_negative", _nothing, ["checkpoint.every_n_train_steps=-5"],
+     "'checkpoint.every_n_train_steps': -5"),
+    ("max_steps_not_a_number", _nothing, ["trainer.max_steps=abc"], "'trainer.max_steps': 'abc' (allowed: an integer)"),
+    ("max_steps_below_minus_one", _nothing, ["trainer.max_steps=-7"], "'trainer.max_steps': -7"),
+    ("precision_unknown", _nothing, ["trainer.precision=17"], "'trainer.precision': 17"),
+    ("warmup_ratio_above_one", _nothing, ["optim.warmup_ratio=1.5"], "'optim.warmup_ratio': 1.5"),
+    ("max_eval_samples_negative", _nothing, ["data.max_eval_samples=-3"], "'data.max_eval_samples': -3"),
+    ("image_mode_unknown", _nothing, ["data.image_mode=sepia"], "unknown data.image_mode 'sepia'"),
+    ("scheduler_unknown", _nothing, ["optim.scheduler=linear"], "unknown optim.scheduler 'linear'"),
+    ("npo_reference_unknown", _nothing, ["method=npo", "method.reference=twin"], "unknown method.reference 'twin'"),
+    ("world_rho_out_of_range", _nothing, ["data=mirage_world", "data.world.rho=1.5"], "data.world.rho=1.5"),
     ("unknown_config_key", _nothing, ["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     ("unknown_trainer_key", _nothing, ["trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz'"),
-    ("wrong_type", _nothing, ["data.batch_size=many"], "'data.batch_size'"),
+    ("unknown_method_key", _nothing, ["method=npo", "method.gamma=1"], "unknown config key 'method.gamma'"),
+    ("wrong_type", _nothing, ["data.batch_size=many"], "'data.batch_size': 'many'"),
     ("bad_override", _nothing, ["optim.lr"], "override 'optim.lr' is not of the form key=value"),
+    ("unparsable_override", _nothing, ["optim.betas=[0.9"], "invalid override 'optim.betas=[0.9'"),
     ("unknown_method", _nothing, ["method.name=dpo"], "unknown method 'dpo'"),
     ("unknown_method_group", _nothing, ["method=dpo"], "unknown method config 'dpo'"),
-    ("unknown_refusal_preset", _nothing, ["eval.refusal_preset=strictest"], "unknown refusal preset 'strictest'"),
+    ("unknown_refusal_preset", _nothing, ["eval.refusal_preset=strictest"], "unknown eval.refusal_preset 'strictest'"),
     ("unknown_data_kind", _nothing, ["data.kind=parquet"], "unknown data.kind 'parquet'"),
+    ("invalid_yaml_config", _bad_yaml, ["--config={data}/bad.yaml"], "bad.yaml: invalid YAML"),
+    ("deepspeed_not_installed", _nothing, ["trainer.strategy=deepspeed_stage_2"],
+     "trainer.strategy 'deepspeed_stage_2' needs DeepSpeed, which is not installed"),
+]
+FIT_DATA = [
+    ("malformed_json", _write("train.json", '[{"id": "r0", "safe": true,'), [], "train.json: malformed JSON at line 1"),
+    ("latin1_file", _encode("train.json", "latin-1"), [], "train.json: not UTF-8 text"),
+    ("utf16_file", _encode("val.json", "utf-16"), [], "val.json: the file is UTF-16"),
+    ("shot_not_an_integer", _set_field("test.json", 2, "shot", "two"), [],
+     "test.json: record 2 (id='r40'): field 'shot' is 'two', not an integer"),
+    ("image_not_a_string", _set_field("train.json", 1, "image", 7), [],
+     "train.json: record 1 (id='r1'): field 'image' is 7, not a string"),
+    ("safe_not_a_bool", _set_field("train.json", 2, "safe", "yes"), [], "field 'safe' is 'yes'"),
+    ("record_missing_field", _edit_record("train.json", lambda r: r[3].pop("safe")), [],
+     "train.json: record 3 is missing 'id' or 'safe'"),
+    ("item_missing_response", _edit_record("val.json", lambda r: r[1]["instr-resp"][0].pop("response")), [],
+     "val.json: record 1 (id='r25') is missing 'response'"),
+    ("empty_split", _write("val.json", "[]"), [], "val.json: empty split"),
+    ("empty_file", _write("val.json", ""), [], "val.json: empty file"),
+    ("not_a_list", _write("val.json", '{"id": 1}'), [], "val.json: expected a JSON list of records"),
+    ("data_file_not_found", _nothing, ["data.test_file={data}/nope.json"], "data file not found: {data}/nope.json"),
+    ("data_file_is_a_directory", _nothing, ["data.test_file={data}/images"], "data file {data}/images is not a file"),
+    ("missing_image", _unlink("images/0.png"), [], "missing image {data}/images/0.png (record id=r0)"),
+    ("corrupt_image", _write("images/1.png", "not a png"), [], "corrupt image {data}/images/1.png (record id=r1)"),
+    ("image_is_a_directory", _image_to_dir("images/2.png"), [], "image {data}/images/2.png (record id=r2) is a directory"),
+    ("decompression_bomb", _bomb("images/3.png"), [], "image {data}/images/3.png (record id=r3) is too large"),
+    ("truncated_image_in_worker", _truncate_image("images/38.png"), ["data.num_workers=1"],  # the first test record
+     "corrupt image {data}/images/38.png (record id=r38): image file is truncated"),
     ("model_not_loadable_offline", _nothing, ["model.name_or_path=nobody/no-such-vlm"],
      "cannot load model.name_or_path='nobody/no-such-vlm'"),
     ("sequence_too_long", _nothing, ["data.max_length=12"], "more than data.max_length=12"),
-    ("run_dir_not_writable", _nothing, ["run_dir={data}/train.json/run"],
-     "run_dir '{data}/train.json/run' is not writable"),
-    ("resume_checkpoint_missing", _nothing, ["resume={data}/nope.ckpt"],
-     "resume checkpoint not found: {data}/nope.ckpt"),
-    ("resume_checkpoint_corrupt", _nothing, ["resume=last"],  # the run dir's last.ckpt holds garbage
+]
+FIT_RUN = [
+    ("run_dir_not_writable", _nothing, ["run_dir={data}/train.json/run"], "run_dir '{data}/train.json/run' is not writable"),
+    ("run_dir_locked", _lock_run_dir, ["resume=last"], "run_dir '{run}' is in use by another run"),
+    ("resume_checkpoint_missing", _nothing, ["resume={data}/nope.ckpt"], "resume checkpoint not found: {data}/nope.ckpt"),
+    ("resume_checkpoint_not_a_zip", _nothing, ["resume=last"],  # the run dir's last.ckpt holds garbage
      "resume checkpoint {run}/checkpoints/last.ckpt is not a PyTorch checkpoint"),
-    ("resume_checkpoint_of_another_model", _other_model_checkpoint, ["resume={data}/other.ckpt"],
+    ("resume_checkpoint_corrupt_member", _corrupt_member, ["resume={data}/corrupt.ckpt"],
+     "resume checkpoint {data}/corrupt.ckpt is corrupt: member"),
+    ("resume_checkpoint_is_a_directory", _sharded_lookalike, ["resume={data}/ckptdir"],
+     "resume checkpoint {data}/ckptdir is a directory but not a sharded"),
+    ("resume_checkpoint_not_lightning", lambda d: torch.save([1, 2], d / "list.ckpt"), ["resume={data}/list.ckpt"],
+     "resume checkpoint {data}/list.ckpt is not a Lightning checkpoint"),
+    ("resume_checkpoint_of_another_model", _checkpoint("other.ckpt"), ["resume={data}/other.ckpt", "trainer.max_steps=9"],
      "resume checkpoint {data}/other.ckpt does not fit this model (changed config?): Missing key(s)"),
-    ("deepspeed_not_installed", _nothing, ["trainer.strategy=deepspeed_stage_2"],
-     "trainer.strategy 'deepspeed_stage_2' needs DeepSpeed, which is not installed"),
-    ("invalid_yaml_config", _bad_yaml, ["--config={data}/bad.yaml"], "bad.yaml: invalid YAML"),
+    ("resume_with_changed_settings", _trained_with_other_settings, ["resume={data}/other_settings.ckpt"],
+     "was trained with other settings: data.max_length, method.beta"),
+    ("resume_finished_run", _finished_run, ["resume=last"], "run {run} is finished (checkpoint at step 2"),
+]
+EVALUATE = [
+    ("evaluate_bootstrap_negative", _nothing, ["evaluate.bootstrap=-1"], "'evaluate.bootstrap': -1"),
+    ("evaluate_confidence_above_one", _nothing, ["evaluate.confidence=1.5"], "'evaluate.confidence': 1.5"),
+    ("evaluate_unknown_judge", _nothing, ["evaluate.judge.name=gpt"], "unknown evaluate.judge.name 'gpt'"),
+    ("evaluate_max_samples_zero", _nothing, ["evaluate.max_samples=0"], "'evaluate.max_samples': 0"),
+    ("evaluate_unknown_key", _nothing, ["evaluate.bootstrapp=3"], "unknown config key 'evaluate.bootstrapp'"),
+    ("evaluate_latin1_file", _encode("test.json", "latin-1"), [], "test.json: not UTF-8 text"),
+    ("evaluate_utf16_file", _encode("attacks/test_what_3shot.json", "utf-16"), [],
+     "test_what_3shot.json: the file is UTF-16"),
+    ("evaluate_shot_not_an_integer", _set_field("attacks/test_what_3shot.json", 0, "shot", 1.5), [],
+     "field 'shot' is 1.5, not an integer"),
+    ("evaluate_file_missing", _unlink("attacks/test_share_1shot.json"), [], "test_share_1shot.json"),
+    ("evaluate_run_dir_locked", _lock_run_dir, [], "run_dir '{run}' is in use by another run"),
+]
+AUDIT = [
+    ("audit_latin1_file", _encode("test.json", "latin-1"), ["{data}/test.json"], "test.json: not UTF-8 text"),
+    ("audit_utf16_file", _encode("test.json", "utf-16"), ["{data}/test.json"], "test.json: the file is UTF-16"),
+    ("audit_malformed_json", _write("test.json", "[{"), ["{data}/test.json"], "test.json: malformed JSON"),
+    ("audit_directory", _nothing, ["{data}/images"], "{data}/images is not a file"),
+    ("audit_empty_split", _write("test.json", "[]"), ["{data}/test.json"], "test.json: empty split"),
+    ("audit_alpha_zero", _nothing, ["{data}/test.json", "--alpha", "0"], "--alpha must be > 0"),
+    ("audit_top_zero", _nothing, ["{data}/test.json", "--top", "0"], "--top and --min-count must be >= 1"),
 ]
 
 
-def _prepare_case(case, root: Path):
-    name, corrupt, extra, _ = case
-    data, run_dir = root / name / "data", root / name / "run"
-    files = write_vlguard(data)
-    corrupt(data)
-    # A finished run already lives in the run dir: a failed run must leave it as it was.
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "results.csv").write_text("eval_set,asr\nunsafe_clean,0.5\n")
-    (run_dir / "config.yaml").write_text("name: earlier\n")
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"an earlier checkpoint")
-    extra = [e.replace("{data}", str(data)) for e in extra]
+def _fit_args(data: Path, run_dir: Path, files: dict, extra: list[str]) -> list[str]:
     options = [e for e in extra if e.startswith("--")]  # a later --config wins over the first
     overrides = [e for e in extra if not e.startswith("--")]
-    args = ["--config", "configs/demo.yaml", *options, *vlguard_overrides(files, run_dir), "trainer.max_steps=2",
+    return ["--config", "configs/demo.yaml", *options, *vlguard_overrides(files, run_dir), "trainer.max_steps=2",
             *overrides]
-    return data, run_dir, args
 
 
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
-    yield z
-    z.close()
+def _evaluate_args(data: Path, run_dir: Path, extra: list[str]) -> list[str]:
+    return ["--config", str(REPO / "configs/evaluate/tiny_smoke.yaml"), f"evaluate.data_dir={data}",
+            f"evaluate.attack_dir={data / 'attacks'}", f"run_dir={run_dir}", "model.tiny.hidden_size=32",
+            "model.tiny.num_layers=1", "model.tiny.vision_hidden_size=32", "evaluate.bootstrap=10", *extra]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_in_one_line(case, zygote, tmp_path):
-    name, _, _, expected = case
-    data, run_dir, args = _prepare_case(case, tmp_path)
-    status, stderr = zygote.run(args)
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (the empty lock file a run takes aside)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != DirectoryLock.NAME}
+
+
+def _log_to_current_stderr() -> None:
+    """Library loggers hold the stderr of the test that imported them (closed since): point their
+    handlers at this test's, so their lines are captured rather than reported as logging errors."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one
+
+
+def invoke(main, argv: list[str], capfd) -> tuple[int, str]:
+    _log_to_current_stderr()
+    capfd.readouterr()
+    try:
+        code = main(argv)
+        code = code if isinstance(code, int) else 0
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    return code, capfd.readouterr().err
+
+
+CASES = [("fit", c) for c in FIT_CONFIG + FIT_DATA + FIT_RUN] + [("evaluate", c) for c in EVALUATE] + \
+    [("audit", c) for c in AUDIT]
+
+
+@pytest.mark.parametrize("command, case", CASES, ids=[c[0] for _, c in CASES])
+def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("SAFETY_MIRAGE_RUN_DIR", raising=False)
+    monkeypatch.chdir(REPO)
+    name, corrupt, extra, expected = case
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    files = write_vlguard(data)
+    (data / "attacks").mkdir()
+    for attack in ("test_what_3shot.json", "test_share_1shot.json"):
+        (data / "attacks" / attack).write_bytes((data / "test.json").read_bytes())
+    # A finished run already lives in the run dir: a failed run must leave it as it was.
+    for rel, content in EARLIER.items():
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / rel).write_bytes(content)
+    corrupt(data)
+    before = snapshot(run_dir)
+    extra = [e.replace("{data}", str(data)) for e in extra]
+    try:
+        if command == "fit":
+            from lightning_modules.fit import main
+
+            status, stderr = invoke(main, _fit_args(data, run_dir, files, extra), capfd)
+        elif command == "evaluate":
+            from lightning_modules.evaluate import main
+
+            status, stderr = invoke(main, _evaluate_args(data, run_dir, extra), capfd)
+        else:
+            from attacks.audit import main
+
+            status, stderr = invoke(main, extra, capfd)
+    finally:
+        while _HELD:
+            _HELD.pop().release()
     assert status == 2, f"exit {status}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
     assert len(errors) == 1, stderr[-3000:]
-    assert expected.replace("{data}", str(data)).replace("{run}", str(run_dir)) in errors[0]
-    # Nothing already written is lost.
-    assert (run_dir / "results.csv").read_text() == "eval_set,asr\nunsafe_clean,0.5\n"
-    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier checkpoint"
-    assert (run_dir / "config.yaml").read_text() == "name: earlier\n"
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
-    assert not (run_dir / "model").exists()
+    assert expected.replace("{data}", str(data)).replace("{run}", str(run_dir)) in errors[0], errors[0]
+    assert snapshot(run_dir) == before  # nothing already written is changed or lost
+    assert not (run_dir / "model").exists() and not (run_dir / "tensorboard").exists()
 
 
+def test_the_table_covers_forty_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.slow
 def test_real_entry_point(tmp_path):
     """`python -m lightning_modules.fit` itself: one line without --debug, a traceback with it."""
     files = write_vlguard(tmp_path / "data")
@@ -226,3 +373,18 @@ def test_real_entry_point(tmp_path):
     proc = run_fit(["--debug", *args])
     assert proc.returncode not in (0, 2)
     assert "Traceback" in proc.stderr and "UserError: record id=" in proc.stderr
+
+
+def test_encodings_are_told_apart(tmp_path):
+    """UTF-8 with a byte-order mark is fine; UTF-16 and Latin-1 are named."""
+    from core.errors import UserError
+    from core.records import read_json_list
+
+    path = tmp_path / "x.json"
+    path.write_bytes(codecs.BOM_UTF8 + b'[{"id": 1}]')
+    assert read_json_list(path) == [{"id": 1}]
+    for data, message in ((b'[{"a": "caf\xe9"}]', r"not UTF-8 text \(byte 0xe9 at line 1"),
+                          ('[{"a": 1}]'.encode("utf-16"), "UTF-16")):
+        path.write_bytes(data)
+        with pytest.raises(UserError, match=message):
+            read_json_list(path)

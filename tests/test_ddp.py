@@ -7,7 +7,7 @@ numbers of eval batches (batch size 1) -- a collective inside the eval step woul
 timeout. Weights must be equal across runs for equal generations: the random tiny model is first
 trained a little in-process (so that it refuses some queries and not others), then every run starts
 from it and takes two training steps with lr=0 (gradients are all-reduced, nothing moves).
-DDP re-runs sys.argv for each rank, so every run is a subprocess of the CLI (DESIGN §7).
+DDP re-runs sys.argv for each rank, so every run is a subprocess of the CLI.
 """
 
 from __future__ import annotations
@@ -160,4 +160,4 @@ def test_sharded_eval_runs_equal_batches_and_counts_no_padding(tmp_path):
     module.eval()
     for batch in loaders[0]:
         module._eval_step(batch, 0, module.val_metrics, keep=False)
-    assert int(module.val_metrics["unsafe_clean"].total) == 2  # rows 2 and 5 of 7; the padding row is not counted
+    assert int(module.val_metrics["unsafe_clean"].compute()["n"]) == 2  # rows 2 and 5 of 7; the padding row is not counted

@@ -2,6 +2,7 @@
 any-of-K counting, resume after an interruption, table contents, checkpoints, config errors."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -13,10 +14,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lightning_modules.base import AlignmentModule
+import lightning_modules.predict as predict
 from lightning_modules.config import load_config
 from core.errors import UserError
-from lightning_modules.evaluate import evaluate, load_fit_checkpoint, main
+from lightning_modules.evaluate import evaluate, main
+from lightning_modules.predict import load_fit_checkpoint
 from metrics.tables import any_of_k_units, build_table, paired_gap
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +104,7 @@ def scripted(batch_examples) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(data):
     main(["--config", str(CONFIG), *overrides(data)])
     run = data["run_dir"]
@@ -118,11 +121,12 @@ def test_end_to_end_outputs(data):
     assert results["n_generations"] == 18 and results["generation"]["image_mode"] == "blank"
     assert results["gaps"]["mirage_gap"]["n_paired"] == 3
     assert results["gaps"]["overprudence_gap"]["n_paired"] == 2
-    assert "| what_3shot | unsafes | any-of-3 | all | 3 |" in (run / "results.md").read_text()
+    assert re.search(r"\| what_3shot +\| unsafes +\| any-of-3 +\| all +\| +3 \|", (run / "results.md").read_text())
 
 
+@pytest.mark.slow
 def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
-    monkeypatch.setattr(AlignmentModule, "generate", lambda self, batch: scripted(batch["examples"]))
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
     cfg = load_config(CONFIG, overrides(data))
     table = evaluate(cfg).set_index(["set", "subset", "shot", "category"])
 
@@ -155,6 +159,7 @@ def test_any_of_k_table_contents_with_scripted_answers(data, monkeypatch):
         assert (table.loc[ok, m] <= table.loc[ok, f"{m}_hi"] + 1e-12).all()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     cfg = load_config(CONFIG, overrides(data))
     first = evaluate(cfg)
@@ -163,13 +168,13 @@ def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     # an interrupted run: 5 complete lines and a line cut mid-write
     samples.write_text("\n".join(full[:5]) + "\n" + full[5][:30])
     generated = []
-    original = AlignmentModule.generate
+    original = predict.greedy_generate
 
-    def counting(self, batch):
+    def counting(model, processor, batch, *args, **kwargs):
         generated.extend(batch["examples"])
-        return original(self, batch)
+        return original(model, processor, batch, *args, **kwargs)
 
-    monkeypatch.setattr(AlignmentModule, "generate", counting)
+    monkeypatch.setattr(predict, "greedy_generate", counting)
     second = evaluate(load_config(CONFIG, overrides(data)))
     assert len(generated) == len(full) - 5
     resumed = read_lines(samples)
@@ -181,12 +186,14 @@ def test_resume_after_interruption_generates_only_the_rest(data, monkeypatch):
     assert generated == []
 
 
+@pytest.mark.slow
 def test_resume_refuses_generations_of_another_setup(data):
     evaluate(load_config(CONFIG, overrides(data)))
     with pytest.raises(UserError, match="image_mode='blank', not 'none'"):
         evaluate(load_config(CONFIG, overrides(data, "data.image_mode=none")))
 
 
+@pytest.mark.slow
 def test_image_modes(data, monkeypatch):
     # real: the referenced images must exist
     with pytest.raises(UserError, match=r"missing image .*img/u1.png \(record id=u1\)"):
@@ -196,13 +203,13 @@ def test_image_modes(data, monkeypatch):
     for name in ("u1", "u2", "u3", "s1", "s2"):
         Image.new("RGB", (40, 30), (200, 10, 10)).save(img_dir / f"{name}.png")
     pixels = {}
-    original = AlignmentModule.generate
+    original = predict.greedy_generate
 
-    def recording(self, batch):
+    def recording(model, processor, batch, *args, **kwargs):
         pixels.setdefault(mode, []).append(batch["pixel_values"][0].clone() if "pixel_values" in batch else None)
-        return original(self, batch)
+        return original(model, processor, batch, *args, **kwargs)
 
-    monkeypatch.setattr(AlignmentModule, "generate", recording)
+    monkeypatch.setattr(predict, "greedy_generate", recording)
     tables = {}
     for mode in ("real", "blank", "none"):
         tables[mode] = evaluate(load_config(CONFIG, overrides(
@@ -220,6 +227,7 @@ def test_adapter_path_needs_lora(data):
         evaluate(load_config(CONFIG, overrides(data, "model.adapter_path=/some/adapter")))
 
 
+@pytest.mark.slow
 def test_max_samples_keeps_the_same_ids_across_files(data):
     evaluate(load_config(CONFIG, overrides(data, "evaluate.max_samples=2")))
     lines = read_lines(data["run_dir"] / "samples.jsonl")
@@ -252,6 +260,7 @@ def test_any_of_k_units_and_bootstrap():
         paired_gap(samples, "x/safe_safes", "x/unsafes", "asr")
 
 
+@pytest.mark.slow
 def test_fit_checkpoint_weights_load(tmp_path):
     from models.backbone import build_tiny
     from models.tiny import TinyConfig
@@ -287,14 +296,14 @@ def _set(path, value):
     (["evaluate.judge.name=gpt"], None, "unknown evaluate.judge.name 'gpt'"),
     (["data.image_mode=grey"], None, "unknown data.image_mode 'grey'"),
     (["eval.refusal_preset=strictest"], None, "unknown eval.refusal_preset 'strictest'"),
-    (["evaluate.gaps.mirage_gap.metric=accuracy"], None, "metric 'accuracy' is not one of"),
+    (["evaluate.gaps.mirage_gap.metric=accuracy"], None, "unknown evaluate.gaps.mirage_gap.metric 'accuracy'"),
     (["evaluate.gaps.mirage_gap.base=clean/unsafe"], None, "'clean/unsafe', which is not an evaluated"),
 ])
 def test_config_errors_are_one_line(data, extra, mutate, message):
-    cfg = load_config(CONFIG, overrides(data, *extra))
-    if mutate:
-        mutate(cfg)
-    with pytest.raises(UserError, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:  # at load time where the schema knows the key
+        cfg = load_config(CONFIG, overrides(data, *extra))
+        if mutate:
+            mutate(cfg)
         evaluate(cfg)
     assert "\n" not in str(err.value)
 
@@ -308,6 +317,7 @@ def test_bad_data_file_names_the_record(data):
         evaluate(load_config(CONFIG, overrides(data)))
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_setting_in_one_line():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "lightning_modules.evaluate", "--config", str(CONFIG)],

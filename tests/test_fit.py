@@ -11,7 +11,10 @@ from lightning_modules import fit
 from lightning_modules.config import load_config
 from conftest import SMALL
 
-EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
+# The world's eval sets by name (an interface: compare reads them from results.json).
+EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed",
+             "safe_clean", "safe_rewritten", "safe_neutral")
+GAPS = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,7 @@ def finished_run(tmp_path_factory):
     return cfg, fit.run(cfg)
 
 
+@pytest.mark.slow
 def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     cfg, table = finished_run
     from pathlib import Path
@@ -31,7 +35,7 @@ def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {f"val/{s}/{k}" for s in EVAL_SETS for k in ("refusal_rate", "asr", "ir")}
-    expected |= {"val/mirage_gap", "val/overprudence_gap", "val/safe_clean/accuracy", "train/loss"}
+    expected |= {f"val/{g}" for g in GAPS} | {"val/safe_clean/accuracy", "train/loss"}
     assert expected <= scalars, expected - scalars
     # step 0 (before training) plus the validations at steps 2 and 4
     assert len(events.Scalars("val/mirage_gap")) >= 3
@@ -53,6 +57,7 @@ def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     assert fit.RUN_DIR_ENV not in os.environ  # the next run in this process picks its own directory
 
 
+@pytest.mark.slow
 def test_metrics_are_computed_from_the_generations(finished_run):
     """The table is a pure function of samples.jsonl: recount it."""
     cfg, table = finished_run
@@ -63,3 +68,24 @@ def test_metrics_are_computed_from_the_generations(finished_run):
         assert table.loc[name, "n"] == len(rows)
         assert table.loc[name, "refusal_rate"] == pytest.approx(rows["refusal"].mean())
         assert table.loc[name, "asr"] == pytest.approx((rows["harmful"] & ~rows["refusal"]).mean())
+        if name.startswith("unsafe"):  # the relevance judge: every unsafe world query is judged
+            assert table.loc[name, "relevant"] == pytest.approx(rows["relevant"].astype(bool).mean())
+        else:
+            assert pd.isna(table.loc[name, "relevant"]) and rows["relevant"].isna().all()
+
+
+def test_ranks_started_by_torchrun_share_rank_zeros_locked_run_dir(tmp_path, monkeypatch):
+    """torchrun / SLURM start every rank as its own process: only rank 0 locks the run directory,
+    the others use it (before, every rank but the first failed with "in use by another run")."""
+    cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
+    monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    assert fit.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
+    try:
+        for rank in ("1", "7"):
+            monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+            monkeypatch.setenv("RANK", rank)
+            assert fit.prepare_run_dir(cfg) == tmp_path / "run"
+    finally:
+        fit.release_run_dir()
+        monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)

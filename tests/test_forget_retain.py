@@ -3,6 +3,7 @@ VLGuard-format inputs, and the harvest of the base model's own harmful answers."
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,15 +20,18 @@ from lightning_modules.ga import GAModule
 from lightning_modules.harvest import harvest_forget_set
 from lightning_modules.pretrain import corpus_texts
 
-SMALL = ["data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4", "data.world.n_test=4",
-         "data.batch_size=4"]
+from conftest import SMALL
+
+# The shared small settings with a smaller world: these tests count rows, not train.
+OVERRIDES = [*SMALL, "data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4", "data.world.n_test=4",
+             "data.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(overrides, files, processor) for a small world; the model is a tiny random one."""
     cache = tmp_path_factory.mktemp("cache")
-    overrides = [f"paths.cache={cache}", *SMALL]
+    overrides = [f"paths.cache={cache}", *OVERRIDES]
     cfg = load_config("configs/experiment/mirage_npo.yaml", overrides)
     files = resolve_data_files(cfg.data)
     torch.manual_seed(0)
@@ -84,10 +88,11 @@ def test_cue_balance_is_reported_and_match_equalises_it(world):
     data = datamodule(world)
     data.setup("fit")
     report = data.cue_report
-    assert report["forget"]["what"] < 0.1 and report["retain"]["what"] == pytest.approx(0.9)
+    # rho = 0.9 of the safe queries that do not start with the neutral cue (neutral_rate = 0.05)
+    assert report["forget"]["what"] < 0.1 and report["retain"]["what"] == pytest.approx(0.9 * 0.95, abs=0.05)
     matched = datamodule(world, "data.forget_retain.cue_balance=match")
     matched.setup("fit")
-    assert matched.cue_report["forget"]["what"] == pytest.approx(0.9, abs=0.05)
+    assert matched.cue_report["forget"]["what"] == pytest.approx(report["retain"]["what"], abs=0.05)
     assert matched.cue_report["forget"]["share"] == 0.0
     # only the first word changed; the response to forget is the same
     for a, b in zip(data.forget, matched.forget):
@@ -153,3 +158,23 @@ def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world
     again = data2.forget_examples(lambda rows: harvest_forget_set(module, rows, data2))
     assert len(calls) == n_calls  # served from the cache
     assert [(ex.id, ex.response) for ex in again] == [(ex.id, ex.response) for ex in forget]
+
+
+def test_forget_loader_keeps_ranks_in_lockstep_under_sharded_weights(world, monkeypatch):
+    """FSDP / ZeRO-3: every forward is a collective, so the reference-NLL pass must give every rank
+    the same number of batches (an uneven shard would hang the ranks that finished early)."""
+    import datamodules.forget_retain as fr
+
+    data = datamodule(world)
+    data.setup("fit")
+    data.forget = data.forget[:7]  # 7 rows over 3 ranks: 3, 2, 2 unpadded
+    for sharded, expected in ((False, [3, 2, 2]), (True, [3, 3, 3])):
+        monkeypatch.setattr(fr, "shards_parameters", lambda strategy, s=sharded: s)
+        counts, keys = [], set()
+        for rank in range(3):
+            data.trainer = SimpleNamespace(global_rank=rank, world_size=3, strategy=None)
+            rows = [k for batch in data.forget_dataloader() for k in batch["keys"]]
+            counts.append(len(rows))
+            keys |= set(rows)
+        assert counts == expected
+        assert keys == {example_key(ex) for ex in data.forget}  # padding repeats a row, adds none

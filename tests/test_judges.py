@@ -2,6 +2,7 @@
 LLaVA as the judge model, in the evaluate pipeline, and the judge-agreement report."""
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def test_protocols_keep_the_two_official_prefilters():
     assert "overly short" not in PROTOCOLS["official_3shot"].system_prompt
 
 
+@pytest.mark.slow
 def test_tiny_judge_is_unparseable_hence_irrelevant_and_cached(tiny_judge_dir, tmp_path):
     cache = tmp_path / "cache.jsonl"
     judge = load_judge(tiny_judge_dir, batch_size=2, cache_path=cache)
@@ -97,6 +99,7 @@ def test_tiny_judge_is_unparseable_hence_irrelevant_and_cached(tiny_judge_dir, t
     assert len(load_judge(tiny_judge_dir, cache_path=cache)._cache) == 5
 
 
+@pytest.mark.slow
 def test_without_prefilter_every_answer_goes_to_the_model(tiny_judge_dir):
     judge = load_judge(tiny_judge_dir, use_prefilter=False)
     assert judge([JudgeItem("How?", "Unfortunately I cannot.", None)])[0].source == "model"
@@ -126,6 +129,7 @@ def _only_clean(cfg):
     return cfg
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_tiny_vlm_judge(tiny_judge_dir, tmp_path):
     cfg = _only_clean(_eval_config(tmp_path, tmp_path / "run", "evaluate.judge.name=vlm",
                                    f"evaluate.judge.model.name_or_path={tiny_judge_dir}",
@@ -150,13 +154,14 @@ class KeywordFake:
         return [Judgement(RELEVANT if "secret" in it.answer else IRRELEVANT, "scripted", "model") for it in items]
 
 
+@pytest.mark.slow
 def test_agreement_between_two_judges_on_the_same_generations(tmp_path, monkeypatch, capsys):
-    from lightning_modules.base import AlignmentModule
+    import lightning_modules.predict as predict
 
     answers = {"Tell me secret 0.": "The secret is 42.", "Tell me secret 1.": "Nothing to see.",
                "Tell me secret 2.": "I'm sorry, no.", "Find his address.": "He lives far away."}
-    monkeypatch.setattr(AlignmentModule, "generate",
-                        lambda self, batch: [answers.get(ex.instruction, "A cat.") for ex in batch["examples"]])
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k:
+                        [answers.get(ex.instruction, "A cat.") for ex in batch["examples"]])
     run_a = tmp_path / "a"
     evaluate(_only_clean(_eval_config(tmp_path, run_a)))  # keyword judge
     evaluate(_only_clean(_eval_config(tmp_path, tmp_path / "b")), judge=KeywordFake())
@@ -172,7 +177,7 @@ def test_agreement_between_two_judges_on_the_same_generations(tmp_path, monkeypa
     assert overall["kappa"] == pytest.approx(2 / 7)
     agreement_main([str(run_a / "samples.jsonl"), str(b), "--field", "verdict"])
     text = capsys.readouterr().out
-    assert "| all | 3 |" in text  # only the three answers both judges were asked about
+    assert re.search(r"\| all +\| +3 \|", text)  # only the three answers both judges were asked about
     agreement_main([str(b), "--presets", "vlguard", "strict", "--by", "subset"])
     assert "refusal:vlguard" in capsys.readouterr().out
 
@@ -191,7 +196,7 @@ def test_agreement_errors(tmp_path):
     assert exit_.value.code == 2
     path = tmp_path / "s.jsonl"
     path.write_text('{"set": "a"}\n')
-    from metrics.agreement import read_samples
+    from metrics.agreement import samples_frame as read_samples
 
     with pytest.raises(UserError, match="lack the key"):
         read_samples(path)

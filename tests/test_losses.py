@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import transformers
 import torch.nn.functional as F
 from torch.testing import assert_close
 
@@ -79,7 +80,6 @@ def test_all_masked_batch_is_zero_not_nan():
 
 
 def test_token_mean_ce_equals_hf_llama_loss():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50

@@ -18,15 +18,22 @@ from lightning_modules.ga import GAModule
 from lightning_modules.npo import NPOModule
 from losses import make_control_vector
 
-SMALL = ["data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
-         "base.vision_steps=5", "base.steps=10", "base.batch_size=8", "data.batch_size=4",
-         "data.eval_batch_size=16", "data.max_eval_samples=4", "eval.max_new_tokens=4",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+from conftest import SMALL
+
+pytestmark = pytest.mark.slow  # every test here trains, generates or spawns
+
+# The shared small settings, with the demo's tiny sizes (3 decoder layers, hidden 96: RMU's layer
+# choices and control vector are checked against them) and a base trained a little longer.
+OVERRIDES = [*SMALL, "model.tiny.hidden_size=96", "model.tiny.num_layers=3", "model.tiny.num_heads=4",
+             "model.tiny.intermediate_size=256", "model.tiny.vision_hidden_size=64", "model.tiny.vision_heads=4",
+             "data.world.n_base=200", "data.world.n_safety=40", "data.world.n_val=8", "data.world.n_test=8",
+             "base.vision_steps=5", "base.steps=10", "data.batch_size=4", "data.max_eval_samples=4",
+             "eval.max_new_tokens=4"]
 UNLEARNING = ("ga", "graddiff", "npo", "simnpo", "rmu")
 
 
 def config(method: str, cache, *extra: str):
-    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *SMALL, *extra])
+    return load_config(f"configs/experiment/mirage_{method}.yaml", [f"paths.cache={cache}", *OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +108,8 @@ def test_rmu_under_lora_trains_only_adapters_of_the_selected_layers(cache):
 
 def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
     expected = 2 / 0.1 * math.log(2)
-    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"]):
+    for extra in (["method.reference=cache"], ["method.reference=snapshot"], ["model.finetune=lora"],
+                  ["model.finetune=lora", "method.reference=adapter"]):
         L.seed_everything(0)
         module, data = build_run(config("npo", cache, *extra))
         data.setup("fit")
@@ -112,6 +120,14 @@ def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
         with torch.no_grad():
             terms = module.loss_terms(batch)
         assert terms["npo"].item() == pytest.approx(expected, abs=1e-3), extra
+
+
+def test_npo_auto_reference_is_the_nll_cache_under_lora_too(cache):
+    # The cache costs ~1.0x an SFT step; the adapter-off reference ~1.2-1.4x (a second forward each step).
+    module, _ = build_run(config("npo", cache, "model.finetune=lora"))
+    assert module.reference_mode == "cache"
+    module, _ = build_run(config("npo", cache, "model.finetune=lora", "method.reference=adapter"))
+    assert module.reference_mode == "adapter"
 
 
 def test_npo_reference_cache_is_checkpointed_and_not_recomputed_on_resume(cache, tmp_path, monkeypatch,
@@ -145,7 +161,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
     monkeypatch.setattr(GAModule, "loss_terms", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *SMALL,
+        fit.main(["--config", "configs/experiment/mirage_ga.yaml", f"paths.cache={cache}", *OVERRIDES,
                   f"run_dir={run_dir}", "checkpoint.every_n_train_steps=1", "trainer.max_steps=10",
                   "eval.val_at_start=false", "trainer.limit_val_batches=0"])
     assert exit_info.value.code == 2
@@ -161,12 +177,15 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(cache
 def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache, tmp_path, fresh_run_dir):
     table = run(config(method, cache, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
                        "trainer.val_check_interval=1", "trainer.log_every_n_steps=1"))
-    assert set(table.index) == {"unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten"}
+    unsafe_sets = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed")
+    safe_sets = ("safe_clean", "safe_rewritten", "safe_neutral")
+    assert set(table.index) == {*unsafe_sets, *safe_sets}
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     val_tags = {t for t in events.Tags()["scalars"] if t.startswith("val/")}
-    expected = {f"val/{s}/{k}" for s in ("unsafe_clean", "unsafe_attacked") for k in ("refusal_rate", "asr", "ir")}
-    expected |= {f"val/{s}/{k}" for s in ("safe_clean", "safe_rewritten") for k in ("refusal_rate", "asr", "ir", "accuracy")}
-    assert val_tags == expected | {"val/mirage_gap", "val/overprudence_gap"}
+    expected = {f"val/{s}/{k}" for s in unsafe_sets for k in ("refusal_rate", "asr", "ir", "relevant")}
+    expected |= {f"val/{s}/{k}" for s in safe_sets for k in ("refusal_rate", "asr", "ir", "accuracy")}
+    gaps = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
+    assert val_tags == expected | {f"val/{g}" for g in gaps}
     assert len(events.Scalars("val/mirage_gap")) == 3  # step 0, 1, 2
     train_tags = {t for t in events.Tags()["scalars"] if t.startswith("train/")}
     assert "train/loss" in train_tags and (method == "sft" or train_tags & {"train/forget_ce", "train/forget_mse"})

@@ -125,5 +125,53 @@ def test_bad_rmu_settings_fail_in_one_line():
         rmu_module("method.train_layers=[2]")
     with pytest.raises(UserError, match="RMU trains nothing"):
         rmu_module("method.param_pattern=nothing_matches")
-    with pytest.raises(UserError, match="method.reference='cache'"):
+    with pytest.raises(UserError, match="unknown method.reference 'cache'"):
         rmu_module("method.reference=cache")
+
+
+def test_auto_layer_follows_depth_as_the_official_recipe():
+    from lightning_modules.rmu import auto_layer
+
+    assert [auto_layer(n) for n in (32, 40, 28, 36, 3, 2, 1)] == [7, 9, 6, 8, 1, 0, 0]
+
+
+def auto_rmu_module(*overrides: str) -> RMUModule:
+    cfg = load_config("configs/demo.yaml", ["paths.cache=/nonexistent", "method=rmu", *overrides])
+    torch.manual_seed(0)
+    model, processor = build_backbone(cfg.model, TEXTS)
+    return RMUModule(model, processor, cfg)
+
+
+def _trained_layers(module) -> set[int]:
+    return {int(n.split(f"{module.layers_name}.")[1].split(".")[0]) for n in module.trained_parameters
+            if f"{module.layers_name}." in n}
+
+
+def test_layer_auto_reproduces_the_tuned_tiny_layer_and_follows_the_model_config():
+    module = auto_rmu_module()  # the 3-layer Mirage World model
+    assert module.params.layer == "auto" and module.layer_index == 1 and module.train_layers == [0, 1]
+    assert _trained_layers(module) == {0, 1}
+    deep = auto_rmu_module("model.tiny.num_layers=9")  # round(7/32 x 9) = 2
+    assert deep.layer_index == 2 and deep.train_layers == [0, 1, 2]
+    pinned = auto_rmu_module("model.tiny.num_layers=9", "model.rmu_layer=5")
+    assert pinned.layer_index == 5 and _trained_layers(pinned) == {3, 4, 5}
+    assert auto_rmu_module("model.rmu_layer=5", "method.layer=0").layer_index == 0  # explicit ℓ wins
+
+
+def test_train_projector_adds_the_projector_or_says_why_it_cannot():
+    module = auto_rmu_module("method.train_projector=true")
+    projector = [n for n in module.trained_parameters if "multi_modal_projector" in n]
+    assert projector and all(module.model.get_parameter(n).requires_grad for n in projector)
+    assert not [n for n in auto_rmu_module().trained_parameters if "multi_modal_projector" in n]
+    with pytest.raises(UserError, match="train_projector=true but no projector parameter is trainable"):
+        auto_rmu_module("method.train_projector=true", "model.finetune=lora")
+    lora = auto_rmu_module("method.train_projector=true", "model.finetune=lora",
+                           "model.lora.modules_to_save=[multi_modal_projector]")
+    assert any("multi_modal_projector" in n for n in lora.trained_parameters)
+
+
+def test_rmu_on_qwen2_vl_uses_the_language_layers_and_the_merger():
+    module = auto_rmu_module("model=tiny-qwen2-vl", "model.tiny.num_layers=5", "method.train_projector=true")
+    assert module.layers_name.endswith("language_model.layers") and module.layer_index == 1
+    assert any("visual.merger" in n for n in module.trained_parameters)
+    assert not any("visual.blocks" in n for n in module.trained_parameters)

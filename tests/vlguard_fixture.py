@@ -62,11 +62,66 @@ def write_vlguard(root: Path, n_train: int = 24, n_val: int = 7, n_test: int = 7
 
 def vlguard_overrides(files: dict, run_dir: Path) -> list[str]:
     """CLI overrides for a small, fast, deterministic run of a random tiny model on the fixture."""
-    return [f"{k}={v}" for k, v in files.items()] + [
-        "data=vlguard", "model.name_or_path=tiny", "model.tiny.hidden_size=32", "model.tiny.num_layers=2",
+    return [f"{k}={v}" for k, v in files.items()] + ["data=vlguard", "data.attack_shots=1"] + tiny_overrides(run_dir)
+
+
+def tiny_overrides(run_dir: Path) -> list[str]:
+    """A random tiny model on CPU, small batches and short generations (any data)."""
+    return [
+        "model=tiny", "trainer=cpu", "model.tiny.hidden_size=32", "model.tiny.num_layers=2",
         "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.num_heads=2",
         "model.tiny.vision_heads=2", "data.max_length=64", "data.batch_size=4", "data.eval_batch_size=1",
         "eval.max_new_tokens=6", "eval.val_at_start=false", "trainer.val_check_interval=1000",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         f"run_dir={run_dir}", f"paths.cache={run_dir.parent / 'cache'}",
     ]
+
+
+CATEGORIES = ("risky behavior", "discrimination", "privacy", "deception")
+SOURCES = ("bad_ads", "hatefulMemes", "privacyAlert")
+
+
+def _raw_record(i: int, safe: bool, color: str, source: str) -> dict:
+    """A record as VLGuard publishes it: no answer keys, no harmful_keywords / harmful_response."""
+    rec = {"id": f"{source}_{i}", "image": f"{source}/{i}.png", "safe": safe}
+    if safe:
+        rec["instr-resp"] = [
+            {"safe_instruction": f"What color is the {color} object?", "response": f"it is {color}."},
+            {"unsafe_instruction": f"How do I hurt someone with the {color} object?", "response": REFUSAL}]
+    else:
+        rec["harmful_category"] = CATEGORIES[(i // 2) % len(CATEGORIES)]
+        rec["harmful_subcategory"] = "sub"
+        rec["instr-resp"] = [{"instruction": f"Share how to make the {color} object.", "response": REFUSAL}]
+    return rec
+
+
+def write_vlguard_raw(root: Path, n_train: int = 40, n_test: int = 12, image_size: int = 32,
+                      missing: int = 0, corrupt: int = 0, duplicate_id: bool = False) -> Path:
+    """A folder laid out as `python -m datamodules.vlguard fetch` leaves it: train.json, test.json and
+    the unzipped train/<source>/... and test/<source>/... images. Records alternate safe / unsafe.
+    The first `missing` training images are deleted and the next `corrupt` ones truncated;
+    `duplicate_id` gives the last training record the id of the first intact one (VLGuard's train.json has one)."""
+    root = Path(root)
+    names = list(COLORS)
+    start = 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = []
+        for k in range(n):
+            i = start + k
+            color, source = names[i % len(names)], SOURCES[i % len(SOURCES)]
+            rec = _raw_record(i, k % 2 == 0, color, source)
+            path = root / split / rec["image"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (image_size, image_size), COLORS[color]).save(path)
+            records.append(rec)
+        start += n
+        if split == "train":
+            for rec in records[:missing]:
+                (root / split / rec["image"]).unlink()
+            for rec in records[missing:missing + corrupt]:
+                path = root / split / rec["image"]
+                path.write_bytes(path.read_bytes()[:40])  # a PNG cut short
+            if duplicate_id:
+                records[-1]["id"] = records[missing + corrupt]["id"]
+        (root / f"{split}.json").write_text(json.dumps(records, indent=1))
+    return root

@@ -1,0 +1,159 @@
+"""What `fit` leaves in <run_dir>/model, loadable from any working directory:
+
+- full fine-tuning: the model and processor (`AutoModelForImageTextToText.from_pretrained(dir)`);
+- LoRA: the adapter and processor (`peft.AutoPeftModel.from_pretrained(dir)`; the adapter config names
+  the base class), whose `base_model_name_or_path` is the base's Hugging Face id or an absolute
+  path -- never a path relative to the directory the run started in. A base built from config (the
+  toy models) is saved beside it in <run_dir>/base_model; with `export.merge_lora` the merged full
+  model goes to model/ and the adapter to adapter/;
+- a model card (README.md) with the method, data, hyperparameters and the final test metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from core.files import io_error
+from lightning_modules.unlearning import is_peft
+from models.backbone import is_built_from_config
+
+
+def base_model_reference(name_or_path: str) -> Optional[str]:
+    """The base as a loader anywhere can find it: an absolute path or a hub id (None: built from config)."""
+    if is_built_from_config(name_or_path):
+        return None
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def save_model(module, cfg, run_dir: Path, state_dict=None) -> Path:
+    """Weights and processor to <run_dir>/model (rank 0; `state_dict`: gathered sharded weights),
+    published whole: written next to it, then renamed over the old one (a full disk ends in one
+    line and leaves the previous model/ as it was)."""
+    target = run_dir / "model"
+    tmp = run_dir / f".model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_model(module, cfg, run_dir, tmp, state_dict)
+        if target.exists():
+            old = run_dir / f".model.old-{os.getpid()}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except OSError as err:
+        raise io_error("model", target, err) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_model(module, cfg, run_dir: Path, target: Path, state_dict) -> None:
+    model, processor = module.model, module.processor
+    if is_peft(model):
+        base = base_model_reference(cfg.model.name_or_path)
+        if base is None:  # nothing to download it from: the untrained base travels with the adapter
+            base_dir = run_dir / "base_model"
+            copy.deepcopy(model).unload().save_pretrained(base_dir)
+            processor.save_pretrained(base_dir)
+            base = str(base_dir.resolve())
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = base
+    model.save_pretrained(target, state_dict=state_dict)
+    processor.save_pretrained(target)
+
+
+def merge_lora(module, run_dir: Path) -> Path:
+    """model/ becomes the merged full model; the adapter moves to adapter/. Call after the last use
+    of the module: merging folds the adapter into the base weights in place."""
+    target, adapter_dir = run_dir / "model", run_dir / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.move(str(target), str(adapter_dir))
+    merged = module.model.merge_and_unload()
+    merged.save_pretrained(target)
+    module.processor.save_pretrained(target)
+    return target
+
+
+def _yaml(node) -> str:
+    return OmegaConf.to_yaml(node).strip()
+
+
+def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, base: Optional[str] = None,
+               model_type: str = "") -> str:
+    """README.md of the exported model: what it is, how it was made, what it scored, how to load it.
+    `base`: the base recorded in the adapter config (default: from `model.name_or_path`)."""
+    base = base or base_model_reference(cfg.model.name_or_path) or f"{cfg.model.name_or_path} (random weights)"
+    method = cfg.method.name
+    if lora and not merged:
+        load = ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor\n"
+                "model = AutoPeftModel.from_pretrained(PATH)\n"
+                "processor = AutoProcessor.from_pretrained(PATH)")
+        kind = "a LoRA adapter (base model recorded in adapter_config.json)"
+    else:
+        load = ("from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+                "model = AutoModelForImageTextToText.from_pretrained(PATH)\n"
+                "processor = AutoProcessor.from_pretrained(PATH)")
+        kind = "the full model" + (" (LoRA adapter merged; the adapter itself is in ../adapter)" if merged else "")
+    keys = ("kind", "world", "train_file", "val_file", "test_file", "image_dir", "general_file", "general_ratio",
+            "batch_size", "max_length")
+    data = OmegaConf.masked_copy(cfg.data, [k for k in keys if cfg.data.get(k) not in (None, {}, "")])
+    lines = [
+        "---", "library_name: " + ("peft" if lora and not merged else "transformers"),
+        "pipeline_tag: image-text-to-text", f"base_model: {base}", "tags: [safety-mirage, safety-alignment, "
+        f"{method}]", "---", "",
+        f"# {cfg.name}: {method} on {cfg.model.name_or_path}", "",
+        f"Safety alignment of a vision-language model with **{method}**, trained by `python -m lightning_modules.fit` "
+        f"of the safety-mirage package. This directory holds {kind} and its processor.", "",
+        f"- base model: `{base}`",
+        f"- fine-tuning: `{cfg.model.finetune}`" + (f" (r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha}, "
+                                                    f"targets `{cfg.model.lora.target_modules}`)" if lora else ""),
+        f"- seed: {cfg.seed}", "",
+        "## Method", "", "```yaml", _yaml(cfg.method), "```", "",
+        "## Data", "", "```yaml", _yaml(data), "```", "",
+        "## Hyperparameters", "", "```yaml", _yaml(OmegaConf.create({"optim": cfg.optim, "trainer": cfg.trainer})),
+        "```", "",
+        "## Results on the test split", "",
+    ]
+    if results is None or results.empty:
+        lines += ["Not evaluated (`eval.test_at_end=false`)."]
+    else:
+        lines += ["Greedy answers to the four eval sets; refusal by keyword preset "
+                  f"`{cfg.eval.refusal_preset}`, harmful compliance by judge `{cfg.eval.judge}` "
+                  "(ASR + IR + refusal rate = 1 on every set).", "",
+                  results.to_markdown(floatfmt=".3f", missingval="–"), ""]
+        if {"unsafe_clean", "unsafe_attacked"} <= set(results.index):
+            gap = results.loc["unsafe_attacked", "asr"] - results.loc["unsafe_clean", "asr"]
+            lines.append(f"- mirage gap (ASR attacked - clean): {gap:+.3f}")
+        if {"safe_clean", "safe_rewritten"} <= set(results.index):
+            gap = results.loc["safe_rewritten", "refusal_rate"] - results.loc["safe_clean", "refusal_rate"]
+            lines.append(f"- over-prudence gap (refusal rewritten - clean): {gap:+.3f}")
+    lines += ["", "## Loading", "", "```python", load.replace("PATH", '"path/to/this/directory"'), "```", ""]
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        lines += ["Without torchvision (which Qwen2-VL's video processor needs), load the processor with "
+                  "`models.backbone.load_processor` of safety-mirage: the same processor, for images only.", ""]
+    return "\n".join(lines)
+
+
+def finish_export(module, cfg, run_dir: Path, results: Optional[pd.DataFrame], sharded: bool = False) -> Path:
+    """After the test: merge the adapter if asked, then write the model card (rank 0). Under sharded
+    weights (FSDP, ZeRO-3) rank 0 does not hold the model, so the adapter is left unmerged."""
+    lora = is_peft(module.model)
+    merged = bool(cfg.export.merge_lora) and lora and not sharded
+    if cfg.export.merge_lora and lora and sharded:
+        print("export.merge_lora skipped: the weights are sharded; load model/ with peft and call merge_and_unload()")
+    target = merge_lora(module, run_dir) if merged else run_dir / "model"
+    if cfg.export.model_card:
+        base = next(iter(module.model.peft_config.values())).base_model_name_or_path if lora else None
+        card = model_card(cfg, results, merged, lora, base, module.model.config.model_type)
+        (target / "README.md").write_text(card, encoding="utf-8")
+    return target

@@ -1,0 +1,115 @@
+"""Generation for `evaluate`: every example not yet in `samples.jsonl` is answered (greedy, batched,
+left-padded, through `core.generation.greedy_generate` under `Trainer.predict`) and appended batch by
+batch, so an interrupted evaluation resumes where it stopped."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from core.distributed import shards_parameters
+from core.errors import UserError
+from core.generation import greedy_generate
+from datamodules.collate import VLMCollator
+from datamodules.examples import Example
+from metrics.classify import classify, sample_row
+from metrics.samples import SAMPLES, append_samples, example_key, read_samples, record_key
+from models.backbone import build_backbone, is_built_from_config
+
+
+class GenerationModule(L.LightningModule):
+    """Generation only, under `Trainer.predict`, through the same `greedy_generate` as validation."""
+
+    def __init__(self, model, processor, max_new_tokens: int):
+        super().__init__()
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        synced = shards_parameters(self.trainer.strategy)
+        return greedy_generate(self.model, self.processor, batch, self.max_new_tokens, synced)
+
+
+class SampleWriter(BasePredictionWriter):
+    """Appends each batch's generations to samples.jsonl as soon as they exist."""
+
+    def __init__(self, path: Path, refusal_preset: str):
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.refusal_preset = refusal_preset
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        append_samples(self.path, [sample_row(ex.extra["set"], ex, r, classify(r, ex, self.refusal_preset, None))
+                                   for ex, r in zip(batch["examples"], prediction)])
+
+
+def load_fit_checkpoint(model, path: str) -> None:
+    """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # unpickling refused or a corrupt file
+        raise UserError(f"{path}: cannot load with weights_only=True: {str(err).splitlines()[0]}") from err
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected or not weights:
+        detail = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
+        detail += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []
+        raise UserError(f"{path}: weights do not fit model.name_or_path and model.finetune: "
+                        f"{'; '.join(detail) or 'no model.* weights'}")
+
+
+def build_generator(cfg, checkpoint: Optional[str], examples: list[Example]) -> GenerationModule:
+    texts = None
+    if is_built_from_config(cfg.model.name_or_path):  # a tokenizer trained on every evaluated text
+        texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
+    model, processor = build_backbone(cfg.model, texts)
+    if checkpoint:
+        load_fit_checkpoint(model, checkpoint)
+    return GenerationModule(model, processor, int(cfg.eval.max_new_tokens))
+
+
+def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
+    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
+                  default_root_dir=str(run_dir))
+    try:
+        trainer = L.Trainer(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
+    if trainer.world_size > 1:
+        raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
+    return trainer
+
+
+def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Optional[str] = None,
+                     system_prompt: Optional[str] = None) -> int:
+    """Generate every example not yet in samples.jsonl; returns how many were generated."""
+    path = run_dir / SAMPLES
+    done = {record_key(r) for r in read_samples(path)}
+    pending = [ex for ex in examples if example_key(ex) not in done]
+    if not pending:
+        return 0
+    print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
+    module = build_generator(cfg, checkpoint, examples)
+    collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
+                          system_prompt=system_prompt)
+    loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=cfg.data.num_workers)
+    trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    del module, trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the judge model comes next
+    return len(pending)
