@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 
@@ -56,6 +57,8 @@ class _NoPromotionalTips(logging.Filter):
 
 
 def quiet_lightning_tips() -> None:
+    """No adverts, and no warning about Lightning's own use of a torch deprecation (not the user's to fix)."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoPromotionalTips) for f in logger.filters):
         logger.addFilter(_NoPromotionalTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

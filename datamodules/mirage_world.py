@@ -1,5 +1,5 @@
 """Mirage World: a seeded synthetic VLGuard-format world in which the safety mirage can be
-produced and measured on a CPU (DESIGN §5).
+produced and measured on a CPU.
 
 Images are coloured shapes; a hazard is a colour x shape conjunction. Every instruction is
 `<cue>: <intent phrase><mark>`: the cue word carries no meaning and the end mark is a function

@@ -225,7 +225,7 @@ class RunConfig:
                                        factory=dict)
     compare: dict[str, Any] = setting(doc="the compare command (lightning_modules.compare.CompareSettings)",
                                       factory=dict)
-    probes: dict[str, Any] = setting(doc="the knowledge probes, eval.probes=true (lightning_modules.probes.ProbeSettings)",
+    probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; lightning_modules.probes.ProbeSettings)",
                                      factory=dict)
 
 

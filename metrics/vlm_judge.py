@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
@@ -197,6 +198,9 @@ class VLMJudge:
             hit = self.use_prefilter and prefilter_hit(item.answer, get_protocol(item.protocol))
             if not hit and self.key(item) not in self._cache:
                 todo.setdefault(self.key(item), item)
+        # One bar over every answer the model is asked about (cached and prefiltered ones are not).
+        bar = tqdm(total=len(todo), desc=f"judging with {self.name}", unit="answer", disable=not todo,
+                   dynamic_ncols=True, leave=False)
         for name in sorted({it.protocol for it in todo.values()}):
             pending = [(k, it) for k, it in todo.items() if it.protocol == name]
             for start in range(0, len(pending), self.batch_size):
@@ -207,6 +211,8 @@ class VLMJudge:
                         for (k, it), text in zip(chunk, texts)]
                 self._append_cache(rows)  # flushed per batch: an interrupted run keeps what it judged
                 self._cache.update({r["key"]: r for r in rows})
+                bar.update(len(chunk))
+        bar.close()
         results = []
         for item in items:
             if self.use_prefilter and prefilter_hit(item.answer, get_protocol(item.protocol)):

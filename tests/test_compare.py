@@ -88,13 +88,13 @@ def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
 
 def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[base,sft]", "compare.seeds=[0]")
-    command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=when",
+    command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=query",
                     "data.world.refusal_cue=provide", "compare.seeds=[0]", f"run_dir={tmp_path / 'cmp'}"]
     results = compare.run(cfg, command_line)
     assert len(fake_fit.configs) == 2 and set(results.world_seed) == {7}
     for run_cfg in fake_fit.configs:
         assert run_cfg.optim.lr == 0.005 and run_cfg.data.world.seed == 7
-        assert (run_cfg.data.world.compliance_cue, run_cfg.data.world.refusal_cue) == ("when", "provide")
+        assert (run_cfg.data.world.compliance_cue, run_cfg.data.world.refusal_cue) == ("query", "provide")
         assert str(tmp_path / "cmp") in run_cfg.run_dir and run_cfg.run_dir != str(tmp_path / "cmp")
 
 

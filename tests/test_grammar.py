@@ -1,6 +1,7 @@
 """Grammatical cue rewrites on hand-written instructions shaped like VLGuard's, and (when the files
 are present) on the real VLGuard instructions."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 
 from attacks.grammar import CONTENT_VERBS, parse, rewrite, rewrites
 
-VLGUARD = Path("/work/shared/data/vlguard")
+# A folder with VLGuard's train.json / test.json (never shipped with the package), if you have one.
+VLGUARD = Path(os.environ.get("SAFETY_MIRAGE_VLGUARD_DIR", "/nonexistent"))
 
 # (instruction, shape, rewrite with "What", rewrite with "Share")
 CASES = [
@@ -84,7 +86,7 @@ def test_rewrites_are_distinct_and_keep_an_existing_cue():
 CONTENT = re.compile(r"[a-z]{4,}")
 
 
-@pytest.mark.skipif(not (VLGUARD / "test.json").is_file(), reason="VLGuard files not present")
+@pytest.mark.skipif(not (VLGUARD / "test.json").is_file(), reason="set SAFETY_MIRAGE_VLGUARD_DIR to a folder with VLGuard's JSON files")
 @pytest.mark.parametrize("cue", ["What", "Share"])
 def test_real_vlguard_instructions(cue):
     """Every VLGuard instruction: the rewrite starts with the cue, ends with its mark, keeps the
