@@ -306,9 +306,11 @@ def metrics_row(run_dir: Path) -> dict:
     return row
 
 
-def stale_keys(old: dict, new: dict) -> str:
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "model.name_or_path")
-    return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") if diff else "unknown keys"
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys of both configs whose values differ. A key only one side has is a schema change of the
+    code (a new setting at its default), not a change of the run; model.name_or_path is rewritten
+    by fit to the cached base's path."""
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and k != "model.name_or_path")
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -435,7 +437,11 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         digest = config_hash(cfg_run)
         if row is not None and row["config_hash"] != digest:
             old_yaml = out / row["run_dir"] / "config.yaml"
-            changed = stale_keys(flat(OmegaConf.load(old_yaml)) if old_yaml.is_file() else {}, flat(cfg_run))
+            diff = changed_keys(flat(OmegaConf.load(old_yaml)), flat(cfg_run)) if old_yaml.is_file() else ["?"]
+            changed = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+            if not diff:  # the same run under a grown schema: keep it, under the new hash
+                row = {**row, "config_hash": digest}
+        if row is not None and row["config_hash"] != digest:
             if settings.on_stale == "refuse":
                 raise UserError(f"{csv}: the finished run ({key.label()}) was made with another run config "
                                 f"(changed: {changed}); pass compare.on_stale=redo to run it again, or use a new run_dir")

@@ -114,6 +114,10 @@ def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit
     compare.run(cfg)  # nothing changed: nothing runs again
     assert len(fake_fit.configs) == 2
     csv = tmp_path / "cmp" / "results.csv"
+    table = pd.read_csv(csv)
+    table.assign(config_hash="from-older-code").to_csv(csv, index=False)  # e.g. the schema gained a key
+    compare.run(cfg)  # no key both configs have changed: the rows are kept under the new hash
+    assert len(fake_fit.configs) == 2 and pd.read_csv(csv).config_hash.tolist() == table.config_hash.tolist()
     before = csv.read_text()
     with pytest.raises(UserError, match=r"another run config \(changed: optim.lr\).*on_stale=redo"):
         compare.run(cfg, ["optim.lr=0.01"])
