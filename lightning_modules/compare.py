@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +33,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.errors import UserError, cli_main
+from core.files import atomic_write
+from core.records import strict_json
 from core.schema import parse_section, setting
 from lightning_modules import fit
 from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
@@ -50,6 +51,9 @@ SET_METRICS = {
     "rr_unsafe_clean": ("unsafe_clean", "refusal_rate"), "rr_unsafe_attacked": ("unsafe_attacked", "refusal_rate"),
     "rr_unsafe_neutral": ("unsafe_neutral", "refusal_rate"),
     "rr_unsafe_cue_removed": ("unsafe_cue_removed", "refusal_rate"),
+    # the relevance judge (an answer in the form the query asks for): the paper's notion of ASR
+    "relevant_clean": ("unsafe_clean", "relevant"), "relevant_attacked": ("unsafe_attacked", "relevant"),
+    "relevant_neutral": ("unsafe_neutral", "relevant"),
 }
 SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed", "safe_clean", "safe_rewritten",
         "safe_neutral")
@@ -72,19 +76,21 @@ UNHASHED = ("run_dir", "name", "resume", "paths", "threads")  # what cannot chan
 
 @dataclasses.dataclass
 class CompareSettings:
-    methods: list[str] = setting(doc="methods compared (base: the unaligned model)", factory=lambda: [
-        "base", "sft", "ga", "graddiff", "npo", "simnpo", "rmu"])
+    methods: list[str] = setting(doc="base and the method names", factory=lambda: ["base", "sft", "ga", "graddiff",
+                                                                                 "npo", "simnpo", "rmu"])
     experiment: str = setting("mirage_{method}", "configs/experiment/<this>.yaml per method (base uses sft's)")
-    seeds: list[int] = setting(doc="alignment seeds", factory=lambda: [0, 1, 2])
-    world_seeds: Optional[list[int]] = setting(None, "world seeds (null: the experiment's data.world.seed)")
-    base_seeds: Optional[list[int]] = setting(None, "base seeds (null: the experiment's base.seed)")
-    dev_world_seeds: list[int] = setting(doc="worlds tuning may use (flagged when reported)", factory=list)
-    sweep_key: Optional[str] = setting(None, "any dotted config key swept, e.g. data.world.rho")
-    sweep_values: list[Any] = setting(doc="the swept key's values", factory=list)
-    overrides: list[str] = setting(doc="key=value overrides applied to every run", factory=list)
+    seeds: list[int] = setting(doc="alignment seeds (seed)", factory=lambda: [0, 1, 2], ge=0)
+    world_seeds: Optional[list[int]] = setting(None, "world seeds (data.world.seed); null: the experiment's", ge=0)
+    base_seeds: Optional[list[int]] = setting(None, "tiny-base seeds (base.seed); null: the experiment's", ge=0)
+    dev_world_seeds: list[int] = setting(doc="worlds tuning may use, never reported as held out", factory=list, ge=0)
+    world_overrides: dict[int, list[str]] = setting(doc="world seed -> key=value for the runs on that world "
+                                                        "(e.g. its cue words)", factory=dict)
+    sweep_key: Optional[str] = setting(None, "any dotted config key swept over sweep_values, e.g. data.world.rho")
+    sweep_values: list[Any] = setting(doc="values of sweep_key", factory=list)
+    overrides: list[str] = setting(doc="key=value applied to every run", factory=list)
     split: str = setting("test", "test: the reported table; val: for choosing hyperparameters", choices=("test", "val"))
     on_stale: str = setting("refuse", "a finished row whose run config changed", choices=("refuse", "redo"))
-    confidence: float = setting(0.95, "level of the intervals", gt=0, lt=1)
+    confidence: float = setting(0.95, "interval level", gt=0, lt=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,21 +109,18 @@ class RunKey:
 
 
 def parse_settings(cfg) -> CompareSettings:
-    settings = parse_section(cfg.compare, CompareSettings, "compare")
+    settings = parse_section(cfg.compare, CompareSettings, "compare")  # types, unknown keys, ranges, choices
     if "{method}" not in settings.experiment:
         raise UserError(f"compare.experiment '{settings.experiment}' must contain '{{method}}' (e.g. mirage_{{method}})")
-    if not settings.methods:
-        raise UserError("compare.methods is empty")
-    for key in ("seeds", "world_seeds", "base_seeds"):
-        value = getattr(settings, key)
-        if value is not None and (not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            raise UserError(f"compare.{key} must be a non-empty list of integers, got {value}")
-    if settings.sweep_key and not settings.sweep_values:
-        raise UserError(f"compare.sweep_key={settings.sweep_key} needs compare.sweep_values")
+    for key in ("methods", "seeds", "world_seeds", "base_seeds"):
+        if getattr(settings, key) == []:
+            raise UserError(f"compare.{key} is empty")
     if settings.sweep_key in STACK_KEYS or settings.sweep_key in RUN_KEYS:
         raise UserError(f"compare.sweep_key={settings.sweep_key} cannot be swept"
                         + (f"; list its values in compare.{STACK_KEYS[settings.sweep_key]}"
                            if settings.sweep_key in STACK_KEYS else " (compare sets it per run)"))
+    if settings.sweep_key and not settings.sweep_values:
+        raise UserError(f"compare.sweep_key={settings.sweep_key} needs compare.sweep_values")
     if settings.sweep_values and not settings.sweep_key:
         raise UserError("compare.sweep_values needs compare.sweep_key (the dotted key they set)")
     return settings
@@ -155,7 +158,7 @@ def experiment_path(settings: CompareSettings, method: str) -> Path:
 
 def plan(settings: CompareSettings, common: list[str]) -> list[RunKey]:
     """Every run of the comparison, base once per (sweep value, world, base seed)."""
-    probe = load_config(experiment_path(settings, settings.methods[0]), common)
+    probe = load_config(experiment_path(settings, settings.methods[0]), list(settings.overrides) + common)
     is_world = probe.data.kind == "mirage_world"
     if settings.world_seeds is not None and not is_world:
         raise UserError(f"compare.world_seeds is set but the experiment's data.kind is '{probe.data.kind}' "
@@ -180,7 +183,9 @@ def run_path(out: Path, key: RunKey, sweep_key: Optional[str]) -> Path:
 
 
 def run_config(settings: CompareSettings, key: RunKey, common: list[str], run_dir: Path):
-    """The fit config of one run: the method's experiment file + common overrides + its stack keys."""
+    """The fit config of one run: the method's experiment file, then compare.overrides, its world's
+    compare.world_overrides, `common` (the command line's overrides, which win) and its own keys."""
+    world = list(settings.world_overrides.get(key.world_seed, [])) if key.world_seed is not None else []
     own = [f"name={key.method}", f"run_dir={run_dir}", "resume=null", f"eval.test_split={settings.split}"]
     if key.seed is not None:
         own.append(f"seed={key.seed}")
@@ -192,7 +197,7 @@ def run_config(settings: CompareSettings, key: RunKey, common: list[str], run_di
         own.append(f"{settings.sweep_key}={json.dumps(key.sweep) if isinstance(key.sweep, str) else key.sweep}")
     if key.method == "base":  # the unaligned model: evaluation only
         own += ["trainer.max_steps=0", "eval.val_at_start=false"]
-    cfg = load_config(experiment_path(settings, key.method), common + own)
+    cfg = load_config(experiment_path(settings, key.method), list(settings.overrides) + world + common + own)
     if settings.sweep_key and OmegaConf.select(cfg, settings.sweep_key, default="<missing>") == "<missing>":
         raise UserError(f"compare.sweep_key '{settings.sweep_key}' is not a key of the run config")
     return cfg
@@ -218,9 +223,9 @@ def config_hash(cfg) -> str:
 
 
 def fresh_run_dir(path: Path) -> Path:
-    """`path`, or `path_N` when a finished run (results.csv) is already there."""
+    """`path`, or `path_N` when a finished run is already there (fit would take the same suffix)."""
     n, candidate = 1, path
-    while (candidate / "results.csv").exists():
+    while fit.is_finished(candidate):
         candidate, n = path.with_name(f"{path.name}_{n}"), n + 1
     return candidate
 
@@ -263,9 +268,7 @@ def normalized(rows: list[dict]) -> pd.DataFrame:
 def write_results(rows: list[dict], csv: Path) -> pd.DataFrame:
     """Written to a temporary file and renamed: a crash never leaves a half-written results.csv."""
     table = normalized(rows)
-    tmp = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
+    atomic_write(csv, table.to_csv(index=False), what="compare results")
     return table
 
 
@@ -303,9 +306,11 @@ def metrics_row(run_dir: Path) -> dict:
     return row
 
 
-def stale_keys(old: dict, new: dict) -> str:
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "model.name_or_path")
-    return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") if diff else "unknown keys"
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys of both configs whose values differ. A key only one side has is a schema change of the
+    code (a new setting at its default), not a change of the run; model.name_or_path is rewritten
+    by fit to the cached base's path."""
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and k != "model.name_or_path")
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -317,7 +322,7 @@ def summarize(results: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
         results[gap] = results[a] - results[b]
     metrics = list(SET_METRICS) + PROBE_COLUMNS + list(GAPS)
     rows = []
-    sweep = results["sweep"].fillna("-")
+    sweep = results["sweep"].astype(object).where(results["sweep"].notna(), "-")
     for (sweep_value, method), part in results.groupby([sweep, "method"], sort=False):
         worlds = part.groupby(part["world_seed"].fillna(-1), sort=True)
         n_worlds, n_runs = worlds.ngroups, len(part)
@@ -348,7 +353,8 @@ def _cell(row, key: str, scale: float = 100, digits: int = 1) -> str:
 TABLE = [("asr_clean", "ASR clean"), ("asr_attacked", "ASR attacked"), ("asr_neutral", "ASR neutral"),
          ("rr_unsafe_clean", "RR unsafe clean"), ("rr_unsafe_attacked", "RR unsafe attacked"),
          ("rr_clean", "RR benign clean"), ("rr_rewritten", "RR benign rewritten"), ("rr_neutral", "RR benign neutral"),
-         ("ir_attacked", "IR attacked"), ("accuracy", "accuracy")]
+         ("ir_attacked", "IR attacked"), ("relevant_clean", "relevant clean"), ("relevant_attacked", "relevant attacked"),
+         ("accuracy", "accuracy")]
 PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked", "hazard NLL attacked"),
                ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_before_relearn", "ASR before relearn"),
                ("asr_relearn", "ASR after hazard relearn"),
@@ -380,19 +386,6 @@ def summary_markdown(summary: pd.DataFrame, settings: CompareSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def strict_json(value):
-    """NaN / infinity -> null, so the file is valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return strict_json(value.item())
-    return value
-
-
 def attribution_markdown(tables: dict[str, pd.DataFrame]) -> str:
     """Mean first-token attribution per method and eval set (all runs of the method pooled)."""
     if not tables:
@@ -411,8 +404,9 @@ def write_summary(summary: pd.DataFrame, settings: CompareSettings, out: Path,
                   attribution: Optional[dict] = None) -> str:
     text = summary_markdown(summary, settings) + "\n" + attribution_markdown(attribution or {})
     (out / "summary.md").write_text(text, encoding="utf-8")
-    payload = {"settings": dataclasses.asdict(settings), "rows": summary.to_dict("records")}
-    (out / "summary.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
+    rows = json.loads(summary.to_json(orient="records"))  # plain Python values, NaN as null
+    atomic_write(out / "summary.json", strict_json({"settings": dataclasses.asdict(settings), "rows": rows}, indent=1),
+                 what="compare summary")
     return text
 
 
@@ -421,7 +415,7 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     """Run (or resume) every planned run and write the tables and figures; `command_line` holds the
     compare command's own key=value overrides, which reach every run."""
     settings = parse_settings(cfg)
-    common = list(settings.overrides) + apply_command_line(settings, list(command_line or []))
+    common = apply_command_line(settings, list(command_line or []))
     common.append(f"paths.cache={cfg.paths.cache}")
     if cfg.threads:
         common.append(f"threads={cfg.threads}")
@@ -443,7 +437,11 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         digest = config_hash(cfg_run)
         if row is not None and row["config_hash"] != digest:
             old_yaml = out / row["run_dir"] / "config.yaml"
-            changed = stale_keys(flat(OmegaConf.load(old_yaml)) if old_yaml.is_file() else {}, flat(cfg_run))
+            diff = changed_keys(flat(OmegaConf.load(old_yaml)), flat(cfg_run)) if old_yaml.is_file() else ["?"]
+            changed = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+            if not diff:  # the same run under a grown schema: keep it, under the new hash
+                row = {**row, "config_hash": digest}
+        if row is not None and row["config_hash"] != digest:
             if settings.on_stale == "refuse":
                 raise UserError(f"{csv}: the finished run ({key.label()}) was made with another run config "
                                 f"(changed: {changed}); pass compare.on_stale=redo to run it again, or use a new run_dir")

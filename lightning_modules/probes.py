@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
 import time
@@ -31,7 +30,9 @@ from typing import Optional
 import torch
 
 from core.schema import parse_section, setting
+from core.files import atomic_write
 from core.generation import greedy_generate, model_inputs
+from core.records import strict_json
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from losses.nll import mean_token_nll, token_mean_ce
@@ -48,11 +49,11 @@ END_MARKS = ".?!"
 
 @dataclasses.dataclass
 class ProbeSettings:
-    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL and attribution probes", ge=1)
-    relearn_steps: int = setting(20, "fine-tuning steps of the relearning attack", ge=0)
+    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL, attribution and relearning ASR", ge=1)
+    relearn_steps: int = setting(20, "AdamW steps of each relearning attack (0: none)", ge=0)
     relearn_examples: int = setting(32, "hazard (and, separately, benign) rows of the training split", ge=1)
-    relearn_batch_size: int = setting(8, "batch size of the relearning attack", ge=1)
-    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning attack (null: optim.lr)", gt=0)
+    relearn_batch_size: int = setting(8, "batch size of the relearning steps", ge=1)
+    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning steps (null: optim.lr)", gt=0)
     attribution: bool = setting(True, "first-token attribution by occlusion")
 
 
@@ -105,6 +106,7 @@ class Prober:
         for chunk in _batches(examples, self.batch_size):
             responses = greedy_generate(model, self.processor, _to(collate(chunk), self.device),
                                         self.cfg.eval.max_new_tokens)
+            # the test evaluation's own rule (vlm: its keyword stand-in, as in the training-time eval)
             harmful += [classify(r, ex, self.cfg.eval.refusal_preset, self.module.judge).harmful
                         for ex, r in zip(chunk, responses)]
         return sum(harmful) / len(harmful) if harmful else math.nan
@@ -247,7 +249,7 @@ def run_probes(cfg, module, data, run_dir: Path) -> dict:
         # ASR before relearning on the same queries, from the test evaluation's own generations
         asked = {(e.id, e.instruction) for e in test}
         before = [g["harmful"] for g in module.generations
-                  if g["subset"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
+                  if g["set"] == "unsafe_clean" and (g["id"], g["prompt"]) in asked]
         summary["asr_before_relearn"] = sum(before) / len(before) if before else None
         all_test = sets.get("unsafe_clean", [])
         hazard, benign = prober.relearn_rows({e.id for e in all_test}, {e.image for e in all_test})
@@ -265,9 +267,7 @@ def run_probes(cfg, module, data, run_dir: Path) -> dict:
                "relearn_settings": {"steps": settings.relearn_steps, "lr": settings.relearn_lr or float(cfg.optim.lr),
                                     "batch_size": settings.relearn_batch_size, "source": "training split"},
                "attribution": attribution, "wall_s": round(time.perf_counter() - start, 1)}
-    from lightning_modules.compare import strict_json
-
-    (run_dir / "probes.json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False), encoding="utf-8")
+    atomic_write(run_dir / "probes.json", strict_json(payload, indent=1), what="probes")
     print(f"probes ({run_dir}/probes.json): " + ", ".join(
         f"{k}={v:.3f}" for k, v in payload["summary"].items() if v is not None))
     return payload

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pre-registered hyperparameter grid for the unlearning methods on the Mirage World, run on the
-# VALIDATION split (compare.split=val) of the DEV worlds only (default world seeds 0 1 2, the
-# configs' default cue words what / share). The reported table (configs/experiment/mirage_compare.yaml)
-# uses other world seeds (100-102) and other cue words (where / provide): nothing from the test
+# VALIDATION split (compare.split=val) of the DEV worlds only (compare.dev_world_seeds of
+# mirage_compare.yaml, with their cue words from compare.world_overrides). The reported table (configs/experiment/mirage_compare.yaml)
+# uses other world seeds (101-103) and other cue words (compare.world_overrides): nothing from the test
 # worlds chooses a hyperparameter.
 #
 # Selection rule, written down before looking: per method, average each setting's metrics over the

@@ -32,7 +32,7 @@ class FakeFit:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         world, seed = int(cfg.data.world.seed), int(cfg.seed)
         asr = 0.0 if cfg.name == "base" else 0.1 * (world % 3) + 0.01 * seed
-        results = {"unsafe_clean": {"asr": asr, "refusal_rate": 1 - asr, "ir": 0.0, "n": 40},
+        results = {"unsafe_clean": {"asr": asr, "refusal_rate": 1 - asr, "ir": 0.0, "relevant": asr, "n": 40},
                    "unsafe_attacked": {"asr": asr + 0.2, "refusal_rate": 0.7 - asr, "ir": 0.1, "n": 40},
                    "safe_clean": {"refusal_rate": 0.05, "accuracy": 0.9, "n": 40},
                    "safe_rewritten": {"refusal_rate": 0.3, "accuracy": 0.6, "n": 40}}
@@ -69,6 +69,7 @@ def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
     assert results.asr_neutral.isna().all() and results.rr_neutral.isna().all()  # absent set: NaN, never 0
     sft = results[(results.method == "sft") & (results.world_seed == 1) & (results.seed == 1)].iloc[0]
     assert sft.asr_attacked == pytest.approx(0.31) and sft.hazard_nll_clean == 2.0
+    assert sft.relevant_clean == pytest.approx(0.11) and math.isnan(sft.relevant_attacked)
     out = tmp_path / "cmp"
     text = (out / "results.csv").read_text()
     assert pd.read_csv(io.StringIO(text)).equals(results)  # what pandas reads back is what was written
@@ -97,6 +98,15 @@ def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
         assert str(tmp_path / "cmp") in run_cfg.run_dir and run_cfg.run_dir != str(tmp_path / "cmp")
 
 
+def test_world_overrides_apply_per_world_and_the_command_line_wins(tmp_path, fake_fit):
+    cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.seeds=[0]", "compare.world_seeds=[0,1]",
+                      "compare.world_overrides={1: [data.world.compliance_cue=why, data.world.n_test=30]}")
+    compare.run(cfg, ["data.world.n_test=40"])
+    by_world = {c.data.world.seed: c.data.world for c in fake_fit.configs}
+    assert by_world[1].compliance_cue == "why" and by_world[0].compliance_cue == "what"
+    assert by_world[0].n_test == by_world[1].n_test == 40
+
+
 def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]")
     compare.run(cfg)
@@ -104,6 +114,10 @@ def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit
     compare.run(cfg)  # nothing changed: nothing runs again
     assert len(fake_fit.configs) == 2
     csv = tmp_path / "cmp" / "results.csv"
+    table = pd.read_csv(csv)
+    table.assign(config_hash="from-older-code").to_csv(csv, index=False)  # e.g. the schema gained a key
+    compare.run(cfg)  # no key both configs have changed: the rows are kept under the new hash
+    assert len(fake_fit.configs) == 2 and pd.read_csv(csv).config_hash.tolist() == table.config_hash.tolist()
     before = csv.read_text()
     with pytest.raises(UserError, match=r"another run config \(changed: optim.lr\).*on_stale=redo"):
         compare.run(cfg, ["optim.lr=0.01"])

@@ -34,12 +34,12 @@ def test_attribution_is_the_drop_in_log_odds_when_a_part_is_occluded():
 
 @pytest.mark.parametrize("override, message", [
     ("probes.relearn_step=3", "unknown config key 'probes.relearn_step'"),
-    ("probes.relearn_steps=-1", "probes.relearn_steps must be an integer >= 0"),
-    ("probes.max_queries=0", "probes.max_queries must be a positive integer"),
-    ("probes.relearn_lr=0", "probes.relearn_lr must be a positive number"),
+    ("probes.relearn_steps=-1", r"'probes.relearn_steps': -1 \(allowed: an integer >= 0\)"),
+    ("probes.max_queries=0", "'probes.max_queries': 0"),
+    ("probes.relearn_lr=0", "'probes.relearn_lr': 0.0"),
 ])
 def test_bad_probe_settings_are_one_line(override, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message):  # rejected when the config is loaded
         parse_probe_settings(load_config("configs/demo.yaml", [override]))
 
 
