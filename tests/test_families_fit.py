@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from lightning_modules import evaluate, fit
@@ -47,7 +48,8 @@ def test_family_fits_sft_npo_rmu_and_evaluates(family, vlguard_dir, tmp_path):
         sums = table[["asr", "refusal_rate", "ir"]].sum(axis=1)
         assert ((sums - 1).abs() < 1e-6).all()
         samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-        assert len(samples) == 12 and all(isinstance(s["response"], str) for s in samples)
+        shots = OmegaConf.load(run_dir / "config.yaml").data.attack_shots  # K rewrites per unsafe query
+        assert len(samples) == 4 + 4 * shots + 2 + 2 and all(isinstance(s["response"], str) for s in samples)
         config = json.loads((run_dir / "model" / "config.json").read_text())
         expected = {"llava": "llava", "llava-next": "llava_next", "qwen2-vl": "qwen2_vl",
                     "qwen2.5-vl": "qwen2_5_vl"}[family]
