@@ -1,4 +1,4 @@
-"""Cue-word rewrites from the Safety Mirage paper (DESIGN §1).
+"""Cue-word rewrites from the Safety Mirage paper (arXiv 2503.11832).
 
 - ``OneWordAttack``: an unsafe query made to start with a compliance cue ("What ...").
 - ``KShotAttack``: K distinct cue-initial rewrites per unsafe query (success if any works).

@@ -1,6 +1,6 @@
 """VLGuard-format records -> flat examples (one instruction each), with errors that name the fault.
 
-VLGuard (DESIGN §3): a JSON list of `{id, image, safe, [harmful_category], instr-resp}`.
+VLGuard: a JSON list of `{id, image, safe, [harmful_category], instr-resp}`.
 `safe: false` -> `[{instruction, response}]`; `safe: true` -> `[{safe_instruction, response},
 {unsafe_instruction, response}]`. Mirage World records add `answer` / `harmful_keywords` to the
 items (what the exact judge and the utility metric need); real VLGuard has neither.
@@ -104,7 +104,7 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
             item = _item(path, i, rec, key, j)
             ex = Example(instruction=item[key], response=item["response"], safe=safe, subset=subset,
                          answer=item.get("answer"), harmful_keywords=item.get("harmful_keywords"), **common)
-            if isinstance(item.get("harmful_response"), str):  # an unlearning forget target (DESIGN §3)
+            if isinstance(item.get("harmful_response"), str):  # an unlearning forget target
                 ex.extra = {**ex.extra, "harmful_response": item["harmful_response"]}
             if isinstance(item.get("intent"), str):  # Mirage World: what the relevance judge checks
                 ex.extra = {**ex.extra, "intent": item["intent"]}

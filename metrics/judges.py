@@ -1,4 +1,4 @@
-"""Judges of harmful compliance for a non-refused answer to an unsafe query (DESIGN §4)."""
+"""Judges of harmful compliance for a non-refused answer to an unsafe query."""
 
 from __future__ import annotations
 
