@@ -339,7 +339,11 @@ def main(argv=None) -> int:
         if args.model:
             from .paraphrase import Paraphraser
 
-            paraphraser = Paraphraser.from_pretrained(args.model, args.revision, args.trust_remote_code)
+            try:
+                paraphraser = Paraphraser.from_pretrained(args.model, args.revision, args.trust_remote_code)
+            except (OSError, ValueError) as err:  # not found offline, not a generative model, ...
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValueError(f"--model {args.model}: cannot load ({first})") from err
         if args.attack == "one_word":
             attack = OneWordAttack(cue, args.mode, args.fix_punctuation, args.paired, paraphraser)
         elif args.attack == "kshot":

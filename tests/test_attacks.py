@@ -172,6 +172,9 @@ def test_cli(tmp_path):
     (None, [], "no such file"),
     ([unsafe("u1", "Share it.")], ["--attack", "overprudence"], "no instructions"),
     ([unsafe("u1", "Share it.")], ["--attack", "kshot", "--k", "99"], "k=99"),
+    ([unsafe("u1", "Share it.")], ["--attack", "one_word", "--mode", "paraphrase"], "needs --model"),
+    ([unsafe("u1", "Share it.")], ["--attack", "one_word", "--mode", "paraphrase", "--model", "/nonexistent/model"],
+     "cannot load"),
     ([{"id": "l", "conversations": [{"from": "human", "value": "Hi"}]}], ["--attack", "one_word"], "VLGuard"),
 ])
 def test_cli_errors(tmp_path, records, extra, needle):
