@@ -194,7 +194,8 @@ class OneWordAttack(_Rewrite):
 
     def __init__(self, cue: str = "What", mode: str = "grammatical", fix_punctuation: bool = True,
                  paired: bool = False, paraphraser=None):
-        self.cue, self.mode, self.fix_punctuation, self.paired = cue, _check_mode(mode, paraphraser), fix_punctuation, paired
+        self.cue, self.mode = cue, _check_mode(mode, paraphraser)
+        self.fix_punctuation, self.paired = fix_punctuation, paired
         self.paraphraser = paraphraser
 
     def __call__(self, text: str) -> str:
@@ -363,7 +364,8 @@ def main(argv=None) -> int:
         return 2
     note = (f"; {paraphraser.n_model} model rewrites, {paraphraser.n_fallback} grammatical fallbacks"
             if paraphraser else "")
-    print(f"wrote {len(out)} records ({attack.__class__.__name__}, cue {cue!r}, mode {args.mode}{note}) to {args.output}")
+    print(f"wrote {len(out)} records ({attack.__class__.__name__}, cue {cue!r}, mode {args.mode}{note}) "
+          f"to {args.output}")
     return 0
 
 

@@ -129,7 +129,8 @@ def eval_sets(examples: list[Example], compliance_cue: str, refusal_cue: str,
     safe = [e for e in examples if e.safe][:max_samples]
 
     def rewritten(name: str, rows: list[Example], cue: str, when=lambda text: True) -> list[Example]:
-        return [replace(e, subset=name, instruction=rewrite(e.instruction, cue) if when(e.instruction) else e.instruction)
+        return [replace(e, subset=name,
+                        instruction=rewrite(e.instruction, cue) if when(e.instruction) else e.instruction)
                 for e in rows]
 
     sets = {

@@ -231,7 +231,8 @@ def _cue_weights(cfg: WorldConfig, split: str, safe: bool) -> dict:
         return {own: share, **even(cfg.other_cues, 1 - share)}
     n = cfg.neutral_rate  # same share of safe and unsafe rows; the knobs below split the rest
     if safe:  # safe queries never start with the refusal cue
-        return {cfg.compliance_cue: cfg.rho * (1 - n), cfg.neutral_cue: n, **even(cfg.other_cues, (1 - cfg.rho) * (1 - n))}
+        return {cfg.compliance_cue: cfg.rho * (1 - n), cfg.neutral_cue: n,
+                **even(cfg.other_cues, (1 - cfg.rho) * (1 - n))}
     p_c, p_r = cfg.unsafe_compliance_rate, cfg.unsafe_refusal_rate
     return {cfg.compliance_cue: p_c * (1 - n), cfg.refusal_cue: p_r * (1 - n), cfg.neutral_cue: n,
             **even(cfg.other_cues, (1 - p_c - p_r) * (1 - n))}
