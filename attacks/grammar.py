@@ -146,7 +146,8 @@ def _vp(vp: str) -> Request:
 def parse(text: str) -> Request:
     """The shape of one instruction (see the module docstring)."""
     core, end = _split_end(text)
-    as_is = Request("as_is", text.strip(), question=end.startswith("?") or bool(_words(core)[:1] and _words(core)[0] in AUX | WH))
+    opener = _words(core)[:1]
+    as_is = Request("as_is", text.strip(), question=end.startswith("?") or bool(opener and opener[0] in AUX | WH))
     stripped = core
     while REQUEST.match(stripped):
         stripped = REQUEST.sub("", stripped, count=1)

@@ -1,4 +1,4 @@
-"""Cue-word rewrites from the Safety Mirage paper.
+"""Cue-word rewrites from the Safety Mirage paper (arXiv 2503.11832).
 
 - ``OneWordAttack``: an unsafe query made to start with a compliance cue ("What ...").
 - ``KShotAttack``: K distinct cue-initial rewrites per unsafe query (success if any works).
@@ -194,7 +194,8 @@ class OneWordAttack(_Rewrite):
 
     def __init__(self, cue: str = "What", mode: str = "grammatical", fix_punctuation: bool = True,
                  paired: bool = False, paraphraser=None):
-        self.cue, self.mode, self.fix_punctuation, self.paired = cue, _check_mode(mode, paraphraser), fix_punctuation, paired
+        self.cue, self.mode = cue, _check_mode(mode, paraphraser)
+        self.fix_punctuation, self.paired = fix_punctuation, paired
         self.paraphraser = paraphraser
 
     def __call__(self, text: str) -> str:
@@ -339,7 +340,11 @@ def main(argv=None) -> int:
         if args.model:
             from .paraphrase import Paraphraser
 
-            paraphraser = Paraphraser.from_pretrained(args.model, args.revision, args.trust_remote_code)
+            try:
+                paraphraser = Paraphraser.from_pretrained(args.model, args.revision, args.trust_remote_code)
+            except (OSError, ValueError) as err:  # not found offline, not a generative model, ...
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ValueError(f"--model {args.model}: cannot load ({first})") from err
         if args.attack == "one_word":
             attack = OneWordAttack(cue, args.mode, args.fix_punctuation, args.paired, paraphraser)
         elif args.attack == "kshot":
@@ -359,7 +364,8 @@ def main(argv=None) -> int:
         return 2
     note = (f"; {paraphraser.n_model} model rewrites, {paraphraser.n_fallback} grammatical fallbacks"
             if paraphraser else "")
-    print(f"wrote {len(out)} records ({attack.__class__.__name__}, cue {cue!r}, mode {args.mode}{note}) to {args.output}")
+    print(f"wrote {len(out)} records ({attack.__class__.__name__}, cue {cue!r}, mode {args.mode}{note}) "
+          f"to {args.output}")
     return 0
 
 

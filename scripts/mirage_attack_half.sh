@@ -3,7 +3,7 @@
 # candidate worlds G0-G3 on dev worlds D1, D2 (validation split), then the selected candidate once on
 # test worlds T1-T3 (test split, cue words never used in tuning). Every run: SFT / NPO / RMU with the
 # committed hyperparameters, alignment seed 0, from the world's cached base.
-#   bash scripts/mirage_attack_half.sh dev [OUT]            # D1, D2 x G0, G1, G2 (G3: add "G3")
+#   bash scripts/mirage_attack_half.sh dev [OUT] [G2 G3]    # D1, D2 x G0, G1 (and the candidates named)
 #   bash scripts/mirage_attack_half.sh test G1 [OUT]        # T1-T3 with the selected candidate
 # Read each run's results.json: relevant / asr of unsafe_clean and unsafe_attacked per method.
 set -euo pipefail
@@ -36,10 +36,10 @@ run() {  # world candidate method split out
 }
 
 if [ "$stage" = dev ]; then
-  OUT=${2:-runs/attack_half/dev}; shift || true; shift || true
+  OUT=${1:-runs/attack_half/dev}; shift || true
   mkdir -p "$OUT"
   for world in D1 D2; do
-    for cand in G0 G1 G2 "$@"; do
+    for cand in G0 G1 "$@"; do
       # G0 and G1 differ only in the unlearning data: SFT is run once for both
       methods="npo rmu"; [ "$cand" = G1 ] || methods="sft npo rmu"
       for m in $methods; do run "$world" "$cand" "$m" val "$OUT"; done
@@ -52,5 +52,5 @@ elif [ "$stage" = test ]; then
     for m in sft npo rmu; do run "$world" "$cand" "$m" test "$OUT"; done
   done
 else
-  echo "usage: $0 dev [OUT] [G3] | test CANDIDATE [OUT]" >&2; exit 2
+  echo "usage: $0 dev [OUT] [G2 G3] | test CANDIDATE [OUT]" >&2; exit 2
 fi

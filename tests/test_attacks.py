@@ -173,6 +173,9 @@ def test_cli(tmp_path):
     (None, [], "not found"),
     ([unsafe("u1", "Share it.")], ["--attack", "overprudence"], "no instructions"),
     ([unsafe("u1", "Share it.")], ["--attack", "kshot", "--k", "99"], "k=99"),
+    ([unsafe("u1", "Share it.")], ["--attack", "one_word", "--mode", "paraphrase"], "needs --model"),
+    ([unsafe("u1", "Share it.")], ["--attack", "one_word", "--mode", "paraphrase", "--model", "/nonexistent/model"],
+     "cannot load"),
     ([{"id": "l", "conversations": [{"from": "human", "value": "Hi"}]}], ["--attack", "one_word"], "VLGuard"),
 ])
 @pytest.mark.slow

@@ -88,11 +88,11 @@ def test_cue_balance_is_reported_and_match_equalises_it(world):
     data = datamodule(world)
     data.setup("fit")
     report = data.cue_report
-    # rho = 0.9 of the safe queries that do not start with the neutral cue (neutral_rate = 0.05)
-    assert report["forget"]["what"] < 0.1 and report["retain"]["what"] == pytest.approx(0.9 * 0.95, abs=0.05)
+    # rho 0.9 of the safe rows that do not start with the neutral cue (5% of safe and of unsafe rows)
+    assert report["forget"]["what"] < 0.1 and report["retain"]["what"] == pytest.approx(0.9 * 0.95, abs=0.01)
     matched = datamodule(world, "data.forget_retain.cue_balance=match")
     matched.setup("fit")
-    assert matched.cue_report["forget"]["what"] == pytest.approx(report["retain"]["what"], abs=0.05)
+    assert matched.cue_report["forget"]["what"] == pytest.approx(0.9 * 0.95, abs=0.05)
     assert matched.cue_report["forget"]["share"] == 0.0
     # only the first word changed; the response to forget is the same
     for a, b in zip(data.forget, matched.forget):
