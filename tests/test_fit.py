@@ -78,14 +78,16 @@ def test_ranks_started_by_torchrun_share_rank_zeros_locked_run_dir(tmp_path, mon
     """torchrun / SLURM start every rank as its own process: only rank 0 locks the run directory,
     the others use it (before, every rank but the first failed with "in use by another run")."""
     cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
-    monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+    # prepare_run_dir exports the run dir for DDP children: pop it ourselves (a monkeypatch.delenv
+    # of a variable set after the test began would restore it at teardown, into later tests).
+    os.environ.pop(fit.RUN_DIR_ENV, None)
     monkeypatch.setenv("RANK", "0")
-    assert fit.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
     try:
+        assert fit.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
         for rank in ("1", "7"):
-            monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+            os.environ.pop(fit.RUN_DIR_ENV, None)
             monkeypatch.setenv("RANK", rank)
             assert fit.prepare_run_dir(cfg) == tmp_path / "run"
     finally:
         fit.release_run_dir()
-        monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+        os.environ.pop(fit.RUN_DIR_ENV, None)
