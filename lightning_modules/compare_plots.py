@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,18 @@ def _plt():
 
     return plt
 
+
+
+def _save(plt, fig, path: Path, title: Optional[str], caption: Optional[str] = None) -> Path:
+    """Title, caption under the axes, PNG, figure closed."""
+    if title:
+        fig.suptitle(title)
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.95 if title else 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 def _caption(summary: pd.DataFrame, confidence: float, gaps: bool = False) -> str:
     runs = sorted(set(summary["n_runs"]))
@@ -65,12 +78,7 @@ def plot_methods(summary: pd.DataFrame, confidence: float, path: Path, title: st
     _bars(axes[3], summary, [("accuracy", "clean"), ("accuracy_rewritten", "refusal cue")], "benign accuracy (%)")
     for ax in axes:
         ax.set_ylim(0, 105)
-    fig.suptitle(title)
-    fig.text(0.5, 0.01, _caption(summary, confidence), ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, _caption(summary, confidence))
 
 
 def plot_probes(summary: pd.DataFrame, confidence: float, path: Path, title: str) -> Path:
@@ -82,12 +90,7 @@ def plot_probes(summary: pd.DataFrame, confidence: float, path: Path, title: str
     _bars(axes[1], summary, [("asr_before_relearn", "before"), ("asr_relearn", "after hazard relearning"),
                              ("asr_relearn_benign", "after benign relearning")], "ASR on clean unsafe queries (%)")
     axes[1].set_ylim(0, 105)
-    fig.suptitle(title)
-    fig.text(0.5, 0.01, _caption(summary, confidence), ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, _caption(summary, confidence))
 
 
 def attribution_by_method(results: pd.DataFrame, out: Path) -> dict[str, pd.DataFrame]:
@@ -124,10 +127,7 @@ def plot_attribution(tables: dict[str, pd.DataFrame], path: Path, title: str) ->
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         ax.set_title(method)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="log-odds(refuse) lost when occluded")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_sweep(summary: pd.DataFrame, sweep_key: str, confidence: float, path: Path) -> Path:
@@ -149,12 +149,8 @@ def plot_sweep(summary: pd.DataFrame, sweep_key: str, confidence: float, path: P
         ax.set_xlabel(sweep_key)
         ax.set_ylabel(label, fontsize=9)
         ax.legend(fontsize=7)
-    fig.text(0.5, 0.01, _caption(summary, confidence, gaps=True) + "; methods offset horizontally for legibility",
-             ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, None,
+                 _caption(summary, confidence, gaps=True) + "; methods offset horizontally for legibility")
 
 
 def _numeric(values) -> bool:
