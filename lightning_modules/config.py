@@ -160,7 +160,7 @@ class VLMJudgeSettings:
     batch_size: int = setting(8, "judge batch size", ge=1)
     max_new_tokens: int = setting(200, "tokens the judge may write", ge=1)
     max_length: int = setting(4096, "longest judge prompt", ge=1)
-    cache: Optional[str] = setting("${run_dir}/judge_cache.jsonl", "verdict cache (JSON lines)")
+    cache: Optional[str] = setting(None, "verdict cache, JSON lines (null: <run_dir>/judge_cache.jsonl)")
 
 
 @dataclass

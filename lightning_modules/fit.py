@@ -363,6 +363,9 @@ def run(cfg) -> pd.DataFrame | None:
 
 def _run(cfg) -> pd.DataFrame | None:
     run_dir = prepare_run_dir(cfg)
+    # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
+    # config.yaml and the checkpoint's hparams name the directory actually used (with its `_N`).
+    cfg.run_dir = str(run_dir)
     ckpt_path = resolve_checkpoint(cfg, run_dir)  # before anything is written into a finished run's dir
     if cfg.threads:
         # Tiny models gain little from threads, and oversubscribed cores (DDP ranks, a busy

@@ -91,3 +91,20 @@ def test_ranks_started_by_torchrun_share_rank_zeros_locked_run_dir(tmp_path, mon
     finally:
         fit.release_run_dir()
         os.environ.pop(fit.RUN_DIR_ENV, None)
+
+
+def test_the_run_dir_actually_used_travels_in_the_config(tmp_path, monkeypatch):
+    """A finished run's directory gets a `_N` sibling; the config (config.yaml, the hparams, the judge
+    cache's default place) must name the sibling, not the finished run."""
+    cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.csv").write_text("eval_set,asr\n")
+
+    def stop(cfg, run_dir):
+        raise RuntimeError("stop after the run dir is chosen")
+
+    monkeypatch.setattr(fit, "resolve_checkpoint", stop)
+    with pytest.raises(RuntimeError, match="stop after"):
+        fit.run(cfg)
+    assert cfg.run_dir == str(tmp_path / "run_1")
+    assert fit.RUN_DIR_ENV not in os.environ
