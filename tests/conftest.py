@@ -41,3 +41,15 @@ def small_overrides(tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.getbasetemp() / "cache"
     run_dir = tmp_path_factory.mktemp("run")
     return SMALL + [f"paths.cache={cache}", f"run_dir={run_dir}"]
+
+
+@pytest.fixture(autouse=True)
+def no_run_dir_between_tests():
+    """`fit.prepare_run_dir` exports the chosen run dir for DDP children and locks it. Tests that call
+    it directly (or a monkeypatch.delenv of the variable it set, which teardown *restores*) must not
+    hand one test's run dir and lock to the next test."""
+    from lightning_modules import fit
+
+    yield
+    fit.release_run_dir()
+    os.environ.pop(fit.RUN_DIR_ENV, None)

@@ -3,6 +3,7 @@ rename, and cache keys that cover everything that shapes what is cached."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -58,7 +59,7 @@ def test_run_dir_lock_is_exclusive_and_released(tmp_path, monkeypatch):
     monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
     cfg = load_config(REPO / "configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
     run_dir = fit.prepare_run_dir(cfg)
-    monkeypatch.delenv(fit.RUN_DIR_ENV)  # as a second process would see it
+    os.environ.pop(fit.RUN_DIR_ENV)  # as a second process would see it (not monkeypatch: it would restore it)
     with pytest.raises(UserError, match=f"run_dir '{run_dir}' is in use by another run"):
         fit.prepare_run_dir(cfg)
     fit.release_run_dir(run_dir)
