@@ -31,7 +31,6 @@ from lightning_modules.loggers import log_samples
 from metrics.classify import Verdict, classify, sample_row
 from metrics.judges import get_judge, separates_irrelevant
 from metrics.outcomes import COUNTS, QueryOutcomes
-from metrics.refusal import is_refusal
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
 
@@ -64,10 +63,6 @@ class AlignmentModule(L.LightningModule):
         self.params = self.parse_params(cfg.method)
         self.optim_cfg = cfg.optim
         self.eval_cfg = cfg.eval
-        try:
-            is_refusal("", cfg.eval.refusal_preset)  # fail now on an unknown preset, not after training
-        except ValueError as err:
-            raise UserError(f"eval.refusal_preset: {err}") from err
         # eval.judge=vlm asks eval.vlm_judge in the eval steps (loaded at first use); rule-based code
         # paths (the forget-set harvest) then count every non-refusal, as keyword mode does.
         self.judge = get_judge("keyword" if cfg.eval.judge == "vlm" else cfg.eval.judge)
