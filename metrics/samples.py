@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from core.files import atomic_write
 from core.records import decode, parse_jsonl
 from datamodules.examples import Example
 
@@ -49,8 +50,5 @@ def append_samples(path: Path, rows: list[dict]) -> None:
 
 
 def write_samples(path: Path, rows: list[dict]) -> None:
-    """All rows, atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
+    """All rows, atomically: a reader never sees a half-written file (a full disk: one line)."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), what="samples")
