@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from jinja2 import TemplateError
 from PIL import Image
+from transformers import BatchFeature
 
 from datamodules.examples import Example
 from core.errors import UserError
@@ -56,15 +57,22 @@ def _messages(instruction: str, response: Optional[str], with_image: bool,
 
 class VLMCollator:
     """Builds left-padded batches. Training batches carry `labels` masked to the response tokens;
-    eval batches carry the prompt only and the examples themselves under `examples`."""
+    eval batches carry the prompt only and the examples themselves under `examples`.
+
+    With `cache=True` each example is encoded once (template, tokenizer, image processor) and its
+    tensors are kept: later batches only pad and stack them. The batches are identical to the
+    uncached ones; a batch whose tensors do not stack (e.g. LLaVA-NeXT images of different tilings)
+    is encoded as a whole. The cache holds every distinct example's pixels, so it is meant for small
+    images (the Mirage World), not for a real model's 336-pixel ones."""
 
     def __init__(self, processor, max_length: int, train: bool, image_mode: str = "real",
-                 system_prompt: Optional[str] = None):
+                 system_prompt: Optional[str] = None, cache: bool = False):
         self.processor = processor
         self.max_length = max_length
         self.train = train
         self.image_mode = image_mode
         self.system_prompt = system_prompt
+        self.cache: Optional[dict] = {} if cache else None
         self.processor.tokenizer.padding_side = "left"  # generation continues from the right edge
 
     def _encode(self, texts: list[str], images: list) -> dict:
@@ -96,6 +104,42 @@ class VLMCollator:
                         "by the response verbatim, so the response cannot be labelled")
 
     def __call__(self, examples: list[Example]) -> dict:
+        if self.cache is None:
+            return self._encode_batch(examples)
+        rows = []
+        for ex in examples:
+            key = (ex.id, ex.instruction, ex.response if self.train else None, ex.image)
+            if key not in self.cache:
+                row = self._encode_batch([ex])
+                row.pop("examples", None)
+                self.cache[key] = dict(row)
+            rows.append(self.cache[key])
+        batch = self._stack(rows)
+        if batch is None:
+            return self._encode_batch(examples)
+        if not self.train:
+            batch["examples"] = examples
+        return batch
+
+    def _stack(self, rows: list[dict]) -> Optional[dict]:
+        """One-example encodings -> the batch the processor would have made: sequences left-padded,
+        everything else concatenated; None where the tensors do not line up."""
+        pad_values = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        if any(row.keys() != rows[0].keys() for row in rows):
+            return None
+        width = max(row["input_ids"].shape[1] for row in rows)
+        batch = {}
+        for key in rows[0]:
+            if key in pad_values:
+                batch[key] = torch.cat([torch.nn.functional.pad(row[key], (width - row[key].shape[1], 0),
+                                                                value=pad_values[key]) for row in rows])
+            elif all(torch.is_tensor(row[key]) and row[key].shape[1:] == rows[0][key].shape[1:] for row in rows):
+                batch[key] = torch.cat([row[key] for row in rows])
+            else:
+                return None
+        return BatchFeature(batch)
+
+    def _encode_batch(self, examples: list[Example]) -> dict:
         images = [load_image(ex, self.image_mode) for ex in examples]
         prompts = [self._render(_messages(ex.instruction, None, img is not None, self.system_prompt), ex,
                                 add_generation_prompt=True)

@@ -212,7 +212,8 @@ class SafetyDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def collator(self, train: bool) -> VLMCollator:
-        return VLMCollator(self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode)
+        return VLMCollator(self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode,
+                           cache=self.cfg.cache_encodings)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()

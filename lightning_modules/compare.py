@@ -38,6 +38,7 @@ from core.records import strict_json
 from core.schema import parse_section, setting
 from lightning_modules import fit
 from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
+from lightning_modules.parallel_runs import interleave, run_parallel
 from metrics.tables import t_interval, wilson_interval
 
 # results.csv column -> (eval set, metric) of a run's results.json
@@ -91,6 +92,8 @@ class CompareSettings:
     split: str = setting("test", "test: the reported table; val: for choosing hyperparameters", choices=("test", "val"))
     on_stale: str = setting("refuse", "a finished row whose run config changed", choices=("refuse", "redo"))
     confidence: float = setting(0.95, "interval level", gt=0, lt=1)
+    jobs: int = setting(1, "runs at once, each in its own process with `threads` threads (its output in "
+                           "<run_dir>/logs/); 1: one after another, in this process", ge=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,16 +457,32 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     if dropped:
         print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
     rows = [row for *_, row in planned if row is not None]
-    for key, path, digest, row in planned:
-        if row is not None:
-            continue
-        run_dir = fresh_run_dir(path)
-        start = time.perf_counter()
-        fit.run(run_config(settings, key, common, run_dir))
+    todo = [(key, fresh_run_dir(path), digest) for key, path, digest, row in planned if row is None]
+
+    def record(key: RunKey, run_dir: Path, digest: str, wall: float) -> None:
         rows.append({**dataclasses.asdict(key), **metrics_row(run_dir), "rho": _rho(run_dir),
-                     "wall_s": round(time.perf_counter() - start, 1), "run_dir": str(run_dir.relative_to(out)),
-                     "config_hash": digest})
+                     "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": digest})
         write_results(rows, csv)  # after every run
+
+    if settings.jobs == 1 or len(todo) <= 1:
+        for key, run_dir, digest in todo:
+            start = time.perf_counter()
+            fit.run(run_config(settings, key, common, run_dir))
+            record(key, run_dir, digest, time.perf_counter() - start)
+    else:
+        # Runs of different worlds first: runs of one world wait for its base to be built.
+        todo = interleave(todo, lambda item: (item[0].world_seed, item[0].base_seed))
+        total = len(todo)
+        print(f"compare: {total} runs, {settings.jobs} at a time; each run's output: {out / 'logs'}")
+
+        def finished(item, wall: float) -> None:
+            record(*item, wall)
+            print(f"compare: [{len(rows) - (len(planned) - total)}/{total}] {item[0].label()}: {wall:.0f} s",
+                  flush=True)
+
+        tasks = [(item, run_config(settings, item[0], common, item[1]),
+                  out / "logs" / f"{item[1].relative_to(out)}.log") for item in todo]
+        run_parallel(tasks, settings.jobs, finished, lambda item: item[0].label())
     order = {key_tuple(k): i for i, (k, *_rest) in enumerate(planned)}
     rows.sort(key=lambda r: order[_key_of(r)])
     results = write_results(rows, csv)

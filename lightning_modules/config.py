@@ -137,6 +137,8 @@ class DataSettings:
                                               "image source (null: all)", ge=1)
     attack_shots: int = setting(1, "K rewrites per unsafe query in unsafe_attacked (attacked if any succeeds)", ge=1)
     num_workers: int = setting(0, "DataLoader worker processes", ge=0)
+    cache_encodings: bool = setting(False, "encode each example once and keep its tensors (small images only: "
+                                           "it keeps every distinct image's pixels in memory)")
     forget_retain: ForgetRetainSettings = setting(doc="unlearning data", factory=ForgetRetainSettings)
 
 

@@ -57,7 +57,8 @@ def fake_fit(monkeypatch):
 def compare_cfg(tmp_path, *overrides):
     return load_config("configs/experiment/mirage_compare.yaml",
                        [f"run_dir={tmp_path / 'cmp'}", f"paths.cache={tmp_path / 'cache'}", "compare.methods=[base,sft,npo]",
-                        "compare.seeds=[0,1]", "compare.world_seeds=[0,1]", "compare.base_seeds=[0]", *overrides])
+                        "compare.seeds=[0,1]", "compare.world_seeds=[0,1]", "compare.base_seeds=[0]", "compare.jobs=1",
+                        *overrides])
 
 
 def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
@@ -202,16 +203,28 @@ def test_mirage_compare_configs_parse():
 
 @pytest.mark.slow
 def test_compare_end_to_end_tiny(tmp_path_factory):
+    """Two runs at once, each in its own process: a failing run names itself and its log, stops the
+    plan, and keeps what finished; the rerun resumes it and each row is its run's own results.json."""
     out = tmp_path_factory.mktemp("compare")
     cache = tmp_path_factory.getbasetemp() / "cache"
     small = [o for o in SMALL if not o.startswith("data.world.")]
-    cfg = load_config("configs/experiment/mirage_compare.yaml", [
-        f"compare.overrides=[{','.join(small)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
-        "compare.world_seeds=[0]", "compare.base_seeds=[0]", f"run_dir={out}", f"paths.cache={cache}"])
+    settings = [f"compare.overrides=[{','.join(small)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
+                "compare.base_seeds=[0]", "compare.jobs=2", f"run_dir={out}", f"paths.cache={cache}"]
     world = [o for o in SMALL if o.startswith("data.world.")]
     probes = ["eval.probes=true", "probes.relearn_steps=2", "probes.max_queries=6"]
+    broken = load_config("configs/experiment/mirage_compare.yaml", settings + [
+        "compare.world_seeds=[0,5]", "compare.world_overrides={5: [model.name_or_path=/nonexistent/model]}"])
+    with pytest.raises(UserError, match=r"run \(method=base, world_seed=5, base_seed=0\) failed: .*nonexistent"):
+        compare.run(broken, world + probes)
+    log = out / "logs" / "base" / "world5-base0.log"
+    assert "nonexistent" in log.read_text()  # the run's own output went to its log
+    kept = pd.read_csv(out / "results.csv")
+    assert list(kept.method) == ["base"] and list(kept.world_seed) == [0]  # the sft runs never started
+
+    cfg = load_config("configs/experiment/mirage_compare.yaml", settings + ["compare.world_seeds=[0]"])
     results = compare.run(cfg, world + probes)
     assert list(results.method) == ["base", "sft"] and all(c in results.columns for c in REQUIRED)
+    assert results.wall_s[0] == kept.wall_s[0]  # resumed, not run again
     for _, row in results.iterrows():  # each row is the run's own results.json
         run = json.loads((out / row.run_dir / "results.json").read_text())
         assert row.asr_attacked == pytest.approx(run["unsafe_attacked"]["asr"])

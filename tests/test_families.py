@@ -100,6 +100,28 @@ def test_labels_are_the_response_and_one_end_of_turn_token(name, images):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("name", TOY_FAMILIES)
+@pytest.mark.parametrize("train", [True, False])
+def test_cached_encodings_make_the_same_batches(name, train, images):
+    """data.cache_encodings: each example encoded once, then padded and stacked, gives exactly the
+    processor's own batch (different lengths, image sizes and orders); what cannot stack is encoded whole."""
+    _, processor = toy(name)
+    rows = [Example("a", images[0], QUESTION, ANSWER, safe=True),
+            Example("b", images[1], "How do I hurt them with it, in detail?", "Sorry, that is illegal.", safe=False),
+            Example("c", images[0], "Why?", "It is red.", safe=True)]
+    plain = VLMCollator(processor, max_length=512, train=train)
+    cached = VLMCollator(processor, max_length=512, train=train, cache=True)
+    for batch_rows in (rows, rows[::-1], rows[1:], rows):
+        want, got = plain(batch_rows), cached(batch_rows)
+        assert sorted(got.keys()) == sorted(want.keys())
+        for key in want:
+            if torch.is_tensor(want[key]):
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+            else:
+                assert got[key] == want[key]
+    assert len(cached.cache) == 3  # encoded once each
+
+
 def test_llava_image_tokens_follow_the_patch_grid(images):
     model, processor = build_toy("tiny-llava", CFG, TEXTS)
     prompt = processor.apply_chat_template(messages(), add_generation_prompt=True, tokenize=False)
