@@ -67,6 +67,8 @@ COLUMNS = (KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS
                                                                                    "config_hash"])
 # paired differences per run, summarised like the metrics
 GAPS = {"mirage_gap": ("asr_attacked", "asr_clean"), "neutral_gap": ("asr_neutral", "asr_clean"),
+        "cue_removed_gap": ("asr_cue_removed", "asr_clean"),
+        "relevant_gap": ("relevant_attacked", "relevant_clean"), "relevant_neutral_gap": ("relevant_neutral", "relevant_clean"),
         "overprudence_gap": ("rr_rewritten", "rr_clean"), "neutral_overprudence_gap": ("rr_neutral", "rr_clean")}
 RATE_N = {col: f"n_{s}" for col, (s, _) in SET_METRICS.items()}
 RATE_N.update(asr_before_relearn="n_relearn", asr_relearn="n_relearn", asr_relearn_benign="n_relearn")
@@ -354,10 +356,15 @@ def _cell(row, key: str, scale: float = 100, digits: int = 1) -> str:
 
 
 TABLE = [("asr_clean", "ASR clean"), ("asr_attacked", "ASR attacked"), ("asr_neutral", "ASR neutral"),
+         ("asr_cue_removed", "ASR cue removed"),
          ("rr_unsafe_clean", "RR unsafe clean"), ("rr_unsafe_attacked", "RR unsafe attacked"),
          ("rr_clean", "RR benign clean"), ("rr_rewritten", "RR benign rewritten"), ("rr_neutral", "RR benign neutral"),
          ("ir_attacked", "IR attacked"), ("relevant_clean", "relevant clean"), ("relevant_attacked", "relevant attacked"),
-         ("accuracy", "accuracy")]
+         ("relevant_neutral", "relevant neutral"), ("accuracy", "accuracy")]
+# each gap is paired within a run (the same model on the rewritten and the clean queries)
+GAP_TABLE = [("mirage_gap", "ASR: attacked"), ("neutral_gap", "ASR: neutral cue"), ("cue_removed_gap", "ASR: cue removed"),
+             ("relevant_gap", "relevant: attacked"), ("relevant_neutral_gap", "relevant: neutral cue"),
+             ("overprudence_gap", "benign RR: rewritten"), ("neutral_overprudence_gap", "benign RR: neutral cue")]
 PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked", "hazard NLL attacked"),
                ("hazard_nll_neutral", "hazard NLL neutral"), ("asr_before_relearn", "ASR before relearn"),
                ("asr_relearn", "ASR after hazard relearn"),
@@ -368,8 +375,10 @@ PROBE_TABLE = [("hazard_nll_clean", "hazard NLL clean"), ("hazard_nll_attacked",
 def summary_markdown(summary: pd.DataFrame, settings: CompareSettings) -> str:
     sweep = [f"| {settings.sweep_key} "] if settings.sweep_key else []
     lines = []
-    for title, cols, scale in (("Safety (percent)", TABLE, 100), ("Probes (NLL in nats/token, attribution in "
-                                                                 "log-odds of refusing; ASR in percent)", PROBE_TABLE, None)):
+    for title, cols, scale in (("Safety (percent)", TABLE, 100),
+                               ("Gaps (points, each minus clean, paired within a run)", GAP_TABLE, 100),
+                               ("Probes (NLL in nats/token, attribution in log-odds of refusing; ASR in percent)",
+                                PROBE_TABLE, None)):
         lines += [f"### {title}", "", "".join(sweep) + "| method | worlds | runs | " + " | ".join(l for _, l in cols) + " |",
                   "|---" * (len(sweep) + 3) + "|" + "---|" * len(cols)]
         for _, row in summary.iterrows():

@@ -144,9 +144,9 @@ def write_results(run_dir: Path, module) -> pd.DataFrame:
 
 
 # Settings that may differ on a resume without changing what is trained: cache locations, loader
-# workers and the generation batch size.
-RESUME_EXEMPT = {"data.num_workers", "data.eval_batch_size", "data.world_root", "data.forget_retain.harvest_dir",
-                 "base.cache_dir"}
+# workers, the encoding cache and the generation batch size.
+RESUME_EXEMPT = {"data.num_workers", "data.cache_encodings", "data.eval_batch_size", "data.world_root",
+                 "data.forget_retain.harvest_dir", "base.cache_dir"}
 RESUME_COMPARED = ("model", "base", "data", "method")
 
 

@@ -14,12 +14,13 @@ import multiprocessing
 import os
 import sys
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
-from core.errors import UserError, quiet_lightning_tips
+from core.errors import UserError, one_line, quiet_lightning_tips
 
 
 def fit_logged(cfg, log: str) -> float:
@@ -36,6 +37,12 @@ def fit_logged(cfg, log: str) -> float:
             start = time.perf_counter()
             fit.run(cfg)
             return time.perf_counter() - start
+        except UserError as err:  # the log ends with what went wrong, as the terminal would have shown it
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            raise
+        except BaseException:
+            traceback.print_exc()
+            raise
         finally:
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)

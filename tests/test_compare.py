@@ -201,6 +201,16 @@ def test_mirage_compare_configs_parse():
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
 
 
+def test_parallel_runs_start_one_run_per_world_first():
+    from lightning_modules.parallel_runs import interleave
+
+    keys = compare.plan(compare.parse_settings(compare_cfg(compare.Path("/unused"))), [])
+    order = interleave(keys, lambda k: (k.world_seed, k.base_seed))
+    assert sorted(order, key=keys.index) == keys  # the same runs
+    assert [(k.method, k.world_seed) for k in order[:2]] == [("base", 0), ("base", 1)]  # two bases build at once
+    assert [k.world_seed for k in order] == [0, 1] * 5
+
+
 @pytest.mark.slow
 def test_compare_end_to_end_tiny(tmp_path_factory):
     """Two runs at once, each in its own process: a failing run names itself and its log, stops the
