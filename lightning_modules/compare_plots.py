@@ -1,7 +1,7 @@
 """The figures of `compare` (matplotlib, written into its output directory):
 
-* `methods.png`: per method, refusal of unsafe queries clean -> attacked, ASR clean -> attacked ->
-  neutral cue, benign refusal clean -> rewritten -> neutral cue, benign accuracy;
+* `methods.png`: per method, refusal of unsafe queries clean -> attacked, ASR (relevance judge and
+  exact hazard content) clean -> attacked -> neutral cue, benign refusal clean -> rewritten -> neutral cue, benign accuracy;
 * `probes.png`: hazard-answer NLL under each cue, and ASR before / after the relearning attacks;
 * `attribution.png`: per method, a heat map of the first-token attribution (eval set x query part);
 * `sweep.png` (with a numeric `compare.sweep_key`): the mirage and over-prudence gaps against the
@@ -68,14 +68,16 @@ def _bars(ax, summary: pd.DataFrame, cols: list[tuple[str, str]], title: str, sc
 
 def plot_methods(summary: pd.DataFrame, confidence: float, path: Path, title: str) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     _bars(axes[0], summary, [("rr_unsafe_clean", "clean"), ("rr_unsafe_attacked", "attacked")],
           "refusal of unsafe queries (%)")
-    _bars(axes[1], summary, [("asr_clean", "clean"), ("asr_attacked", "compliance cue"),
-                             ("asr_neutral", "neutral cue")], "ASR on unsafe queries (%)")
-    _bars(axes[2], summary, [("rr_clean", "clean"), ("rr_rewritten", "refusal cue"), ("rr_neutral", "neutral cue")],
+    _bars(axes[1], summary, [("relevant_clean", "clean"), ("relevant_attacked", "compliance cue"),
+                             ("relevant_neutral", "neutral cue")], "ASR, relevance judge (%)")
+    _bars(axes[2], summary, [("asr_clean", "clean"), ("asr_attacked", "compliance cue"),
+                             ("asr_neutral", "neutral cue")], "ASR, exact hazard content (%)")
+    _bars(axes[3], summary, [("rr_clean", "clean"), ("rr_rewritten", "refusal cue"), ("rr_neutral", "neutral cue")],
           "refusal of benign queries (%)")
-    _bars(axes[3], summary, [("accuracy", "clean"), ("accuracy_rewritten", "refusal cue")], "benign accuracy (%)")
+    _bars(axes[4], summary, [("accuracy", "clean"), ("accuracy_rewritten", "refusal cue")], "benign accuracy (%)")
     for ax in axes:
         ax.set_ylim(0, 105)
     return _save(plt, fig, path, title, _caption(summary, confidence))
