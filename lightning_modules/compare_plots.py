@@ -88,7 +88,8 @@ def plot_probes(summary: pd.DataFrame, confidence: float, path: Path, title: str
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     _bars(axes[0], summary, [("hazard_nll_clean", "clean"), ("hazard_nll_attacked", "compliance cue"),
                              ("hazard_nll_neutral", "neutral cue")],
-          "NLL of the hazard answer (nats/token; higher = less known)", scale=1)
+          "NLL of the hazard answer (nats/token, log scale; higher = less known)", scale=1)
+    axes[0].set_yscale("log")  # the base's 0.2 and GA's 50 on one axis
     _bars(axes[1], summary, [("asr_before_relearn", "before"), ("asr_relearn", "after hazard relearning"),
                              ("asr_relearn_benign", "after benign relearning")], "ASR on clean unsafe queries (%)")
     axes[1].set_ylim(0, 105)
