@@ -38,7 +38,7 @@ from core.records import strict_json
 from core.schema import parse_section, setting
 from lightning_modules import fit
 from lightning_modules.config import CONFIG_ROOT, config_cli, load_config, to_yaml
-from lightning_modules.parallel_runs import interleave, run_parallel
+from lightning_modules.parallel_runs import interleave, process_pool_available, run_parallel
 from metrics.tables import t_interval, wilson_interval
 
 # results.csv column -> (eval set, metric) of a run's results.json
@@ -473,7 +473,12 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
                      "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": digest})
         write_results(rows, csv)  # after every run
 
-    if settings.jobs == 1 or len(todo) <= 1:
+    jobs = settings.jobs
+    if jobs > 1 and len(todo) > 1 and (why := process_pool_available()):
+        print(f"compare: compare.jobs={jobs} needs worker processes, which cannot start here ({why}); "
+              "running the runs one after another")
+        jobs = 1
+    if jobs == 1 or len(todo) <= 1:
         for key, run_dir, digest in todo:
             start = time.perf_counter()
             fit.run(run_config(settings, key, common, run_dir))
@@ -482,7 +487,7 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         # Runs of different worlds first: runs of one world wait for its base to be built.
         todo = interleave(todo, lambda item: (item[0].world_seed, item[0].base_seed))
         total = len(todo)
-        print(f"compare: {total} runs, {settings.jobs} at a time; each run's output: {out / 'logs'}")
+        print(f"compare: {total} runs, {jobs} at a time; each run's output: {out / 'logs'}")
 
         def finished(item, wall: float) -> None:
             record(*item, wall)
@@ -491,7 +496,7 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
 
         tasks = [(item, run_config(settings, item[0], common, item[1]),
                   out / "logs" / f"{item[1].relative_to(out)}.log") for item in todo]
-        run_parallel(tasks, settings.jobs, finished, lambda item: item[0].label())
+        run_parallel(tasks, jobs, finished, lambda item: item[0].label())
     order = {key_tuple(k): i for i, (k, *_rest) in enumerate(planned)}
     rows.sort(key=lambda r: order[_key_of(r)])
     results = write_results(rows, csv)

@@ -49,6 +49,15 @@ def fit_logged(cfg, log: str) -> float:
             os.close(saved[0]), os.close(saved[1])
 
 
+def process_pool_available() -> str | None:
+    """None where worker processes can be started; else why not (e.g. no POSIX semaphores in a sandbox)."""
+    try:
+        multiprocessing.get_context("spawn").Lock()
+    except (OSError, ImportError, NotImplementedError) as err:
+        return str(err) or type(err).__name__
+    return None
+
+
 def interleave(items: Sequence[Any], group: Callable[[Any], Hashable]) -> list[Any]:
     """Round-robin over the groups, in order of first appearance: [a1, b1, c1, a2, b2, ...]."""
     groups: dict[Hashable, list] = {}

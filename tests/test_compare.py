@@ -201,6 +201,13 @@ def test_mirage_compare_configs_parse():
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
 
 
+def test_jobs_fall_back_to_one_process_where_workers_cannot_start(tmp_path, fake_fit, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "process_pool_available", lambda: "no POSIX semaphores")
+    results = compare.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[base,sft]", "compare.seeds=[0]"))
+    assert len(results) == 4 and len(fake_fit.configs) == 4  # all ran, in this process
+    assert "cannot start here (no POSIX semaphores); running the runs one after another" in capsys.readouterr().out
+
+
 def test_parallel_runs_start_one_run_per_world_first():
     from lightning_modules.parallel_runs import interleave
 
