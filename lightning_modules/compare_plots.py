@@ -4,8 +4,8 @@
   exact hazard content) clean -> attacked -> neutral cue, benign refusal clean -> rewritten -> neutral cue, benign accuracy;
 * `probes.png`: hazard-answer NLL under each cue, and ASR before / after the relearning attacks;
 * `attribution.png`: per method, a heat map of the first-token attribution (eval set x query part);
-* `sweep.png` (with a numeric `compare.sweep_key`): the mirage and over-prudence gaps against the
-  swept value, methods offset side by side.
+* `sweep.png` (with a numeric `compare.sweep_key`): the mirage gaps (relevance judge, exact hazard)
+  and the over-prudence gap against the swept value, methods offset side by side.
 
 Every caption states n (runs and worlds) and the interval kind.
 """
@@ -135,11 +135,12 @@ def plot_attribution(tables: dict[str, pd.DataFrame], path: Path, title: str) ->
 
 def plot_sweep(summary: pd.DataFrame, sweep_key: str, confidence: float, path: Path) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     values = sorted(float(v) for v in summary["sweep"].unique())
     step = min(np.diff(values)) if len(values) > 1 else 1.0
     methods = list(dict.fromkeys(summary["method"]))
-    for ax, (gap, label) in zip(axes, [("mirage_gap", "mirage gap: ASR attacked - clean (points)"),
+    for ax, (gap, label) in zip(axes, [("relevant_gap", "mirage gap, relevance judge: attacked - clean (points)"),
+                                       ("mirage_gap", "mirage gap, exact hazard: attacked - clean (points)"),
                                        ("overprudence_gap", "over-prudence gap: benign RR rewritten - clean (points)")]):
         for i, method in enumerate(methods):
             part = summary[summary["method"] == method].assign(x=lambda d: d["sweep"].astype(float)).sort_values("x")
