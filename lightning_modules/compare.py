@@ -67,8 +67,8 @@ COLUMNS = (KEY_COLUMNS + ["rho"] + list(SET_METRICS) + PROBE_COLUMNS + N_COLUMNS
                                                                                    "config_hash"])
 # paired differences per run, summarised like the metrics
 GAPS = {"mirage_gap": ("asr_attacked", "asr_clean"), "neutral_gap": ("asr_neutral", "asr_clean"),
-        "cue_removed_gap": ("asr_cue_removed", "asr_clean"),
-        "relevant_gap": ("relevant_attacked", "relevant_clean"), "relevant_neutral_gap": ("relevant_neutral", "relevant_clean"),
+        "cue_removed_gap": ("asr_cue_removed", "asr_clean"), "relevant_gap": ("relevant_attacked", "relevant_clean"),
+        "relevant_neutral_gap": ("relevant_neutral", "relevant_clean"),
         "overprudence_gap": ("rr_rewritten", "rr_clean"), "neutral_overprudence_gap": ("rr_neutral", "rr_clean")}
 RATE_N = {col: f"n_{s}" for col, (s, _) in SET_METRICS.items()}
 RATE_N.update(asr_before_relearn="n_relearn", asr_relearn="n_relearn", asr_relearn_benign="n_relearn")
@@ -459,16 +459,22 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
                                 f"(changed: {changed}); pass compare.on_stale=redo to run it again, or use a new run_dir")
             print(f"compare: redoing ({key.label()}): its run config changed ({changed})")
             row = None
-        planned.append((key, path, digest, row))
+        planned.append((key, path, digest, row, cfg_run))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     dropped = len(done.keys() - {key_tuple(k) for k in keys})
     if dropped:
         print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
-    rows = [row for *_, row in planned if row is not None]
-    todo = [(key, fresh_run_dir(path), digest) for key, path, digest, row in planned if row is None]
+    rows = [row for _, _, _, row, _ in planned if row is not None]
+    kept = len(rows)
+    todo = []  # (key, digest, run config) of each run still to do, in its own fresh directory
+    for key, path, digest, row, cfg_run in planned:
+        if row is None:
+            cfg_run.run_dir = str(fresh_run_dir(path))  # not hashed: the config as planned, moved
+            todo.append((key, digest, cfg_run))
 
-    def record(key: RunKey, run_dir: Path, digest: str, wall: float) -> None:
+    def record(key: RunKey, digest: str, cfg_run, wall: float) -> None:
+        run_dir = Path(cfg_run.run_dir)
         rows.append({**dataclasses.asdict(key), **metrics_row(run_dir), "rho": _rho(run_dir),
                      "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": digest})
         write_results(rows, csv)  # after every run
@@ -479,10 +485,10 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
               "running the runs one after another")
         jobs = 1
     if jobs == 1 or len(todo) <= 1:
-        for key, run_dir, digest in todo:
+        for key, digest, cfg_run in todo:
             start = time.perf_counter()
-            fit.run(run_config(settings, key, common, run_dir))
-            record(key, run_dir, digest, time.perf_counter() - start)
+            fit.run(cfg_run)  # sets cfg_run.run_dir to the directory it used
+            record(key, digest, cfg_run, time.perf_counter() - start)
     else:
         # Runs of different worlds first: runs of one world wait for its base to be built.
         todo = interleave(todo, lambda item: (item[0].world_seed, item[0].base_seed))
@@ -491,11 +497,9 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
 
         def finished(item, wall: float) -> None:
             record(*item, wall)
-            print(f"compare: [{len(rows) - (len(planned) - total)}/{total}] {item[0].label()}: {wall:.0f} s",
-                  flush=True)
+            print(f"compare: [{len(rows) - kept}/{total}] {item[0].label()}: {wall:.0f} s", flush=True)
 
-        tasks = [(item, run_config(settings, item[0], common, item[1]),
-                  out / "logs" / f"{item[1].relative_to(out)}.log") for item in todo]
+        tasks = [(item, item[2], out / "logs" / f"{Path(item[2].run_dir).relative_to(out)}.log") for item in todo]
         run_parallel(tasks, jobs, finished, lambda item: item[0].label())
     order = {key_tuple(k): i for i, (k, *_rest) in enumerate(planned)}
     rows.sort(key=lambda r: order[_key_of(r)])

@@ -1,7 +1,8 @@
 """The figures of `compare` (matplotlib, written into its output directory):
 
 * `methods.png`: per method, refusal of unsafe queries clean -> attacked, ASR (relevance judge and
-  exact hazard content) clean -> attacked -> neutral cue, benign refusal clean -> rewritten -> neutral cue, benign accuracy;
+  exact hazard content) clean -> attacked -> neutral cue, benign refusal clean -> rewritten ->
+  neutral cue, benign accuracy;
 * `probes.png`: hazard-answer NLL under each cue, and ASR before / after the relearning attacks;
 * `attribution.png`: per method, a heat map of the first-token attribution (eval set x query part);
 * `sweep.png` (with a numeric `compare.sweep_key`): the mirage gaps (relevance judge, exact hazard)
