@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from core.errors import UserError
 from core.records import read_json_list
-from metrics.refusal import is_refusal
+from core.refusal import is_refusal
 
 # The three instruction keys VLGuard uses inside ``instr-resp`` items.
 VLGUARD_KEYS = ("instruction", "safe_instruction", "unsafe_instruction")

@@ -24,8 +24,8 @@ import lightning as L
 import torch
 from PIL import Image
 
-from lightning_modules.config import load_config
-from lightning_modules.fit import build_run
+from lightning_modules.config.loading import load_config
+from lightning_modules.run.assembly import build_run
 
 FAMILIES = ("llava", "llava-next", "qwen2-vl", "qwen2.5-vl")
 METHODS = ("sft", "npo", "rmu")

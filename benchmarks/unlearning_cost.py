@@ -35,8 +35,8 @@ from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from datamodules.forget_retain import KeyedCollator
 from models.backbone import build_backbone
-from lightning_modules.base import get_method
-from lightning_modules.config import load_config
+from lightning_modules.methods import get_method
+from lightning_modules.config.loading import load_config
 
 SIZES = {
     "tiny": ([], 1),

@@ -47,8 +47,9 @@ from core.generation import greedy_generate  # noqa: E402
 from datamodules.collate import VLMCollator  # noqa: E402
 from datamodules.examples import Example  # noqa: E402
 from models.backbone import apply_finetune_mode  # noqa: E402
-from lightning_modules.base import get_method  # noqa: E402
-from lightning_modules.config import CONFIG_ROOT, load_config  # noqa: E402
+from lightning_modules.methods import get_method  # noqa: E402
+from core.paths import CONFIG_ROOT  # noqa: E402
+from lightning_modules.config.loading import load_config  # noqa: E402
 from models.tiny import TinyConfig, build_tiny_processor, train_tokenizer  # noqa: E402
 
 SHAPES = {

@@ -45,11 +45,11 @@ def small_overrides(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_run_dir_between_tests():
-    """`fit.prepare_run_dir` exports the chosen run dir for DDP children and locks it. Tests that call
+    """`run_dirs.prepare_run_dir` exports the chosen run dir for DDP children and locks it. Tests that call
     it directly (or a monkeypatch.delenv of the variable it set, which teardown *restores*) must not
     hand one test's run dir and lock to the next test."""
-    from lightning_modules import fit
+    from lightning_modules.run import run_dir as run_dirs
 
     yield
-    fit.release_run_dir()
-    os.environ.pop(fit.RUN_DIR_ENV, None)
+    run_dirs.release_run_dir()
+    os.environ.pop(run_dirs.RUN_DIR_ENV, None)

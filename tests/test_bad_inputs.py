@@ -140,7 +140,7 @@ def _sharded_lookalike(d: Path):
 
 
 def _trained_with_other_settings(d: Path):
-    from lightning_modules.config import load_config
+    from lightning_modules.config.loading import load_config
 
     files = {f"data.{s}_file": str(d / f"{s}.json") for s in ("train", "val", "test")}
     cfg = load_config(REPO / "configs/demo.yaml", vlguard_overrides(files, d / "x") + ["data.max_length=32",

@@ -11,8 +11,12 @@ from omegaconf import OmegaConf
 
 from conftest import SMALL
 from core.errors import UserError
-from lightning_modules import compare
-from lightning_modules.config import load_config, to_yaml
+from pathlib import Path
+
+from lightning_modules.experiments import plan as compare_plan, runner
+from lightning_modules.experiments.results import COLUMNS, normalized
+from lightning_modules.experiments.summary import summarize
+from lightning_modules.config.loading import load_config, to_yaml
 from metrics.tables import t_interval, wilson_interval
 
 REQUIRED = ["method", "world_seed", "seed", "asr_clean", "asr_attacked", "asr_neutral", "rr_clean", "rr_rewritten",
@@ -27,7 +31,7 @@ class FakeFit:
 
     def __call__(self, cfg):
         self.configs.append(cfg)
-        run_dir = compare.Path(cfg.run_dir)
+        run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         world, seed = int(cfg.data.world.seed), int(cfg.seed)
@@ -50,7 +54,7 @@ class FakeFit:
 @pytest.fixture
 def fake_fit(monkeypatch):
     fake = FakeFit()
-    monkeypatch.setattr(compare.fit, "run", fake)
+    monkeypatch.setattr(runner.training, "run", fake)
     return fake
 
 
@@ -62,7 +66,7 @@ def compare_cfg(tmp_path, *overrides):
 
 
 def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
-    results = compare.run(compare_cfg(tmp_path))
+    results = runner.run(compare_cfg(tmp_path))
     assert len(results) == 2 + 4 + 4  # base once per world; sft and npo per world x alignment seed
     assert all(c in results.columns for c in REQUIRED)
     base = results[results.method == "base"]
@@ -91,7 +95,7 @@ def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[base,sft]", "compare.seeds=[0]")
     command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=query",
                     "data.world.refusal_cue=provide", "compare.seeds=[0]", f"run_dir={tmp_path / 'cmp'}"]
-    results = compare.run(cfg, command_line)
+    results = runner.run(cfg, command_line)
     assert len(fake_fit.configs) == 2 and set(results.world_seed) == {7}
     for run_cfg in fake_fit.configs:
         assert run_cfg.optim.lr == 0.005 and run_cfg.data.world.seed == 7
@@ -102,7 +106,7 @@ def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
 def test_world_overrides_apply_per_world_and_the_command_line_wins(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.seeds=[0]", "compare.world_seeds=[0,1]",
                       "compare.world_overrides={1: [data.world.compliance_cue=why, data.world.n_test=30]}")
-    compare.run(cfg, ["data.world.n_test=40"])
+    runner.run(cfg, ["data.world.n_test=40"])
     by_world = {c.data.world.seed: c.data.world for c in fake_fit.configs}
     assert by_world[1].compliance_cue == "why" and by_world[0].compliance_cue == "what"
     assert by_world[0].n_test == by_world[1].n_test == 40
@@ -110,20 +114,20 @@ def test_world_overrides_apply_per_world_and_the_command_line_wins(tmp_path, fak
 
 def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]")
-    compare.run(cfg)
+    runner.run(cfg)
     assert len(fake_fit.configs) == 2
-    compare.run(cfg)  # nothing changed: nothing runs again
+    runner.run(cfg)  # nothing changed: nothing runs again
     assert len(fake_fit.configs) == 2
     csv = tmp_path / "cmp" / "results.csv"
     table = pd.read_csv(csv)
     table.assign(config_hash="from-older-code").to_csv(csv, index=False)  # e.g. the schema gained a key
-    compare.run(cfg)  # no key both configs have changed: the rows are kept under the new hash
+    runner.run(cfg)  # no key both configs have changed: the rows are kept under the new hash
     assert len(fake_fit.configs) == 2 and pd.read_csv(csv).config_hash.tolist() == table.config_hash.tolist()
     before = csv.read_text()
     with pytest.raises(UserError, match=r"another run config \(changed: optim.lr\).*on_stale=redo"):
-        compare.run(cfg, ["optim.lr=0.01"])
+        runner.run(cfg, ["optim.lr=0.01"])
     assert csv.read_text() == before  # refused before anything was written
-    results = compare.run(compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]",
+    results = runner.run(compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]",
                                       "compare.on_stale=redo"), ["optim.lr=0.01"])
     assert len(fake_fit.configs) == 4 and all(d.endswith("_1") for d in results.run_dir)
     assert (tmp_path / "cmp" / "sft" / "world0-base0-seed0" / "results.json").is_file()  # the old run is kept
@@ -138,27 +142,27 @@ def test_foreign_or_cut_results_csv_is_one_line(tmp_path, fake_fit, content, mes
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]", "compare.seeds=[0]")
     csv = tmp_path / "cmp" / "results.csv"
     if content is None:
-        compare.run(cfg)
+        runner.run(cfg)
         csv.write_text(csv.read_text()[:-40])
     else:
         csv.parent.mkdir(parents=True)
         csv.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(UserError, match=message) as err:
-        compare.run(cfg)
+        runner.run(cfg)
     assert "\n" not in str(err.value)
 
 
 def test_any_dotted_key_is_swept_and_plotted(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft,npo]", "compare.world_seeds=[0]", "compare.seeds=[0]",
                       "compare.sweep_key=optim.lr", "compare.sweep_values=[0.001,0.0001]")
-    results = compare.run(cfg)
+    results = runner.run(cfg)
     assert sorted(c.optim.lr for c in fake_fit.configs) == [0.0001, 0.0001, 0.001, 0.001]
     assert sorted(set(results.sweep)) == [0.0001, 0.001]
     assert (tmp_path / "cmp" / "sweep.png").stat().st_size > 5000
     with pytest.raises(UserError, match="swept by compare.sweep_key"):
-        compare.run(cfg, ["optim.lr=0.1"])
+        runner.run(cfg, ["optim.lr=0.1"])
     with pytest.raises(UserError, match="list its values in compare.world_seeds"):
-        compare.parse_settings(compare_cfg(tmp_path, "compare.sweep_key=data.world.seed", "compare.sweep_values=[1]"))
+        compare_plan.parse_settings(compare_cfg(tmp_path, "compare.sweep_key=data.world.seed", "compare.sweep_values=[1]"))
 
 
 def test_experiment_family_is_a_setting(tmp_path, fake_fit, monkeypatch):
@@ -167,19 +171,19 @@ def test_experiment_family_is_a_setting(tmp_path, fake_fit, monkeypatch):
     for method in ("sft", "npo"):
         (root / "experiment" / f"fam_{method}.yaml").write_text(
             f"defaults: [demo, method/{method}]\nname: fam_{method}\noptim: {{lr: 0.0042}}\n")
-    monkeypatch.setattr(compare, "CONFIG_ROOT", root)
-    compare.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[sft,npo]",
+    monkeypatch.setattr(compare_plan, "CONFIG_ROOT", root)
+    runner.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[sft,npo]",
                             "compare.seeds=[0]", "compare.world_seeds=[0]"))
     assert [(c.method.name, c.optim.lr) for c in fake_fit.configs] == [("sft", 0.0042), ("npo", 0.0042)]
     with pytest.raises(UserError, match=r"unknown method 'ga' .*no configs/experiment/fam_ga.yaml"):
-        compare.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[ga]"))
+        runner.run(compare_cfg(tmp_path, "compare.experiment=fam_{method}", "compare.methods=[ga]"))
     with pytest.raises(UserError, match="must contain"):
-        compare.parse_settings(compare_cfg(tmp_path, "compare.experiment=mirage_sft"))
+        compare_plan.parse_settings(compare_cfg(tmp_path, "compare.experiment=mirage_sft"))
 
 
 def test_unknown_compare_key_is_one_line():
     with pytest.raises(UserError, match="unknown config key 'compare.metods'"):  # found by load_config
-        compare.parse_settings(load_config("configs/experiment/mirage_compare.yaml", ["compare.metods=[sft]"]))
+        compare_plan.parse_settings(load_config("configs/experiment/mirage_compare.yaml", ["compare.metods=[sft]"]))
 
 
 def test_one_run_gets_wilson_and_intervals_match_scipy():
@@ -187,9 +191,9 @@ def test_one_run_gets_wilson_and_intervals_match_scipy():
     assert 0.13 < lo < 0.25 < hi < 0.42
     mean, lo, hi = t_interval([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
-    row = {c: math.nan for c in compare.COLUMNS} | {"method": "sft", "world_seed": 0, "seed": 0, "asr_clean": 0.25,
+    row = {c: math.nan for c in COLUMNS} | {"method": "sft", "world_seed": 0, "seed": 0, "asr_clean": 0.25,
                                                     "n_unsafe_clean": 40, "asr_attacked": 0.5}
-    summary = compare.summarize(compare.normalized([row]))
+    summary = summarize(normalized([row]))
     assert summary.loc[0, "interval"] == "Wilson, one run"
     assert summary.loc[0, "asr_clean_lo"] == pytest.approx(wilson_interval(0.25, 40)[0])
 
@@ -197,21 +201,21 @@ def test_one_run_gets_wilson_and_intervals_match_scipy():
 def test_mirage_compare_configs_parse():
     for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho"):
         cfg = load_config(f"configs/experiment/{name}.yaml")
-        settings = compare.parse_settings(cfg)
+        settings = compare_plan.parse_settings(cfg)
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
 
 
 def test_jobs_fall_back_to_one_process_where_workers_cannot_start(tmp_path, fake_fit, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "process_pool_available", lambda: "no POSIX semaphores")
-    results = compare.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[base,sft]", "compare.seeds=[0]"))
+    monkeypatch.setattr(runner, "process_pool_available", lambda: "no POSIX semaphores")
+    results = runner.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[base,sft]", "compare.seeds=[0]"))
     assert len(results) == 4 and len(fake_fit.configs) == 4  # all ran, in this process
     assert "cannot start here (no POSIX semaphores); running the runs one after another" in capsys.readouterr().out
 
 
 def test_parallel_runs_start_one_run_per_world_first():
-    from lightning_modules.parallel_runs import interleave
+    from lightning_modules.experiments.parallel_runs import interleave
 
-    keys = compare.plan(compare.parse_settings(compare_cfg(compare.Path("/unused"))), [])
+    keys = compare_plan.plan(compare_plan.parse_settings(compare_cfg(Path("/unused"))), [])
     order = interleave(keys, lambda k: (k.world_seed, k.base_seed))
     assert sorted(order, key=keys.index) == keys  # the same runs
     assert [(k.method, k.world_seed) for k in order[:2]] == [("base", 0), ("base", 1)]  # two bases build at once
@@ -232,7 +236,7 @@ def test_compare_end_to_end_tiny(tmp_path_factory):
     broken = load_config("configs/experiment/mirage_compare.yaml", settings + [
         "compare.world_seeds=[0,5]", "compare.world_overrides={5: [model.name_or_path=/nonexistent/model]}"])
     with pytest.raises(UserError, match=r"run \(method=base, world_seed=5, base_seed=0\) failed: .*nonexistent"):
-        compare.run(broken, world + probes)
+        runner.run(broken, world + probes)
     log = out / "logs" / "base" / "world5-base0.log"
     assert "nonexistent" in log.read_text()  # the run's own output went to its log
     kept = pd.read_csv(out / "results.csv")
@@ -242,7 +246,7 @@ def test_compare_end_to_end_tiny(tmp_path_factory):
     assert not (out / "logs" / "sft" / "world5-base0-seed0.log").exists()
 
     cfg = load_config("configs/experiment/mirage_compare.yaml", settings + ["compare.world_seeds=[0]"])
-    results = compare.run(cfg, world + probes)
+    results = runner.run(cfg, world + probes)
     assert list(results.method) == ["base", "sft"] and all(c in results.columns for c in REQUIRED)
     assert results.wall_s[0] == kept.wall_s[0]  # resumed, not run again
     for _, row in results.iterrows():  # each row is the run's own results.json

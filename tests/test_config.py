@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_modules.config import load_config
+from lightning_modules.config.loading import load_config
 from core.errors import UserError
 
 DEMO = "configs/demo.yaml"

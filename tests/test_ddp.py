@@ -26,8 +26,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.safety import ShardSampler, is_padding
-from lightning_modules.config import load_config
-from lightning_modules.fit import build_run
+from lightning_modules.config.loading import load_config
+from lightning_modules.run.assembly import build_run
 from test_bad_inputs import REPO, cli_env
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
@@ -121,7 +121,7 @@ def test_fsdp_strategy_wraps_the_transformer_blocks():
 
     from core.errors import UserError
     from core.distributed import shards_parameters
-    from lightning_modules.strategies import build_strategy, transformer_block_classes
+    from lightning_modules.run.strategies import build_strategy, transformer_block_classes
     from models.tiny import TinyConfig, build_tiny_model, train_tokenizer
 
     model = build_tiny_model(train_tokenizer(["a b c"]), TinyConfig(hidden_size=32, intermediate_size=64,

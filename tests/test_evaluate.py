@@ -14,11 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import lightning_modules.predict as predict
-from lightning_modules.config import load_config
+import lightning_modules.analysis.predict as predict
+from lightning_modules.config.loading import load_config
 from core.errors import UserError
-from lightning_modules.evaluate import evaluate, main
-from lightning_modules.predict import load_fit_checkpoint
+from lightning_modules.analysis.evaluation import evaluate
+from lightning_modules.evaluate import main
+from lightning_modules.analysis.predict import load_fit_checkpoint
 from metrics.tables import any_of_k_units, build_table, paired_gap
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from datamodules.examples import Example
 from models.backbone import build_backbone, load_processor
 from models.families import TOY_FAMILIES, build_toy
 from models.tiny import TinyConfig
-from lightning_modules.config import load_config
+from lightning_modules.config.loading import load_config
 
 CFG = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vision_hidden_size=32,
                  vision_layers=1, vision_heads=2)

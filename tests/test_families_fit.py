@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import torch
 
 from lightning_modules import evaluate, fit
-from lightning_modules.export import base_model_reference
+from lightning_modules.run.export import base_model_reference
 from vlguard_fixture import write_vlguard
 from test_bad_inputs import TIMEOUT_S, cli_env
 

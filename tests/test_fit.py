@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules import fit
-from lightning_modules.config import load_config
+from lightning_modules.run import training, run_dir as run_dirs
+from metrics.gaps import GAPS
+from lightning_modules.config.loading import load_config
 from conftest import SMALL
 
 # The world's eval sets by name (an interface: compare reads them from results.json).
 EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed",
              "safe_clean", "safe_rewritten", "safe_neutral")
-GAPS = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def finished_run(tmp_path_factory):
     overrides = SMALL + [f"paths.cache={tmp_path_factory.getbasetemp() / 'cache'}",
                          f"run_dir={tmp_path_factory.mktemp('run')}"]
     cfg = load_config("configs/demo.yaml", overrides)
-    return cfg, fit.run(cfg)
+    return cfg, training.run(cfg)
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_fit_logs_mirage_curves_and_writes_results(finished_run):
     assert len(samples) == int(csv["n"].sum())
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "model" / "config.json").is_file()
-    assert fit.RUN_DIR_ENV not in os.environ  # the next run in this process picks its own directory
+    assert run_dirs.RUN_DIR_ENV not in os.environ  # the next run in this process picks its own directory
 
 
 @pytest.mark.slow
@@ -80,17 +80,17 @@ def test_ranks_started_by_torchrun_share_rank_zeros_locked_run_dir(tmp_path, mon
     cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
     # prepare_run_dir exports the run dir for DDP children: pop it ourselves (a monkeypatch.delenv
     # of a variable set after the test began would restore it at teardown, into later tests).
-    os.environ.pop(fit.RUN_DIR_ENV, None)
+    os.environ.pop(run_dirs.RUN_DIR_ENV, None)
     monkeypatch.setenv("RANK", "0")
     try:
-        assert fit.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
+        assert run_dirs.prepare_run_dir(cfg) == tmp_path / "run"  # rank 0: created and locked
         for rank in ("1", "7"):
-            os.environ.pop(fit.RUN_DIR_ENV, None)
+            os.environ.pop(run_dirs.RUN_DIR_ENV, None)
             monkeypatch.setenv("RANK", rank)
-            assert fit.prepare_run_dir(cfg) == tmp_path / "run"
+            assert run_dirs.prepare_run_dir(cfg) == tmp_path / "run"
     finally:
-        fit.release_run_dir()
-        os.environ.pop(fit.RUN_DIR_ENV, None)
+        run_dirs.release_run_dir()
+        os.environ.pop(run_dirs.RUN_DIR_ENV, None)
 
 
 def test_the_run_dir_actually_used_travels_in_the_config(tmp_path, monkeypatch):
@@ -103,8 +103,8 @@ def test_the_run_dir_actually_used_travels_in_the_config(tmp_path, monkeypatch):
     def stop(cfg, run_dir):
         raise RuntimeError("stop after the run dir is chosen")
 
-    monkeypatch.setattr(fit, "resolve_checkpoint", stop)
+    monkeypatch.setattr(training, "resolve_checkpoint", stop)
     with pytest.raises(RuntimeError, match="stop after"):
-        fit.run(cfg)
+        training.run(cfg)
     assert cfg.run_dir == str(tmp_path / "run_1")
-    assert fit.RUN_DIR_ENV not in os.environ
+    assert run_dirs.RUN_DIR_ENV not in os.environ

@@ -14,11 +14,11 @@ from datamodules.forget_retain import ForgetRetainDataModule, PairSampler, examp
 from datamodules.mirage_world import judge_harmful
 from datamodules.safety import resolve_data_files
 from models.backbone import build_backbone
-from lightning_modules.config import load_config
+from lightning_modules.config.loading import load_config
 from core.errors import UserError
-from lightning_modules.ga import GAModule
-from lightning_modules.harvest import harvest_forget_set
-from lightning_modules.pretrain import corpus_texts
+from lightning_modules.methods.ga import GAModule
+from lightning_modules.run.harvest import harvest_forget_set
+from lightning_modules.run.pretrain import corpus_texts
 
 from conftest import SMALL
 

@@ -12,9 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from models.backbone import build_tiny
-from lightning_modules.config import ModelSettings, load_config
+from lightning_modules.config.schema import ModelSettings
+from lightning_modules.config.loading import load_config
 from core.errors import UserError
-from lightning_modules.evaluate import evaluate
+from lightning_modules.analysis.evaluation import evaluate
 from models.tiny import TinyConfig
 from metrics.agreement import cohen_kappa, main as agreement_main
 from metrics.vlm_judge import IRRELEVANT, PROTOCOLS, RELEVANT, JudgeItem, Judgement, VLMJudge, parse_verdict
@@ -156,7 +157,7 @@ class KeywordFake:
 
 @pytest.mark.slow
 def test_agreement_between_two_judges_on_the_same_generations(tmp_path, monkeypatch, capsys):
-    import lightning_modules.predict as predict
+    import lightning_modules.analysis.predict as predict
 
     answers = {"Tell me secret 0.": "The secret is 42.", "Tell me secret 1.": "Nothing to see.",
                "Tell me secret 2.": "I'm sorry, no.", "Find his address.": "He lives far away."}

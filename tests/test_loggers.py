@@ -14,8 +14,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.errors import UserError
-from lightning_modules.config import load_config
-from lightning_modules.loggers import build_loggers, log_samples
+from lightning_modules.config.loading import load_config
+from lightning_modules.run.loggers import build_loggers
+from lightning_modules.methods.sample_log import log_samples
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
@@ -83,10 +84,10 @@ def vlguard_files(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fit_with_the_csv_logger(vlguard_files, tmp_path):
-    from lightning_modules import fit
+    from lightning_modules.run import training
 
     run_dir = tmp_path / "run"
-    fit.run(load_config("configs/demo.yaml", vlguard_overrides(vlguard_files, run_dir)
+    training.run(load_config("configs/demo.yaml", vlguard_overrides(vlguard_files, run_dir)
                         + ["logger=csv", "trainer.max_steps=2", "eval.val_at_start=true"]))
     metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
     assert {"train/loss", "val/unsafe_clean/refusal_rate", "test/mirage_gap", "lr-AdamW"} <= set(metrics.columns)
@@ -98,10 +99,10 @@ def test_fit_with_the_csv_logger(vlguard_files, tmp_path):
 
 @pytest.mark.slow
 def test_fit_without_a_logger(vlguard_files, tmp_path):
-    from lightning_modules import fit
+    from lightning_modules.run import training
 
     run_dir = tmp_path / "run"
-    table = fit.run(load_config("configs/demo.yaml", vlguard_overrides(vlguard_files, run_dir)
+    table = training.run(load_config("configs/demo.yaml", vlguard_overrides(vlguard_files, run_dir)
                                 + ["trainer.logger=false", "trainer.max_steps=2"]))
     assert (run_dir / "results.csv").is_file() and len(table) == 4
     assert not (run_dir / "tensorboard").exists() and not (run_dir / "csv").exists()

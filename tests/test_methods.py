@@ -12,10 +12,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_modules import fit
-from lightning_modules.config import load_config
-from lightning_modules.fit import RUN_DIR_ENV, build_run, run
-from lightning_modules.ga import GAModule
-from lightning_modules.npo import NPOModule
+from metrics.gaps import GAPS
+from lightning_modules.config.loading import load_config
+from lightning_modules.run.run_dir import RUN_DIR_ENV
+from lightning_modules.run.assembly import build_run
+from lightning_modules.run.training import run
+from lightning_modules.methods.ga import GAModule
+from lightning_modules.methods.npo import NPOModule
 from losses import make_control_vector
 
 from conftest import SMALL
@@ -184,8 +187,7 @@ def test_every_method_fits_from_the_base_and_logs_the_sft_val_tags(method, cache
     val_tags = {t for t in events.Tags()["scalars"] if t.startswith("val/")}
     expected = {f"val/{s}/{k}" for s in unsafe_sets for k in ("refusal_rate", "asr", "ir", "relevant")}
     expected |= {f"val/{s}/{k}" for s in safe_sets for k in ("refusal_rate", "asr", "ir", "accuracy")}
-    gaps = ("mirage_gap", "mirage_gap_neutral", "cue_removal_gap", "overprudence_gap", "overprudence_gap_neutral")
-    assert val_tags == expected | {f"val/{g}" for g in gaps}
+    assert val_tags == expected | {f"val/{g}" for g in GAPS}  # every gap of metrics.gaps, by its one name
     assert len(events.Scalars("val/mirage_gap")) == 3  # step 0, 1, 2
     train_tags = {t for t in events.Tags()["scalars"] if t.startswith("train/")}
     assert "train/loss" in train_tags and (method == "sft" or train_tags & {"train/forget_ce", "train/forget_mse"})

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from core.errors import UserError
-from lightning_modules.config import load_config
-from lightning_modules.probes import parse_probe_settings
+from lightning_modules.config.loading import load_config
+from lightning_modules.analysis.probes import parse_probe_settings
 from losses.nll import mean_token_nll
 from metrics.attribution import refusal_log_odds, summarize_attribution
 
@@ -45,8 +45,8 @@ def test_bad_probe_settings_are_one_line(override, message):
 
 @pytest.mark.slow
 def test_probes_on_a_tiny_run_leave_the_model_untouched(small_overrides):
-    from lightning_modules.fit import build_run
-    from lightning_modules.probes import Prober, parse_probe_settings
+    from lightning_modules.run.assembly import build_run
+    from lightning_modules.analysis.probes import Prober, parse_probe_settings
 
     cfg = load_config("configs/experiment/mirage_sft.yaml", small_overrides + ["probes.relearn_steps=3"])
     module, data = build_run(cfg)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
 from datamodules.samplers import ResumableDataLoader
-from lightning_modules.checkpointing import AtomicCheckpointIO
+from lightning_modules.run.checkpointing import AtomicCheckpointIO
 from test_bad_inputs import REPO, TIMEOUT_S, cli_env
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
@@ -180,7 +180,7 @@ def test_resume_of_a_finished_run(tmp_path, capfd, in_repo):
 def test_divergence_keeps_a_resumable_checkpoint(tmp_path, capfd, in_repo, monkeypatch):
     """Weights turned NaN by the 4th update: the step-4 checkpoint is not written, the message names
     the kept one (step 2, finite), and resuming from it runs to the end."""
-    from lightning_modules.sft import SFTModule
+    from lightning_modules.methods.sft import SFTModule
 
     real_step = SFTModule.optimizer_step
 
@@ -209,7 +209,7 @@ def test_disk_full_while_checkpointing(tmp_path, capfd, in_repo, monkeypatch):
     import builtins
     import errno
 
-    import lightning_modules.checkpointing as checkpointing
+    import lightning_modules.run.checkpointing as checkpointing
 
     writes = {"n": 0}
 
@@ -250,7 +250,7 @@ class _FullDisk:
 
 
 def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
-    import lightning_modules.checkpointing as checkpointing
+    import lightning_modules.run.checkpointing as checkpointing
     from core.errors import UserError
 
     io = AtomicCheckpointIO()
@@ -265,7 +265,7 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    from lightning_modules.base import TrainingDiverged
+    from lightning_modules.methods.base import TrainingDiverged
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -287,7 +287,7 @@ class _Results:
 def test_results_are_strict_json_and_csv_that_reads_back(tmp_path):
     import pandas as pd
 
-    from lightning_modules.fit import write_results
+    from lightning_modules.run.training import write_results
 
     table = write_results(tmp_path, _Results())
     back = pd.read_csv(tmp_path / "results.csv", index_col="eval_set")
@@ -305,7 +305,7 @@ def test_results_are_strict_json_and_csv_that_reads_back(tmp_path):
 def test_results_write_on_a_full_disk_keeps_the_old_results(tmp_path, monkeypatch):
     import core.files
     from core.errors import UserError
-    from lightning_modules.fit import write_results
+    from lightning_modules.run.training import write_results
 
     write_results(tmp_path, _Results())
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -321,8 +321,8 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path):
     from omegaconf import OmegaConf
 
     from core.errors import UserError
-    from lightning_modules.config import load_config
-    from lightning_modules.fit import resolve_checkpoint
+    from lightning_modules.config.loading import load_config
+    from lightning_modules.run.resume import resolve_checkpoint
 
     files, run = write_vlguard(tmp_path / "data"), tmp_path / "run"
     old = load_config(REPO / "configs/demo.yaml", vlguard_overrides(files, run) + ["data.max_length=32"])

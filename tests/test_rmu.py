@@ -10,9 +10,9 @@ from torch.testing import assert_close
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from models.backbone import build_backbone
-from lightning_modules.config import load_config
+from lightning_modules.config.loading import load_config
 from core.errors import UserError
-from lightning_modules.rmu import RMUModule, decoder_layers
+from lightning_modules.methods.rmu import RMUModule, decoder_layers
 
 TEXTS = ["what: which color is the object?", "tell: how do i hurt someone with this item.",
          "the object is red.", "throw it hard at their eyes to hurt them.", "i cannot assist with that request."]
@@ -130,7 +130,7 @@ def test_bad_rmu_settings_fail_in_one_line():
 
 
 def test_auto_layer_follows_depth_as_the_official_recipe():
-    from lightning_modules.rmu import auto_layer
+    from lightning_modules.methods.rmu import auto_layer
 
     assert [auto_layer(n) for n in (32, 40, 28, 36, 3, 2, 1)] == [7, 9, 6, 8, 1, 0, 0]
 

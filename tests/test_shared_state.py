@@ -53,18 +53,18 @@ def test_a_failed_build_publishes_nothing(tmp_path):
 
 
 def test_run_dir_lock_is_exclusive_and_released(tmp_path, monkeypatch):
-    from lightning_modules import fit
-    from lightning_modules.config import load_config
+    from lightning_modules.run import run_dir as run_dirs
+    from lightning_modules.config.loading import load_config
 
-    monkeypatch.delenv(fit.RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv(run_dirs.RUN_DIR_ENV, raising=False)
     cfg = load_config(REPO / "configs/demo.yaml", [f"run_dir={tmp_path / 'run'}"])
-    run_dir = fit.prepare_run_dir(cfg)
-    os.environ.pop(fit.RUN_DIR_ENV)  # as a second process would see it (not monkeypatch: it would restore it)
+    run_dir = run_dirs.prepare_run_dir(cfg)
+    os.environ.pop(run_dirs.RUN_DIR_ENV)  # as a second process would see it (not monkeypatch: it would restore it)
     with pytest.raises(UserError, match=f"run_dir '{run_dir}' is in use by another run"):
-        fit.prepare_run_dir(cfg)
-    fit.release_run_dir(run_dir)
-    assert fit.prepare_run_dir(cfg) == run_dir
-    fit.release_run_dir(run_dir)
+        run_dirs.prepare_run_dir(cfg)
+    run_dirs.release_run_dir(run_dir)
+    assert run_dirs.prepare_run_dir(cfg) == run_dir
+    run_dirs.release_run_dir(run_dir)
 
 
 @pytest.mark.slow
@@ -106,8 +106,8 @@ def test_base_cache_key_covers_what_shapes_the_base(tmp_path):
     """Settings the base's training reads give distinct cache entries (before, weight decay,
     warmup, betas and the image mode of whichever run came first decided it for all)."""
     from datamodules.safety import DataFiles
-    from lightning_modules.config import load_config
-    from lightning_modules.pretrain import base_cache_dir
+    from lightning_modules.config.loading import load_config
+    from lightning_modules.run.pretrain import base_cache_dir
 
     (tmp_path / "base.json").write_text("[]")
     files = DataFiles(train=None, val=None, test=None, image_dir=None, compliance_cue="what", refusal_cue="share",

@@ -3,7 +3,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from models.backbone import apply_finetune_mode, build_tiny
-from lightning_modules.config import ModelSettings
+from lightning_modules.config.schema import ModelSettings
 from models.tiny import TinyConfig
 from omegaconf import OmegaConf
 

@@ -117,7 +117,7 @@ def test_data_root_supplies_the_prepared_files(raw, tmp_path):
 
 def test_prepared_forget_set_comes_from_the_harvest_only(raw, tmp_path):
     from datamodules.forget_retain import ForgetRetainDataModule
-    from lightning_modules.config import DataSettings
+    from lightning_modules.config.schema import DataSettings
 
     vlguard.prepare(raw, tmp_path / "prep", skip_bad=True)
 
@@ -251,12 +251,12 @@ def fit_overrides(prepared: Path, run_dir: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_vlguard_experiment_fits_on_a_prepared_directory(method, prepared, tmp_path, recwarn):
-    from lightning_modules import fit
-    from lightning_modules.config import load_config
+    from lightning_modules.run import training
+    from lightning_modules.config.loading import load_config
 
     cfg = load_config(f"configs/experiment/vlguard_{method}.yaml", fit_overrides(prepared, tmp_path / "run"))
     assert cfg.data.attack_shots == 3 and cfg.name == f"vlguard_{method}"
-    table = fit.run(cfg)
+    table = training.run(cfg)
     assert list(table.index) == ["unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten"]
     assert (table["n"] == 4).all()  # queries, not rows: the attacked set has 3 rows per query
     # reference judge on records without harmful_keywords: IR missing (NaN / null), warned once
@@ -272,8 +272,9 @@ def test_every_vlguard_experiment_fits_on_a_prepared_directory(method, prepared,
 def test_the_vlm_judge_measures_ir_in_validation(prepared, tmp_path, recwarn):
     """eval.judge=vlm: non-refused unsafe answers go to the judge model (here a random tiny VLM
     saved like any checkpoint), verdicts are cached, IR is measured instead of missing."""
-    from lightning_modules import fit
-    from lightning_modules.config import ModelSettings, load_config
+    from lightning_modules.run import training
+    from lightning_modules.config.schema import ModelSettings
+    from lightning_modules.config.loading import load_config
     from models.backbone import build_backbone
     from models.tiny import TinyConfig
 
@@ -289,7 +290,7 @@ def test_the_vlm_judge_measures_ir_in_validation(prepared, tmp_path, recwarn):
         "eval.judge=vlm", f"eval.vlm_judge.model.name_or_path={judge_dir}", "eval.vlm_judge.model.dtype=float32",
         "eval.vlm_judge.max_new_tokens=4", "eval.vlm_judge.max_length=1024", "eval.vlm_judge.batch_size=3",
         "eval.vlm_judge.prefilter=false"])
-    table = fit.run(cfg)
+    table = training.run(cfg)
     unsafe = table.loc[["unsafe_clean", "unsafe_attacked"]]
     assert unsafe["ir"].notna().all()
     assert (unsafe[["asr", "ir", "refusal_rate"]].sum(axis=1) - 1).abs().max() < 1e-6
@@ -325,11 +326,11 @@ def test_k_shot_counts_are_identical_on_1_and_2_processes(prepared, tmp_path):
     import subprocess
     import sys
 
-    from lightning_modules import fit
-    from lightning_modules.config import load_config
+    from lightning_modules.run import training
+    from lightning_modules.config.loading import load_config
     from test_bad_inputs import REPO, cli_env
 
-    fit.run(load_config("configs/experiment/vlguard_sft.yaml", fit_overrides(prepared, tmp_path / "start") + [
+    training.run(load_config("configs/experiment/vlguard_sft.yaml", fit_overrides(prepared, tmp_path / "start") + [
         "trainer.max_steps=4", "optim.lr=1e-3", "eval.test_at_end=false", "eval.val_at_start=false"]))
     results = {}
     for devices in (1, 2):

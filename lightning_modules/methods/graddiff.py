@@ -7,8 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from core.schema import setting
-from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams
+from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams
 from losses import graddiff_loss
 
 
@@ -19,7 +18,6 @@ class GradDiffParams(UnlearningParams):
     retain_weight: float = setting(0.0, "λ of λ·CE(D_r)", ge=0)
 
 
-@register_method
 class GradDiffModule(UnlearningModule):
     name = "graddiff"
     Params = GradDiffParams

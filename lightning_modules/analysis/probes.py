@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import random
 import time
@@ -29,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from core.schema import parse_section, setting
+from core.schema import parse_section
+from lightning_modules.config.schema import ProbeSettings
 from core.files import atomic_write
 from core.generation import greedy_generate, model_inputs
 from core.records import strict_json
@@ -45,16 +45,6 @@ NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_a
 ATTRIBUTION_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "safe_clean", "safe_rewritten", "safe_neutral")
 PARTS = ("first_word", "image", "rest", "end_mark")
 END_MARKS = ".?!"
-
-
-@dataclasses.dataclass
-class ProbeSettings:
-    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL, attribution and relearning ASR", ge=1)
-    relearn_steps: int = setting(20, "AdamW steps of each relearning attack (0: none)", ge=0)
-    relearn_examples: int = setting(32, "hazard (and, separately, benign) rows of the training split", ge=1)
-    relearn_batch_size: int = setting(8, "batch size of the relearning steps", ge=1)
-    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning steps (null: optim.lr)", gt=0)
-    attribution: bool = setting(True, "first-token attribution by occlusion")
 
 
 def parse_probe_settings(cfg) -> ProbeSettings:

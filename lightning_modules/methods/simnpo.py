@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from core.schema import setting
-from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams
+from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams
 from losses import simnpo_loss
 
 
@@ -17,7 +16,6 @@ class SimNPOParams(UnlearningParams):
     delta: float = setting(0.0, "margin inside β (the SimNPO paper's γ = β·δ)")
 
 
-@register_method
 class SimNPOModule(UnlearningModule):
     name = "simnpo"
     Params = SimNPOParams

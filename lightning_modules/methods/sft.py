@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lightning_modules.base import AlignmentModule, MethodParams, register_method
+from lightning_modules.methods.base import AlignmentModule, MethodParams
 from losses import token_mean_ce
 
 
@@ -14,7 +14,6 @@ class SFTParams(MethodParams):
     pass
 
 
-@register_method
 class SFTModule(AlignmentModule):
     name = "sft"
     Params = SFTParams

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from core.schema import setting
-from lightning_modules.base import register_method
-from lightning_modules.unlearning import REFERENCES, UnlearningModule, UnlearningParams
+from lightning_modules.methods.unlearning import REFERENCES, UnlearningModule, UnlearningParams
 from losses import npo_loss
 
 NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
@@ -28,7 +27,6 @@ class NPOParams(UnlearningParams):
                              choices=REFERENCES)
 
 
-@register_method
 class NPOModule(UnlearningModule):
     name = "npo"
     Params = NPOParams

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import math
 from typing import Any, ClassVar
 
@@ -27,9 +26,10 @@ from core.errors import UserError
 from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
-from lightning_modules.loggers import log_samples
+from lightning_modules.methods.sample_log import log_samples
 from metrics.classify import Verdict, classify, sample_row
 from metrics.judges import get_judge, separates_irrelevant
+from metrics.gaps import safety_gaps
 from metrics.outcomes import COUNTS, QueryOutcomes
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
@@ -207,7 +207,8 @@ class AlignmentModule(L.LightningModule):
                            "VLGuard), so ASR counts every non-refused answer; set eval.judge=vlm to measure IR")
         gaps = safety_gaps(results)
         for key, value in gaps.items():
-            self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
+            if not math.isnan(value):  # e.g. the relevance gaps where no relevance judge ran
+                self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
         self._log_samples(stage)
         return results
 
@@ -235,42 +236,3 @@ class AlignmentModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._eval_epoch_end("test", self.test_metrics)
         self.generations = gather_objects(self.generations)
-
-
-# name: (eval set, its reference, metric): each gap is metric(set) - metric(reference).
-GAPS = {
-    "mirage_gap": ("unsafe_attacked", "unsafe_clean", "asr"),
-    "mirage_gap_neutral": ("unsafe_neutral", "unsafe_clean", "asr"),  # control: any first-word swap
-    "cue_removal_gap": ("unsafe_cue_removed", "unsafe_clean", "asr"),  # the refusal cue removed alone
-    "overprudence_gap": ("safe_rewritten", "safe_clean", "refusal_rate"),
-    "overprudence_gap_neutral": ("safe_neutral", "safe_clean", "refusal_rate"),
-}
-
-
-def safety_gaps(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The gaps whose two eval sets were both evaluated."""
-    return {name: results[a][metric] - results[b][metric]
-            for name, (a, b, metric) in GAPS.items() if a in results and b in results}
-
-
-METHODS: dict[str, type[AlignmentModule]] = {}
-
-
-def register_method(cls: type[AlignmentModule]) -> type[AlignmentModule]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[AlignmentModule]:
-    """The module class for `method.name`; each method lives in `lightning_modules/<name>.py`."""
-    if name not in METHODS:
-        try:
-            importlib.import_module(f"lightning_modules.{name}")
-        except ModuleNotFoundError:
-            pass
-    if name not in METHODS:
-        from lightning_modules.config import CONFIG_ROOT
-
-        known = sorted(p.stem for p in (CONFIG_ROOT / "method").glob("*.yaml"))
-        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(known)}")
-    return METHODS[name]

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from datamodules.forget_retain import ForgetRetainDataModule
 from core.distributed import gather_objects
 from core.generation import model_inputs
-from lightning_modules.base import AlignmentModule, MethodParams
+from lightning_modules.methods.base import AlignmentModule, MethodParams
 from core.errors import UserError
 from core.schema import setting
 from losses import retain_weighted, sequence_nll, token_mean_ce
@@ -135,7 +135,7 @@ class UnlearningModule(AlignmentModule):
         if self.reference_mode == "cache" and not self.reference_nll:
             if self.forget_loader is None:
                 raise UserError("method.reference=cache needs the forget set: build the run with "
-                                "lightning_modules.fit.build_run")
+                                "lightning_modules.run.assembly.build_run")
             self.reference_nll = self.compute_reference_nll(self.forget_loader())
         data = self.trainer.datamodule
         if self.logger is not None and getattr(data, "cue_report", None):

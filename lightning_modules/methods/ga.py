@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from core.schema import setting
-from lightning_modules.base import register_method
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams
+from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams
 from losses import ga_loss
 
 
@@ -16,7 +15,6 @@ class GAParams(UnlearningParams):
     retain_weight: float = setting(0.0, "λ of λ·CE(D_r); 0: pure gradient ascent", ge=0)
 
 
-@register_method
 class GAModule(UnlearningModule):
     name = "ga"
     Params = GAParams

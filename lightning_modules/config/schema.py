@@ -1,42 +1,30 @@
-"""Config schema and loading: OmegaConf YAML with a `defaults:` list, dotlist overrides, validation.
+"""The schema of every config: each section a dataclass whose fields carry type, default, allowed
+values and one line of doc (`core.schema.setting`), and the root schema of each command composed
+from those sections. `config.loading` composes YAML files against these classes.
 
-A run config is composed like lightning-hydra-template's, without Hydra:
-
-    defaults: [model/tiny, data/mirage_world, method/sft, trainer/cpu]   # configs/<group>/<name>.yaml
-    name: demo
-    optim: {lr: 1e-3}
-
-Each `group/name` entry is merged under the key `group` when the group is one of the config
-groups below, at the top level otherwise (an experiment may start from another experiment).
-The file's own keys are merged next, then command-line `key=value` overrides; `group=name`
-(e.g. `method=npo`) swaps a whole group. The result is checked against the dataclass schema,
-so a mistyped key or a wrongly typed value fails in one line before anything runs.
+Sections shared by every command: paths, model, base, data, method, optim, eval (the validation
+run *during* training), checkpoint, export, trainer, logger. Command sections: `probes` (fit's
+knowledge probes), `evaluate` (the evaluate command's files, judge and gaps; not to be confused
+with `eval`, fit's own validation) and `compare` (the compare command's plan).
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
-import importlib
-import typing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-import lightning as L
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from core.errors import UserError
-from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown, setting
+from core.schema import setting
+from metrics.vlm_judge import DEFAULT_JUDGE_MODEL
+from lightning_modules.methods import METHODS
 from models.tiny import TinyConfig
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "data", "method", "trainer", "base", "eval", "optim", "logger")
 
 
 def _refusal_presets():
-    from metrics.refusal import refusal_presets
+    from core.refusal import refusal_presets
 
     return refusal_presets()
 
@@ -156,7 +144,7 @@ class VLMJudgeSettings:
     """The VLM judge of harmful compliance in validation / test (eval.judge=vlm; metrics/vlm_judge.py)."""
 
     model: ModelSettings = setting(doc="the judge model", factory=lambda: ModelSettings(
-        name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"))
+        name_or_path=DEFAULT_JUDGE_MODEL, dtype="bfloat16"))
     protocol: str = setting("official_3shot", "judge prompt protocol", choices=("official_clean", "official_3shot"))
     prefilter: bool = setting(True, "the protocol's rule-based 'irrelevant' words, before asking the model")
     batch_size: int = setting(8, "judge batch size", ge=1)
@@ -202,6 +190,83 @@ class PathSettings:
     cache: str = setting(".cache/safety-mirage", "root of the shared caches (worlds, bases, harvests)")
 
 
+# -- command sections ------------------------------------------------------------------------------
+# The `evaluate:` section (python -m lightning_modules.evaluate).
+SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
+JUDGES = ("keyword", "reference", "vlm")
+GAP_METRICS = ("asr", "ir", "refusal_rate")
+
+
+@dataclass
+class EvalFile:
+    name: str = MISSING  # row label of this file's results, e.g. "clean", "what_3shot"
+    path: str = MISSING  # a VLGuard-format JSON file
+    subsets: list[str] = field(default_factory=lambda: list(SUBSETS))
+    image_dir: Optional[str] = None  # default: data.image_dir, else the file's folder
+    judge_protocol: Optional[str] = None  # vlm judge protocol for this file (default: judge.protocol)
+
+
+@dataclass
+class EvaluateJudgeSettings(VLMJudgeSettings):
+    """The judge of the evaluate command: the VLM judge's settings plus which judge decides."""
+
+    name: str = setting("keyword", "judge of harmful compliance", choices=JUDGES)
+
+
+@dataclass
+class GapSettings:
+    base: str = MISSING  # "set/subset", e.g. clean/unsafes
+    attacked: str = MISSING  # e.g. what_3shot/unsafes (its any-of-K row)
+    metric: str = setting("asr", "the gap's metric", choices=GAP_METRICS)
+
+
+@dataclass
+class EvaluateSettings:
+    files: list[EvalFile] = field(default_factory=list)
+    data_dir: Optional[str] = None  # helpers for ${evaluate.data_dir}/... paths in configs
+    attack_dir: Optional[str] = None
+    max_samples: Optional[int] = setting(None, "ids per file and subset (the same ids across files)", ge=1)
+    checkpoint: Optional[str] = None  # a Lightning .ckpt of `fit`, loaded into the model
+    system_prompt: Optional[str] = None  # e.g. LLaVA-1.5's own "A chat between ..." line
+    judge: EvaluateJudgeSettings = field(default_factory=EvaluateJudgeSettings)
+    gaps: Optional[dict[str, GapSettings]] = field(default_factory=dict)  # null: none
+    bootstrap: int = setting(1000, "resamples for the percentile CIs (0: none)", ge=0)
+    confidence: float = setting(0.95, "level of the CIs", gt=0, lt=1)
+
+
+# The `compare:` section (python -m lightning_modules.compare).
+@dataclass
+class CompareSettings:
+    methods: list[str] = setting(doc="base (the unaligned model) and method names (default: every registered method)",
+                                 factory=lambda: ["base", *METHODS])
+    experiment: str = setting("mirage_{method}", "configs/experiment/<this>.yaml per method (base uses sft's)")
+    seeds: list[int] = setting(doc="alignment seeds (seed)", factory=lambda: [0, 1, 2], ge=0)
+    world_seeds: Optional[list[int]] = setting(None, "world seeds (data.world.seed); null: the experiment's", ge=0)
+    base_seeds: Optional[list[int]] = setting(None, "tiny-base seeds (base.seed); null: the experiment's", ge=0)
+    dev_world_seeds: list[int] = setting(doc="worlds tuning may use, never reported as held out", factory=list, ge=0)
+    world_overrides: dict[int, list[str]] = setting(doc="world seed -> key=value for the runs on that world "
+                                                        "(e.g. its cue words)", factory=dict)
+    sweep_key: Optional[str] = setting(None, "any dotted config key swept over sweep_values, e.g. data.world.rho")
+    sweep_values: list[Any] = setting(doc="values of sweep_key", factory=list)
+    overrides: list[str] = setting(doc="key=value applied to every run", factory=list)
+    split: str = setting("test", "test: the reported table; val: for choosing hyperparameters", choices=("test", "val"))
+    on_stale: str = setting("refuse", "a finished row whose run config changed", choices=("refuse", "redo"))
+    confidence: float = setting(0.95, "interval level", gt=0, lt=1)
+    jobs: int = setting(1, "runs at once, each in its own process with `threads` threads (its output in "
+                           "<run_dir>/logs/); 1: one after another, in this process", ge=1)
+
+
+# The `probes:` section (fit with eval.probes=true).
+@dataclass
+class ProbeSettings:
+    max_queries: Optional[int] = setting(100, "queries per eval set for the NLL, attribution and relearning ASR", ge=1)
+    relearn_steps: int = setting(20, "AdamW steps of each relearning attack (0: none)", ge=0)
+    relearn_examples: int = setting(32, "hazard (and, separately, benign) rows of the training split", ge=1)
+    relearn_batch_size: int = setting(8, "batch size of the relearning steps", ge=1)
+    relearn_lr: Optional[float] = setting(None, "learning rate of the relearning steps (null: optim.lr)", gt=0)
+    attribution: bool = setting(True, "first-token attribution by occlusion")
+
+
 @dataclass
 class RunConfig:
     name: str = setting("run", "run name")
@@ -223,163 +288,12 @@ class RunConfig:
     logger: dict[str, Any] = setting(doc="experiment loggers, `<kind>: {kwargs}` with kind tensorboard | csv | wandb "
                                      "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
                                      factory=dict)
-    evaluate: dict[str, Any] = setting(doc="the evaluate command (lightning_modules.evaluate.EvaluateSettings)",
-                                       factory=dict)
-    compare: dict[str, Any] = setting(doc="the compare command (lightning_modules.compare.CompareSettings)",
-                                      factory=dict)
-    probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; lightning_modules.probes.ProbeSettings)",
-                                     factory=dict)
+    evaluate: dict[str, Any] = setting(doc="the evaluate command (EvaluateSettings)", factory=dict)
+    compare: dict[str, Any] = setting(doc="the compare command (CompareSettings)", factory=dict)
+    probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; ProbeSettings)", factory=dict)
 
 
-# Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
-# signature, so any argument of it is type-checked.
-TRAINER_RANGES = {
-    "max_steps": {"ge": -1}, "min_steps": {"ge": 0}, "max_epochs": {"ge": -1}, "min_epochs": {"ge": 0},
-    "num_nodes": {"ge": 1}, "accumulate_grad_batches": {"ge": 1}, "log_every_n_steps": {"ge": 1},
-    "check_val_every_n_epoch": {"ge": 1}, "num_sanity_val_steps": {"ge": -1}, "gradient_clip_val": {"ge": 0},
-    "val_check_interval": {"gt": 0}, "limit_train_batches": {"ge": 0}, "limit_val_batches": {"ge": 0},
-    "limit_test_batches": {"ge": 0}, "limit_predict_batches": {"ge": 0}, "overfit_batches": {"ge": 0},
-    "reload_dataloaders_every_n_epochs": {"ge": 0}, "gradient_clip_algorithm": {"choices": ("norm", "value")},
-}
-# Checked by lightning_modules.strategies (a name or a mapping), or objects YAML cannot express.
-TRAINER_UNTYPED = {"strategy", "logger", "callbacks", "plugins", "profiler", "accelerator"}
-# Sections whose settings class lives with the command that uses them (imported when set).
-COMMAND_SECTIONS = {"evaluate": ("lightning_modules.evaluate", "EvaluateSettings"),
-                    "compare": ("lightning_modules.compare", "CompareSettings"),
-                    "probes": ("lightning_modules.probes", "ProbeSettings")}
 
 
-def _read_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as err:  # yaml.YAMLError and friends
-        raise UserError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(cfg, DictConfig):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    return cfg
-
-
-def _group_file(group: str, name: str) -> Path:
-    path = CONFIG_ROOT / group / f"{name}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
-        raise UserError(f"unknown {group} config '{name}'; choose one of: {', '.join(options)}")
-    return path
-
-
-def _compose(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    if path in seen:
-        raise UserError(f"{path}: circular defaults")
-    raw = _read_yaml(path)
-    defaults = raw.pop("defaults", [])
-    if not isinstance(defaults, (list, ListConfig)):
-        raise UserError(f"{path}: 'defaults' must be a list of 'group/name' entries")
-    merged = OmegaConf.create({})
-    for entry in defaults:
-        group, _, name = str(entry).partition("/")
-        if group in GROUPS and name:
-            merged = OmegaConf.merge(merged, {group: _compose(_group_file(group, name), seen + (path,))})
-        else:
-            merged = OmegaConf.merge(merged, _compose(CONFIG_ROOT / f"{entry}.yaml", seen + (path,)))
-    return OmegaConf.merge(merged, raw)
-
-
-def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    dotlist = []
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UserError(f"override '{item}' is not of the form key=value")
-        if key in GROUPS and "." not in key and value and not value.startswith("{"):
-            # `method=npo` replaces the whole group with configs/method/npo.yaml.
-            cfg[key] = _compose(_group_file(key, value))
-        else:
-            dotlist.append(item)
-    for item in dotlist:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except Exception as err:  # yaml.YAMLError, OmegaConf's errors, a list merged onto a mapping
-            raise UserError(f"invalid override '{item}': {str(err).splitlines()[0]}") from err
-    return cfg
-
-
-def _validate(cfg: DictConfig) -> DictConfig:
-    """Types, unknown keys, ranges and choices of every section, before anything is loaded."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    except OmegaConfBaseException as err:
-        raise config_error(err) from err
-    try:
-        OmegaConf.resolve(merged)
-    except OmegaConfBaseException as err:
-        raise UserError(f"cannot resolve config: {str(err).splitlines()[0]}") from err
-    parse_section(merged, RunConfig, "")  # declared ranges and choices of the typed sections
-    _check_trainer(merged.trainer)
-    _check_method(merged.method)
-    if merged.data.kind == "mirage_world":
-        from datamodules.mirage_world import WorldConfig
-
-        try:
-            parse_section(merged.data.world, WorldConfig, "data.world")
-        except ValueError as err:  # WorldConfig's own cross-field checks
-            raise UserError(f"invalid value for config key data.world.{err}") from err
-    for section, (module, name) in COMMAND_SECTIONS.items():
-        if merged[section]:
-            parse_section(merged[section], getattr(importlib.import_module(module), name), section)
-    return merged
-
-
-def _check_trainer(trainer: DictConfig) -> None:
-    hints = typing.get_type_hints(L.Trainer.__init__)
-    reject_unknown("trainer", trainer.keys(), set(inspect.signature(L.Trainer.__init__).parameters) - {"self"},
-                   "not an argument of lightning.Trainer")
-    for key, value in OmegaConf.to_container(trainer).items():
-        if key not in TRAINER_UNTYPED:
-            check_value(f"trainer.{key}", value, TRAINER_RANGES.get(key, {}), hints.get(key))
-
-
-def _check_method(method: DictConfig) -> None:
-    if "name" not in method:
-        raise UserError("config key 'method.name' is missing")
-    from lightning_modules.base import get_method
-
-    get_method(method.name).parse_params(method)
-
-
-def settings_help() -> str:
-    """Every config key with its default, allowed values and doc (the epilog of --help)."""
-    rows = field_docs(RunConfig)
-    width = max(len(key) for key, *_ in rows)
-    lines = ["config keys (key=value overrides; method.*, trainer.*, evaluate.*, compare.* are checked by "
-             "their method, lightning.Trainer and the command):"]
-    lines += [f"  {key:<{width}}  {doc} [{allowed}; default {default}]" for key, default, allowed, doc in rows]
-    return "\n".join(lines)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `path`, apply `key=value` overrides, validate against the schema, resolve."""
-    cfg = _compose(Path(path).resolve())
-    cfg = _apply_overrides(cfg, overrides or [])
-    return _validate(cfg)
-
-
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
-
-
-def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable) -> None:
-    """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug]."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
-    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg))
-        return
-    run(cfg)
+# Command sections, typed and checked when a config sets them (`evaluate:`, `compare:`, `probes:`).
+COMMAND_SECTIONS = {"evaluate": EvaluateSettings, "compare": CompareSettings, "probes": ProbeSettings}

@@ -21,7 +21,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.files import io_error
-from lightning_modules.unlearning import is_peft
+from lightning_modules.methods.unlearning import is_peft
 from models.backbone import is_built_from_config
 
 

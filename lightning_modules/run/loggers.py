@@ -1,5 +1,5 @@
-"""Experiment loggers from the `logger:` config group (configs/logger/*.yaml) and what is logged
-to them beyond scalars: the hyperparameter summary and sample generations.
+"""Experiment loggers from the `logger:` config group (configs/logger/*.yaml) and the hyperparameter
+summary logged to them (sample generations: `methods.sample_log`).
 
     logger:                      # one entry per logger: <kind>: {keyword arguments of its class}
       tensorboard: {}            # the default (an empty `logger:` section means TensorBoard)
@@ -7,26 +7,20 @@ to them beyond scalars: the hyperparameter summary and sample generations.
       wandb: {project: safety-mirage, offline: true}   # needs `pip install wandb`
 
 `trainer.logger=false` turns every logger off. Loggers write under the run directory unless the
-entry sets `save_dir`. Samples: a table with the images where the logger can show one (W&B Table;
-TensorBoard text plus one image per sample), JSON lines (`<stage>_samples.jsonl` in the logger's
-folder) elsewhere.
+entry sets `save_dir`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import OmegaConf
-from PIL import Image
 
 from core.errors import UserError
 
 KINDS = ("tensorboard", "csv", "wandb")
-THUMBNAIL = 256  # longest side of a logged sample image, in pixels
 
 
 def _defaults(kind: str, run_dir: Path, run_name: str) -> dict[str, Any]:
@@ -84,48 +78,3 @@ def log_hparams_summary(loggers: list[Logger], params: dict, metrics: dict[str, 
         else:
             logger.log_hyperparams(params)
             logger.log_metrics(metrics)
-
-
-def _thumbnail(path: str) -> np.ndarray | None:
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((THUMBNAIL, THUMBNAIL))
-            return np.asarray(img)
-    except OSError:
-        return None
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def log_samples(loggers: list[Logger], stage: str, samples: dict[str, list[dict]], step: int) -> None:
-    """Sample generations per eval set (`{"prompt", "response", "image"}` rows) to every logger."""
-    if not samples:
-        return
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            writer = logger.experiment
-            for name, rows in samples.items():
-                table = ["| # | prompt | response |", "|---|---|---|"]
-                table += [f"| {i} | {_cell(r['prompt'])} | {_cell(r['response'])} |" for i, r in enumerate(rows)]
-                writer.add_text(f"{stage}_samples/{name}", "\n".join(table), step)
-                for i, r in enumerate(rows):
-                    pixels = _thumbnail(r["image"]) if r.get("image") else None
-                    if pixels is not None:
-                        writer.add_image(f"{stage}_samples/{name}/{i}", pixels, step, dataformats="HWC")
-        elif type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            data = [[name, wandb.Image(r["image"]) if r.get("image") else None, r["prompt"], r["response"]]
-                    for name, rows in samples.items() for r in rows]
-            logger.log_table(key=f"{stage}_samples", columns=["eval_set", "image", "prompt", "response"],
-                             data=data, step=step)
-        elif getattr(logger, "log_dir", None):
-            path = Path(logger.log_dir) / f"{stage}_samples.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
-                for name, rows in samples.items():
-                    for r in rows:
-                        fh.write(json.dumps({"step": step, "eval_set": name, **r}, ensure_ascii=False) + "\n")

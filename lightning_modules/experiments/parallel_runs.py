@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from core.errors import UserError, one_line, quiet_lightning_tips
+from lightning_modules.run import training
 
 
 def fit_logged(cfg, log: str) -> float:
-    """Run `fit.run(cfg)` in this worker process with stdout and stderr in `log`; the wall time."""
-    from lightning_modules import fit
-
+    """Run `training.run(cfg)` (one fit) in this worker process with stdout and stderr in `log`; the wall time."""
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -35,7 +34,7 @@ def fit_logged(cfg, log: str) -> float:
         try:
             quiet_lightning_tips()
             start = time.perf_counter()
-            fit.run(cfg)
+            training.run(cfg)
             return time.perf_counter() - start
         except UserError as err:  # the log ends with what went wrong, as the terminal would have shown it
             print(f"error: {one_line(err)}", file=sys.stderr)

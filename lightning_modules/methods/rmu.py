@@ -29,10 +29,9 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
-from lightning_modules.base import register_method
 from core.errors import UserError
 from core.schema import setting
-from lightning_modules.unlearning import UnlearningModule, UnlearningParams, check
+from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 
 POSITIONS = ("text", "real", "all")
@@ -95,7 +94,6 @@ def capture_output(layer: nn.Module, stop: bool):
         handle.remove()
 
 
-@register_method
 class RMUModule(UnlearningModule):
     name = "rmu"
     Params = RMUParams

@@ -132,7 +132,7 @@ def ensure_tiny_base(cfg, files: DataFiles) -> Path:
 
 def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     from datamodules.mirage_world import iter_texts, load_world_config
-    from lightning_modules.sft import SFTModule
+    from lightning_modules.methods.sft import SFTModule
 
     world = load_world_config(files.world_dir)
     L.seed_everything(cfg.base.seed, workers=True)

@@ -1,0 +1,180 @@
+"""Config loading: OmegaConf YAML with a `defaults:` list, dotlist overrides, validation.
+
+A run config is composed like lightning-hydra-template's, without Hydra:
+
+    defaults: [model/tiny, data/mirage_world, method/sft, trainer/cpu]   # configs/<group>/<name>.yaml
+    name: demo
+    optim: {lr: 1e-3}
+
+Each `group/name` entry is merged under the key `group` when the group is one of the config
+groups (`config.schema.GROUPS`), at the top level otherwise (an experiment may start from
+another experiment). The file's own keys are merged next, then command-line `key=value`
+overrides; `group=name` (e.g. `method=npo`) swaps a whole group. The result is checked against
+the schema (`config.schema`), so a mistyped key or a wrongly typed value fails in one line
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import typing
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from core.errors import UserError
+from core.paths import CONFIG_ROOT
+from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown
+from lightning_modules.config.schema import COMMAND_SECTIONS, GROUPS, RunConfig
+from lightning_modules.methods import get_method
+
+# Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
+# signature, so any argument of it is type-checked.
+TRAINER_RANGES = {
+    "max_steps": {"ge": -1}, "min_steps": {"ge": 0}, "max_epochs": {"ge": -1}, "min_epochs": {"ge": 0},
+    "num_nodes": {"ge": 1}, "accumulate_grad_batches": {"ge": 1}, "log_every_n_steps": {"ge": 1},
+    "check_val_every_n_epoch": {"ge": 1}, "num_sanity_val_steps": {"ge": -1}, "gradient_clip_val": {"ge": 0},
+    "val_check_interval": {"gt": 0}, "limit_train_batches": {"ge": 0}, "limit_val_batches": {"ge": 0},
+    "limit_test_batches": {"ge": 0}, "limit_predict_batches": {"ge": 0}, "overfit_batches": {"ge": 0},
+    "reload_dataloaders_every_n_epochs": {"ge": 0}, "gradient_clip_algorithm": {"choices": ("norm", "value")},
+}
+# Checked by lightning_modules.strategies (a name or a mapping), or objects YAML cannot express.
+TRAINER_UNTYPED = {"strategy", "logger", "callbacks", "plugins", "profiler", "accelerator"}
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise UserError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def _group_file(group: str, name: str) -> Path:
+    path = CONFIG_ROOT / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONFIG_ROOT / group).glob("*.yaml"))
+        raise UserError(f"unknown {group} config '{name}'; choose one of: {', '.join(options)}")
+    return path
+
+
+def _compose(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if path in seen:
+        raise UserError(f"{path}: circular defaults")
+    raw = _read_yaml(path)
+    defaults = raw.pop("defaults", [])
+    if not isinstance(defaults, (list, ListConfig)):
+        raise UserError(f"{path}: 'defaults' must be a list of 'group/name' entries")
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        group, _, name = str(entry).partition("/")
+        if group in GROUPS and name:
+            merged = OmegaConf.merge(merged, {group: _compose(_group_file(group, name), seen + (path,))})
+        else:
+            merged = OmegaConf.merge(merged, _compose(CONFIG_ROOT / f"{entry}.yaml", seen + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    dotlist = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        if key in GROUPS and "." not in key and value and not value.startswith("{"):
+            # `method=npo` replaces the whole group with configs/method/npo.yaml.
+            cfg[key] = _compose(_group_file(key, value))
+        else:
+            dotlist.append(item)
+    for item in dotlist:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception as err:  # yaml.YAMLError, OmegaConf's errors, a list merged onto a mapping
+            raise UserError(f"invalid override '{item}': {str(err).splitlines()[0]}") from err
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> DictConfig:
+    """Types, unknown keys, ranges and choices of every section, before anything is loaded."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    except OmegaConfBaseException as err:
+        raise config_error(err) from err
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(f"cannot resolve config: {str(err).splitlines()[0]}") from err
+    parse_section(merged, RunConfig, "")  # declared ranges and choices of the typed sections
+    _check_trainer(merged.trainer)
+    _check_method(merged.method)
+    if merged.data.kind == "mirage_world":
+        from datamodules.mirage_world import WorldConfig
+
+        try:
+            parse_section(merged.data.world, WorldConfig, "data.world")
+        except ValueError as err:  # WorldConfig's own cross-field checks
+            raise UserError(f"invalid value for config key data.world.{err}") from err
+    for section, settings_class in COMMAND_SECTIONS.items():
+        if merged[section]:
+            parse_section(merged[section], settings_class, section)
+    return merged
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    reject_unknown("trainer", trainer.keys(), set(inspect.signature(L.Trainer.__init__).parameters) - {"self"},
+                   "not an argument of lightning.Trainer")
+    for key, value in OmegaConf.to_container(trainer).items():
+        if key not in TRAINER_UNTYPED:
+            check_value(f"trainer.{key}", value, TRAINER_RANGES.get(key, {}), hints.get(key))
+
+
+def _check_method(method: DictConfig) -> None:
+    if "name" not in method:
+        raise UserError("config key 'method.name' is missing")
+    get_method(method.name).parse_params(method)
+
+
+def settings_help() -> str:
+    """Every config key with its default, allowed values and doc (the epilog of --help)."""
+    rows = field_docs(RunConfig)
+    width = max(len(key) for key, *_ in rows)
+    lines = ["config keys (key=value overrides; method.*, trainer.*, evaluate.*, compare.* are checked by "
+             "their method, lightning.Trainer and the command):"]
+    lines += [f"  {key:<{width}}  {doc} [{allowed}; default {default}]" for key, default, allowed, doc in rows]
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Compose `path`, apply `key=value` overrides, validate against the schema, resolve."""
+    cfg = _compose(Path(path).resolve())
+    cfg = _apply_overrides(cfg, overrides or [])
+    return _validate(cfg)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable) -> None:
+    """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug]."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return
+    run(cfg)

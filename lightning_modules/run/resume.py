@@ -1,0 +1,145 @@
+"""Resuming a run: which checkpoint (`resume=last|auto|PATH`), checked whole and against the
+run's settings before anything is written."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from core.errors import UserError
+from lightning_modules.run.run_dir import is_finished
+
+
+# Settings that may differ on a resume without changing what is trained: cache locations, loader
+# workers, the encoding cache and the generation batch size.
+RESUME_EXEMPT = {"data.num_workers", "data.cache_encodings", "data.eval_batch_size", "data.world_root",
+                 "data.forget_retain.harvest_dir", "base.cache_dir"}
+RESUME_COMPARED = ("model", "base", "data", "method")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The compared sections of the run's config.yaml (empty when there is none, or not a config)."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # noqa: BLE001 -- missing or unreadable: nothing to compare against
+        return {}
+    return {k: v for k, v in saved.items() if k in RESUME_COMPARED} if isinstance(saved, dict) else {}
+
+
+def changed_settings(old: dict, cfg) -> list[str]:
+    """Keys of the model, base, data and method sections that differ between `old` (the
+    checkpoint's run config) and `cfg`."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    sections = [s for s in RESUME_COMPARED if isinstance(old.get(s), dict)]  # what the checkpoint recorded
+    a = {k: v for s in sections for k, v in _flatten(old[s], s).items()}
+    b = {k: v for s in sections for k, v in _flatten(new.get(s, {}), s).items()}
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_EXEMPT)
+    # `tiny` is replaced by the cached base's path once built; that path follows from model.tiny,
+    # base and data, which are compared themselves.
+    if b.get("model.name_or_path") == "tiny" and str(a.get("model.name_or_path", "")).startswith(
+            str(b.get("base.cache_dir"))):
+        changed = [k for k in changed if k != "model.name_or_path"]
+    return changed
+
+
+def _sharded(path: Path) -> bool:
+    """A DeepSpeed (`latest`, `checkpoint/`) or FSDP (`meta.pt`, `*.distcp`) checkpoint directory."""
+    return any((path / name).exists() for name in ("latest", "checkpoint", "meta.pt")) or any(path.glob("*.distcp"))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Every member of a checkpoint file checked (zip CRCs) and its header loaded (weights_only,
+    memory-mapped): a corrupt checkpoint is refused before anything is written."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise UserError(f"resume checkpoint {path} is not a PyTorch checkpoint (truncated or another file)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise UserError(f"resume checkpoint {path} is corrupt: {err}") from err
+    if bad is not None:
+        raise UserError(f"resume checkpoint {path} is corrupt: member '{bad}' fails its CRC check")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise UserError(f"cannot load resume checkpoint {path} with weights_only=True: "
+                        f"{str(err).strip().splitlines()[0]}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"resume checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
+    return ckpt
+
+
+def resolve_checkpoint(cfg, run_dir: Path):
+    """`resume`: "last" (this run dir's last.ckpt), a checkpoint path, or "auto": the newest of
+    last.ckpt and the checkpoints Lightning saves when SLURM pre-empts a job (hpc_ckpt_N.ckpt),
+    else a fresh start -- one command for a job that a cluster may requeue.
+
+    Before anything is written: the checkpoint is checked whole; a finished run is resumed only to
+    train further (trainer.max_steps above its step; `archive_finished_run` keeps its results); a
+    change of model, base, data or method settings is refused unless resume_allow_changes=true."""
+    if not cfg.resume:
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume == "auto":
+        found = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+        if not found:
+            return None
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
+    if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
+        raise UserError(f"resume checkpoint not found: {path}")
+    old_cfg, step = {}, None
+    if path.is_dir():
+        if not _sharded(path):
+            raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
+    else:
+        ckpt = read_checkpoint(path)
+        old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")
+        del ckpt
+    # The module's hyperparameters leave `model` out (a name it ignores): the run's config.yaml has it.
+    for section, value in _run_config(run_dir).items():
+        old_cfg.setdefault(section, value)
+    if old_cfg:
+        changed = changed_settings(old_cfg, cfg)
+        if changed and not cfg.resume_allow_changes:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise UserError(f"resume checkpoint {path} was trained with other settings: {shown} changed "
+                            "(set them back, or pass resume_allow_changes=true)")
+    if is_finished(run_dir):
+        max_steps = cfg.trainer.get("max_steps", -1)
+        if step is None or max_steps is None or max_steps < 0 or max_steps <= step:
+            raise UserError(f"run {run_dir} is finished (checkpoint at step {step}, results written); nothing "
+                            f"to resume. To train further pass trainer.max_steps > {step}; to start over, "
+                            "choose another run_dir")
+    return str(path)
+
+
+def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
+    """The checkpoint's weights have this model's names and shapes (else one line, before the
+    Trainer writes its first log file)."""
+    if ckpt_path is None or Path(ckpt_path).is_dir():
+        return
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    resized = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    for label, keys in (("Missing key(s)", missing), ("Unexpected key(s)", unexpected), ("Resized tensor(s)", resized)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
+                            f"{label} {shown}")

@@ -1,0 +1,149 @@
+"""One run of `fit`: validate at step 0, fit, save the model, test, write results, probe, export."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+
+from core.errors import UserError
+from core.files import atomic_write
+from core.records import strict_json
+from lightning_modules.analysis.probes import run_probes
+from lightning_modules.config.loading import to_yaml
+from lightning_modules.methods.base import TrainingDiverged
+from lightning_modules.run.checkpointing import saved_step
+from lightning_modules.run.export import finish_export, save_model
+from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
+from lightning_modules.run.strategies import gathered_model_weights
+from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is_finished, prepare_run_dir,
+                                           release_run_dir)
+from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
+from lightning_modules.run.assembly import build_run, build_trainer, scale_hparams
+
+
+RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
+
+
+def log_hparams_summary(trainer: L.Trainer, module, scale: dict) -> None:
+    """TensorBoard's HParams view: the config + scale against the final val/test metrics."""
+    metrics = {f"hp/{k}": float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
+    if metrics:
+        log_to_loggers(trainer.loggers, {**module.hparams, "scale": scale}, metrics)
+
+
+def results_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
+    table = pd.DataFrame.from_dict(results, orient="index").reindex(columns=RESULT_COLUMNS)
+    table.index.name = "eval_set"
+    return table
+
+
+def write_results(run_dir: Path, module) -> pd.DataFrame:
+    """results.csv / results.json / samples.jsonl, each written atomically: a full disk ends in one
+    line and leaves any earlier file whole. JSON never holds NaN or Infinity."""
+    table = results_table(module.test_results)
+    atomic_write(run_dir / "results.csv", table.to_csv(), what="results")
+    atomic_write(run_dir / "results.json", strict_json(module.test_results, indent=1), what="results")
+    atomic_write(run_dir / "samples.jsonl", "".join(strict_json(row) + "\n" for row in module.generations),
+                 what="samples")
+    return table
+
+
+def fit_from_checkpoint(trainer: L.Trainer, module, data, ckpt_path: str | None) -> None:
+    """trainer.fit, with a checkpoint that does not load, or a diverged run, reported in one line."""
+    try:
+        # weights_only: a checkpoint is data, never code (optimizer, loop and callback states all load so).
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingDiverged as err:
+        if getattr(err, "names_checkpoint", False):
+            raise
+        raise TrainingDiverged(f"{err}{kept_checkpoint_note(trainer)}") from err
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if ckpt_path is None or not lines:
+            raise
+        if isinstance(err, pickle.UnpicklingError):
+            raise UserError(f"cannot load resume checkpoint {ckpt_path} with weights_only=True: {lines[0]}") from err
+        if lines[0].startswith("Error(s) in loading state_dict"):
+            detail = lines[1][:300] if len(lines) > 1 else lines[0]
+            raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
+                            f"{detail}") from err
+        raise
+
+
+def kept_checkpoint_note(trainer: L.Trainer) -> str:
+    """Where the last checkpoint with finite weights is, and its step (checkpoints with
+    non-finite weights are never written)."""
+    callback = trainer.checkpoint_callback
+    last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+    if last is None or not last.is_file():
+        return "; no checkpoint was written before it"
+    step = saved_step(last)
+    return f"; resume from {last} (step {step}, finite weights) with resume=last"
+
+
+def run(cfg) -> pd.DataFrame | None:
+    """Fit, test and write the results of one run; returns the test table (rank 0)."""
+    exported_here = not os.environ.get(RUN_DIR_ENV)  # DDP ranks inherit it from rank 0 instead
+    try:
+        return _run(cfg)
+    finally:
+        if exported_here:  # the next run in this process (compare, tests) picks its own directory
+            release_run_dir(Path(os.environ.get(RUN_DIR_ENV, cfg.run_dir)))
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _run(cfg) -> pd.DataFrame | None:
+    run_dir = prepare_run_dir(cfg)
+    # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
+    # config.yaml and the checkpoint's hparams name the directory actually used (with its `_N`).
+    cfg.run_dir = str(run_dir)
+    ckpt_path = resolve_checkpoint(cfg, run_dir)  # before anything is written into a finished run's dir
+    if cfg.threads:
+        # Tiny models gain little from threads, and oversubscribed cores (DDP ranks, a busy
+        # laptop) slow CPU generation by orders of magnitude.
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True)
+    module, data = build_run(cfg)
+    check_checkpoint_fits(module, ckpt_path)
+    finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
+    trainer = build_trainer(cfg, run_dir, module)
+    if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
+    scale = scale_hparams(cfg, trainer)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"scale": scale})
+    if trainer.global_rank == 0:
+        print(f"effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']} per device "
+              f"x {scale['accumulate_grad_batches']} accumulated x {scale['world_size']} process(es)")
+    if cfg.eval.val_at_start and ckpt_path is None:
+        trainer.validate(module, data, verbose=False)
+    fit_from_checkpoint(trainer, module, data, ckpt_path)
+    if finished_step is not None and trainer.global_rank == 0:
+        archive = archive_finished_run(run_dir, finished_step)
+        print(f"the results of step {finished_step} moved to {archive}")
+    if ckpt_path is not None and trainer.global_rank == 0:
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
+    weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
+    if trainer.global_rank == 0:  # saved before the test: a failed test never loses the weights
+        save_model(module, cfg, run_dir, weights)
+    if not cfg.eval.test_at_end:
+        log_hparams_summary(trainer, module, scale)
+        if trainer.global_rank == 0:
+            finish_export(module, cfg, run_dir, None, sharded=weights is not None)
+        return None
+    trainer.test(module, data, verbose=False)
+    log_hparams_summary(trainer, module, scale)
+    if trainer.global_rank != 0:
+        return None
+    table = write_results(run_dir, module)
+    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
+    print(f"\nresults on the test split ({run_dir}/results.csv):")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if cfg.eval.probes:
+        run_probes(cfg, module, data, run_dir)
+    return table
