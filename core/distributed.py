@@ -44,3 +44,11 @@ def shards_parameters(strategy: Any) -> bool:
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         return True
     return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
+
+
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """Where a step outside the Trainer runs (the forget-set harvest, the VLM judge): this rank's GPU
+    when there is one and the config's `trainer.accelerator` does not ask for the CPU."""
+    if torch.cuda.is_available() and str(accelerator) != "cpu":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

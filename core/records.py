@@ -103,9 +103,12 @@ def field(path: str | Path, index: int, rec: dict, key: str, kind: type | tuple[
 
 
 def strict_json(obj: Any, **kwargs) -> str:
-    """JSON that every parser accepts: NaN and ±Infinity (not JSON) are written as null."""
+    """JSON that every parser accepts: NaN and ±Infinity (not JSON) are written as null; numpy and
+    torch scalars as plain numbers."""
 
     def clean(value):
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, (str, bytes)):
+            value = value.item()
         if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
             return None
         if isinstance(value, dict):

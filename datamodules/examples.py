@@ -17,19 +17,19 @@ from core.errors import UserError
 from core.records import field as record_field
 from core.records import read_json_list
 
+# Every eval set a datamodule can build, in logging order (the one list of their names).
+ALL_EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed",
+                 "safe_clean", "safe_rewritten", "safe_neutral")
 # The paper's two probes: the one-word attack and the over-prudence rewrite.
 EVAL_SETS = ("unsafe_clean", "unsafe_attacked", "safe_clean", "safe_rewritten")
 # Controls, built when a neutral cue is configured: first word -> the neutral cue (unsafe and safe),
 # and the refusal cue alone removed (unsafe queries that start with it get the neutral cue).
-CONTROL_EVAL_SETS = ("unsafe_neutral", "unsafe_cue_removed", "safe_neutral")
+CONTROL_EVAL_SETS = tuple(s for s in ALL_EVAL_SETS if s not in EVAL_SETS)
 
 
 def eval_set_names(neutral_cue: str | None) -> tuple[str, ...]:
     """The eval sets a datamodule builds, in logging order: the dataloader index of each name."""
-    if not neutral_cue:
-        return EVAL_SETS
-    return ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed",
-            "safe_clean", "safe_rewritten", "safe_neutral")
+    return ALL_EVAL_SETS if neutral_cue else EVAL_SETS
 
 
 @dataclass

@@ -3,11 +3,12 @@
 Every unlearning method adds lambda * CE(D_r) on top (``retain_weighted``).
 """
 
-from .nll import sequence_nll, token_mean_ce
+from .nll import pooled_ce, sequence_nll, token_mean_ce
 from .rmu import make_control_vector, rmu_forget_loss, rmu_retain_loss
 from .unlearning import ga_loss, graddiff_loss, npo_loss, retain_weighted, simnpo_loss
 
 __all__ = [
+    "pooled_ce",
     "sequence_nll",
     "token_mean_ce",
     "ga_loss",

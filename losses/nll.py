@@ -51,8 +51,12 @@ def token_mean_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     response token returns 0 (with a graph) rather than HF's NaN, so one
     all-masked batch cannot poison training.
     """
-    nll, n = sequence_nll(logits, labels, ignore_index)
-    return nll.sum() / n.sum().clamp_min(1)
+    return pooled_ce(*sequence_nll(logits, labels, ignore_index))
+
+
+def pooled_ce(nll: Tensor, n_tokens: Tensor) -> Tensor:
+    """The batch token-mean CE from per-sequence summed NLLs and token counts (0 for no tokens)."""
+    return nll.sum() / n_tokens.sum().clamp_min(1)
 
 
 def mean_token_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -92,9 +92,25 @@ def set_end_of_turn(model, processor, end_token: Optional[str]) -> None:
     model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id, *stops]))
 
 
-def _set_trainable(model, regex: re.Pattern) -> None:
+def is_trainable(name: str, model_cfg) -> bool:
+    """Whether the parameter `name` trains under `model.finetune` -- the one rule, for alignment and
+    for every later step that trains the same parameters (the relearning probe): full: everything
+    but (by default) the vision encoder; projector: the projector only; lora: the adapters and the
+    `lora.modules_to_save` copies peft makes."""
+    if model_cfg.finetune == "lora":
+        return "lora_" in name or "modules_to_save" in name
+    if model_cfg.finetune == "projector":
+        return bool(PROJECTOR.search(name))
+    return not (model_cfg.freeze_vision and VISION.search(name) and not PROJECTOR.search(name))
+
+
+def mark_trainable(model, model_cfg) -> list[str]:
+    """Set requires_grad by `is_trainable`; the names of the trainable parameters."""
+    names = []
     for name, param in model.named_parameters():
-        param.requires_grad_(bool(regex.search(name)))
+        param.requires_grad_(is_trainable(name, model_cfg) and param.is_floating_point())
+        names += [name] if param.requires_grad else []
+    return names
 
 
 def apply_finetune_mode(model, model_cfg):
@@ -113,12 +129,7 @@ def apply_finetune_mode(model, model_cfg):
                             target_modules=lora.target_modules,
                             modules_to_save=list(lora.modules_to_save) or None)
         return get_peft_model(model, config)
-    if mode == "projector":
-        _set_trainable(model, PROJECTOR)
-    else:
-        for name, param in model.named_parameters():
-            frozen = model_cfg.freeze_vision and VISION.search(name) and not PROJECTOR.search(name)
-            param.requires_grad_(not frozen)
+    mark_trainable(model, model_cfg)
     return model
 
 

@@ -229,3 +229,25 @@ def test_a_system_prompt_the_template_refuses_is_one_line(images):
     with pytest.raises(UserError, match="record id=a: the model's chat template refuses the conversation: Only user"):
         VLMCollator(processor, 512, train=False, system_prompt="Be brief.")([Example("a", images[0], QUESTION, None,
                                                                                      safe=True)])
+
+
+@pytest.mark.parametrize("finetune", ["full", "projector"])
+def test_the_trainable_rule_is_the_one_later_steps_apply(finetune):
+    """The relearning probe re-marks a copy of the model with `models.backbone.mark_trainable`: on
+    Qwen2-VL (vision under `visual.*`, projector `visual.merger`) it must pick exactly what
+    `model.finetune` trained, never the vision tower, and under `projector` the merger."""
+    import copy
+
+    from models.backbone import mark_trainable
+
+    model, _ = toy("tiny-qwen2-vl", **{"model.finetune": finetune})
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    again = copy.deepcopy(model)
+    for p in again.parameters():
+        p.requires_grad_(True)  # as a method that unfroze everything would leave it
+    cfg = load_config("configs/demo.yaml", ["model=tiny-qwen2-vl", f"model.finetune={finetune}"]).model
+    assert set(mark_trainable(again, cfg)) == trained
+    assert trained and not any("visual.blocks" in n or "patch_embed" in n for n in trained)
+    assert any("visual.merger" in n for n in trained)
+    if finetune == "projector":
+        assert all("visual.merger" in n for n in trained)

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import pandas as pd
-import torch
 from omegaconf import OmegaConf
 
+from core.distributed import accelerator_device
 from core.errors import UserError
+from core.records import strict_json
 from core.files import hold_directory
 from datamodules.collate import check_images
 from datamodules.examples import Example, vlguard_examples
@@ -129,10 +129,6 @@ def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
 
 
 # -- judging ----------------------------------------------------------------------------------------
-def judge_device(cfg) -> str:
-    return "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator", "auto") != "cpu" else "cpu"
-
-
 def judge_records(records: list[dict], examples: dict[tuple, Example], settings: EvaluateSettings, cfg,
                   run_dir: Path, judge: Optional[Judge] = None) -> str:
     """Fill refusal, judge verdict, harmful and correct into each record (in place); returns the
@@ -159,7 +155,7 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
         judge = VLMJudge.from_settings(js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens,
                                        max_length=js.max_length, image_mode=cfg.data.image_mode,
                                        use_prefilter=js.prefilter, cache_path=js.cache or run_dir / "judge_cache.jsonl",
-                                       device=judge_device(cfg))
+                                       device=str(accelerator_device(cfg.trainer.get("accelerator", "auto"))))
     protocols = {f.name: f.judge_protocol or settings.judge.protocol for f in settings.files}
     print(f"judging {len(asked)} non-refused answers to unsafe queries with {judge.name}")
     verdicts = judge([JudgeItem(r["prompt"], r["response"], r["image"], protocols[r["set"]]) for r in asked])
@@ -170,24 +166,13 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
 
 
 # -- the whole command ------------------------------------------------------------------------------
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN -> null, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: pd.DataFrame, gaps: dict,
                   summary: dict, report: str) -> None:
     write_samples(run_dir / SAMPLES, records + kept)  # atomic: the resumable file is never half-written
     table.to_csv(run_dir / "results.csv", index=False)
     (run_dir / "results.md").write_text(report)
     payload = dict(summary, gaps=gaps, rows=table.to_dict("records"))
-    (run_dir / "results.json").write_text(json.dumps(_clean(payload), indent=1))
+    (run_dir / "results.json").write_text(strict_json(payload, indent=1))
 
 
 def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:

@@ -11,11 +11,12 @@ from typing import Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from core.checkpoints import read_checkpoint
 from core.distributed import shards_parameters
 from core.errors import UserError
+from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from core.generation import greedy_generate
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
@@ -51,15 +52,9 @@ class SampleWriter(BasePredictionWriter):
 
 def load_fit_checkpoint(model, path: str) -> None:
     """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise UserError(f"checkpoint not found: {path}") from err
-    except Exception as err:  # unpickling refused or a corrupt file
-        raise UserError(f"{path}: cannot load with weights_only=True: {str(err).splitlines()[0]}") from err
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    state = read_checkpoint(Path(path), label="checkpoint")["state_dict"]
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected or not weights:
@@ -80,13 +75,10 @@ def build_generator(cfg, checkpoint: Optional[str], examples: list[Example]) -> 
 
 
 def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
-    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs = trainer_kwargs(cfg.trainer)
     kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
                   default_root_dir=str(run_dir))
-    try:
-        trainer = L.Trainer(**kwargs)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
+    trainer = make_trainer(**kwargs)
     if trainer.world_size > 1:
         raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
     return trainer

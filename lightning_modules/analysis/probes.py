@@ -34,15 +34,16 @@ from core.files import atomic_write
 from core.generation import greedy_generate, model_inputs
 from core.records import strict_json
 from datamodules.collate import VLMCollator
-from datamodules.examples import Example
+from datamodules.examples import ALL_EVAL_SETS, Example
 from losses.nll import mean_token_nll, token_mean_ce
 from metrics.attribution import refusal_log_odds, summarize_attribution
 from metrics.classify import classify
 from metrics.refusal import is_refusal
+from models.backbone import mark_trainable
 
 NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_attacked",
             "hazard_nll_neutral": "unsafe_neutral"}
-ATTRIBUTION_SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "safe_clean", "safe_rewritten", "safe_neutral")
+ATTRIBUTION_SETS = tuple(s for s in ALL_EVAL_SETS if s != "unsafe_cue_removed")
 PARTS = ("first_word", "image", "rest", "end_mark")
 END_MARKS = ".?!"
 
@@ -105,15 +106,7 @@ class Prober:
         """ASR on `test` after `relearn_steps` AdamW steps on `rows`, on a copy of the weights."""
         settings = self.settings
         model = copy.deepcopy(self.module.model)
-        mcfg = self.cfg.model
-        for name, param in model.named_parameters():  # the same parameters for every method
-            if mcfg.finetune == "lora":
-                trainable = "lora_" in name
-            elif mcfg.finetune == "projector":
-                trainable = "multi_modal_projector" in name
-            else:
-                trainable = not (mcfg.freeze_vision and "vision_tower" in name)
-            param.requires_grad_(trainable and param.is_floating_point())
+        mark_trainable(model, self.cfg.model)  # what `model.finetune` trains, whatever the method trained
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=settings.relearn_lr or self.cfg.optim.lr)
         rng = random.Random(self.cfg.seed)

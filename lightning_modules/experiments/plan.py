@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from core.errors import UserError
 from core.paths import CONFIG_ROOT
 from core.schema import parse_section
+from lightning_modules.config.diff import flatten
 from lightning_modules.config.loading import load_config
 from lightning_modules.config.schema import CompareSettings
 
 STACK_KEYS = {"seed": "seeds", "base.seed": "base_seeds", "data.world.seed": "world_seeds"}
 RUN_KEYS = ("run_dir", "name", "resume")  # set per run by compare itself
-UNHASHED = ("run_dir", "name", "resume", "paths", "threads")  # what cannot change a run's numbers
 
 
 
@@ -133,29 +133,5 @@ def run_config(settings: CompareSettings, key: RunKey, common: list[str], run_di
     return cfg
 
 
-def flat(cfg) -> dict[str, Any]:
-    """Dotted key -> value of a config, without the keys that cannot change a run's numbers."""
-    out = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}, "")
-    return out
-
-
 def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(flat(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys of both configs whose values differ. A key only one side has is a schema change of the
-    code (a new setting at its default), not a change of the run; model.name_or_path is rewritten
-    by fit to the cached base's path."""
-    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and k != "model.name_or_path")
-
-
+    return hashlib.sha256(json.dumps(flatten(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.errors import UserError
+from datamodules.examples import ALL_EVAL_SETS
 from core.files import atomic_write
 from lightning_modules.experiments.plan import RunKey
 
@@ -31,8 +32,7 @@ SET_METRICS = {
     "relevant_clean": ("unsafe_clean", "relevant"), "relevant_attacked": ("unsafe_attacked", "relevant"),
     "relevant_neutral": ("unsafe_neutral", "relevant"),
 }
-SETS = ("unsafe_clean", "unsafe_attacked", "unsafe_neutral", "unsafe_cue_removed", "safe_clean", "safe_rewritten",
-        "safe_neutral")
+SETS = ALL_EVAL_SETS
 N_COLUMNS = [f"n_{s}" for s in SETS]
 # probes.json -> columns (lightning_modules.probes); NaN where a run has no probes
 PROBE_COLUMNS = ["hazard_nll_clean", "hazard_nll_attacked", "hazard_nll_neutral", "asr_before_relearn", "asr_relearn",

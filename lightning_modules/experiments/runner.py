@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from core.errors import UserError
 from lightning_modules.config.loading import to_yaml
 from lightning_modules.experiments.parallel_runs import interleave, process_pool_available, run_parallel
-from lightning_modules.experiments.plan import (RunKey, apply_command_line, changed_keys, config_hash, flat,
+from lightning_modules.config.diff import changed_keys, flatten
+from lightning_modules.experiments.plan import (RunKey, apply_command_line, config_hash,
                                                 parse_settings, plan, run_config, run_path)
 from lightning_modules.experiments.results import (key_tuple, metrics_row, world_rho, read_results, row_key, write_results)
 from lightning_modules.experiments.summary import summarize, write_summary
@@ -49,7 +50,9 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         digest = config_hash(cfg_run)
         if row is not None and row["config_hash"] != digest:
             old_yaml = out / row["run_dir"] / "config.yaml"
-            diff = changed_keys(flat(OmegaConf.load(old_yaml)), flat(cfg_run)) if old_yaml.is_file() else ["?"]
+            # model.name_or_path: fit rewrites it to the cached base's path
+            diff = [k for k in changed_keys(flatten(OmegaConf.load(old_yaml)), flatten(cfg_run), shared_only=True)
+                    if k != "model.name_or_path"] if old_yaml.is_file() else ["?"]
             changed = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
             if not diff:  # the same run under a grown schema: keep it, under the new hash
                 row = {**row, "config_hash": digest}

@@ -14,7 +14,7 @@ import dataclasses
 
 from core.schema import setting
 from lightning_modules.methods.unlearning import REFERENCES, UnlearningModule, UnlearningParams
-from losses import npo_loss
+from losses import npo_loss, pooled_ce
 
 NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
 
@@ -42,10 +42,10 @@ class NPOModule(UnlearningModule):
         forget = batch["forget"]
         nll, n_tokens = self.sequence_nll(forget)
         ref_nll = self.reference_sequence_nll(forget)
-        forget_ce = nll.sum() / n_tokens.sum().clamp_min(1)
+        forget_ce = pooled_ce(nll, n_tokens)
         if self.params.normalization == "sequence_sum":
             loss = npo_loss(nll, ref_nll, self.params.beta)
         else:
-            ref_ce = ref_nll.sum() / n_tokens.sum().clamp_min(1)
+            ref_ce = pooled_ce(ref_nll, n_tokens)
             loss = npo_loss(forget_ce, ref_ce, self.params.beta, normalization="batch_mean_ce")
         return self.with_retain(loss, {"npo": loss, "forget_ce": forget_ce}, batch)

@@ -31,12 +31,12 @@ from torch import nn
 
 from core.errors import UserError
 from core.schema import setting
+from models.backbone import PROJECTOR
 from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 
 POSITIONS = ("text", "real", "all")
 AUTO_LAYER_FRACTION = 7 / 32  # the official recipe: ℓ = 7 of LLaVA-1.5-7B's 32 decoder layers
-PROJECTOR = r"(^|\.)(multi_modal_projector|visual\.merger)\."  # LLaVA's projector; Qwen2-VL's merger
 
 
 def auto_layer(n_layers: int) -> int:
@@ -127,14 +127,14 @@ class RMUModule(UnlearningModule):
         p = self.params
         in_layers = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.({'|'.join(map(str, self.train_layers))})\.")
         pattern = re.compile(p.param_pattern)
-        extras = [re.compile(x) for x in (p.extra_params, PROJECTOR if p.train_projector else None) if x]
+        extras = [re.compile(x) for x in (p.extra_params, PROJECTOR.pattern if p.train_projector else None) if x]
         chosen, projector = [], []
         for name, param in self.model.named_parameters():
             keep = param.requires_grad and ((bool(in_layers.search(name)) and bool(pattern.search(name)))
                                             or any(x.search(name) for x in extras))
             param.requires_grad_(keep)
             chosen += [name] if keep else []
-            projector += [name] if keep and re.search(PROJECTOR, name) else []
+            projector += [name] if keep and PROJECTOR.search(name) else []
         if p.train_projector and not projector:
             raise UserError("method.train_projector=true but no projector parameter is trainable "
                             f"(model.finetune={self.model_identity['finetune']}; under LoRA add the projector "

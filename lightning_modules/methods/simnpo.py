@@ -7,7 +7,7 @@ import dataclasses
 
 from core.schema import setting
 from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams
-from losses import simnpo_loss
+from losses import pooled_ce, simnpo_loss
 
 
 @dataclasses.dataclass
@@ -23,5 +23,5 @@ class SimNPOModule(UnlearningModule):
     def loss_terms(self, batch: dict) -> dict:
         nll, n_tokens = self.sequence_nll(batch["forget"])
         loss = simnpo_loss(nll, n_tokens, self.params.beta, self.params.delta)
-        forget_ce = nll.sum() / n_tokens.sum().clamp_min(1)
+        forget_ce = pooled_ce(nll, n_tokens)
         return self.with_retain(loss, {"simnpo": loss, "forget_ce": forget_ce}, batch)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import OmegaConf
 
 from core.errors import UserError
 from datamodules.safety import resolve_data_files
 from lightning_modules.analysis.probes import parse_probe_settings
+from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from lightning_modules.methods import get_method
 from lightning_modules.run.checkpointing import AtomicCheckpointIO, PerBatchSeed
 from lightning_modules.run.harvest import harvest_forget_set
@@ -29,7 +28,7 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=cfg.checkpoint.save_last,
                                  save_top_k=cfg.checkpoint.save_top_k,
                                  every_n_train_steps=cfg.checkpoint.every_n_train_steps)
-    kwargs = dict(OmegaConf.to_container(cfg.trainer, resolve=True))
+    kwargs = trainer_kwargs(cfg.trainer)
     kwargs.pop("logger", None)
     kwargs.setdefault("default_root_dir", str(run_dir))
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None))
@@ -37,10 +36,7 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
     callbacks = [checkpoint, PerBatchSeed(cfg.seed)] + ([LearningRateMonitor("step")] if logger else [])
-    try:
-        return L.Trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
-    except (ValueError, TypeError, MisconfigurationException) as err:
-        raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
+    return make_trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def scale_hparams(cfg, trainer: L.Trainer) -> dict:

@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.files import io_error
+from metrics.gaps import GAPS, safety_gaps
 from lightning_modules.methods.unlearning import is_peft
 from models.backbone import is_built_from_config
 
@@ -131,12 +132,9 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, b
                   f"`{cfg.eval.refusal_preset}`, harmful compliance by judge `{cfg.eval.judge}` "
                   "(ASR + IR + refusal rate = 1 on every set).", "",
                   results.to_markdown(floatfmt=".3f", missingval="–"), ""]
-        if {"unsafe_clean", "unsafe_attacked"} <= set(results.index):
-            gap = results.loc["unsafe_attacked", "asr"] - results.loc["unsafe_clean", "asr"]
-            lines.append(f"- mirage gap (ASR attacked - clean): {gap:+.3f}")
-        if {"safe_clean", "safe_rewritten"} <= set(results.index):
-            gap = results.loc["safe_rewritten", "refusal_rate"] - results.loc["safe_clean", "refusal_rate"]
-            lines.append(f"- over-prudence gap (refusal rewritten - clean): {gap:+.3f}")
+        gaps = safety_gaps({name: row.dropna().to_dict() for name, row in results.iterrows()})
+        lines += [f"- {name} ({GAPS[name][2]} of {GAPS[name][0]} - {GAPS[name][1]}): {value:+.3f}"
+                  for name, value in gaps.items()]
     lines += ["", "## Loading", "", "```python", load.replace("PATH", '"path/to/this/directory"'), "```", ""]
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         lines += ["Without torchvision (which Qwen2-VL's video processor needs), load the processor with "

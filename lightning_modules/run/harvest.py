@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from datamodules.examples import Example
 from datamodules.safety import ShardSampler
-from core.distributed import gather_objects, rank_and_world
+from core.distributed import accelerator_device, gather_objects, rank_and_world
 from core.files import atomic_write, file_lock
 from core.errors import UserError
 from core.generation import greedy_generate
@@ -78,10 +77,7 @@ def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[l
 def harvest_device(module) -> torch.device:
     """Where the harvest generates: it runs in run assembly, before Lightning has moved the model,
     so a GPU run would otherwise answer thousands of queries with a 7B model on the CPU."""
-    accelerator = str((module.hparams.get("trainer") or {}).get("accelerator", "auto"))
-    if torch.cuda.is_available() and accelerator != "cpu":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return module.device
+    return accelerator_device((module.hparams.get("trainer") or {}).get("accelerator", "auto"))
 
 
 def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> tuple[list[Example], dict]:

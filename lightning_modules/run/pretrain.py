@@ -25,6 +25,7 @@ from datamodules.examples import Example, vlguard_examples
 from datamodules.safety import DataFiles, SafetyDataModule
 from models.backbone import build_tiny
 from core.files import build_once
+from lightning_modules.config.trainer import make_trainer
 
 
 def corpus_texts(files: DataFiles, extra_words: list[str]) -> list[str]:
@@ -103,10 +104,10 @@ class OverallProgress(L.Callback):
 
 
 def _quiet_trainer(max_steps: int, root: Path, progress: OverallProgress) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False,
-                     enable_progress_bar=False, callbacks=[progress])
+    return make_trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=str(root), use_distributed_sampler=False,
+                        enable_progress_bar=False, callbacks=[progress])
 
 
 def base_cache_dir(cfg, files: DataFiles) -> Path:

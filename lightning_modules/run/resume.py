@@ -3,31 +3,18 @@ run's settings before anything is written."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from core.checkpoints import read_checkpoint
 from core.errors import UserError
+from lightning_modules.config.diff import changed_keys, flatten
 from lightning_modules.run.run_dir import is_finished
 
 
-# Settings that may differ on a resume without changing what is trained: cache locations, loader
-# workers, the encoding cache and the generation batch size.
-RESUME_EXEMPT = {"data.num_workers", "data.cache_encodings", "data.eval_batch_size", "data.world_root",
-                 "data.forget_retain.harvest_dir", "base.cache_dir"}
-RESUME_COMPARED = ("model", "base", "data", "method")
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+RESUME_COMPARED = ("model", "base", "data", "method")  # the sections that decide what is trained
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -44,9 +31,9 @@ def changed_settings(old: dict, cfg) -> list[str]:
     checkpoint's run config) and `cfg`."""
     new = OmegaConf.to_container(cfg, resolve=True)
     sections = [s for s in RESUME_COMPARED if isinstance(old.get(s), dict)]  # what the checkpoint recorded
-    a = {k: v for s in sections for k, v in _flatten(old[s], s).items()}
-    b = {k: v for s in sections for k, v in _flatten(new.get(s, {}), s).items()}
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUME_EXEMPT)
+    a = {k: v for s in sections for k, v in flatten(old[s], s).items()}
+    b = {k: v for s in sections for k, v in flatten(new.get(s, {}), s).items()}
+    changed = changed_keys(a, b)
     # `tiny` is replaced by the cached base's path once built; that path follows from model.tiny,
     # base and data, which are compared themselves.
     if b.get("model.name_or_path") == "tiny" and str(a.get("model.name_or_path", "")).startswith(
@@ -58,28 +45,6 @@ def changed_settings(old: dict, cfg) -> list[str]:
 def _sharded(path: Path) -> bool:
     """A DeepSpeed (`latest`, `checkpoint/`) or FSDP (`meta.pt`, `*.distcp`) checkpoint directory."""
     return any((path / name).exists() for name in ("latest", "checkpoint", "meta.pt")) or any(path.glob("*.distcp"))
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Every member of a checkpoint file checked (zip CRCs) and its header loaded (weights_only,
-    memory-mapped): a corrupt checkpoint is refused before anything is written."""
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise UserError(f"resume checkpoint {path} is not a PyTorch checkpoint (truncated or another file)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise UserError(f"resume checkpoint {path} is corrupt: {err}") from err
-    if bad is not None:
-        raise UserError(f"resume checkpoint {path} is corrupt: member '{bad}' fails its CRC check")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise UserError(f"cannot load resume checkpoint {path} with weights_only=True: "
-                        f"{str(err).strip().splitlines()[0]}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"resume checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt
 
 
 def resolve_checkpoint(cfg, run_dir: Path):
