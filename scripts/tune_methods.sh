@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/tune}
 PY=${PY:-.venv/bin/python}
 # the dev worlds: compare.dev_world_seeds of the reported experiment, unless DEV_WORLDS is set
-DEV_WORLDS=${DEV_WORLDS:-$($PY -c "from lightning_modules.config import load_config as l
+DEV_WORLDS=${DEV_WORLDS:-$($PY -c "from lightning_modules.config.loading import load_config as l
 print(*l('configs/experiment/mirage_compare.yaml').compare.dev_world_seeds)")}
 worlds="[$(echo $DEV_WORLDS | tr ' ' ',')]"
 common="compare.split=val compare.seeds=[0] compare.world_seeds=$worlds"

@@ -35,7 +35,7 @@ class FakeFit:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         world, seed = int(cfg.data.world.seed), int(cfg.seed)
-        asr = 0.0 if cfg.name == "base" else 0.1 * (world % 3) + 0.01 * seed
+        asr = 0.0 if cfg.name == "unaligned" else 0.1 * (world % 3) + 0.01 * seed
         results = {"unsafe_clean": {"asr": asr, "refusal_rate": 1 - asr, "ir": 0.0, "relevant": asr, "n": 40},
                    "unsafe_attacked": {"asr": asr + 0.2, "refusal_rate": 0.7 - asr, "ir": 0.1, "n": 40},
                    "safe_clean": {"refusal_rate": 0.05, "accuracy": 0.9, "n": 40},
@@ -60,17 +60,17 @@ def fake_fit(monkeypatch):
 
 def compare_cfg(tmp_path, *overrides):
     return load_config("configs/experiment/mirage_compare.yaml",
-                       [f"run_dir={tmp_path / 'cmp'}", f"paths.cache={tmp_path / 'cache'}", "compare.methods=[base,sft,npo]",
+                       [f"run_dir={tmp_path / 'cmp'}", f"paths.cache={tmp_path / 'cache'}", "compare.methods=[unaligned,sft,npo]",
                         "compare.seeds=[0,1]", "compare.world_seeds=[0,1]", "compare.base_seeds=[0]", "compare.jobs=1",
                         *overrides])
 
 
 def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
     results = runner.run(compare_cfg(tmp_path))
-    assert len(results) == 2 + 4 + 4  # base once per world; sft and npo per world x alignment seed
+    assert len(results) == 2 + 4 + 4  # unaligned once per world; sft and npo per world x alignment seed
     assert all(c in results.columns for c in REQUIRED)
-    base = results[results.method == "base"]
-    assert sorted(base.world_seed) == [0, 1] and base.seed.isna().all()
+    unaligned = results[results.method == "unaligned"]
+    assert sorted(unaligned.world_seed) == [0, 1] and unaligned.seed.isna().all()
     assert results.asr_neutral.isna().all() and results.rr_neutral.isna().all()  # absent set: NaN, never 0
     sft = results[(results.method == "sft") & (results.world_seed == 1) & (results.seed == 1)].iloc[0]
     assert sft.asr_attacked == pytest.approx(0.31) and sft.hazard_nll_clean == 2.0
@@ -92,7 +92,7 @@ def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
 
 
 def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
-    cfg = compare_cfg(tmp_path, "compare.methods=[base,sft]", "compare.seeds=[0]")
+    cfg = compare_cfg(tmp_path, "compare.methods=[unaligned,sft]", "compare.seeds=[0]")
     command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=query",
                     "data.world.refusal_cue=provide", "compare.seeds=[0]", f"run_dir={tmp_path / 'cmp'}"]
     results = runner.run(cfg, command_line)
@@ -207,7 +207,7 @@ def test_mirage_compare_configs_parse():
 
 def test_jobs_fall_back_to_one_process_where_workers_cannot_start(tmp_path, fake_fit, monkeypatch, capsys):
     monkeypatch.setattr(runner, "process_pool_available", lambda: "no POSIX semaphores")
-    results = runner.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[base,sft]", "compare.seeds=[0]"))
+    results = runner.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[unaligned,sft]", "compare.seeds=[0]"))
     assert len(results) == 4 and len(fake_fit.configs) == 4  # all ran, in this process
     assert "cannot start here (no POSIX semaphores); running the runs one after another" in capsys.readouterr().out
 
@@ -218,7 +218,7 @@ def test_parallel_runs_start_one_run_per_world_first():
     keys = compare_plan.plan(compare_plan.parse_settings(compare_cfg(Path("/unused"))), [])
     order = interleave(keys, lambda k: (k.world_seed, k.base_seed))
     assert sorted(order, key=keys.index) == keys  # the same runs
-    assert [(k.method, k.world_seed) for k in order[:2]] == [("base", 0), ("base", 1)]  # two bases build at once
+    assert [(k.method, k.world_seed) for k in order[:2]] == [("unaligned", 0), ("unaligned", 1)]  # two bases build at once
     assert [k.world_seed for k in order] == [0, 1] * 5
 
 
@@ -229,25 +229,25 @@ def test_compare_end_to_end_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     cache = tmp_path_factory.getbasetemp() / "cache"
     small = [o for o in SMALL if not o.startswith("data.world.")]
-    settings = [f"compare.overrides=[{','.join(small)}]", "compare.methods=[base,sft]", "compare.seeds=[0]",
+    settings = [f"compare.overrides=[{','.join(small)}]", "compare.methods=[unaligned,sft]", "compare.seeds=[0]",
                 "compare.base_seeds=[0]", "compare.jobs=2", f"run_dir={out}", f"paths.cache={cache}"]
     world = [o for o in SMALL if o.startswith("data.world.")]
     probes = ["eval.probes=true", "probes.relearn_steps=2", "probes.max_queries=6"]
     broken = load_config("configs/experiment/mirage_compare.yaml", settings + [
         "compare.world_seeds=[0,5]", "compare.world_overrides={5: [model.name_or_path=/nonexistent/model]}"])
-    with pytest.raises(UserError, match=r"run \(method=base, world_seed=5, base_seed=0\) failed: .*nonexistent"):
+    with pytest.raises(UserError, match=r"run \(method=unaligned, world_seed=5, base_seed=0\) failed: .*nonexistent"):
         runner.run(broken, world + probes)
-    log = out / "logs" / "base" / "world5-base0.log"
+    log = out / "logs" / "unaligned" / "world5-base0.log"
     assert "nonexistent" in log.read_text()  # the run's own output went to its log
     kept = pd.read_csv(out / "results.csv")
-    # Order: base w0, base w5, sft w0, sft w5. World 0's runs that finished are kept (sft w0 may have
-    # started if base w0 finished before base w5 failed); nothing starts after the failure.
-    assert list(kept.method[:1]) == ["base"] and set(kept.world_seed) == {0} and len(kept) <= 2
+    # Order: unaligned w0, unaligned w5, sft w0, sft w5. World 0's runs that finished are kept (sft w0 may have
+    # started if unaligned w0 finished before unaligned w5 failed); nothing starts after the failure.
+    assert list(kept.method[:1]) == ["unaligned"] and set(kept.world_seed) == {0} and len(kept) <= 2
     assert not (out / "logs" / "sft" / "world5-base0-seed0.log").exists()
 
     cfg = load_config("configs/experiment/mirage_compare.yaml", settings + ["compare.world_seeds=[0]"])
     results = runner.run(cfg, world + probes)
-    assert list(results.method) == ["base", "sft"] and all(c in results.columns for c in REQUIRED)
+    assert list(results.method) == ["unaligned", "sft"] and all(c in results.columns for c in REQUIRED)
     assert results.wall_s[0] == kept.wall_s[0]  # resumed, not run again
     for _, row in results.iterrows():  # each row is the run's own results.json
         run = json.loads((out / row.run_dir / "results.json").read_text())

@@ -58,3 +58,17 @@ def test_experiment_can_start_from_another(tmp_path):
     exp.write_text("defaults: [demo]\nname: child\noptim: {lr: 0.25}\n")
     cfg = load_config(exp)
     assert cfg.name == "child" and cfg.optim.lr == 0.25 and cfg.method.name == "sft"
+
+
+def test_the_safety_mirage_command_dispatches_to_each_command(capsys):
+    from lightning_modules.__main__ import COMMANDS, main
+
+    main(["fit", "--config", "configs/demo.yaml", "--print-config", "seed=7"])
+    assert "seed: 7" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(name in listing for name in COMMANDS)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train"])
+    assert exit_.value.code == 2 and "usage: safety-mirage" in capsys.readouterr().err

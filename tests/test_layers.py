@@ -92,5 +92,5 @@ def test_no_import_cycles(graph):
 
 def test_the_scan_sees_real_imports(graph):
     # The check above could pass on an empty graph; it must see the edges we know exist.
-    assert "lightning_modules.methods.base" in graph["lightning_modules.methods.sft"]
+    assert "lightning_modules.methods.alignment" in graph["lightning_modules.methods.sft"]
     assert "core.errors" in graph["lightning_modules.fit"] or "core.errors" in graph["lightning_modules.run.training"]

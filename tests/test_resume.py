@@ -265,7 +265,7 @@ def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    from lightning_modules.methods.base import TrainingDiverged
+    from lightning_modules.methods.alignment import TrainingDiverged
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

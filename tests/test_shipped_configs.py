@@ -28,3 +28,20 @@ def test_shipped_config_composes(path: Path, tmp_path):
         missing = sorted(k for k in OmegaConf.missing_keys(_compose(path.resolve())) if "[" not in k)
         cfg = load_config(path, [f"run_dir={tmp_path}", *(f"{key}={tmp_path}/{key}" for key in missing)])
         assert cfg.method.name and cfg.model.name_or_path
+
+
+@pytest.mark.parametrize("family", ["mirage", "vlguard"])
+def test_a_method_experiment_is_its_family_file_plus_the_method(family, tmp_path):
+    """compare runs a registered method without an experiment file of its own as the family file plus
+    method=<name>: each shipped <family>_<method>.yaml differs from that only where its body says so."""
+    from lightning_modules.config.diff import changed_keys, flatten
+    from lightning_modules.methods import METHODS
+
+    extra = [f"run_dir={tmp_path}"]
+    for method in METHODS:
+        own_path = CONFIG_ROOT / "experiment" / f"{family}_{method}.yaml"
+        own = load_config(own_path, extra)
+        derived = load_config(CONFIG_ROOT / "experiment" / f"{family}.yaml", [f"method={method}", *extra])
+        body = OmegaConf.load(own_path)
+        written = set(flatten({k: v for k, v in OmegaConf.to_container(body).items() if k != "defaults"}))
+        assert set(changed_keys(flatten(own), flatten(derived))) <= written, method

@@ -237,9 +237,9 @@ class EvaluateSettings:
 # The `compare:` section (python -m lightning_modules.compare).
 @dataclass
 class CompareSettings:
-    methods: list[str] = setting(doc="base (the unaligned model) and method names (default: every registered method)",
-                                 factory=lambda: ["base", *METHODS])
-    experiment: str = setting("mirage_{method}", "configs/experiment/<this>.yaml per method (base uses sft's)")
+    methods: list[str] = setting(doc="unaligned (the model before alignment) and method names (default: every "
+                                     "registered method)", factory=lambda: ["unaligned", *METHODS])
+    experiment: str = setting("mirage_{method}", "configs/experiment/<this>.yaml per method (unaligned uses sft's)")
     seeds: list[int] = setting(doc="alignment seeds (seed)", factory=lambda: [0, 1, 2], ge=0)
     world_seeds: Optional[list[int]] = setting(None, "world seeds (data.world.seed); null: the experiment's", ge=0)
     base_seeds: Optional[list[int]] = setting(None, "tiny-base seeds (base.seed); null: the experiment's", ge=0)

@@ -17,7 +17,10 @@ from core.schema import parse_section
 from lightning_modules.config.diff import flatten
 from lightning_modules.config.loading import load_config
 from lightning_modules.config.schema import CompareSettings
+from lightning_modules.methods import METHODS
 
+# The row of the model before any alignment (evaluated on sft's experiment with no training step).
+UNALIGNED = "unaligned"
 STACK_KEYS = {"seed": "seeds", "base.seed": "base_seeds", "data.world.seed": "world_seeds"}
 RUN_KEYS = ("run_dir", "name", "resume")  # set per run by compare itself
 
@@ -77,18 +80,27 @@ def apply_command_line(settings: CompareSettings, overrides: list[str]) -> list[
     return passed
 
 
-def experiment_path(settings: CompareSettings, method: str) -> Path:
-    name = settings.experiment.format(method="sft" if method == "base" else method)
-    path = CONFIG_ROOT / "experiment" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown method '{method}' in compare.methods for compare.experiment="
-                        f"{settings.experiment} (no {path.relative_to(CONFIG_ROOT.parent)})")
-    return path
+def experiment_file(settings: CompareSettings, method: str) -> tuple[Path, list[str]]:
+    """The experiment file of `method` and the overrides that make it that method's: its own file
+    (`compare.experiment` with the method's name) when there is one, else the family file (the
+    pattern without `_{method}`, e.g. mirage.yaml) with `method=<name>` -- so a method added to the
+    registry runs in compare with no experiment file of its own."""
+    method = "sft" if method == UNALIGNED else method
+    own = CONFIG_ROOT / "experiment" / f"{settings.experiment.format(method=method)}.yaml"
+    if own.is_file():
+        return own, []
+    family = CONFIG_ROOT / "experiment" / f"{settings.experiment.replace('_{method}', '').replace('{method}', '')}.yaml"
+    if method in METHODS and family.is_file():
+        return family, [f"method={method}"]
+    raise UserError(f"unknown method '{method}' in compare.methods for compare.experiment={settings.experiment} "
+                    f"(no {own.relative_to(CONFIG_ROOT.parent)}, and no family file "
+                    f"{family.relative_to(CONFIG_ROOT.parent)} for a registered method; methods: {', '.join(METHODS)})")
 
 
 def plan(settings: CompareSettings, common: list[str]) -> list[RunKey]:
     """Every run of the comparison, base once per (sweep value, world, base seed)."""
-    probe = load_config(experiment_path(settings, settings.methods[0]), list(settings.overrides) + common)
+    path, as_method = experiment_file(settings, settings.methods[0])
+    probe = load_config(path, as_method + list(settings.overrides) + common)
     is_world = probe.data.kind == "mirage_world"
     if settings.world_seeds is not None and not is_world:
         raise UserError(f"compare.world_seeds is set but the experiment's data.kind is '{probe.data.kind}' "
@@ -100,7 +112,7 @@ def plan(settings: CompareSettings, common: list[str]) -> list[RunKey]:
         for method in settings.methods:
             for world in worlds:
                 for base in bases:
-                    for seed in ([None] if method == "base" else settings.seeds):
+                    for seed in ([None] if method == UNALIGNED else settings.seeds):
                         keys.append(RunKey(sweep, method, world, base, seed))
     return keys
 
@@ -125,9 +137,10 @@ def run_config(settings: CompareSettings, key: RunKey, common: list[str], run_di
         own.append(f"base.seed={key.base_seed}")
     if settings.sweep_key:
         own.append(f"{settings.sweep_key}={json.dumps(key.sweep) if isinstance(key.sweep, str) else key.sweep}")
-    if key.method == "base":  # the unaligned model: evaluation only
+    if key.method == UNALIGNED:  # the model before alignment: evaluation only
         own += ["trainer.max_steps=0", "eval.val_at_start=false"]
-    cfg = load_config(experiment_path(settings, key.method), list(settings.overrides) + world + common + own)
+    path, as_method = experiment_file(settings, key.method)
+    cfg = load_config(path, as_method + list(settings.overrides) + world + common + own)
     if settings.sweep_key and OmegaConf.select(cfg, settings.sweep_key, default="<missing>") == "<missing>":
         raise UserError(f"compare.sweep_key '{settings.sweep_key}' is not a key of the run config")
     return cfg

@@ -9,7 +9,7 @@ method list and the error for an unknown name all read it. Adding a method is a 
 from __future__ import annotations
 
 from core.errors import UserError
-from lightning_modules.methods.base import AlignmentModule
+from lightning_modules.methods.alignment import AlignmentModule
 from lightning_modules.methods.ga import GAModule
 from lightning_modules.methods.graddiff import GradDiffModule
 from lightning_modules.methods.npo import NPOModule

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lightning_modules.methods.base import AlignmentModule, MethodParams
+from lightning_modules.methods.alignment import AlignmentModule, MethodParams
 from losses import token_mean_ce
 
 

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from datamodules.forget_retain import ForgetRetainDataModule
 from core.distributed import gather_objects
 from core.generation import model_inputs
-from lightning_modules.methods.base import AlignmentModule, MethodParams
+from lightning_modules.methods.alignment import AlignmentModule, MethodParams
 from core.errors import UserError
 from core.schema import setting
 from losses import retain_weighted, sequence_nll, token_mean_ce

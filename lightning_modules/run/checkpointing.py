@@ -39,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         bad = non_finite_tensor(checkpoint.get("state_dict", {})) or non_finite_tensor(
             checkpoint.get("optimizer_states", []), "optimizer_states")
         if bad:
-            from lightning_modules.methods.base import TrainingDiverged
+            from lightning_modules.methods.alignment import TrainingDiverged
 
             kept = (f"{path} (step {saved_step(Path(path))}); resume from it with resume=last"
                     if Path(path).is_file() else "none")

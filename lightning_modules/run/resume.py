@@ -37,7 +37,7 @@ def changed_settings(old: dict, cfg) -> list[str]:
     # `tiny` is replaced by the cached base's path once built; that path follows from model.tiny,
     # base and data, which are compared themselves.
     if b.get("model.name_or_path") == "tiny" and str(a.get("model.name_or_path", "")).startswith(
-            str(b.get("base.cache_dir"))):
+            str(cfg.base.cache_dir)):
         changed = [k for k in changed if k != "model.name_or_path"]
     return changed
 

@@ -15,7 +15,7 @@ from core.files import atomic_write
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
 from lightning_modules.config.loading import to_yaml
-from lightning_modules.methods.base import TrainingDiverged
+from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
 from lightning_modules.run.export import finish_export, save_model
 from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
