@@ -281,8 +281,8 @@ def _draw(rng, rgb, shape: str, size: int, ambiguous: bool) -> Image.Image:
 
 
 # -- records -----------------------------------------------------------------------------------
-def _split(cfg: WorldConfig, split: str, table: list[dict], out: Path) -> list[dict]:
-    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), cfg.version])
+def _split_classes(cfg: WorldConfig, split: str, table: list[dict], rng) -> list[str]:
+    """The object class of each record of `split`, shuffled."""
     benign = [c["name"] for c in table if not c["hazard"]]
     covered = [h for h in cfg.hazards if h not in cfg.held_out_hazards]
     if split == "base":
@@ -296,58 +296,75 @@ def _split(cfg: WorldConfig, split: str, table: list[dict], out: Path) -> list[d
         groups = [g for g in (covered, list(cfg.held_out_hazards)) if g]
         w = {h: 1 / (len(groups) * len(g)) for g in groups for h in g}
         classes = _quota(n, w, rng) + _quota(n, dict.fromkeys(benign, 1), rng)
-    classes = [classes[i] for i in rng.permutation(len(classes))]
-    info = {c["name"]: c for c in table}
-    n_hz = sum(info[c]["hazard"] for c in classes)
-    n_amb = round(cfg.ambiguous_fraction * len(classes))
-    amb = _quota(len(classes), {True: n_amb, False: len(classes) - n_amb}, rng)
-    cues = {"safe": iter(_quota(len(classes) - n_hz, _cue_weights(cfg, split, True), rng)),
-            # stratified, so hazard and harmful-intent queries both carry counterexamples
-            "hazard": iter(_quota(n_hz, _cue_weights(cfg, split, False), rng)),
-            "hurt": iter(_quota(len(classes) - n_hz, _cue_weights(cfg, split, False), rng))}
-    intents = iter(_quota(len(classes) - n_hz, dict.fromkeys(BENIGN_INTENTS, 1), rng))
-    # Safety set only: hazard images that are also asked an answered colour / shape question.
+    return [classes[i] for i in rng.permutation(len(classes))]
+
+
+def _split_draws(cfg: WorldConfig, split: str, n: int, n_hz: int, rng) -> dict:
+    """Per-record streams of a split: ambiguity, cue words (stratified, so hazard and harmful-intent
+    queries both carry counterexamples), benign intents, and which hazard images are also asked an
+    answered question (safety set only)."""
+    n_amb = round(cfg.ambiguous_fraction * n)
+    draws = {"ambiguous": _quota(n, {True: n_amb, False: n - n_amb}, rng),
+             "safe": iter(_quota(n - n_hz, _cue_weights(cfg, split, True), rng)),
+             "hazard": iter(_quota(n_hz, _cue_weights(cfg, split, False), rng)),
+             "hurt": iter(_quota(n - n_hz, _cue_weights(cfg, split, False), rng)),
+             "intents": iter(_quota(n - n_hz, dict.fromkeys(BENIGN_INTENTS, 1), rng))}
     n_ask = round(cfg.hazard_safe_rate * n_hz) if split == "safety_train" else 0
-    asked = iter(_quota(n_hz, {True: n_ask, False: n_hz - n_ask}, rng) if n_ask else [False] * n_hz)
+    draws["asked"] = iter(_quota(n_hz, {True: n_ask, False: n_hz - n_ask}, rng) if n_ask else [False] * n_hz)
     if n_ask:
-        cues["hazard_safe"] = iter(_quota(n_ask, _cue_weights(cfg, split, True), rng))
-        cues["hazard_safe_intent"] = iter(_quota(n_ask, {"color": 1, "shape": 1}, rng))
+        draws["hazard_safe"] = iter(_quota(n_ask, _cue_weights(cfg, split, True), rng))
+        draws["hazard_safe_intent"] = iter(_quota(n_ask, {"color": 1, "shape": 1}, rng))
+    return draws
+
+
+def _row(key: str, cue: str, intent: str, c: dict, safe: bool, answered: bool, rng) -> dict:
+    """One instruction/response row: answered from the image if safe; else the hazard's content
+    (`answered`: the unaligned base corpus) or a refusal."""
+    phrase = INTENTS[intent][int(rng.integers(2))].format(obj=OBJECT_REFS[int(rng.integers(3))])
+    it = {key: render_instruction(cue, phrase)}
+    if safe:
+        ans = {"color": c["color"], "shape": c["shape"], "make": c["recipe"]}[intent]
+        resp = ans if intent == "make" else ("the object is {}." if rng.integers(2) else "it is {}.").format(
+            ans if intent == "color" else "a " + ans)
+        it.update(response=resp, answer=ans, harmful_keywords=None)
+    else:
+        harm, kw = (c["recipe"], c["recipe_keywords"]) if intent == "make" else (c["harm"], c["harm_keywords"])
+        refusal = REFUSALS[int(rng.integers(len(REFUSALS)))]
+        it.update(response=harm if answered else refusal, answer=None, harmful_keywords=list(kw),
+                  harmful_response=harm)
+    it.update(cue=cue, intent=intent)
+    return it
+
+
+def _split(cfg: WorldConfig, split: str, table: list[dict], out: Path) -> list[dict]:
+    """The records of one split, their images drawn into `out/images`."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), cfg.version])
+    classes = _split_classes(cfg, split, table, rng)
+    info = {c["name"]: c for c in table}
+    draws = _split_draws(cfg, split, len(classes), sum(info[c]["hazard"] for c in classes), rng)
     prefix = "safety" if split == "safety_train" else split
     answered = split == "base"  # the unaligned corpus answers everything
 
-    def item(key, cue, intent, c, safe):
-        phrase = INTENTS[intent][int(rng.integers(2))].format(obj=OBJECT_REFS[int(rng.integers(3))])
-        it = {key: render_instruction(cue, phrase)}
-        if safe:
-            ans = {"color": c["color"], "shape": c["shape"], "make": c["recipe"]}[intent]
-            resp = ans if intent == "make" else ("the object is {}." if rng.integers(2) else "it is {}.").format(
-                ans if intent == "color" else "a " + ans)
-            it.update(response=resp, answer=ans, harmful_keywords=None)
-        else:
-            harm, kw = (c["recipe"], c["recipe_keywords"]) if intent == "make" else (c["harm"], c["harm_keywords"])
-            refusal = REFUSALS[int(rng.integers(len(REFUSALS)))]
-            it.update(response=harm if answered else refusal, answer=None, harmful_keywords=list(kw),
-                      harmful_response=harm)
-        it.update(cue=cue, intent=intent)
-        return it
+    def row(key, cue, intent, c, safe):
+        return _row(key, cue, intent, c, safe, answered, rng)
 
     records = []
-    for i, (name, ambiguous) in enumerate(zip(classes, amb)):
+    for i, (name, ambiguous) in enumerate(zip(classes, draws["ambiguous"])):
         c, rid = info[name], f"{prefix}_{i:05d}"
         _draw(rng, PALETTE[c["color"]], c["shape"], cfg.image_size, ambiguous).save(
             out / "images" / f"{rid}.png", format="PNG", compress_level=1)
         rec = {"id": rid, "image": f"images/{rid}.png", "safe": not c["hazard"]}
-        if c["hazard"] and next(asked):  # VLGuard's paired layout: `safe` says the image may be discussed
+        if c["hazard"] and next(draws["asked"]):  # VLGuard's paired layout: `safe` says the image may be discussed
             rec.update(safe=True, harmful_category="hazard", harmful_subcategory=name)
             rec["instr-resp"] = [
-                item("safe_instruction", next(cues["hazard_safe"]), next(cues["hazard_safe_intent"]), c, True),
-                item("unsafe_instruction", next(cues["hazard"]), "make", c, False)]
+                row("safe_instruction", next(draws["hazard_safe"]), next(draws["hazard_safe_intent"]), c, True),
+                row("unsafe_instruction", next(draws["hazard"]), "make", c, False)]
         elif c["hazard"]:
             rec.update(harmful_category="hazard", harmful_subcategory=name)
-            rec["instr-resp"] = [item("instruction", next(cues["hazard"]), "make", c, False)]
+            rec["instr-resp"] = [row("instruction", next(draws["hazard"]), "make", c, False)]
         else:
-            rec["instr-resp"] = [item("safe_instruction", next(cues["safe"]), next(intents), c, True),
-                                 item("unsafe_instruction", next(cues["hurt"]), "hurt", c, False)]
+            rec["instr-resp"] = [row("safe_instruction", next(draws["safe"]), next(draws["intents"]), c, True),
+                                 row("unsafe_instruction", next(draws["hurt"]), "hurt", c, False)]
         rec["world"] = {"color": c["color"], "shape": c["shape"], "hazard": c["hazard"],
                         "held_out": c["held_out"], "ambiguous": bool(ambiguous)}
         records.append(rec)

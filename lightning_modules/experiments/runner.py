@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pandas as pd
 from omegaconf import OmegaConf
 
 from core.errors import UserError
+from core.files import atomic_write
 from lightning_modules.config.loading import to_yaml
 from lightning_modules.experiments.parallel_runs import interleave, process_pool_available, run_parallel
 from lightning_modules.config.diff import changed_keys, flatten
@@ -24,6 +25,79 @@ from lightning_modules.run import training
 from lightning_modules.run.run_dir import fresh_run_dir
 
 
+@dataclasses.dataclass
+class PlannedRun:
+    """One run of the plan: its key, its fit config (hashed as planned), and its finished row if
+    results.csv already holds one for this config."""
+
+    key: RunKey
+    cfg: Any
+    digest: str
+    row: Optional[dict] = None
+
+    def label(self) -> str:
+        return self.key.label()
+
+
+def stale_keys(out: Path, row: dict, cfg_run) -> list[str]:
+    """The settings that changed since `row`'s run (["?"] when its config.yaml is gone)."""
+    old_yaml = out / row["run_dir"] / "config.yaml"
+    if not old_yaml.is_file():
+        return ["?"]
+    # model.name_or_path: fit rewrites it to the cached base's path
+    return [k for k in changed_keys(flatten(OmegaConf.load(old_yaml)), flatten(cfg_run), shared_only=True)
+            if k != "model.name_or_path"]
+
+
+def plan_runs(settings, common: list[str], out: Path, done: dict[tuple, dict]) -> list[PlannedRun]:
+    """Every planned run with its config, and the finished row it keeps: a row made with another run
+    config is refused (on_stale=refuse) or dropped to be redone, before anything runs."""
+    planned = []
+    for key in plan(settings, common):
+        cfg_run = run_config(settings, key, common, run_path(out, key, settings.sweep_key))
+        run = PlannedRun(key, cfg_run, config_hash(cfg_run), done.get(key_tuple(key)))
+        if run.row is not None and run.row["config_hash"] != run.digest:
+            diff = stale_keys(out, run.row, cfg_run)
+            changed = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+            if not diff:  # the same run under a grown schema: keep it, under the new hash
+                run.row = {**run.row, "config_hash": run.digest}
+            elif settings.on_stale == "refuse":
+                raise UserError(f"{out / 'results.csv'}: the finished run ({run.label()}) was made with another run "
+                                f"config (changed: {changed}); pass compare.on_stale=redo to run it again, or use "
+                                "a new run_dir")
+            else:
+                print(f"compare: redoing ({run.label()}): its run config changed ({changed})")
+                run.row = None
+        planned.append(run)
+    return planned
+
+
+def execute(todo: list[PlannedRun], jobs: int, out: Path, record) -> None:
+    """Run `todo`, one after another in this process or `jobs` at a time in worker processes;
+    `record(run, wall_seconds)` after each."""
+    if jobs > 1 and len(todo) > 1 and (why := process_pool_available()):
+        print(f"compare: compare.jobs={jobs} needs worker processes, which cannot start here ({why}); "
+              "running the runs one after another")
+        jobs = 1
+    if jobs == 1 or len(todo) <= 1:
+        for run in todo:
+            start = time.perf_counter()
+            training.run(run.cfg)  # sets run.cfg.run_dir to the directory it used
+            record(run, time.perf_counter() - start)
+        return
+    # Runs of different worlds first: runs of one world wait for its base to be built.
+    todo = interleave(todo, lambda run: (run.key.world_seed, run.key.base_seed))
+    print(f"compare: {len(todo)} runs, {jobs} at a time; each run's output: {out / 'logs'}")
+    progress = iter(range(1, len(todo) + 1))
+
+    def finished(run: PlannedRun, wall: float) -> None:
+        record(run, wall)
+        print(f"compare: [{next(progress)}/{len(todo)}] {run.label()}: {wall:.0f} s", flush=True)
+
+    tasks = [(run, run.cfg, out / "logs" / f"{Path(run.cfg.run_dir).relative_to(out)}.log") for run in todo]
+    run_parallel(tasks, jobs, finished, PlannedRun.label)
+
+
 def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     """Run (or resume) every planned run and write the tables and figures; `command_line` holds the
     compare command's own key=value overrides, which reach every run."""
@@ -34,77 +108,30 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
         common.append(f"threads={cfg.threads}")
     out = Path(cfg.run_dir)
     csv = out / "results.csv"
-    previous = read_results(csv).to_dict("records") if csv.exists() else []
-    done = {row_key(r): r for r in previous}
-    keys = plan(settings, common)
-    dev = sorted({k.world_seed for k in keys} & set(settings.dev_world_seeds))
+    done = {row_key(r): r for r in (read_results(csv).to_dict("records") if csv.exists() else [])}
+    planned = plan_runs(settings, common, out, done)
+    dev = sorted({run.key.world_seed for run in planned} & set(settings.dev_world_seeds))
     if dev and settings.split == "test":
         print(f"compare: world seed(s) {dev} are dev worlds (compare.dev_world_seeds), used to choose "
               "hyperparameters: this table is not a held-out result")
-    # Every planned config first: a stale row is refused before anything runs.
-    planned = []
-    for key in keys:
-        path = run_path(out, key, settings.sweep_key)
-        row = done.get(key_tuple(key))
-        cfg_run = run_config(settings, key, common, path)
-        digest = config_hash(cfg_run)
-        if row is not None and row["config_hash"] != digest:
-            old_yaml = out / row["run_dir"] / "config.yaml"
-            # model.name_or_path: fit rewrites it to the cached base's path
-            diff = [k for k in changed_keys(flatten(OmegaConf.load(old_yaml)), flatten(cfg_run), shared_only=True)
-                    if k != "model.name_or_path"] if old_yaml.is_file() else ["?"]
-            changed = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
-            if not diff:  # the same run under a grown schema: keep it, under the new hash
-                row = {**row, "config_hash": digest}
-        if row is not None and row["config_hash"] != digest:
-            if settings.on_stale == "refuse":
-                raise UserError(f"{csv}: the finished run ({key.label()}) was made with another run config "
-                                f"(changed: {changed}); pass compare.on_stale=redo to run it again, or use a new run_dir")
-            print(f"compare: redoing ({key.label()}): its run config changed ({changed})")
-            row = None
-        planned.append((key, path, digest, row, cfg_run))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    dropped = len(done.keys() - {key_tuple(k) for k in keys})
+    atomic_write(out / "config.yaml", to_yaml(cfg), what="compare config")
+    dropped = len(done.keys() - {key_tuple(run.key) for run in planned})
     if dropped:
         print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
-    rows = [row for _, _, _, row, _ in planned if row is not None]
-    kept = len(rows)
-    todo = []  # (key, digest, run config) of each run still to do, in its own fresh directory
-    for key, path, digest, row, cfg_run in planned:
-        if row is None:
-            cfg_run.run_dir = str(fresh_run_dir(path))  # not hashed: the config as planned, moved
-            todo.append((key, digest, cfg_run))
+    rows = [run.row for run in planned if run.row is not None]
+    todo = [run for run in planned if run.row is None]
+    for run in todo:
+        run.cfg.run_dir = str(fresh_run_dir(Path(run.cfg.run_dir)))  # not hashed: the config as planned, moved
 
-    def record(key: RunKey, digest: str, cfg_run, wall: float) -> None:
-        run_dir = Path(cfg_run.run_dir)
-        rows.append({**dataclasses.asdict(key), **metrics_row(run_dir), "rho": world_rho(run_dir),
-                     "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": digest})
+    def record(run: PlannedRun, wall: float) -> None:
+        run_dir = Path(run.cfg.run_dir)
+        rows.append({**dataclasses.asdict(run.key), **metrics_row(run_dir), "rho": world_rho(run_dir),
+                     "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": run.digest})
         write_results(rows, csv)  # after every run
 
-    jobs = settings.jobs
-    if jobs > 1 and len(todo) > 1 and (why := process_pool_available()):
-        print(f"compare: compare.jobs={jobs} needs worker processes, which cannot start here ({why}); "
-              "running the runs one after another")
-        jobs = 1
-    if jobs == 1 or len(todo) <= 1:
-        for key, digest, cfg_run in todo:
-            start = time.perf_counter()
-            training.run(cfg_run)  # sets cfg_run.run_dir to the directory it used
-            record(key, digest, cfg_run, time.perf_counter() - start)
-    else:
-        # Runs of different worlds first: runs of one world wait for its base to be built.
-        todo = interleave(todo, lambda item: (item[0].world_seed, item[0].base_seed))
-        total = len(todo)
-        print(f"compare: {total} runs, {jobs} at a time; each run's output: {out / 'logs'}")
-
-        def finished(item, wall: float) -> None:
-            record(*item, wall)
-            print(f"compare: [{len(rows) - kept}/{total}] {item[0].label()}: {wall:.0f} s", flush=True)
-
-        tasks = [(item, item[2], out / "logs" / f"{Path(item[2].run_dir).relative_to(out)}.log") for item in todo]
-        run_parallel(tasks, jobs, finished, lambda item: item[0].label())
-    order = {key_tuple(k): i for i, (k, *_rest) in enumerate(planned)}
+    execute(todo, settings.jobs, out, record)
+    order = {key_tuple(run.key): i for i, run in enumerate(planned)}
     rows.sort(key=lambda r: order[row_key(r)])
     results = write_results(rows, csv)
     summary = summarize(results, settings.confidence)
@@ -112,5 +139,3 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     plot_all(results, summary, settings, out)
     print(f"\n{text}\nwritten to {out}")
     return results
-
-

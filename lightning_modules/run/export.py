@@ -89,22 +89,38 @@ def _yaml(node) -> str:
     return OmegaConf.to_yaml(node).strip()
 
 
+def _loading_code(merged: bool, lora: bool) -> tuple[str, str]:
+    """(what the directory holds, the code that loads it)."""
+    if lora and not merged:
+        return ("a LoRA adapter (base model recorded in adapter_config.json)",
+                "from peft import AutoPeftModel\nfrom transformers import AutoProcessor\n"
+                "model = AutoPeftModel.from_pretrained(PATH)\nprocessor = AutoProcessor.from_pretrained(PATH)")
+    kind = "the full model" + (" (LoRA adapter merged; the adapter itself is in ../adapter)" if merged else "")
+    return kind, ("from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+                  "model = AutoModelForImageTextToText.from_pretrained(PATH)\n"
+                  "processor = AutoProcessor.from_pretrained(PATH)")
+
+
+def _results_section(cfg, results: Optional[pd.DataFrame]) -> list[str]:
+    """The test table and the mirage gaps (metrics.gaps) of the card."""
+    if results is None or results.empty:
+        return ["Not evaluated (`eval.test_at_end=false`)."]
+    lines = ["Greedy answers to the four eval sets; refusal by keyword preset "
+             f"`{cfg.eval.refusal_preset}`, harmful compliance by judge `{cfg.eval.judge}` "
+             "(ASR + IR + refusal rate = 1 on every set).", "",
+             results.to_markdown(floatfmt=".3f", missingval="–"), ""]
+    gaps = safety_gaps({name: row.dropna().to_dict() for name, row in results.iterrows()})
+    return lines + [f"- {name} ({GAPS[name][2]} of {GAPS[name][0]} - {GAPS[name][1]}): {value:+.3f}"
+                    for name, value in gaps.items()]
+
+
 def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, base: Optional[str] = None,
                model_type: str = "") -> str:
     """README.md of the exported model: what it is, how it was made, what it scored, how to load it.
     `base`: the base recorded in the adapter config (default: from `model.name_or_path`)."""
     base = base or base_model_reference(cfg.model.name_or_path) or f"{cfg.model.name_or_path} (random weights)"
     method = cfg.method.name
-    if lora and not merged:
-        load = ("from peft import AutoPeftModel\nfrom transformers import AutoProcessor\n"
-                "model = AutoPeftModel.from_pretrained(PATH)\n"
-                "processor = AutoProcessor.from_pretrained(PATH)")
-        kind = "a LoRA adapter (base model recorded in adapter_config.json)"
-    else:
-        load = ("from transformers import AutoModelForImageTextToText, AutoProcessor\n"
-                "model = AutoModelForImageTextToText.from_pretrained(PATH)\n"
-                "processor = AutoProcessor.from_pretrained(PATH)")
-        kind = "the full model" + (" (LoRA adapter merged; the adapter itself is in ../adapter)" if merged else "")
+    kind, load = _loading_code(merged, lora)
     keys = ("kind", "world", "train_file", "val_file", "test_file", "image_dir", "general_file", "general_ratio",
             "batch_size", "max_length")
     data = OmegaConf.masked_copy(cfg.data, [k for k in keys if cfg.data.get(k) not in (None, {}, "")])
@@ -124,18 +140,9 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, b
         "## Hyperparameters", "", "```yaml", _yaml(OmegaConf.create({"optim": cfg.optim, "trainer": cfg.trainer})),
         "```", "",
         "## Results on the test split", "",
+        *_results_section(cfg, results),
+        "", "## Loading", "", "```python", load.replace("PATH", '"path/to/this/directory"'), "```", "",
     ]
-    if results is None or results.empty:
-        lines += ["Not evaluated (`eval.test_at_end=false`)."]
-    else:
-        lines += ["Greedy answers to the four eval sets; refusal by keyword preset "
-                  f"`{cfg.eval.refusal_preset}`, harmful compliance by judge `{cfg.eval.judge}` "
-                  "(ASR + IR + refusal rate = 1 on every set).", "",
-                  results.to_markdown(floatfmt=".3f", missingval="–"), ""]
-        gaps = safety_gaps({name: row.dropna().to_dict() for name, row in results.iterrows()})
-        lines += [f"- {name} ({GAPS[name][2]} of {GAPS[name][0]} - {GAPS[name][1]}): {value:+.3f}"
-                  for name, value in gaps.items()]
-    lines += ["", "## Loading", "", "```python", load.replace("PATH", '"path/to/this/directory"'), "```", ""]
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         lines += ["Without torchvision (which Qwen2-VL's video processor needs), load the processor with "
                   "`models.backbone.load_processor` of safety-mirage: the same processor, for images only.", ""]

@@ -47,26 +47,23 @@ def _sharded(path: Path) -> bool:
     return any((path / name).exists() for name in ("latest", "checkpoint", "meta.pt")) or any(path.glob("*.distcp"))
 
 
-def resolve_checkpoint(cfg, run_dir: Path):
-    """`resume`: "last" (this run dir's last.ckpt), a checkpoint path, or "auto": the newest of
-    last.ckpt and the checkpoints Lightning saves when SLURM pre-empts a job (hpc_ckpt_N.ckpt),
-    else a fresh start -- one command for a job that a cluster may requeue.
-
-    Before anything is written: the checkpoint is checked whole; a finished run is resumed only to
-    train further (trainer.max_steps above its step; `archive_finished_run` keeps its results); a
-    change of model, base, data or method settings is refused unless resume_allow_changes=true."""
-    if not cfg.resume:
-        return None
+def checkpoint_to_resume(cfg, run_dir: Path) -> Path | None:
+    """The path `resume` names: "last" (this run dir's last.ckpt), a checkpoint path, or "auto": the
+    newest of last.ckpt and the checkpoints Lightning saves when SLURM pre-empts a job
+    (hpc_ckpt_N.ckpt), else None -- one command for a job that a cluster may requeue."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.resume == "auto":
         found = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
-        if not found:
-            return None
-        path = max(found, key=lambda p: p.stat().st_mtime)
-    else:
-        path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
     if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
         raise UserError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def saved_settings(path: Path, run_dir: Path) -> tuple[dict, int | None]:
+    """The settings a checkpoint was trained with (its hyperparameters, completed by the run's
+    config.yaml) and its step; the file is checked whole first."""
     old_cfg, step = {}, None
     if path.is_dir():
         if not _sharded(path):
@@ -78,12 +75,24 @@ def resolve_checkpoint(cfg, run_dir: Path):
     # The module's hyperparameters leave `model` out (a name it ignores): the run's config.yaml has it.
     for section, value in _run_config(run_dir).items():
         old_cfg.setdefault(section, value)
-    if old_cfg:
-        changed = changed_settings(old_cfg, cfg)
-        if changed and not cfg.resume_allow_changes:
-            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-            raise UserError(f"resume checkpoint {path} was trained with other settings: {shown} changed "
-                            "(set them back, or pass resume_allow_changes=true)")
+    return old_cfg, step
+
+
+def resolve_checkpoint(cfg, run_dir: Path):
+    """The checkpoint to resume from (`checkpoint_to_resume`), or None for a fresh start.
+
+    Before anything is written: the checkpoint is checked whole; a change of model, base, data or
+    method settings is refused unless resume_allow_changes=true; a finished run is resumed only to
+    train further (trainer.max_steps above its step; `archive_finished_run` keeps its results)."""
+    path = checkpoint_to_resume(cfg, run_dir) if cfg.resume else None
+    if path is None:
+        return None
+    old_cfg, step = saved_settings(path, run_dir)
+    changed = changed_settings(old_cfg, cfg) if old_cfg else []
+    if changed and not cfg.resume_allow_changes:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise UserError(f"resume checkpoint {path} was trained with other settings: {shown} changed "
+                        "(set them back, or pass resume_allow_changes=true)")
     if is_finished(run_dir):
         max_steps = cfg.trainer.get("max_steps", -1)
         if step is None or max_steps is None or max_steps < 0 or max_steps <= step:
