@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from core.errors import cli_main
 from lightning_modules.config.loading import config_cli
+from lightning_modules.config.schema import CompareConfig
 from lightning_modules.experiments.runner import run
 
 
@@ -29,7 +30,7 @@ from lightning_modules.experiments.runner import run
 def main(argv: list[str]) -> None:
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     config_cli(argv, "python -m lightning_modules.compare", __doc__.splitlines()[0],
-               "configs/experiment/mirage_compare.yaml", lambda cfg: run(cfg, overrides))
+               "configs/experiment/mirage_compare.yaml", lambda cfg: run(cfg, overrides), CompareConfig)
 
 
 if __name__ == "__main__":

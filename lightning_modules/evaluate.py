@@ -23,12 +23,13 @@ from __future__ import annotations
 from core.errors import cli_main
 from lightning_modules.analysis.evaluation import evaluate
 from lightning_modules.config.loading import config_cli
+from lightning_modules.config.schema import EvaluateConfig
 
 
 @cli_main
 def main(argv: list[str]) -> None:
     config_cli(argv, "python -m lightning_modules.evaluate", __doc__.splitlines()[0],
-               "configs/evaluate/vlguard_paper.yaml", evaluate)
+               "configs/evaluate/vlguard_paper.yaml", evaluate, EvaluateConfig)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,16 @@ class VLMJudge:
         name = str(model_cfg.name_or_path) + (f"@{model_cfg.revision}" if model_cfg.revision else "")
         return cls(model, processor, name=name, **kwargs)
 
+    @classmethod
+    def from_judge_settings(cls, settings, *, image_mode: str, default_cache: str | Path,
+                            device: str | torch.device) -> "VLMJudge":
+        """The judge a config section describes (`eval.vlm_judge` of fit, `evaluate.judge` of the
+        evaluate command: model, batch size, lengths, prefilter, cache)."""
+        return cls.from_settings(settings.model, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                                 max_length=settings.max_length, image_mode=image_mode,
+                                 use_prefilter=settings.prefilter, cache_path=settings.cache or default_cache,
+                                 device=device)
+
     # -- cache ------------------------------------------------------------------------------------
     def key(self, item: JudgeItem) -> str:
         protocol = get_protocol(item.protocol)

@@ -151,11 +151,9 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
                      harmful=harmful)
         return name
     if judge is None:
-        js = settings.judge
-        judge = VLMJudge.from_settings(js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens,
-                                       max_length=js.max_length, image_mode=cfg.data.image_mode,
-                                       use_prefilter=js.prefilter, cache_path=js.cache or run_dir / "judge_cache.jsonl",
-                                       device=str(accelerator_device(cfg.trainer.get("accelerator", "auto"))))
+        judge = VLMJudge.from_judge_settings(settings.judge, image_mode=cfg.data.image_mode,
+                                             default_cache=run_dir / "judge_cache.jsonl",
+                                             device=accelerator_device(cfg.trainer.get("accelerator", "auto")))
     protocols = {f.name: f.judge_protocol or settings.judge.protocol for f in settings.files}
     print(f"judging {len(asked)} non-refused answers to unsafe queries with {judge.name}")
     verdicts = judge([JudgeItem(r["prompt"], r["response"], r["image"], protocols[r["set"]]) for r in asked])

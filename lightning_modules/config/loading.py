@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from core.errors import UserError
 from core.paths import CONFIG_ROOT
 from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown
-from lightning_modules.config.schema import COMMAND_SECTIONS, GROUPS, RunConfig
+from lightning_modules.config.schema import COMMAND_SECTIONS, GROUPS, ROOTS, FitConfig
 from lightning_modules.methods import get_method
 
 # Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
@@ -102,17 +102,30 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def _validate(cfg: DictConfig) -> DictConfig:
+def root_of(cfg: DictConfig) -> type:
+    """The root schema a composed config asks for: a command section (`evaluate:`, `compare:`) names
+    its command's root, anything else is a fit config."""
+    found = [key for key in ROOTS if key in cfg]
+    if len(found) > 1:
+        raise UserError(f"a config is for one command, this one has {' and '.join(f'`{k}:`' for k in found)} sections")
+    return ROOTS[found[0]] if found else FitConfig
+
+
+def _validate(cfg: DictConfig, root: type) -> DictConfig:
     """Types, unknown keys, ranges and choices of every section, before anything is loaded."""
+    for section, command_root in ROOTS.items():
+        if section in cfg and not issubclass(root, command_root):
+            raise UserError(f"this config has an `{section}:` section, which belongs to the {section} command: "
+                            f"python -m lightning_modules.{section} --config FILE")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(root), cfg)
     except OmegaConfBaseException as err:
         raise config_error(err) from err
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:
         raise UserError(f"cannot resolve config: {str(err).splitlines()[0]}") from err
-    parse_section(merged, RunConfig, "")  # declared ranges and choices of the typed sections
+    parse_section(merged, root, "")  # declared ranges and choices of the typed sections
     _check_trainer(merged.trainer)
     _check_method(merged.method)
     if merged.data.kind == "mirage_world":
@@ -123,7 +136,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         except ValueError as err:  # WorldConfig's own cross-field checks
             raise UserError(f"invalid value for config key data.world.{err}") from err
     for section, settings_class in COMMAND_SECTIONS.items():
-        if merged[section]:
+        if merged.get(section):
             parse_section(merged[section], settings_class, section)
     return merged
 
@@ -143,9 +156,9 @@ def _check_method(method: DictConfig) -> None:
     get_method(method.name).parse_params(method)
 
 
-def settings_help() -> str:
-    """Every config key with its default, allowed values and doc (the epilog of --help)."""
-    rows = field_docs(RunConfig)
+def settings_help(root: type = FitConfig) -> str:
+    """Every config key of a command with its default, allowed values and doc (the epilog of --help)."""
+    rows = field_docs(root)
     width = max(len(key) for key, *_ in rows)
     lines = ["config keys (key=value overrides; method.*, trainer.*, evaluate.*, compare.* are checked by "
              "their method, lightning.Trainer and the command):"]
@@ -153,27 +166,30 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `path`, apply `key=value` overrides, validate against the schema, resolve."""
+def load_config(path: str | Path, overrides: list[str] | None = None, root: type | None = None) -> DictConfig:
+    """Compose `path`, apply `key=value` overrides, validate against the root schema of a command
+    (`root`; by default the one the config's sections ask for, `root_of`), resolve."""
     cfg = _compose(Path(path).resolve())
     cfg = _apply_overrides(cfg, overrides or [])
-    return _validate(cfg)
+    return _validate(cfg, root or root_of(cfg))
 
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable) -> None:
-    """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug]."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(),
+def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable,
+               root: type = FitConfig) -> None:
+    """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug];
+    the config is checked against the command's root schema `root`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(root),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, root)
     if args.print_config:
         print(to_yaml(cfg))
         return

@@ -268,7 +268,9 @@ class ProbeSettings:
 
 
 @dataclass
-class RunConfig:
+class FitConfig:
+    """The root of a `fit` config (and of every run compare plans)."""
+
     name: str = setting("run", "run name")
     seed: int = setting(0, "seed of the run", ge=0)
     run_dir: str = setting("runs/${name}", "where the run writes")
@@ -288,12 +290,25 @@ class RunConfig:
     logger: dict[str, Any] = setting(doc="experiment loggers, `<kind>: {kwargs}` with kind tensorboard | csv | wandb "
                                      "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
                                      factory=dict)
-    evaluate: dict[str, Any] = setting(doc="the evaluate command (EvaluateSettings)", factory=dict)
-    compare: dict[str, Any] = setting(doc="the compare command (CompareSettings)", factory=dict)
     probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; ProbeSettings)", factory=dict)
 
 
+@dataclass
+class EvaluateConfig(FitConfig):
+    """The root of an `evaluate` config: the model and data sections of a run, plus `evaluate:`."""
+
+    evaluate: dict[str, Any] = setting(doc="the evaluate command (EvaluateSettings)", factory=dict)
 
 
-# Command sections, typed and checked when a config sets them (`evaluate:`, `compare:`, `probes:`).
+@dataclass
+class CompareConfig(FitConfig):
+    """The root of a `compare` config: the sections every planned run starts from, plus `compare:`."""
+
+    compare: dict[str, Any] = setting(doc="the compare command (CompareSettings)", factory=dict)
+
+
+# Sections typed by their own settings class, checked when a config sets them (the class holds
+# dicts there so that an experiment file and a command line can leave any of them out).
 COMMAND_SECTIONS = {"evaluate": EvaluateSettings, "compare": CompareSettings, "probes": ProbeSettings}
+# Which command a config belongs to, by the command section it carries (fit: neither).
+ROOTS = {"evaluate": EvaluateConfig, "compare": CompareConfig}

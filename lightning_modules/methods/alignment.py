@@ -139,12 +139,10 @@ class AlignmentModule(L.LightningModule):
         if self._vlm_judge is None:
             from metrics.vlm_judge import VLMJudge
 
-            js = self.eval_cfg.vlm_judge
             # The run dir as run assembly chose it (a `_N` sibling of a finished run), from the config.
-            cache = js.cache or f"{self.hparams['run_dir']}/judge_cache.jsonl"
-            self._vlm_judge = VLMJudge.from_settings(
-                js.model, batch_size=js.batch_size, max_new_tokens=js.max_new_tokens, max_length=js.max_length,
-                image_mode=self.image_mode, use_prefilter=js.prefilter, cache_path=cache, device=self.device)
+            self._vlm_judge = VLMJudge.from_judge_settings(
+                self.eval_cfg.vlm_judge, image_mode=self.image_mode, device=self.device,
+                default_cache=f"{self.hparams['run_dir']}/judge_cache.jsonl")
         return self._vlm_judge
 
     def judge_batch(self, examples: list, responses: list[str]) -> tuple[list[Verdict], list[bool]]:
