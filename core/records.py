@@ -8,6 +8,7 @@ top level that is not a list, an empty split, and fields of the wrong type (`fie
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from core.errors import UserError
+from core.parquet_images import image_bytes, parse_ref
 
 _MISSING = object()
 
@@ -135,11 +137,13 @@ def _image_error(path, record_id, err: BaseException) -> UserError:
 def read_image(path: str | Path, record_id: Any, header_only: bool = False):
     """The image as RGB (or, with `header_only`, its size from the header: milliseconds per
     thousand files). Missing, a directory, corrupt, truncated, or a decompression bomb (PIL's
-    pixel limit) is one line naming the file and the record."""
+    pixel limit) is one line naming the file and the record. `path` may also be a parquet image
+    reference (`core.parquet_images`), decoded from the bytes stored in the file."""
     try:
+        source = io.BytesIO(image_bytes(path, record_id)) if parse_ref(path) else path
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # huge is refused, not slow
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 return img.size if header_only else img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # UnidentifiedImageError and truncated data are OSErrors; some plugins raise SyntaxError / ValueError.
