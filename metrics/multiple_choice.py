@@ -1,6 +1,7 @@
 """Multiple-choice accuracy (ScienceQA-IMG, MMBench): which option a free-form answer picks.
 
-The prompt is LLaVA's: the question, one line per option ("A. text"), then `MC_PROMPT`. Models
+The prompt is LLaVA's (`datamodules.benchmarks.prompts`): the question, one line per option
+("A. text"), then "Answer with the option's letter from the given choices directly." Models
 mostly answer with the letter, but not always in the same way; `extract_choice` reads, in order:
 
 1. the whole answer is a letter: "B", "b", "(B)", "B.", "[B]", "**B**";
@@ -23,9 +24,6 @@ from typing import Mapping, Optional, Sequence
 
 from core.errors import UserError
 
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-LETTERS = "ABCDEFGHIJ"
-
 _WHOLE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:)]?")
 _LEADING = re.compile(r"[(\[]?([A-Z])(?:[)\]]|[.:](?!\w))")
 _PHRASE = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be))?\s*[:\-]?\s*"
@@ -33,19 +31,6 @@ _PHRASE = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be)
 _ALONE = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
 _ARTICLE_A = re.compile(r"(?<![\w'])A\s+[a-z]")
 _MARKUP = re.compile(r"[*`_]+")
-
-
-def option_letters(n: int) -> str:
-    if not 2 <= n <= len(LETTERS):
-        raise UserError(f"a multiple-choice question needs 2 to {len(LETTERS)} options, got {n}")
-    return LETTERS[:n]
-
-
-def format_question(question: str, options: Mapping[str, str], hint: Optional[str] = None,
-                    prompt: Optional[str] = MC_PROMPT) -> str:
-    """LLaVA's layout: [hint]\\nquestion\\nA. option ...\\nprompt."""
-    lines = ([hint] if hint else []) + [question] + [f"{k}. {v}" for k, v in options.items()]
-    return "\n".join(lines + ([prompt] if prompt else []))
 
 
 def _words(text: str) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from core.errors import UserError
-from metrics.multiple_choice import MC_PROMPT, extract_choice, format_question, multiple_choice_accuracy
+from datamodules.benchmarks.prompts import MC_PROMPT, format_question
+from metrics.multiple_choice import extract_choice, multiple_choice_accuracy
 from metrics.vqa_accuracy import normalize_vqa_answer, vqa_accuracy, vqa_score
 from metrics.yes_no import mme_answer, mme_scores, pope_answer, pope_scores
 
