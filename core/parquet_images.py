@@ -47,9 +47,10 @@ def _row_group(path: str, group: int, column: str) -> list:
 def image_bytes(ref: str, record_id) -> bytes:
     """The encoded image (PNG, JPEG, ...) a reference points at."""
     path, column, row = parse_ref(ref)
-    meta = _parquet_file(path).metadata
-    if column not in meta.schema.names:
-        raise UserError(f"{path}: no column {column!r} (record id={record_id}); columns: {', '.join(meta.schema.names)}")
+    file = _parquet_file(path)
+    meta, names = file.metadata, file.schema_arrow.names
+    if column not in names:
+        raise UserError(f"{path}: no column {column!r} (record id={record_id}); columns: {', '.join(names)}")
     start = 0
     for group in range(meta.num_row_groups):
         size = meta.row_group(group).num_rows

@@ -1,0 +1,147 @@
+"""Utility benchmark readers on small fixtures in their real formats (lmms-lab parquet releases and
+LLaVA's evaluation files), images decoded lazily, scored by score_task."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark_fixtures import lmms_lab_releases, save_image, vqa_answers, write_json, write_jsonl
+from core.errors import UserError
+from core.parquet_images import parse_ref
+from datamodules.benchmarks import TASK_KINDS, UTILITY_KINDS, read_task
+from datamodules.benchmarks.prompts import MC_PROMPT, SHORT_ANSWER
+from datamodules.collate import check_images, load_image
+from metrics.benchmark_scores import example_scores, score_task
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    return lmms_lab_releases(tmp_path_factory.mktemp("lmms_lab"))
+
+
+def test_every_utility_kind_reads_its_parquet_release(releases):
+    assert set(releases) == set(UTILITY_KINDS)
+    for kind, path in releases.items():
+        examples = read_task(kind, path.parent)  # a folder of parquet files, as a download leaves it
+        assert examples and all(ex.safe and ex.subset == "utility" and ex.answer for ex in examples), kind
+        assert all(parse_ref(ex.image) for ex in examples), kind  # images stay in the file until needed
+
+
+def test_parquet_images_decode_lazily_across_row_groups(releases):
+    examples = read_task("vqav2", releases["vqav2"])
+    check_images(examples)  # header reads through the references
+    sizes = [load_image(ex).size for ex in examples]
+    assert sizes == [(8, 6), (9, 6), (10, 6)]  # row 2 sits in the second row group
+    assert load_image(examples[0], "blank").size == (8, 6)
+
+
+def test_vqav2_records_and_scores(releases):
+    examples = read_task("vqav2", releases["vqav2"])
+    assert examples[0].instruction == f"How many dogs?\n{SHORT_ANSWER}"
+    assert examples[0].answer == "2" and len(examples[0].extra["answers"]) == 10
+    assert [ex.category for ex in examples] == ["number", "other", "yes/no"]
+    # "Two" matches 9 humans' "2" after normalisation (1.0); "red" matches 2 of 10 (0.6); "yes" 0
+    assert example_scores("vqav2", examples, ["Two", "Red.", "yes"]) == pytest.approx([1.0, 0.6, 0.0])
+    rows = score_task("vqav2", examples, ["Two", "Red.", "yes"])
+    assert rows["all"] == pytest.approx({"vqa_accuracy": 1.6 / 3})
+    assert rows["other"] == pytest.approx({"vqa_accuracy": 0.6})
+
+
+def test_textvqa_gives_ocr_tokens_and_normalises_every_answer(releases):
+    [ex] = read_task("textvqa", releases["textvqa"])
+    assert ex.instruction == f"What brand is it?\nReference OCR token: NIKE, just\n{SHORT_ANSWER}"
+    assert read_task("textvqa", releases["textvqa"], ocr=False)[0].instruction == f"What brand is it?\n{SHORT_ANSWER}"
+    assert score_task("textvqa", [ex], ["NIKE"])["all"]["vqa_accuracy"] == 1.0
+
+
+def test_multiple_choice_records_and_scores(releases):
+    sqa = read_task("scienceqa_img", releases["scienceqa_img"])
+    assert sqa[0].instruction == f"Context: Look at the animals.\nWhich is a mammal?\nA. shark\nB. whale\nC. trout\n{MC_PROMPT}"
+    assert sqa[1].instruction.startswith("Which is hot?")  # an empty hint gives no context line
+    assert [ex.answer for ex in sqa] == ["B", "B"]
+    rows = score_task("scienceqa_img", sqa, ["The answer is B.", "fire"])
+    assert rows["all"] == {"accuracy": 1.0, "extracted": 1.0}
+    [mmb] = read_task("mmbench", releases["mmbench"])
+    assert mmb.extra["options"] == {"A": "a cat", "B": "a dog", "C": "a bird"}  # D is empty
+    assert score_task("mmbench", [mmb], ["I don't know"])["all"] == {"accuracy": 0.0, "extracted": 0.0}
+
+
+def test_yes_no_records_and_scores(releases):
+    pope = read_task("pope", releases["pope"])
+    assert pope[0].instruction == f"Is there a dog in the image?\n{SHORT_ANSWER}"
+    rows = score_task("pope", pope, ["Yes, there is.", "No"])
+    assert rows["all"]["accuracy"] == 1.0 and set(rows) == {"all", "adversarial", "random"}
+    mme = read_task("mme", releases["mme"])
+    assert [ex.id for ex in mme] == ["code_reasoning/0020.png#1", "code_reasoning/0020.png#2"]
+    rows = score_task("mme", mme, ["Yes", "Yes"])
+    assert rows["code_reasoning"] == pytest.approx({"accuracy": 0.5, "accuracy_plus": 0.0, "score": 50.0})
+    assert rows["all"]["cognition_score"] == 50.0
+
+
+def test_llava_evaluation_files(tmp_path):
+    img = save_image(tmp_path / "images" / "COCO_1.jpg")
+    q = write_jsonl(tmp_path / "vqav2.jsonl", [{"question_id": 5, "image": img.name, "category": "default",
+                                                "text": f"How many?\n{SHORT_ANSWER}"}])
+    ann = write_json(tmp_path / "ann.json", {"annotations": [
+        {"question_id": 5, "answers": vqa_answers(("3", 10)), "answer_type": "number"}]})
+    [ex] = read_task("vqav2", q, tmp_path / "images", annotations=str(ann))
+    assert ex.image == str(img) and ex.instruction == f"How many?\n{SHORT_ANSWER}"
+    assert score_task("vqav2", [ex], ["three"])["all"]["vqa_accuracy"] == 1.0
+
+    tq = write_jsonl(tmp_path / "textvqa.jsonl", [{"question_id": "img9", "image": img.name,
+                     "text": f"what is written?\nReference OCR token: STOP\n{SHORT_ANSWER}"}])
+    tann = write_json(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
+        {"question_id": 44, "image_id": "img9", "question": "What is written?", "answers": ["stop"] * 10}]})
+    assert read_task("textvqa", tq, tmp_path / "images", annotations=str(tann))[0].extra["answers"] == ["stop"] * 10
+
+    pq_ = write_jsonl(tmp_path / "llava_pope_test.jsonl", [
+        {"question_id": 1, "image": img.name, "text": "Is there a dog?", "category": "popular"},
+        {"question_id": 2, "image": img.name, "text": "Is there a cat?", "category": "popular"}])
+    write_jsonl(tmp_path / "coco" / "coco_pope_popular.json", [{"question_id": 1, "label": "yes"},
+                                                                {"question_id": 2, "label": "no"}])
+    assert [ex.answer for ex in read_task("pope", pq_, annotations=str(tmp_path / "coco"))] == ["yes", "no"]
+
+    mq = write_jsonl(tmp_path / "llava_mme.jsonl", [
+        {"question_id": "OCR/1.jpg", "image": "OCR/1.jpg", "text": "Is it A? Please answer yes or no.", "category": "OCR"}])
+    (tmp_path / "MME" / "OCR").mkdir(parents=True)
+    (tmp_path / "MME" / "OCR" / "1.txt").write_text("Is it A? Please answer yes or no.\tYes\n")
+    [mme] = read_task("mme", mq, annotations=str(tmp_path / "MME"))
+    assert mme.answer == "yes" and mme.extra["image_key"] == "OCR/1.jpg"
+
+
+def test_scienceqa_release_folder(tmp_path):
+    write_json(tmp_path / "problems.json", {
+        "10": {"question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1, "hint": "", "image": "image.png",
+               "subject": "physics"},
+        "11": {"question": "No picture here", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None}})
+    write_json(tmp_path / "pid_splits.json", {"test": ["10", "11"], "val": []})
+    save_image(tmp_path / "images" / "test" / "10" / "image.png")
+    [ex] = read_task("scienceqa_img", tmp_path)  # problem 11 has no image: not in ScienceQA-IMG
+    assert ex.answer == "B" and load_image(ex).size == (10, 8)
+
+
+def test_bad_utility_inputs_are_one_line_errors(tmp_path, releases):
+    cases = [
+        (lambda: read_task("vqa", releases["vqav2"]), "unknown benchmark kind 'vqa'"),
+        (lambda: read_task("vqav2", tmp_path / "nope"), "benchmark data not found"),
+        (lambda: read_task("mmbench", releases["vqav2"]), "no column 'index'; is this a MMBench file?"),
+        (lambda: read_task("vqav2", releases["vqav2"], variant="SD"), "takes no option 'variant'"),
+        (lambda: read_task("vqav2", releases["vqav2"], annotations="x"), "parquet release takes no option 'annotations'"),
+        (lambda: read_task("vqav2", write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "text": "?"}])),
+         "needs annotations="),
+        (lambda: read_task("pope", write_jsonl(tmp_path / "p.jsonl", [{"id": 1}]), annotations="x"),
+         "line 1 has no 'question_id'"),
+        (lambda: read_task("vqav2", write_jsonl(tmp_path / "q2.jsonl", [{"question_id": 1, "text": "?"}]),
+                           tmp_path / "no_images", annotations="a.json"), "image folder not found"),
+        (lambda: score_task("vqav2", read_task("vqav2", releases["vqav2"]), ["a"]), "1 responses for 3 questions"),
+        (lambda: score_task("mm_safetybench", [], []), "is a safety benchmark"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UserError, match=message.replace("?", r"\?").replace("(", r"\(")) as err:
+            call()
+        assert "\n" not in str(err.value)
+    [ex] = read_task("textvqa", releases["textvqa"])
+    ex.extra.pop("answers")
+    with pytest.raises(UserError, match="id=7 carries no reference 'answers'"):
+        score_task("textvqa", [ex], ["nike"])
+    assert set(TASK_KINDS) >= set(UTILITY_KINDS)
