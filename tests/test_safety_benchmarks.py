@@ -85,6 +85,11 @@ def test_spa_vl_test_splits(tmp_path):
     assert harm[1].category == "Hate" and load_image(harm[2]).size == (10, 6)
     [help_] = read_task("spa_vl_help", tmp_path / "SPA-VL")
     assert help_.safe and help_.subset == "safe_safes"
+    out = tmp_path / "spa_vl_harm.json"  # converted: the parquet image references survive the VLGuard format
+    benchmarks_main(["convert", "--kind", "spa_vl_harm", "--path", str(tmp_path / "SPA-VL"), "--out", str(out)])
+    assert load_image(vlguard_examples(out)[2]).size == (10, 6)
+    with pytest.raises(UserError, match="id=0 is a benign query"):
+        benchmarks_main(["convert", "--kind", "spa_vl_help", "--path", str(tmp_path / "SPA-VL"), "--out", str(out)])
 
 
 def test_convert_writes_vlguard_format(mm_safetybench, tmp_path, capsys):
