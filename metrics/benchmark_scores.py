@@ -10,15 +10,24 @@ bootstrap intervals). The Examples are those `datamodules.benchmarks.read_task` 
 | mme | accuracy, accuracy_plus (per subtask), perception_score, cognition_score (all row) | 1 / 0 |
 
 All metrics are in [0, 1] except MME's scores (0..200 per subtask, summed as MME reports them).
+
+Answers written by LLaVA's own evaluation scripts (JSON lines `{question_id, prompt, text, ...}`,
+in question-file order) are scored with
+
+    python -m metrics.benchmark_scores KIND PATH --answers ANSWERS.jsonl [--annotations A] [--image-dir D] [--split S]
 """
 
 from __future__ import annotations
 
+import argparse
 from collections import defaultdict
 from typing import Sequence
 
-from core.errors import UserError
-from datamodules.benchmarks import TASK_KINDS
+import pandas as pd
+
+from core.errors import UserError, cli_main
+from core.records import read_jsonl
+from datamodules.benchmarks import TASK_KINDS, UTILITY_KINDS, read_task
 from datamodules.examples import Example
 from metrics.multiple_choice import extract_choice
 from metrics.vqa_accuracy import vqa_score
@@ -80,3 +89,36 @@ def score_task(kind: str, examples: Sequence[Example], responses: Sequence[str])
         return _rows(examples, lambda ix: pope_scores([responses[i] for i in ix], [examples[i].answer for i in ix]))
     return mme_scores(responses, [ex.answer for ex in examples], [ex.category or "" for ex in examples],
                       [ex.extra.get("image_key", ex.id) for ex in examples])
+
+
+def llava_responses(path, examples: Sequence[Example]) -> list[str]:
+    """The `text` of each line of a LLaVA answers file, checked line by line against the questions."""
+    rows = read_jsonl(path, "answers file")
+    if len(rows) != len(examples):
+        raise UserError(f"{path}: {len(rows)} answers for {len(examples)} questions")
+    for n, (row, ex) in enumerate(zip(rows, examples), 1):
+        if not isinstance(row.get("text"), str):
+            raise UserError(f"{path}: line {n} has no 'text' answer")
+        if "question_id" in row and str(row["question_id"]) != str(ex.extra.get("question_id")):
+            raise UserError(f"{path}: line {n} answers question_id {row['question_id']!r}, but question {n} "
+                            f"is {ex.extra.get('question_id')!r}; answers must follow the question file's order")
+    return [row["text"] for row in rows]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m metrics.benchmark_scores", description="Score a utility "
+                                     "benchmark's answers (a LLaVA answers file) with the benchmark's official rules.")
+    parser.add_argument("kind", choices=UTILITY_KINDS)
+    parser.add_argument("path", help="the benchmark: parquet file/folder, LLaVA question file or release folder")
+    parser.add_argument("--answers", required=True, help="JSON lines {question_id, text}, one per question, in order")
+    parser.add_argument("--annotations", default=None)
+    parser.add_argument("--image-dir", default=None)
+    parser.add_argument("--split", default=None)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    examples = read_task(args.kind, args.path, args.image_dir, annotations=args.annotations, split=args.split)
+    rows = score_task(args.kind, examples, llava_responses(args.answers, examples))
+    print(pd.DataFrame.from_dict(rows, orient="index").to_markdown(floatfmt=".4f"))
+
+
+if __name__ == "__main__":
+    cli_main(main)()

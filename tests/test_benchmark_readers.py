@@ -12,6 +12,7 @@ from datamodules.benchmarks import TASK_KINDS, UTILITY_KINDS, read_task
 from datamodules.benchmarks.prompts import MC_PROMPT, SHORT_ANSWER
 from datamodules.collate import check_images, load_image
 from metrics.benchmark_scores import example_scores, score_task
+from metrics.benchmark_scores import main as score_main
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +146,16 @@ def test_bad_utility_inputs_are_one_line_errors(tmp_path, releases):
     with pytest.raises(UserError, match="id=7 carries no reference 'answers'"):
         score_task("textvqa", [ex], ["nike"])
     assert set(TASK_KINDS) >= set(UTILITY_KINDS)
+
+
+def test_scoring_a_llava_answers_file(tmp_path, capsys):
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": "x.jpg", "text": f"Q{i}?"} for i in (1, 2)])
+    ann = write_json(tmp_path / "ann.json", {"annotations": [
+        {"question_id": 1, "answers": vqa_answers(("cat", 10))}, {"question_id": 2, "answers": vqa_answers(("dog", 10))}]})
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 1, "prompt": "Q1?", "text": "Cat."},
+                                                 {"question_id": 2, "prompt": "Q2?", "text": "a cat"}])
+    score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(answers)])
+    assert "| all |         0.5000 |" in capsys.readouterr().out
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", [{"question_id": 2, "text": "dog"}, {"question_id": 1, "text": "cat"}])
+    with pytest.raises(UserError, match="line 1 answers question_id 2, but question 1 is 1"):
+        score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(swapped)])

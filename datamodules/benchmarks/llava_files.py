@@ -88,7 +88,8 @@ def textvqa_llava(path: Path, image_dir: Optional[Path], annotations=None) -> li
             raise UserError(f"{path}: line {n}: no annotation in {ann_path} for image {row['question_id']} "
                             f"and question {lines[0]!r}")
         out.append(vqa_example(f"{path}: line {n}", f"{row['question_id']}:{ann.get('question_id')}",
-                               _image(image_dir, row), row["text"], ann.get("answers"), prompt=None))
+                               _image(image_dir, row), row["text"], ann.get("answers"), prompt=None,
+                               question_id=row["question_id"]))
     return out
 
 

@@ -37,7 +37,7 @@ def _example(qid, image: Optional[str], instruction: str, answer: str, category,
 
 
 def vqa_example(where: str, qid, image, question: str, answers: list, category=None, prompt: str = SHORT_ANSWER,
-                ocr_tokens: Optional[list] = None) -> Example:
+                ocr_tokens: Optional[list] = None, question_id=None) -> Example:
     """A short-answer question; `answers` are the human answers (ten in VQAv2 and TextVQA)."""
     answers = [a.get("answer") if isinstance(a, dict) else a for a in (answers or [])]
     if not answers or not all(isinstance(a, str) for a in answers):
@@ -48,7 +48,7 @@ def vqa_example(where: str, qid, image, question: str, answers: list, category=N
         lines.append("Reference OCR token: " + ", ".join(map(str, ocr_tokens)))
     most_common = Counter(answers).most_common(1)[0][0]
     return _example(qid, image, "\n".join(lines + ([prompt] if prompt else [])), most_common, category,
-                    answers=answers, question_id=qid)
+                    answers=answers, question_id=qid if question_id is None else question_id)
 
 
 def choice_example(where: str, qid, image, question: str, options: dict, gold: str, hint=None, category=None,
@@ -66,7 +66,7 @@ def yes_no_example(where: str, qid, image, question: str, answer: str, category,
     if label not in ("yes", "no"):
         raise UserError(f"{where} (question_id={qid}): the answer {answer!r} is not yes or no")
     return _example(qid, image, f"{question.strip()}\n{prompt}" if prompt else question.strip(), label, category,
-                    question_id=qid, image_key=image_key)
+                    question_id=image_key or qid, image_key=image_key)  # MME: the id LLaVA's files use
 
 
 def _blank(value) -> bool:
