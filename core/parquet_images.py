@@ -44,6 +44,23 @@ def _row_group(path: str, group: int, column: str) -> list:
     return _parquet_file(path).read_row_group(group, columns=[column]).column(0).to_pylist()
 
 
+@functools.lru_cache(maxsize=64)
+def _footer(path: str) -> tuple[int, tuple[str, ...]]:
+    file = _parquet_file(path)
+    return file.metadata.num_rows, tuple(file.schema_arrow.names)
+
+
+def check_ref(ref: str, record_id) -> None:
+    """The file, column and row a reference names exist (the footer only: decoding every embedded
+    image up front would read the whole release)."""
+    path, column, row = parse_ref(ref)
+    rows, names = _footer(path)
+    if column not in names:
+        raise UserError(f"{path}: no column {column!r} (record id={record_id}); columns: {', '.join(names)}")
+    if row >= rows:
+        raise UserError(f"{path}: no row {row} (record id={record_id}); the file has {rows} rows")
+
+
 def image_bytes(ref: str, record_id) -> bytes:
     """The encoded image (PNG, JPEG, ...) a reference points at."""
     path, column, row = parse_ref(ref)

@@ -11,6 +11,7 @@ from transformers import BatchFeature
 
 from datamodules.examples import Example
 from core.errors import UserError
+from core.parquet_images import check_ref, parse_ref
 from core.records import read_image
 
 IGNORE_INDEX = -100
@@ -33,7 +34,8 @@ def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> 
 
 def check_images(examples, image_mode: str = "real") -> None:
     """Fail before training, not hours into it, on a missing or unreadable image: every file must
-    exist and have an image header PIL identifies (a header read, milliseconds per thousand)."""
+    exist and have an image header PIL identifies (a header read, milliseconds per thousand). An
+    image inside a parquet release is checked by the file's footer (its file, column and row)."""
     if image_mode != "real":
         return
     seen = set()
@@ -41,7 +43,10 @@ def check_images(examples, image_mode: str = "real") -> None:
         if ex.image is None or ex.image in seen:
             continue
         seen.add(ex.image)
-        read_image(ex.image, ex.id, header_only=True)
+        if parse_ref(ex.image):
+            check_ref(ex.image, ex.id)
+        else:
+            read_image(ex.image, ex.id, header_only=True)
 
 
 def _messages(instruction: str, response: Optional[str], with_image: bool,

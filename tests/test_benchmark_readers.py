@@ -3,6 +3,8 @@ LLaVA's evaluation files), images decoded lazily, scored by score_task."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from benchmark_fixtures import lmms_lab_releases, save_image, vqa_answers, write_json, write_jsonl
@@ -159,3 +161,15 @@ def test_scoring_a_llava_answers_file(tmp_path, capsys):
     swapped = write_jsonl(tmp_path / "swapped.jsonl", [{"question_id": 2, "text": "dog"}, {"question_id": 1, "text": "cat"}])
     with pytest.raises(UserError, match="line 1 answers question_id 2, but question 1 is 1"):
         score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(swapped)])
+
+
+def test_parquet_image_checks_name_the_file_and_row(releases, tmp_path):
+    [ex] = read_task("textvqa", releases["textvqa"])
+    file = ex.image.split("#")[0]
+    for ref, message in ((f"{file}#image/5", "no row 5 .*the file has 1 rows"),
+                         (f"{file}#picture/0", "no column 'picture'"),
+                         (f"{tmp_path}/gone.parquet#image/0", "parquet file not found")):
+        with pytest.raises(UserError, match=message):
+            check_images([replace(ex, image=ref)])
+        with pytest.raises(UserError, match=message):
+            load_image(replace(ex, image=ref))
