@@ -22,6 +22,9 @@ import random
 import re
 import sys
 
+from core.errors import UserError
+from core.files import atomic_write
+
 from . import grammar
 from .audit import WORD_RE, _Parser, audit
 from .records import load_records
@@ -355,10 +358,9 @@ def main(argv=None) -> int:
         out = attack.rewrite_file(records)
         if not out:
             raise ValueError(f"{args.input}: no instructions to rewrite for --attack {args.attack}")
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=4, ensure_ascii=False)
-    except (ValueError, OSError) as e:
-        msg = str(e) if isinstance(e, ValueError) else f"{e.filename or args.output}: {e.strerror}"
+        atomic_write(args.output, json.dumps(out, indent=4, ensure_ascii=False), what="rewritten file")
+    except (ValueError, OSError, UserError) as e:
+        msg = f"{e.filename or args.output}: {e.strerror}" if isinstance(e, OSError) else str(e)
         named = any(f and f in msg for f in (args.input, args.output, args.cue_from))
         print(f"error: {msg if named else f'{args.input}: {msg}'}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from PIL import Image
 
+from core.files import atomic_write
 from lightning_modules.config.loading import load_config
 from lightning_modules.run.assembly import build_run
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"(torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, median of "
           f"{args.steps - WARMUP} steps after {WARMUP} warm-up)")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
+        atomic_write(args.out, json.dumps(rows, indent=1), what="benchmark results")
     return rows
 
 

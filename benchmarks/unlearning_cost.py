@@ -31,6 +31,7 @@ from PIL import Image
 from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from core.files import atomic_write
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from datamodules.forget_retain import KeyedCollator
@@ -186,7 +187,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print(report(results))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        atomic_write(args.out, json.dumps(results, indent=1), what="benchmark results")
 
 
 if __name__ == "__main__":

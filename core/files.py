@@ -1,8 +1,17 @@
 """Files shared between processes, written so a reader never sees half of one.
 
+This module is the one door through which the project writes files (results, samples, caches,
+figures, world images, exports, logs it owns); a full disk or a read-only directory ends in one
+line naming what was being written, and files written earlier stay whole.
+
 - `atomic_write(path, data)`: temp file next to the target + fsync + `os.replace`; a reader sees
   the old file or the new one. An OSError (disk full, read-only) becomes one `UserError` naming
-  what was being written, and the old file is left as it was.
+  what was being written, and the old file is left as it was. `save_image` / `save_figure` render
+  to memory first and go through it.
+- `append_lines(path, lines)`: line-atomic appends (one `write` on an `O_APPEND` descriptor; a
+  failed write is cut back to the file's previous length). `read_lines(path)` drops a half line
+  left by a crash, with a warning.
+- `writing(what, path)`: the same one line for a writer we do not own (TensorBoard, `save_pretrained`).
 - `file_lock(path)`: an exclusive `fcntl.flock` on a lock file. The OS drops it when the process
   dies, so a crashed holder never leaves a stale lock (the file itself may stay; it is empty).
 - `build_once(final, build)`: a cache entry built in a temporary sibling directory and published
@@ -15,13 +24,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from core.errors import UserError
+from core.records import decode
 
 
 def io_error(what: str, path, err: OSError) -> UserError:
@@ -44,23 +56,120 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: str | bytes, what: str = "file") -> None:
-    """Write `data` to `path` atomically; an OSError leaves the previous file intact."""
+@contextlib.contextmanager
+def writing(what: str, path) -> Iterator[None]:
+    """Run a writer we do not own (TensorBoard, `save_pretrained`, ...): an OSError inside becomes
+    the one line of `io_error`."""
+    try:
+        yield
+    except OSError as err:
+        raise io_error(what, path, err) from err
+
+
+def atomic_write(path: str | Path, data: str | bytes, what: str = "file", durable: bool = True) -> None:
+    """Write `data` to `path` atomically; an OSError leaves the previous file intact. `durable=False`
+    skips the fsyncs, for files inside a staging directory that is itself published by one rename."""
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, payload)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         raise io_error(what, path, err) from err
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def save_image(image, path: str | Path, what: str = "image", durable: bool = False, **options) -> None:
+    """A PIL image encoded in memory, then written by `atomic_write`."""
+    buffer = io.BytesIO()
+    image.save(buffer, **{"format": Path(path).suffix.lstrip(".").upper() or "PNG", **options})
+    atomic_write(path, buffer.getvalue(), what=what, durable=durable)
+
+
+def save_figure(fig, path: str | Path, what: str = "figure", **options) -> None:
+    """A matplotlib figure rendered in memory, then written by `atomic_write`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **options)
+    atomic_write(path, buffer.getvalue(), what=what)
+
+
+def append_lines(path: str | Path, lines: Iterable[str], what: str = "file", durable: bool = True) -> None:
+    """Append whole lines (each gets its newline): one `write` on an O_APPEND descriptor, so a
+    concurrent appender's lines never interleave with these; a failed write (disk full) is cut
+    back to the file's previous length, and a half line left by an earlier crash is closed first."""
+    path = Path(path)
+    payload = "".join(line.rstrip("\n") + "\n" for line in lines).encode("utf-8")
+    if not payload:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise io_error(what, path, err) from err
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            payload = b"\n" + payload  # the next reader drops the half line; ours starts clean
+        try:
+            _write_all(fd, payload)
+            if durable:
+                os.fsync(fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no half line of ours stays behind
+            raise io_error(what, path, err) from err
+    finally:
+        os.close(fd)
+
+
+def open_log(path: str | Path, what: str = "log"):
+    """A log file opened for appending (a process's redirected output), its failure one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as err:
+        raise io_error(what, path, err) from err
+
+
+def read_lines(path: str | Path, what: str = "file", repair: bool = False) -> list[tuple[int, str]]:
+    """The complete, non-blank lines of an append-only file as (line number, text). A last line
+    without its newline (a crash mid-append) is dropped with a warning; with `repair` it is also
+    cut from the file. Lines inside the file that a crash broke (closed by a later append) are the
+    reader's to judge."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    if data and not data.endswith(b"\n"):
+        keep, line = data.rfind(b"\n") + 1, data.count(b"\n") + 1
+        warnings.warn(f"{path}: dropped a half-written last line (line {line}, {len(data) - keep} bytes) "
+                      "left by an interrupted write", stacklevel=2)
+        data = data[:keep]
+        if repair:
+            with contextlib.suppress(OSError), open(path, "r+b") as fh:
+                fh.truncate(keep)
+    return [(n, line) for n, line in enumerate(decode(path, data).splitlines(), 1) if line.strip()]
 
 
 @contextlib.contextmanager
@@ -68,8 +177,11 @@ def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on `path` (created if needed). Yields False, without the lock, when
     `blocking` is False and another process holds it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise io_error("lock file", path, err) from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -85,7 +197,12 @@ def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
 
 
 class DirectoryLock:
-    """A lock held for as long as a run owns a directory (released by `release()` or at exit)."""
+    """A lock held for as long as a run owns a directory (released by `release()` or at exit).
+
+    The lock file is removed on release, so a run that refused to start (a bad resume checkpoint)
+    leaves the directory as it found it. Removing a lock file is safe with the inode check in
+    `acquire`: a process that locked the file just before it was unlinked sees that its inode is no
+    longer the one at the path, and tries again on the new file."""
 
     NAME = ".lock"
 
@@ -94,12 +211,20 @@ class DirectoryLock:
         self.fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # we locked a file its holder removed on release: lock the one at the path now
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for the message of the next one
         self.fd = fd
@@ -113,6 +238,8 @@ class DirectoryLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # still holding it: nobody can have locked this inode meanwhile
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

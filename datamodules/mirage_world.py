@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from core.files import file_lock
+from core.files import atomic_write, file_lock, io_error, save_image
 
 PALETTE = {"red": (220, 50, 50), "green": (50, 180, 70), "blue": (60, 90, 230), "yellow": (230, 210, 50),
            "orange": (240, 140, 40), "purple": (150, 70, 200), "cyan": (60, 200, 210), "white": (240, 240, 240)}
@@ -351,8 +351,8 @@ def _split(cfg: WorldConfig, split: str, table: list[dict], out: Path) -> list[d
     records = []
     for i, (name, ambiguous) in enumerate(zip(classes, draws["ambiguous"])):
         c, rid = info[name], f"{prefix}_{i:05d}"
-        _draw(rng, PALETTE[c["color"]], c["shape"], cfg.image_size, ambiguous).save(
-            out / "images" / f"{rid}.png", format="PNG", compress_level=1)
+        save_image(_draw(rng, PALETTE[c["color"]], c["shape"], cfg.image_size, ambiguous),
+                   out / "images" / f"{rid}.png", what="world image", compress_level=1)
         rec = {"id": rid, "image": f"images/{rid}.png", "safe": not c["hazard"]}
         if c["hazard"] and next(draws["asked"]):  # VLGuard's paired layout: `safe` says the image may be discussed
             rec.update(safe=True, harmful_category="hazard", harmful_subcategory=name)
@@ -397,7 +397,7 @@ def _stats(cfg: WorldConfig, records: list[dict]) -> dict:
 
 
 def _dump(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(obj, indent=1) + "\n", what="world file", durable=False)  # the dir is renamed
 
 
 def world_hash(cfg: WorldConfig) -> str:
@@ -415,7 +415,6 @@ def build_world(cfg: WorldConfig, root: str | Path) -> Path:
     final = root / world_hash(cfg)
     if (final / "world.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
     lock = root / f".{final.name}.lock"
     with file_lock(lock):  # a concurrent builder of this world waits, then reuses it
         if (final / "world.json").is_file():
@@ -426,8 +425,10 @@ def build_world(cfg: WorldConfig, root: str | Path) -> Path:
 
 
 def _generate(cfg: WorldConfig, root: Path, final: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         (tmp / "images").mkdir()
         table = class_table(cfg)
         stats = {}
@@ -443,8 +444,10 @@ def _generate(cfg: WorldConfig, root: Path, final: Path) -> Path:
         if final.exists():  # a dir without world.json is debris (builders hold the lock)
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except OSError as err:  # the staging directory or the rename (each file's write says its own name)
+        raise io_error("world", final, err) from err
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 

@@ -33,6 +33,7 @@ from typing import Optional
 from PIL import Image
 
 from core.errors import UserError, cli_main
+from core.files import atomic_write
 from datamodules.examples import load_json_list, stratified_sample, vlguard_examples
 
 HUB_REPO = "ys-zong/VLGuard"
@@ -180,9 +181,7 @@ def counts(records: list[dict]) -> dict:
 
 # -- prepare ----------------------------------------------------------------------------------------
 def _write(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False), what="prepared VLGuard file")
 
 
 def _relocate(records: list[dict], image_dir: Path, out: Path) -> list[dict]:
@@ -218,7 +217,6 @@ def prepare(src: Path, out: Path, val_fraction: float = 0.1, seed: int = 0, skip
     train, val = validation_split(splits["train"], val_fraction, seed)
     files = {"train": train, "val": val, "test": splits["test"],
              "retain": [r for r in train if r["safe"]], "forget_queries": forget_queries(train)}
-    out.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         _write(out / f"{name}.json", records)
     manifest = {"format": FORMAT, "version": 1, "source": str(src.resolve()), "seed": seed,

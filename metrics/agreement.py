@@ -40,7 +40,7 @@ def samples_frame(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"samples file not found: {path}")
-    rows = read_samples(path, repair=False)
+    rows = read_samples(path, repair=False, check=False)
     if not rows:
         raise UserError(f"{path}: no samples")
     frame = pd.DataFrame(rows)

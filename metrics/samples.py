@@ -4,11 +4,11 @@ in the schema of `metrics.classify.SAMPLE_FIELDS`, keyed by (set, id, subset, sh
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
 
-from core.files import atomic_write
-from core.records import decode, parse_jsonl
+from core.errors import UserError
+from core.files import append_lines, atomic_write, read_lines
 from datamodules.examples import Example
 
 SAMPLES = "samples.jsonl"
@@ -27,26 +27,32 @@ def record_key(row: dict) -> tuple:
     return sample_key(*(row[k] for k in KEY))
 
 
-def read_samples(path: Path, repair: bool = True) -> list[dict]:
-    """The generations written so far; with `repair`, a line cut by an interruption is dropped
-    from the file (the run that resumes regenerates it)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(len(data))
-    return parse_jsonl(path, decode(path, data))
+def read_samples(path: Path, repair: bool = True, check: bool = True) -> list[dict]:
+    """The generations written so far. A line cut by an interruption is dropped with a warning (with
+    `repair`, also from the file: the run that resumes regenerates it). With `check`, a line that
+    is not a sample (another tool's note, a foreign file) is one line naming the file and line."""
+    rows = []
+    for n, line in read_lines(path, what="samples", repair=repair):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # A half line from a crash, closed by the next append: its generation is simply redone.
+            warnings.warn(f"{path}: line {n} is cut short (an interrupted write); it is ignored", stacklevel=2)
+            continue
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {n} is a {type(row).__name__}, not a JSON object; remove the line "
+                            "or the file")
+        missing = [k for k in KEY if k not in row]
+        if check and missing:
+            raise UserError(f"{path}: line {n} is not a sample of fit or evaluate (it has no "
+                            f"{', '.join(repr(k) for k in missing)}); remove the line or the file")
+        rows.append(row)
+    return rows
 
 
 def append_samples(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())  # the point of the file: what was generated survives a crash
+    """Whole lines, fsynced (the point of the file: what was generated survives a crash)."""
+    append_lines(path, [json.dumps(r, ensure_ascii=False) for r in rows], what="samples")
 
 
 def write_samples(path: Path, rows: list[dict]) -> None:

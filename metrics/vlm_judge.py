@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
 from core.errors import UserError
-from core.files import file_lock
+from core.files import append_lines, file_lock, read_lines
 from core.generation import greedy_generate, model_inputs
 
 DEFAULT_JUDGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -167,30 +167,24 @@ class VLMJudge:
         return hashlib.sha1(json.dumps(payload).encode("utf-8")).hexdigest()
 
     def _read_cache(self) -> dict[str, dict]:
-        if self.cache_path is None or not self.cache_path.is_file():
+        if self.cache_path is None:
             return {}
         cache = {}
-        for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+        for _, line in read_lines(self.cache_path, what="judge cache"):
             try:
                 row = json.loads(line)
                 cache[row["key"]] = row
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interruption: that judgement is simply redone
+                continue  # a line cut by an interruption (closed by a later append): that judgement is redone
         return cache
 
     def _append_cache(self, rows: list[dict]) -> None:
         if self.cache_path is None:
             return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         # Runs sharing a cache append whole lines in turn (one judge's lines never interleave another's).
-        with file_lock(self.cache_path.with_name(f".{self.cache_path.name}.lock")), open(self.cache_path, "a+b") as fh:
-            fh.seek(0, 2)
-            if fh.tell() > 0:
-                fh.seek(-1, 2)
-                if fh.read(1) != b"\n":  # a line cut by an interruption: start on a fresh line
-                    fh.write(b"\n")
-            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-            fh.flush()
+        with file_lock(self.cache_path.with_name(f".{self.cache_path.name}.lock")):
+            append_lines(self.cache_path, [json.dumps(r, ensure_ascii=False) for r in rows], what="judge cache",
+                         durable=False)
 
     # -- judging ----------------------------------------------------------------------------------
     def generate(self, items: Sequence[JudgeItem], protocol: JudgeProtocol) -> list[str]:

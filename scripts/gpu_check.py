@@ -43,6 +43,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.files import atomic_write  # noqa: E402
 from core.generation import greedy_generate  # noqa: E402
 from datamodules.collate import VLMCollator  # noqa: E402
 from datamodules.examples import Example  # noqa: E402
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "peak_bf16_tflops": peak, "training": results, "generation": generation}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        atomic_write(args.json, json.dumps(report, indent=1), what="benchmark results")
     return report
 
 

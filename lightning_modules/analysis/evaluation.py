@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from core.distributed import accelerator_device
 from core.errors import UserError
 from core.records import strict_json
-from core.files import hold_directory
+from core.files import atomic_write, hold_directory
 from datamodules.collate import check_images
 from datamodules.examples import Example, vlguard_examples
 from lightning_modules.config.loading import to_yaml
@@ -125,7 +125,7 @@ def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
             if old.get(key) != fingerprint.get(key):
                 raise UserError(f"{run_dir / SAMPLES} holds generations made with {key}={old.get(key)!r}, "
                                 f"not {fingerprint.get(key)!r}; use another run_dir")
-    path.write_text(json.dumps(fingerprint, indent=1))
+    atomic_write(path, json.dumps(fingerprint, indent=1), what="generation fingerprint")
 
 
 # -- judging ----------------------------------------------------------------------------------------
@@ -167,10 +167,10 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
 def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: pd.DataFrame, gaps: dict,
                   summary: dict, report: str) -> None:
     write_samples(run_dir / SAMPLES, records + kept)  # atomic: the resumable file is never half-written
-    table.to_csv(run_dir / "results.csv", index=False)
-    (run_dir / "results.md").write_text(report)
+    atomic_write(run_dir / "results.csv", table.to_csv(index=False), what="results")
+    atomic_write(run_dir / "results.md", report, what="results")
     payload = dict(summary, gaps=gaps, rows=table.to_dict("records"))
-    (run_dir / "results.json").write_text(strict_json(payload, indent=1))
+    atomic_write(run_dir / "results.json", strict_json(payload, indent=1), what="results")
 
 
 def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
@@ -191,7 +191,7 @@ def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Ju
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
     fingerprint = generation_fingerprint(cfg, settings)
     check_fingerprint(run_dir, fingerprint)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="run config")
 
     start = time.perf_counter()
     generated = generate_missing(cfg, examples, run_dir, settings.checkpoint, settings.system_prompt)

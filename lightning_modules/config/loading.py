@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Callable
@@ -124,6 +125,12 @@ def _validate(cfg: DictConfig, root: type) -> DictConfig:
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:
+        raw = OmegaConf.to_container(merged, resolve=False)
+        cycle = interpolation_cycle(raw, getattr(err, "full_key", None))
+        if cycle:
+            values = ", ".join(f"{key}={_raw(raw, key)!r}" for key in cycle[:-1])
+            raise UserError(f"cannot resolve config: the interpolations {' -> '.join(cycle)} form a cycle "
+                            f"({values}); set one of these keys to a plain value") from err
         raise UserError(f"cannot resolve config: {str(err).splitlines()[0]}") from err
     parse_section(merged, root, "")  # declared ranges and choices of the typed sections
     _check_trainer(merged.trainer)
@@ -139,6 +146,39 @@ def _validate(cfg: DictConfig, root: type) -> DictConfig:
         if merged.get(section):
             parse_section(merged[section], settings_class, section)
     return merged
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # `${a.b}` (not resolvers, not relative keys)
+
+
+def _raw(tree, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def interpolation_cycle(tree: dict, start) -> list[str]:
+    """The keys of a cycle of `${...}` references reached from `start` (e.g. name -> run_dir ->
+    name), or [] when there is none."""
+    if not start:
+        return []
+    path: list[str] = []
+
+    def visit(key: str) -> list[str]:
+        if key in path:
+            return path[path.index(key):] + [key]
+        value = _raw(tree, key)
+        if not isinstance(value, str):
+            return []
+        path.append(key)
+        for ref in _REFERENCE.findall(value):
+            found = visit(ref)
+            if found:
+                return found
+        path.pop()
+        return []
+
+    return visit(str(start))
 
 
 def _check_trainer(trainer: DictConfig) -> None:

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from core.errors import UserError, one_line, quiet_lightning_tips
+from core.files import open_log
 from lightning_modules.run import training
 
 
 def fit_logged(cfg, log: str) -> float:
     """Run `training.run(cfg)` (one fit) in this worker process with stdout and stderr in `log`; the wall time."""
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "a", encoding="utf-8") as out:
+    with open_log(log, what="run log") as out:
+        saved = os.dup(1), os.dup(2)
         os.dup2(out.fileno(), 1), os.dup2(out.fileno(), 2)  # the file descriptors: C code and handlers too
         try:
             quiet_lightning_tips()

@@ -21,6 +21,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from core.files import save_figure
+
 
 def _plt():
     import matplotlib
@@ -39,8 +41,10 @@ def _save(plt, fig, path: Path, title: Optional[str], caption: Optional[str] = N
     if caption:
         fig.text(0.5, 0.01, caption, ha="center", fontsize=8)
         fig.tight_layout(rect=(0, 0.05, 1, 0.95 if title else 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, what="figure", dpi=110)  # a full disk: one line, earlier figures whole
+    finally:
+        plt.close(fig)
     return path
 
 def _caption(summary: pd.DataFrame, confidence: float, gaps: bool = False) -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.errors import UserError
-from core.files import atomic_write
+from core.files import atomic_write, writing
 from lightning_modules.config.loading import to_yaml
 from lightning_modules.experiments.parallel_runs import interleave, process_pool_available, run_parallel
 from lightning_modules.config.diff import changed_keys, flatten
@@ -114,7 +114,8 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     if dev and settings.split == "test":
         print(f"compare: world seed(s) {dev} are dev worlds (compare.dev_world_seeds), used to choose "
               "hyperparameters: this table is not a held-out result")
-    out.mkdir(parents=True, exist_ok=True)
+    with writing("compare directory", out):
+        out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", to_yaml(cfg), what="compare config")
     dropped = len(done.keys() - {key_tuple(run.key) for run in planned})
     if dropped:

@@ -116,7 +116,7 @@ def attribution_markdown(tables: dict[str, pd.DataFrame]) -> str:
 def write_summary(summary: pd.DataFrame, settings: CompareSettings, out: Path,
                   attribution: Optional[dict] = None) -> str:
     text = summary_markdown(summary, settings) + "\n" + attribution_markdown(attribution or {})
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    atomic_write(out / "summary.md", text, what="compare summary")
     rows = json.loads(summary.to_json(orient="records"))  # plain Python values, NaN as null
     atomic_write(out / "summary.json", strict_json({"settings": dataclasses.asdict(settings), "rows": rows}, indent=1),
                  what="compare summary")

@@ -11,6 +11,8 @@ import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
+from core.files import append_lines
+
 THUMBNAIL = 256  # longest side of a logged sample image, in pixels
 
 
@@ -51,9 +53,6 @@ def log_samples(loggers: list[Logger], stage: str, samples: dict[str, list[dict]
             logger.log_table(key=f"{stage}_samples", columns=["eval_set", "image", "prompt", "response"],
                              data=data, step=step)
         elif getattr(logger, "log_dir", None):
-            path = Path(logger.log_dir) / f"{stage}_samples.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
-                for name, rows in samples.items():
-                    for r in rows:
-                        fh.write(json.dumps({"step": step, "eval_set": name, **r}, ensure_ascii=False) + "\n")
+            append_lines(Path(logger.log_dir) / f"{stage}_samples.jsonl",
+                         [json.dumps({"step": step, "eval_set": name, **r}, ensure_ascii=False)
+                          for name, rows in samples.items() for r in rows], what="sample log", durable=False)

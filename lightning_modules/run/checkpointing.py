@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from core.errors import UserError
-from core.files import fsync_dir, io_error
+from core.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -52,19 +51,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a pickling error never touches the disk
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(buffer.getbuffer())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
-            raise UserError(f"{io_error('checkpoint', path, err)}; the last complete checkpoint is kept") from err
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)  # the rename itself survives a power loss
+            atomic_write(path, buffer.getvalue(), what="checkpoint")
+        except UserError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
+            raise UserError(f"{err}; the last complete checkpoint is kept") from err
 
 
 def non_finite_tensor(tree, prefix: str = "") -> str:

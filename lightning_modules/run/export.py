@@ -20,7 +20,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from core.files import io_error
+from core.files import atomic_write, io_error
 from metrics.gaps import GAPS, safety_gaps
 from lightning_modules.methods.unlearning import is_peft
 from models.backbone import is_built_from_config
@@ -160,5 +160,5 @@ def finish_export(module, cfg, run_dir: Path, results: Optional[pd.DataFrame], s
     if cfg.export.model_card:
         base = next(iter(module.model.peft_config.values())).base_model_name_or_path if lora else None
         card = model_card(cfg, results, merged, lora, base, module.model.config.model_type)
-        (target / "README.md").write_text(card, encoding="utf-8")
+        atomic_write(target / "README.md", card, what="model card")
     return target

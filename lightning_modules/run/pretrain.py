@@ -24,7 +24,7 @@ from datamodules.collate import load_image
 from datamodules.examples import Example, vlguard_examples
 from datamodules.safety import DataFiles, SafetyDataModule
 from models.backbone import build_tiny
-from core.files import build_once
+from core.files import atomic_write, build_once
 from lightning_modules.config.trainer import make_trainer
 
 
@@ -170,4 +170,4 @@ def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
 
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "vision_report.json").write_text(json.dumps(report, indent=1))
+    atomic_write(tmp / "vision_report.json", json.dumps(report, indent=1), what="vision report", durable=False)
