@@ -160,6 +160,44 @@ def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world
     assert [(ex.id, ex.response) for ex in again] == [(ex.id, ex.response) for ex in forget]
 
 
+def test_harvest_with_the_vlm_judge_keeps_only_what_it_judges_harmful(world, monkeypatch, tmp_path):
+    """eval.judge=vlm: the VLM judge decides which non-refusals are harmful (an off-topic answer is
+    not forgotten as if it were harmful compliance)."""
+    from metrics.vlm_judge import IRRELEVANT, RELEVANT, Judgement
+
+    overrides, files, processor = world
+    cfg = load_config("configs/experiment/mirage_ga.yaml", [*overrides, "data.forget_retain.forget_source=harvest",
+                                                             "eval.judge=vlm", f"data.forget_retain.harvest_dir={tmp_path}"])
+    torch.manual_seed(0)
+    model, processor = build_backbone(cfg.model, corpus_texts(files, [files.compliance_cue, files.refusal_cue]))
+    module = GAModule(model, processor, cfg)
+    data = ForgetRetainDataModule(cfg.data, files, processor, seed=0)
+    candidates = data.forget_candidates()
+    script = ["i cannot assist with that request." if k % 3 == 0 else "the object is red." if k % 3 == 1
+              else ex.extra["harmful_response"] for k, ex in enumerate(candidates)]
+    answered = []
+
+    def generate(input_ids, **kwargs):
+        texts = script[len(answered): len(answered) + input_ids.shape[0]]
+        answered.extend(texts)
+        ids = [processor.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        width, pad = max(map(len, ids)), processor.tokenizer.pad_token_id
+        return torch.cat([input_ids, torch.tensor([row + [pad] * (width - len(row)) for row in ids])], dim=1)
+
+    harmful = {ex.extra["harmful_response"] for ex in candidates}
+    asked = []
+
+    def vlm_judge(items):
+        asked.extend(items)
+        return [Judgement(RELEVANT if it.answer in harmful else IRRELEVANT, "", "model") for it in items]
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(module, "vlm_judge", lambda: vlm_judge)
+    forget = data.forget_examples(lambda rows: harvest_forget_set(module, rows, data))
+    assert [ex.id for ex in forget] == [ex.id for k, ex in enumerate(candidates) if k % 3 == 2]
+    assert len(asked) == len(candidates) - len(range(0, len(candidates), 3))  # the non-refusals, judged
+
+
 def test_forget_loader_keeps_ranks_in_lockstep_under_sharded_weights(world, monkeypatch):
     """FSDP / ZeRO-3: every forward is a collective, so the reference-NLL pass must give every rank
     the same number of batches (an uneven shard would hang the ranks that finished early)."""

@@ -22,6 +22,7 @@ from core.files import atomic_write, hold_directory
 from datamodules.collate import check_images
 from datamodules.examples import Example, vlguard_examples
 from lightning_modules.config.loading import to_yaml
+from lightning_modules.config.trainer import check_accelerator_exists
 from lightning_modules.config.schema import SUBSETS, EvaluateSettings
 from lightning_modules.analysis.predict import generate_missing
 from models.backbone import is_built_from_config
@@ -176,6 +177,7 @@ def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: p
 def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
     """Generate (resumably), judge and tabulate; returns the results table."""
     settings = parse_settings(cfg)
+    check_accelerator_exists(cfg.trainer.get("accelerator"))
     run_dir = Path(cfg.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,7 @@ def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Ju
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
+    read_samples(run_dir / SAMPLES, repair=False)  # a line that is no sample fails before anything is written
     fingerprint = generation_fingerprint(cfg, settings)
     check_fingerprint(run_dir, fingerprint)
     atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="run config")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
@@ -18,8 +19,21 @@ def trainer_kwargs(trainer_cfg) -> dict[str, Any]:
     return dict(OmegaConf.to_container(trainer_cfg, resolve=True)) if trainer_cfg is not None else {}
 
 
+def check_accelerator_exists(accelerator) -> None:
+    """A GPU config on a machine without one (a laptop trying an experiment config): say which
+    setting to change, rather than Lightning's "No supported gpu backend found!". Not switched
+    silently: an experiment sized for a GPU would run for days on a CPU."""
+    name = str(accelerator or "auto").lower()
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={name} but torch finds no CUDA GPU on this machine; add trainer=cpu "
+                        "to the command line (or trainer.accelerator=cpu to keep the other trainer settings)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.accelerator=mps but this machine has no Apple GPU; add trainer=cpu to the command line")
+
+
 def make_trainer(**kwargs) -> L.Trainer:
     """lightning.Trainer(**kwargs), a refused argument reported in one line."""
+    check_accelerator_exists(kwargs.get("accelerator"))
     try:
         return L.Trainer(**kwargs)
     except (ValueError, TypeError, MisconfigurationException) as err:

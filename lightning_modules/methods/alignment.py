@@ -63,8 +63,8 @@ class AlignmentModule(L.LightningModule):
         self.params = self.parse_params(cfg.method)
         self.optim_cfg = cfg.optim
         self.eval_cfg = cfg.eval
-        # eval.judge=vlm asks eval.vlm_judge in the eval steps (loaded at first use); rule-based code
-        # paths (the forget-set harvest) then count every non-refusal, as keyword mode does.
+        # eval.judge=vlm asks eval.vlm_judge in `judge_batch` (loaded at first use: the eval steps and
+        # the forget-set harvest); `self.judge` is the rule judge of the other settings.
         self.judge = get_judge("keyword" if cfg.eval.judge == "vlm" else cfg.eval.judge)
         if cfg.eval.judge == "vlm":
             from metrics.vlm_judge import get_protocol

@@ -22,7 +22,6 @@ from core.distributed import accelerator_device, gather_objects, rank_and_world
 from core.files import atomic_write, file_lock
 from core.errors import UserError
 from core.generation import greedy_generate
-from metrics.classify import classify
 
 
 def _cache_path(module, candidates: list[Example], datamodule) -> Path:
@@ -33,6 +32,8 @@ def _cache_path(module, candidates: list[Example], datamodule) -> Path:
            "max_new_tokens": datamodule.fr.harvest_max_new_tokens, "max_length": datamodule.cfg.max_length,
            "image_mode": datamodule.cfg.image_mode, "judge": hp["eval"]["judge"],
            "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
+    if hp["eval"]["judge"] == "vlm":  # which VLM judges, and how
+        key["vlm_judge"] = hp["eval"]["vlm_judge"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(datamodule.fr.harvest_dir) / f"forget-{digest}.json"
 
@@ -48,8 +49,10 @@ def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
         examples = [candidates[i] for i in indices]
         texts = greedy_generate(module.model, module.processor, move_data_to_device(collate(examples), module.device),
                                 datamodule.fr.harvest_max_new_tokens)
-        for i, ex, text in zip(indices, examples, texts):
-            verdict = classify(text, ex, module.eval_cfg.refusal_preset, module.judge)
+        # The run's own judge, as in its eval steps: with eval.judge=vlm the VLM judge decides (not
+        # "every non-refusal", which would forget off-topic answers as if they were harmful).
+        verdicts, _ = module.judge_batch(examples, texts)
+        for i, text, verdict in zip(indices, texts, verdicts):
             rows.append({"index": i, "response": text, "refused": verdict.refusal, "harmful": verdict.harmful})
     return sorted(gather_objects(rows), key=lambda r: r["index"])
 

@@ -15,6 +15,7 @@ from core.files import atomic_write
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
 from lightning_modules.config.loading import to_yaml
+from lightning_modules.config.trainer import check_accelerator_exists
 from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
 from lightning_modules.run.export import finish_export, save_model
@@ -98,6 +99,7 @@ def run(cfg) -> pd.DataFrame | None:
 
 
 def _run(cfg) -> pd.DataFrame | None:
+    check_accelerator_exists(cfg.trainer.get("accelerator"))  # before a run dir is made for a run that cannot start
     run_dir = prepare_run_dir(cfg)
     # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
     # config.yaml and the checkpoint's hparams name the directory actually used (with its `_N`).
