@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from faults import full_disk
 from torch.utils.data import DistributedSampler
 
 from datamodules.samplers import ResumableDataLoader
@@ -204,23 +206,30 @@ def test_divergence_keeps_a_resumable_checkpoint(tmp_path, capfd, in_repo, monke
 
 
 @pytest.mark.slow
+def test_divergence_with_finite_but_destroyed_weights_keeps_the_checkpoint_that_trains(tmp_path, capfd, in_repo):
+    """lr 1e30: one update gives finite, enormous weights and the next loss is NaN. The checkpoint of
+    that update is discarded (its weights gave the NaN); last.ckpt is the one before it, and
+    resume=last with the configured (sane) learning rate trains to the end from it."""
+    files, run = write_vlguard(tmp_path / "data"), tmp_path / "run"
+    args = ["trainer.max_steps=6", "checkpoint.every_n_train_steps=1", "eval.test_at_end=false"]
+    status, err = _fit(_args(files, run, *args, "optim.lr=1e30"), capfd)
+    assert status == 2 and "Traceback" not in err, err[-2000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "non-finite loss at step 2" in line and "the checkpoint of step 2 (finite weights that gave this loss) " \
+        f"was discarded; resume from {run}/checkpoints/last.ckpt (step 1, the last one whose next step had a " \
+        "finite loss)" in line, line
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no pending file left
+    status, err = _fit(_args(files, run, *args, "resume=last"), capfd)
+    assert status == 0, err[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+@pytest.mark.slow
 def test_disk_full_while_checkpointing(tmp_path, capfd, in_repo, monkeypatch):
     """The second checkpoint write fails with ENOSPC: one line, and the first checkpoint is whole."""
-    import builtins
-    import errno
-
-    import lightning_modules.run.checkpointing as checkpointing
-
-    writes = {"n": 0}
-
-    def full_disk_open(path, mode="r", *args, **kwargs):
-        if "w" in mode and ".last.ckpt.tmp" in str(path):
-            writes["n"] += 1
-            if writes["n"] >= 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return builtins.open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(checkpointing, "open", full_disk_open, raising=False)
+    full_disk(monkeypatch, fails_from=2, match="last.ckpt")
     files, run = write_vlguard(tmp_path / "data"), tmp_path / "run"
     status, err = _fit(_args(files, run, "trainer.max_steps=4"), capfd)
     assert status == 2 and "Traceback" not in err, err[-2000:]
@@ -231,32 +240,13 @@ def test_disk_full_while_checkpointing(tmp_path, capfd, in_repo, monkeypatch):
     assert not (run / "results.csv").exists()
 
 
-class _FullDisk:
-    """A file object whose writes fail as on a full disk."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, data):
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 def test_checkpoint_write_on_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
-    import lightning_modules.run.checkpointing as checkpointing
     from core.errors import UserError
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, path)
-    monkeypatch.setattr(checkpointing, "open", _FullDisk, raising=False)
+    full_disk(monkeypatch)
     with pytest.raises(UserError, match=r"cannot write checkpoint .*last.ckpt: No space left on device \(disk full\); "
                                         "the last complete checkpoint is kept"):
         io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(3)}}, path)
@@ -303,13 +293,12 @@ def test_results_are_strict_json_and_csv_that_reads_back(tmp_path):
 
 
 def test_results_write_on_a_full_disk_keeps_the_old_results(tmp_path, monkeypatch):
-    import core.files
     from core.errors import UserError
     from lightning_modules.run.training import write_results
 
     write_results(tmp_path, _Results())
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    monkeypatch.setattr(core.files, "open", _FullDisk, raising=False)
+    full_disk(monkeypatch)
     with pytest.raises(UserError, match=r"cannot write results .*results.csv: No space left on device \(disk full\)"):
         write_results(tmp_path, _Results())
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

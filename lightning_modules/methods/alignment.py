@@ -218,6 +218,21 @@ class AlignmentModule(L.LightningModule):
     def on_train_start(self) -> None:
         for metric in self.val_metrics.values():  # nothing from a sanity check leaks into step 0
             metric.reset()
+        self._apply_configured_optim()
+
+    def _apply_configured_optim(self) -> None:
+        """A resumed run restores the optimizer and scheduler of its checkpoint, learning rate
+        included: the configured optim.lr / weight_decay / betas win (resuming after a divergence
+        with a smaller optim.lr must use it), at the scheduler's restored position."""
+        lr, wd, betas = self.optim_cfg.lr, self.optim_cfg.weight_decay, tuple(self.optim_cfg.betas)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, getattr(scheduler, "lr_lambdas", [])):
+                group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch))
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.update(weight_decay=wd, betas=betas)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, self.val_metrics, keep=False)

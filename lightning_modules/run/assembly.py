@@ -14,7 +14,7 @@ from datamodules.safety import resolve_data_files
 from lightning_modules.analysis.probes import parse_probe_settings
 from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from lightning_modules.methods import get_method
-from lightning_modules.run.checkpointing import AtomicCheckpointIO, PerBatchSeed
+from lightning_modules.run.checkpointing import AtomicCheckpointIO, PerBatchSeed, VerifiedCheckpoints
 from lightning_modules.run.harvest import harvest_forget_set
 from lightning_modules.run.loggers import build_loggers
 from lightning_modules.run.pretrain import corpus_texts, ensure_tiny_base
@@ -35,8 +35,11 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     # Our samplers shard data themselves (eval without padding): Lightning must not replace them.
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
-    callbacks = [checkpoint, PerBatchSeed(cfg.seed)] + ([LearningRateMonitor("step")] if logger else [])
-    return make_trainer(logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
+    # A checkpoint replaces last.ckpt only once the next step's loss is finite (the divergence guard).
+    checkpoint_io = AtomicCheckpointIO()
+    callbacks = [checkpoint, VerifiedCheckpoints(checkpoint_io), PerBatchSeed(cfg.seed)] + \
+        ([LearningRateMonitor("step")] if logger else [])
+    return make_trainer(logger=logger, callbacks=callbacks, plugins=[checkpoint_io], **kwargs)
 
 
 def scale_hparams(cfg, trainer: L.Trainer) -> dict:

@@ -16,8 +16,10 @@ drew, without saving RNG states (the fairseq approach).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,13 +28,23 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from core.errors import UserError
-from core.files import atomic_write
+from core.files import atomic_write, fsync_dir, io_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO whose local writes are temp-file-in-the-same-dir + fsync + rename, and
     which never writes a checkpoint holding a non-finite tensor (the divergence guard: the last
-    checkpoint on disk is always one a run can resume from)."""
+    checkpoint on disk is always one a run can resume from).
+
+    With `defer` (set by `VerifiedCheckpoints` while training), a checkpoint is written whole to
+    `.<name>.pending` and only renamed over `<name>` once the next training step's loss is finite:
+    weights that are finite but already destroyed (a learning rate of 1e30 gives finite, enormous
+    weights one step before the loss overflows) never replace the last checkpoint that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.defer = False
+        self.pending: dict[Path, Path] = {}  # target -> its written, not yet verified, pending file
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         bad = non_finite_tensor(checkpoint.get("state_dict", {})) or non_finite_tensor(
@@ -40,6 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad:
             from lightning_modules.methods.alignment import TrainingDiverged
 
+            self.discard()
             kept = (f"{path} (step {saved_step(Path(path))}); resume from it with resume=last"
                     if Path(path).is_file() else "none")
             error = TrainingDiverged(f"non-finite weights after step {checkpoint.get('global_step')} ({bad}): "
@@ -51,10 +64,76 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a pickling error never touches the disk
+        target = pending_path(path) if self.defer else path
         try:
-            atomic_write(path, buffer.getvalue(), what="checkpoint")
+            atomic_write(target, buffer.getvalue(), what="checkpoint")
         except UserError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
-            raise UserError(f"{err}; the last complete checkpoint is kept") from err
+            cause = err.__cause__ if isinstance(err.__cause__, OSError) else None
+            line = io_error("checkpoint", path, cause) if cause else err  # named by its target, not the temp file
+            raise UserError(f"{line}; the last complete checkpoint is kept") from err
+        if self.defer:
+            self.pending[path] = target
+
+    def remove_checkpoint(self, path) -> None:
+        pending = self.pending.pop(Path(path), None)
+        if pending is not None:
+            pending.unlink(missing_ok=True)
+        if Path(path).exists():
+            super().remove_checkpoint(path)
+
+    def publish(self) -> None:
+        """The pending checkpoints become the real ones (their weights just gave a finite loss)."""
+        for path, pending in list(self.pending.items()):
+            try:
+                os.replace(pending, path)
+            except OSError as err:
+                raise UserError(f"{io_error('checkpoint', path, err)}; the last complete checkpoint is kept") from err
+            del self.pending[path]
+            fsync_dir(path.parent)
+
+    def discard(self) -> list[int]:
+        """Drop the pending checkpoints (their weights gave a non-finite loss); their steps."""
+        steps = []
+        for path, pending in list(self.pending.items()):
+            steps.append(saved_step(pending))
+            pending.unlink(missing_ok=True)
+            del self.pending[path]
+        return steps
+
+
+def pending_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.pending")
+
+
+class VerifiedCheckpoints(L.Callback):
+    """Publishes a checkpoint when the step after it trained with a finite loss (see
+    `AtomicCheckpointIO.defer`); after a divergence, drops it. Runs before ModelCheckpoint (Lightning
+    puts checkpoint callbacks last), so the checkpoint of step s is published at the end of step s+1,
+    before the one of step s+1 is written."""
+
+    def __init__(self, checkpoint_io: AtomicCheckpointIO):
+        self.io = checkpoint_io
+        self.discarded: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.io.defer = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.io.publish()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.io.publish()  # the final weights: nothing after them to verify; they are the result
+        self.io.defer = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning_modules.methods.alignment import TrainingDiverged
+
+        if isinstance(exception, TrainingDiverged):
+            self.discarded = self.io.discard()
+        else:  # interrupted, out of memory, ...: the pending weights trained as far as anyone knows
+            with contextlib.suppress(UserError):  # a full disk: the error already on its way says so
+                self.io.publish()
+        self.io.defer = False
 
 
 def non_finite_tensor(tree, prefix: str = "") -> str:

@@ -77,14 +77,21 @@ def fit_from_checkpoint(trainer: L.Trainer, module, data, ckpt_path: str | None)
 
 
 def kept_checkpoint_note(trainer: L.Trainer) -> str:
-    """Where the last checkpoint with finite weights is, and its step (checkpoints with
-    non-finite weights are never written)."""
+    """Where the last checkpoint that trains is (its weights gave a finite loss at the next step),
+    and its step; a later one whose weights gave the non-finite loss was discarded."""
+    from lightning_modules.run.checkpointing import VerifiedCheckpoints
+
+    verified = next((c for c in trainer.callbacks if isinstance(c, VerifiedCheckpoints)), None)
+    discarded = sorted(set(verified.discarded)) if verified is not None else []
+    dropped = (f"; the checkpoint of step {', '.join(map(str, discarded))} (finite weights that gave this loss) "
+               "was discarded") if discarded else ""
     callback = trainer.checkpoint_callback
     last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
     if last is None or not last.is_file():
-        return "; no checkpoint was written before it"
+        return f"{dropped}; no checkpoint that trains was written before it (lower optim.lr and start again)"
     step = saved_step(last)
-    return f"; resume from {last} (step {step}, finite weights) with resume=last"
+    return (f"{dropped}; resume from {last} (step {step}, the last one whose next step had a finite loss) with "
+            "resume=last and a smaller optim.lr")
 
 
 def run(cfg) -> pd.DataFrame | None:
