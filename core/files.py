@@ -56,6 +56,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+STORAGE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # the storage, not the program
+
+
+def storage_fault(err: BaseException, fallback_path) -> UserError | None:
+    """The one line for an OSError that a writer we do not own (TensorBoard's event files, a
+    library's cache) raised because the storage refused it; None for any other error."""
+    if isinstance(err, OSError) and err.errno in STORAGE_FAULTS:
+        return io_error("file", err.filename or fallback_path, err)
+    return None
+
+
 @contextlib.contextmanager
 def writing(what: str, path) -> Iterator[None]:
     """Run a writer we do not own (TensorBoard, `save_pretrained`, ...): an OSError inside becomes

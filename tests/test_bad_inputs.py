@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from core.files import DirectoryLock
+from faults import full_disk
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,6 +162,38 @@ def _lock_run_dir(d: Path):
 
 
 _HELD: list[DirectoryLock] = []
+_PATCH: list = []  # the running case's monkeypatch, for breakers that change the machine, not the files
+
+
+def _no_gpu(d: Path):
+    _PATCH[0].setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _samples_in_run(text: str | bytes):
+    """The run directory's samples.jsonl holds `text` (another tool's lines, a foreign file)."""
+    return lambda d: (d.parent / "run" / "samples.jsonl").write_bytes(text.encode() if isinstance(text, str) else text)
+
+
+SAMPLE = json.dumps({"set": "unsafe_clean", "id": "r38", "subset": "unsafes", "shot": 0, "prompt": "q", "response": "a"})
+
+
+def _truncated_checkpoint(d: Path):
+    """A real checkpoint cut in half (a copy interrupted mid-way)."""
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, d / "cut.ckpt")
+    data = (d / "cut.ckpt").read_bytes()
+    (d / "cut.ckpt").write_bytes(data[:len(data) // 2])
+
+
+def _tensorboard_disk_full(d: Path):
+    """The disk fills while TensorBoard writes its event file (a writer we do not own)."""
+    import errno
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(self.log_dir) / "events.out.tfevents"))
+
+    _PATCH[0].setattr(TensorBoardLogger, "log_metrics", full)
 
 # (case id, how to break the fixture, extra arguments, text the error line must name)
 FIT_CONFIG = [
@@ -201,6 +234,18 @@ FIT_CONFIG = [
     ("invalid_yaml_config", _bad_yaml, ["--config={data}/bad.yaml"], "bad.yaml: invalid YAML"),
     ("deepspeed_not_installed", _nothing, ["trainer.strategy=deepspeed_stage_2"],
      "trainer.strategy 'deepspeed_stage_2' needs DeepSpeed, which is not installed"),
+    ("interpolation_cycle", _nothing, ["name=${run_dir}", "run_dir={run}/${name}"],
+     "cannot resolve config: the interpolations name -> run_dir -> name form a cycle (name='${run_dir}', "
+     "run_dir='{run}/${name}'); set one of these keys to a plain value"),
+    ("interpolation_cycle_in_a_section", _nothing, ["optim.lr=${optim.weight_decay}", "optim.weight_decay=${optim.lr}"],
+     "the interpolations optim.lr -> optim.weight_decay -> optim.lr form a cycle"),
+    ("interpolation_of_a_missing_key", _nothing, ["name=${nope}"], "cannot resolve config: Interpolation key 'nope' not found"),
+    ("seed_not_a_number", _nothing, ["seed=abc"], "'seed': 'abc' (allowed: an integer)"),
+    ("config_file_missing", _nothing, ["--config={data}/nope.yaml"], "config file not found: {data}/nope.yaml"),
+    ("gpu_trainer_without_a_gpu", _no_gpu, ["trainer=gpu"],
+     "trainer.accelerator=gpu but torch finds no CUDA GPU on this machine; add trainer=cpu to the command line"),
+    ("cuda_accelerator_without_a_gpu", _no_gpu, ["trainer.accelerator=cuda"],
+     "trainer.accelerator=cuda but torch finds no CUDA GPU"),
 ]
 FIT_DATA = [
     ("malformed_json", _write("train.json", '[{"id": "r0", "safe": true,'), [], "train.json: malformed JSON at line 1"),
@@ -247,6 +292,13 @@ FIT_RUN = [
     ("resume_with_changed_settings", _trained_with_other_settings, ["resume={data}/other_settings.ckpt"],
      "was trained with other settings: data.max_length, method.beta"),
     ("resume_finished_run", _finished_run, ["resume=last"], "run {run} is finished (checkpoint at step 2"),
+    ("resume_checkpoint_truncated", _truncated_checkpoint, ["resume={data}/cut.ckpt"],
+     "resume checkpoint {data}/cut.ckpt is not a PyTorch checkpoint"),
+    ("resume_checkpoint_empty", _write("empty.ckpt", b""), ["resume={data}/empty.ckpt"],
+     "resume checkpoint {data}/empty.ckpt is"),
+    ("run_dir_is_a_file", _nothing, ["run_dir={data}/train.json"], "run_dir '{data}/train.json' is not writable"),
+    ("tensorboard_disk_full", _tensorboard_disk_full, ["trainer.max_steps=1", "eval.val_at_start=false"],
+     "No space left on device (disk full)"),
 ]
 EVALUATE = [
     ("evaluate_bootstrap_negative", _nothing, ["evaluate.bootstrap=-1"], "'evaluate.bootstrap': -1"),
@@ -261,6 +313,18 @@ EVALUATE = [
      "field 'shot' is 1.5, not an integer"),
     ("evaluate_file_missing", _unlink("attacks/test_share_1shot.json"), [], "test_share_1shot.json"),
     ("evaluate_run_dir_locked", _lock_run_dir, [], "run_dir '{run}' is in use by another run"),
+    ("evaluate_samples_stray_line", _samples_in_run('{"note": "checked by hand"}\n'), [],
+     "{run}/samples.jsonl: line 1 is not a sample of fit or evaluate (it has no 'set', 'id', 'subset', 'shot', "
+     "'prompt'); remove the line or the file"),
+    ("evaluate_samples_stray_line_after_samples", _samples_in_run(SAMPLE + "\n" + '{"note": 1}\n'), [],
+     "{run}/samples.jsonl: line 2 is not a sample"),
+    ("evaluate_samples_line_not_an_object", _samples_in_run("[1, 2]\n"), [],
+     "{run}/samples.jsonl: line 1 is a list, not a JSON object"),
+    ("evaluate_samples_not_utf8", _samples_in_run(b'{"note": "caf\xe9"}\n'), [], "{run}/samples.jsonl: not UTF-8 text"),
+    ("evaluate_gpu_without_a_gpu", _no_gpu, ["trainer.accelerator=gpu"],
+     "trainer.accelerator=gpu but torch finds no CUDA GPU on this machine"),
+    ("evaluate_interpolation_cycle", _nothing, ["name=${run_dir}", "run_dir={run}/${name}"],
+     "the interpolations name -> run_dir -> name form a cycle"),
 ]
 AUDIT = [
     ("audit_latin1_file", _encode("test.json", "latin-1"), ["{data}/test.json"], "test.json: not UTF-8 text"),
@@ -270,7 +334,20 @@ AUDIT = [
     ("audit_empty_split", _write("test.json", "[]"), ["{data}/test.json"], "test.json: empty split"),
     ("audit_alpha_zero", _nothing, ["{data}/test.json", "--alpha", "0"], "--alpha must be > 0"),
     ("audit_top_zero", _nothing, ["{data}/test.json", "--top", "0"], "--top and --min-count must be >= 1"),
+    ("audit_file_missing", _nothing, ["{data}/nope.json"], "{data}/nope.json"),
 ]
+REWRITE = [
+    ("rewrite_output_is_a_directory", _nothing, ["{data}/test.json", "{data}/images", "--attack", "one_word"],
+     "cannot write rewritten file {data}/images"),
+    ("rewrite_disk_full", lambda d: full_disk(_PATCH[0], match="out.json"),
+     ["{data}/test.json", "{data}/out.json", "--attack", "one_word"],
+     "cannot write rewritten file {data}/out.json: No space left on device (disk full)"),
+    ("rewrite_input_latin1", _encode("test.json", "latin-1"), ["{data}/test.json", "{data}/out.json", "--attack", "kshot"],
+     "test.json: not UTF-8 text"),
+]
+# The exact first try of a laptop user: a GPU experiment config, no GPU (the whole argv).
+GPU_ON_A_LAPTOP = ["--config", "configs/experiment/vlguard_npo.yaml", "model=tiny-llava", "data.root={data}",
+                   "run_dir={run}"]
 
 
 def _fit_args(data: Path, run_dir: Path, files: dict, extra: list[str]) -> list[str]:
@@ -287,9 +364,8 @@ def _evaluate_args(data: Path, run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under `root` (the empty lock file a run takes aside)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != DirectoryLock.NAME}
+    """Every file under `root`, the lock file included: a refused run leaves none behind."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _log_to_current_stderr() -> None:
@@ -313,7 +389,9 @@ def invoke(main, argv: list[str], capfd) -> tuple[int, str]:
 
 
 CASES = [("fit", c) for c in FIT_CONFIG + FIT_DATA + FIT_RUN] + [("evaluate", c) for c in EVALUATE] + \
-    [("audit", c) for c in AUDIT]
+    [("audit", c) for c in AUDIT] + [("rewrite", c) for c in REWRITE] + \
+    [("fit-argv", ("experiment_config_on_a_laptop", _no_gpu, GPU_ON_A_LAPTOP,
+                   "trainer.accelerator=gpu but torch finds no CUDA GPU on this machine; add trainer=cpu"))]
 
 
 @pytest.mark.parametrize("command, case", CASES, ids=[c[0] for _, c in CASES])
@@ -321,6 +399,7 @@ def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch
     monkeypatch.delenv("SAFETY_MIRAGE_RUN_DIR", raising=False)
     monkeypatch.chdir(REPO)
     name, corrupt, extra, expected = case
+    _PATCH[:] = [monkeypatch]
     data, run_dir = tmp_path / "data", tmp_path / "run"
     files = write_vlguard(data)
     (data / "attacks").mkdir()
@@ -332,7 +411,7 @@ def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch
         (run_dir / rel).write_bytes(content)
     corrupt(data)
     before = snapshot(run_dir)
-    extra = [e.replace("{data}", str(data)) for e in extra]
+    extra = [e.replace("{data}", str(data)).replace("{run}", str(run_dir)) for e in extra]
     try:
         if command == "fit":
             from lightning_modules.fit import main
@@ -342,10 +421,19 @@ def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch
             from lightning_modules.evaluate import main
 
             status, stderr = invoke(main, _evaluate_args(data, run_dir, extra), capfd)
+        elif command == "fit-argv":
+            from lightning_modules.fit import main
+
+            status, stderr = invoke(main, extra, capfd)
+        elif command == "rewrite":
+            from attacks.rewrite import main
+
+            status, stderr = invoke(main, extra, capfd)
         else:
             from attacks.audit import main
 
             status, stderr = invoke(main, extra, capfd)
+        after = snapshot(run_dir)  # before a lock this test holds is released (and its file removed)
     finally:
         while _HELD:
             _HELD.pop().release()
@@ -354,7 +442,7 @@ def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch
     errors = [line for line in stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
     assert len(errors) == 1, stderr[-3000:]
     assert expected.replace("{data}", str(data)).replace("{run}", str(run_dir)) in errors[0], errors[0]
-    assert snapshot(run_dir) == before  # nothing already written is changed or lost
+    assert after == before  # nothing already written is changed or lost, and no lock file is left behind
     assert not (run_dir / "model").exists() and not (run_dir / "tensorboard").exists()
 
 

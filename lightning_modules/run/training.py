@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from core.errors import UserError
-from core.files import atomic_write
+from core.files import atomic_write, storage_fault
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
 from lightning_modules.config.loading import to_yaml
@@ -99,6 +99,11 @@ def run(cfg) -> pd.DataFrame | None:
     exported_here = not os.environ.get(RUN_DIR_ENV)  # DDP ranks inherit it from rank 0 instead
     try:
         return _run(cfg)
+    except OSError as err:  # TensorBoard's event files and other writers we do not own, on a full disk
+        fault = storage_fault(err, cfg.run_dir)
+        if fault is None:
+            raise
+        raise UserError(f"{fault}; the last complete checkpoint is kept") from err
     finally:
         if exported_here:  # the next run in this process (compare, tests) picks its own directory
             release_run_dir(Path(os.environ.get(RUN_DIR_ENV, cfg.run_dir)))
