@@ -476,3 +476,163 @@ def test_encodings_are_told_apart(tmp_path):
         path.write_bytes(data)
         with pytest.raises(UserError, match=message):
             read_json_list(path)
+
+
+# -- a full disk behind every writer ----------------------------------------------------------------
+# Each case writes something first (a file a user would not want to lose), then fills the disk
+# (`faults.full_disk`: every write through `core.files` fails with ENOSPC) and writes again: one
+# line naming what was being written and where, and every earlier file byte for byte as it was.
+def _rows(*ids: str) -> list[dict]:
+    return [json.loads(SAMPLE) | {"id": i} for i in ids]
+
+
+def _samples_append(tmp: Path):
+    from metrics.samples import append_samples
+
+    append_samples(tmp / "samples.jsonl", _rows("a"))
+    return lambda: append_samples(tmp / "samples.jsonl", _rows("b", "c"))
+
+
+def _samples_rewrite(tmp: Path):
+    from metrics.samples import write_samples
+
+    write_samples(tmp / "samples.jsonl", _rows("a"))
+    return lambda: write_samples(tmp / "samples.jsonl", _rows("a", "b"))
+
+
+def _judge_cache(tmp: Path):
+    from metrics.vlm_judge import VLMJudge
+
+    judge = VLMJudge.__new__(VLMJudge)  # the cache alone: no judge model is needed to append to it
+    judge.cache_path = tmp / "judge_cache.jsonl"
+    judge._append_cache([{"key": "k1", "verdict": "relevant", "output": "yes"}])
+    return lambda: judge._append_cache([{"key": "k2", "verdict": "irrelevant", "output": "no"}])
+
+
+def _evaluate_outputs(tmp: Path):
+    import pandas as pd
+
+    from lightning_modules.analysis.evaluation import write_outputs
+
+    table = pd.DataFrame({"eval_set": ["unsafe_clean"], "asr": [0.5]})
+    write_outputs(tmp, _rows("a"), [], table, {}, {"n_generations": 1}, "report")
+    return lambda: write_outputs(tmp, _rows("a", "b"), [], table, {}, {"n_generations": 2}, "report 2")
+
+
+def _fingerprint(tmp: Path):
+    from lightning_modules.analysis.evaluation import check_fingerprint
+
+    return lambda: check_fingerprint(tmp, {"model": "tiny"})
+
+
+def _figure(tmp: Path):
+    from lightning_modules.experiments.plots import _plt, _save
+
+    def draw():
+        plt = _plt()
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        _save(plt, fig, tmp / "asr.png", "ASR")
+    draw()
+    return draw
+
+
+def _world(match: str):
+    def build(tmp: Path):
+        from datamodules.mirage_world import WorldConfig, build_world
+
+        small = dict(n_base=4, n_safety=4, n_val=2, n_test=2)
+        build_world(WorldConfig(**small), tmp / "worlds")  # an earlier world: must stay whole
+        return lambda: build_world(WorldConfig(**small, seed=1), tmp / "worlds")
+    return build
+
+
+def _prepared_vlguard(tmp: Path):
+    from datamodules.vlguard import _write
+
+    _write(tmp / "train.json", [{"id": "a"}])
+    return lambda: _write(tmp / "train.json", [{"id": "a"}, {"id": "b"}])
+
+
+def _sample_log(tmp: Path):
+    from types import SimpleNamespace
+
+    from lightning_modules.methods.sample_log import log_samples
+
+    logger = SimpleNamespace(log_dir=str(tmp))  # a logger with a folder (CSV): JSON lines there
+    samples = {"unsafe_clean": [{"prompt": "q", "response": "a", "image": None}]}
+    log_samples([logger], "val", samples, step=1)
+    return lambda: log_samples([logger], "val", samples, step=2)
+
+
+def _checkpoint_file(tmp: Path):
+    from lightning_modules.run.checkpointing import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(2)}}, tmp / "last.ckpt")
+    return lambda: io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, tmp / "last.ckpt")
+
+
+def _fit_results(tmp: Path):
+    from lightning_modules.run.training import write_results
+    from test_resume import _Results
+
+    write_results(tmp, _Results())
+    return lambda: write_results(tmp, _Results())
+
+
+def _model_card(tmp: Path):
+    from core.files import atomic_write
+
+    (tmp / "model").mkdir()
+    return lambda: atomic_write(tmp / "model" / "README.md", "# card", what="model card")
+
+
+# (case id, write something, then return the write that meets the full disk; what the line must say)
+WRITERS = [
+    ("enospc_samples_append", _samples_append, "cannot write samples {tmp}/samples.jsonl: No space left on device (disk full)"),
+    ("enospc_samples_rewrite", _samples_rewrite, "cannot write samples {tmp}/samples.jsonl: No space left on device"),
+    ("enospc_judge_cache_append", _judge_cache, "cannot write judge cache {tmp}/judge_cache.jsonl: No space left"),
+    ("enospc_evaluate_results", _evaluate_outputs, "cannot write samples {tmp}/samples.jsonl: No space left"),
+    ("enospc_generation_fingerprint", _fingerprint, "cannot write generation fingerprint {tmp}/generation.json"),
+    ("enospc_compare_figure", _figure, "cannot write figure {tmp}/asr.png: No space left on device (disk full)"),
+    ("enospc_world_images", _world(".png"), "cannot write world image {tmp}/worlds/"),
+    ("enospc_world_files", _world(".json"), "cannot write world file {tmp}/worlds/"),
+    ("enospc_prepared_vlguard", _prepared_vlguard, "cannot write prepared VLGuard file {tmp}/train.json"),
+    ("enospc_sample_log", _sample_log, "cannot write sample log {tmp}/val_samples.jsonl: No space left"),
+    ("enospc_checkpoint", _checkpoint_file, "cannot write checkpoint {tmp}/last.ckpt: No space left on device "
+                                            "(disk full); the last complete checkpoint is kept"),
+    ("enospc_fit_results", _fit_results, "cannot write results {tmp}/results.csv: No space left on device"),
+    ("enospc_model_card", _model_card, "cannot write model card {tmp}/model/README.md: No space left"),
+]
+
+
+@pytest.mark.parametrize("name, prepare, expected", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_full_disk_is_one_line_and_loses_nothing(name, prepare, expected, tmp_path, monkeypatch):
+    from core.errors import UserError
+
+    write = prepare(tmp_path)
+    before = snapshot(tmp_path)
+    match = {"enospc_world_images": ".png", "enospc_world_files": ".json"}.get(name, "")
+    full_disk(monkeypatch, match=match)
+    with pytest.raises(UserError) as err:
+        write()
+    line = str(err.value)
+    assert "\n" not in line and expected.replace("{tmp}", str(tmp_path)) in line, line
+    after = {k: v for k, v in snapshot(tmp_path).items() if not Path(k).name.startswith(".") or k in before}
+    assert after == before  # earlier files whole; no temp file, no half line, no half-built cache entry left
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_the_new_tables_add_thirty_cases():
+    added = [c for c in CASES if c[1][0] in NEW_CASES] + [w for w in WRITERS]
+    assert len(added) >= 30
+
+
+NEW_CASES = {"interpolation_cycle", "interpolation_cycle_in_a_section", "interpolation_of_a_missing_key",
+             "seed_not_a_number", "config_file_missing", "gpu_trainer_without_a_gpu", "cuda_accelerator_without_a_gpu",
+             "resume_checkpoint_truncated", "resume_checkpoint_empty", "run_dir_is_a_file", "tensorboard_disk_full",
+             "evaluate_samples_stray_line", "evaluate_samples_stray_line_after_samples",
+             "evaluate_samples_line_not_an_object", "evaluate_samples_not_utf8", "evaluate_gpu_without_a_gpu",
+             "evaluate_interpolation_cycle", "audit_file_missing", "rewrite_output_is_a_directory", "rewrite_disk_full",
+             "rewrite_input_latin1", "experiment_config_on_a_laptop"}
