@@ -13,6 +13,7 @@ DDP re-runs sys.argv for each rank, so every run is a subprocess of the CLI.
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 from collections import Counter
@@ -161,3 +162,81 @@ def test_sharded_eval_runs_equal_batches_and_counts_no_padding(tmp_path):
     for batch in loaders[0]:
         module._eval_step(batch, 0, module.val_metrics, keep=False)
     assert int(module.val_metrics["unsafe_clean"].compute()["n"]) == 2  # rows 2 and 5 of 7; the padding row is not counted
+
+
+# -- a fault on one rank ----------------------------------------------------------------------------
+FAILING_RANK = '''"""fit, with rank 1 failing in its first training step (every DDP rank re-runs this script)."""
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from lightning_modules.methods.sft import SFTModule
+
+real = SFTModule.training_step
+
+def failing(self, batch, batch_idx):
+    if self.global_rank == 1:
+        time.sleep(float(os.environ.get("HANG_S", "0")))  # a hung rank, for a while
+        raise RuntimeError("boom on the second rank")
+    return real(self, batch, batch_idx)
+
+SFTModule.training_step = failing
+from lightning_modules.fit import main
+main()
+'''
+
+
+def start_failing_run(tmp_path: Path, *extra: str, hang_s: float = 0) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(repo=str(REPO)))
+    files = write_vlguard(tmp_path / "data")
+    args = [sys.executable, str(script), "--config", "configs/demo.yaml", *vlguard_overrides(files, tmp_path / "run"),
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=2", "eval.val_at_start=false", *extra]
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(args, cwd=REPO, env=dict(cli_env(), HANG_S=str(hang_s)), stdout=subprocess.DEVNULL,
+                                stderr=err)
+    return proc, stderr
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_is_one_line_naming_it_and_the_others_stop(tmp_path):
+    proc, stderr = start_failing_run(tmp_path, "trainer.strategy=ddp")
+    assert proc.wait(timeout=240) == 1
+    text = stderr.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert error_lines(text) == ["error: rank 1: RuntimeError: boom on the second rank (--debug shows the traceback)"]
+    assert "rank 0 stopped: another rank failed or stopped answering" in text  # not hanging in the all-reduce
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_left_after_the_collective_timeout(tmp_path):
+    """Rank 1 hangs for 60 s in its first step: rank 0 waits 20 s in the gradient all-reduce
+    (trainer.strategy.timeout; it also bounds the start-up rendezvous, hence not less), then stops
+    with a line of its own; rank 1's line follows when it wakes."""
+    proc, stderr = start_failing_run(tmp_path, "trainer.strategy={name: ddp, timeout: 20}", hang_s=60)
+    start = time.monotonic()
+    try:
+        assert proc.wait(timeout=240) == 1
+        assert time.monotonic() - start < 60  # rank 0 did not wait for the hung rank
+        assert "rank 0 stopped: another rank failed or stopped answering" in stderr.read_text()
+    finally:
+        deadline = time.monotonic() + 120  # rank 1 wakes, fails and prints its line: no process outlives the test
+        while not error_lines(stderr.read_text()) and time.monotonic() < deadline:
+            time.sleep(1)
+    assert error_lines(stderr.read_text()) == ["error: rank 1: RuntimeError: boom on the second rank (--debug shows "
+                                               "the traceback)"]
+
+
+def test_the_collective_timeout_is_seconds():
+    from datetime import timedelta
+
+    from core.errors import UserError
+    from lightning_modules.run.strategies import build_strategy
+
+    assert build_strategy({"name": "ddp", "timeout": 90})._timeout == timedelta(seconds=90)
+    with pytest.raises(UserError, match=r"'trainer.strategy.timeout': 'soon' \(allowed: a number of seconds > 0\)"):
+        build_strategy({"name": "ddp", "timeout": "soon"})

@@ -3,6 +3,7 @@ need Python objects (FSDP's wrap policy).
 
     strategy: ddp                       # any registered name: ddp, deepspeed_stage_2, deepspeed_stage_3, ...
     strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}
+    strategy: {name: ddp, timeout: 600}   # a rank waits 10 min in a collective for a dead or hung peer
 
 FSDP wraps each transformer block: the classes a Hugging Face model lists in `_no_split_modules`
 that occur more than once (LlamaDecoderLayer, CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 from torch import nn
@@ -22,7 +24,17 @@ from core.distributed import shards_parameters
 from core.errors import UserError
 from core.schema import reject_unknown
 
-FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers")
+FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers",
+             "timeout")
+
+
+def collective_timeout(seconds: Any) -> timedelta:
+    """`trainer.strategy.timeout` (seconds): how long a rank waits in a collective for a rank that
+    died or hangs before it stops with a line of its own (torch's default: 30 min, NCCL 10 min)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise UserError(f"invalid value for config key 'trainer.strategy.timeout': {seconds!r} "
+                        "(allowed: a number of seconds > 0)")
+    return timedelta(seconds=seconds)
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -42,6 +54,8 @@ def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
         raise UserError(f"trainer.strategy must be a strategy name or a mapping with 'name', got {spec!r}")
     spec = dict(spec)
     name = spec.pop("name")
+    if "timeout" in spec:  # seconds a collective waits for the other ranks before this rank stops
+        spec["timeout"] = collective_timeout(spec["timeout"])
     if name == "fsdp":
         return fsdp_strategy(spec, model)
     if name == "deepspeed":

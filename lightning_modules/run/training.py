@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -10,7 +11,7 @@ import lightning as L
 import pandas as pd
 import torch
 
-from core.errors import UserError
+from core.errors import RankFailed, UserError
 from core.files import atomic_write, storage_fault
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
@@ -126,6 +127,25 @@ def _run(cfg) -> pd.DataFrame | None:
     check_checkpoint_fits(module, ckpt_path)
     finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
     trainer = build_trainer(cfg, run_dir, module)
+    with rank_faults(trainer):
+        return _train_and_test(cfg, run_dir, module, data, trainer, ckpt_path, finished_step)
+
+
+@contextlib.contextmanager
+def rank_faults(trainer: L.Trainer):
+    """Under several processes, an unexpected error on a rank leaves as `RankFailed` (one line naming
+    the rank; the other ranks stop at their next collective, after trainer.strategy.timeout at worst)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if trainer.world_size > 1 and storage_fault(err, "") is None:  # a full disk has its own line
+            raise RankFailed(trainer.global_rank, err) from err
+        raise
+
+
+def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finished_step):
     if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     scale = scale_hparams(cfg, trainer)
