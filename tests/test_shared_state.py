@@ -3,6 +3,7 @@ rename, and cache keys that cover everything that shapes what is cached."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,25 @@ def test_base_cache_key_covers_what_shapes_the_base(tmp_path):
             key("data.image_mode=blank")]
     assert len(set(keys)) == len(keys)
     assert key("optim.lr=0.5") == keys[0]  # the base has its own lr (base.lr)
+
+
+def test_appends_are_line_atomic_and_a_half_line_is_dropped_with_a_warning(tmp_path):
+    """A crash mid-append leaves a half line: the next read drops it with a warning (and, for
+    samples.jsonl, cuts it from the file); the next append starts on a line of its own."""
+    from core.files import append_lines, read_lines
+    from metrics.samples import read_samples
+
+    path = tmp_path / "samples.jsonl"
+    row = {"set": "s", "id": "1", "subset": "unsafes", "shot": 0, "prompt": "q", "response": "a"}
+    append_lines(path, [json.dumps(row)])
+    with open(path, "ab") as fh:  # what a process killed inside write() leaves
+        fh.write(b'{"set": "s", "id": "2", "sub')
+    with pytest.warns(UserWarning, match=r"samples.jsonl: dropped a half-written last line \(line 2"):
+        assert [r["id"] for r in read_samples(path)] == ["1"]
+    assert path.read_text() == json.dumps(row) + "\n"  # repaired: the resumed run regenerates id 2
+    with open(path, "ab") as fh:
+        fh.write(b'{"set": "s", "id": "3", "sub')
+    append_lines(path, [json.dumps(row | {"id": "4"})])  # closes the half line before its own
+    with pytest.warns(UserWarning, match="line 2 is cut short"):
+        assert [r["id"] for r in read_samples(path)] == ["1", "4"]
+    assert [n for n, _ in read_lines(path)] == [1, 2, 3]
