@@ -588,6 +588,18 @@ def _model_card(tmp: Path):
     return lambda: atomic_write(tmp / "model" / "README.md", "# card", what="model card")
 
 
+def _converted_benchmark(tmp: Path):
+    from benchmark_fixtures import save_image, write_json
+    from datamodules.benchmarks.__main__ import convert
+    from test_safety_benchmarks import MMSB_QUESTION
+
+    root = tmp / "MM-SafetyBench"
+    write_json(root / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION})
+    save_image(root / "data" / "imgs" / "01-Illegal_Activitiy" / "SD" / "0.jpg")
+    convert("mm_safetybench", str(root), tmp / "mmsb.json", variant="SD")
+    return lambda: convert("mm_safetybench", str(root), tmp / "mmsb.json", variant="SD")
+
+
 # (case id, write something, then return the write that meets the full disk; what the line must say)
 WRITERS = [
     ("enospc_samples_append", _samples_append, "cannot write samples {tmp}/samples.jsonl: No space left on device (disk full)"),
@@ -604,6 +616,8 @@ WRITERS = [
                                             "(disk full); the last complete checkpoint is kept"),
     ("enospc_fit_results", _fit_results, "cannot write results {tmp}/results.csv: No space left on device"),
     ("enospc_model_card", _model_card, "cannot write model card {tmp}/model/README.md: No space left"),
+    ("enospc_converted_benchmark", _converted_benchmark,
+     "cannot write converted benchmark file {tmp}/mmsb.json: No space left on device (disk full)"),
 ]
 
 

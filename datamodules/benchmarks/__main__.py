@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from core.errors import UserError, cli_main
+from core.files import atomic_write
 from datamodules.benchmarks import SAFETY_KINDS, TASK_KINDS, read_task
 from datamodules.examples import Example
 
@@ -30,10 +31,8 @@ def convert(kind: str, path: str, out: Path, image_dir=None, variant=None) -> in
     if kind not in SAFETY_KINDS:
         raise UserError(f"convert takes a safety benchmark ({', '.join(SAFETY_KINDS)}), not {kind!r}")
     records = [vlguard_record(ex) for ex in read_task(kind, path, image_dir, variant=variant)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out)  # never a half-written file under the final name
+    # never a half-written file under the final name; a full disk is one line
+    atomic_write(out, json.dumps(records, indent=1, ensure_ascii=False), what="converted benchmark file")
     return len(records)
 
 
