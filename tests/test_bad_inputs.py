@@ -345,6 +345,27 @@ REWRITE = [
     ("rewrite_input_latin1", _encode("test.json", "latin-1"), ["{data}/test.json", "{data}/out.json", "--attack", "kshot"],
      "test.json: not UTF-8 text"),
 ]
+
+
+def _mm_safetybench(d: Path):
+    from benchmark_fixtures import save_image, write_json
+    from test_safety_benchmarks import MMSB_QUESTION
+
+    write_json(d / "MMSB" / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION})
+    save_image(d / "MMSB" / "data" / "imgs" / "01-Illegal_Activitiy" / "SD" / "0.jpg")
+
+
+CONVERT = ["convert", "--kind", "mm_safetybench", "--path", "{data}/MMSB", "--variant", "SD"]
+BENCHMARKS = [
+    ("benchmarks_convert_path_missing", _nothing,
+     ["convert", "--kind", "mm_safetybench", "--path", "{data}/nope", "--out", "{data}/o.json"], "benchmark data not found"),
+    ("benchmarks_convert_unknown_variant", _mm_safetybench, [*CONVERT[:-1], "SDX", "--out", "{data}/o.json"],
+     "variant 'SDX'"),
+    ("benchmarks_convert_output_is_a_directory", _mm_safetybench, [*CONVERT, "--out", "{data}/images"],
+     "cannot write converted benchmark file {data}/images"),
+    ("benchmarks_convert_disk_full", lambda d: (_mm_safetybench(d), full_disk(_PATCH[0], match="o.json")),
+     [*CONVERT, "--out", "{data}/o.json"], "cannot write converted benchmark file {data}/o.json: No space left"),
+]
 # The exact first try of a laptop user: a GPU experiment config, no GPU (the whole argv).
 GPU_ON_A_LAPTOP = ["--config", "configs/experiment/vlguard_npo.yaml", "model=tiny-llava", "data.root={data}",
                    "run_dir={run}"]
@@ -389,7 +410,7 @@ def invoke(main, argv: list[str], capfd) -> tuple[int, str]:
 
 
 CASES = [("fit", c) for c in FIT_CONFIG + FIT_DATA + FIT_RUN] + [("evaluate", c) for c in EVALUATE] + \
-    [("audit", c) for c in AUDIT] + [("rewrite", c) for c in REWRITE] + \
+    [("audit", c) for c in AUDIT] + [("rewrite", c) for c in REWRITE] + [("benchmarks", c) for c in BENCHMARKS] + \
     [("fit-argv", ("experiment_config_on_a_laptop", _no_gpu, GPU_ON_A_LAPTOP,
                    "trainer.accelerator=gpu but torch finds no CUDA GPU on this machine; add trainer=cpu"))]
 
@@ -425,6 +446,11 @@ def test_bad_input_fails_in_one_line(command, case, tmp_path, capfd, monkeypatch
             from lightning_modules.fit import main
 
             status, stderr = invoke(main, extra, capfd)
+        elif command == "benchmarks":
+            from core.errors import cli_main
+            from datamodules.benchmarks.__main__ import main
+
+            status, stderr = invoke(cli_main(main), extra, capfd)
         elif command == "rewrite":
             from attacks.rewrite import main
 
@@ -649,4 +675,6 @@ NEW_CASES = {"interpolation_cycle", "interpolation_cycle_in_a_section", "interpo
              "evaluate_samples_stray_line", "evaluate_samples_stray_line_after_samples",
              "evaluate_samples_line_not_an_object", "evaluate_samples_not_utf8", "evaluate_gpu_without_a_gpu",
              "evaluate_interpolation_cycle", "audit_file_missing", "rewrite_output_is_a_directory", "rewrite_disk_full",
-             "rewrite_input_latin1", "experiment_config_on_a_laptop"}
+             "rewrite_input_latin1", "experiment_config_on_a_laptop", "benchmarks_convert_path_missing",
+             "benchmarks_convert_unknown_variant", "benchmarks_convert_output_is_a_directory",
+             "benchmarks_convert_disk_full"}
