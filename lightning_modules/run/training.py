@@ -146,7 +146,8 @@ def rank_faults(trainer: L.Trainer):
 
 
 def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finished_step):
-    if ckpt_path is None:  # a resume rewrites it once the checkpoint has loaded (a wrong one changes nothing)
+    # Rank 0 writes what the run leaves behind (config, archive, model, results, export).
+    if ckpt_path is None and trainer.global_rank == 0:  # a resume rewrites it once the checkpoint has loaded
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     scale = scale_hparams(cfg, trainer)
     for logger in trainer.loggers:
