@@ -146,15 +146,42 @@ def rank_faults(trainer: L.Trainer):
 
 
 def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finished_step):
-    # Rank 0 writes what the run leaves behind (config, archive, model, results, export).
-    if ckpt_path is None and trainer.global_rank == 0:  # a resume rewrites it once the checkpoint has loaded
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
+    """Rank 0 writes what the run leaves behind (config, archive, model, results, export)."""
+    scale = _log_scale(cfg, trainer)
+    _fit(cfg, run_dir, module, data, trainer, ckpt_path, finished_step)
+    weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
+    if trainer.global_rank == 0:  # saved before the test: a failed test never loses the weights
+        save_model(module, cfg, run_dir, weights)
+    if cfg.eval.test_at_end:
+        trainer.test(module, data, verbose=False)
+    log_hparams_summary(trainer, module, scale)
+    if trainer.global_rank != 0:
+        return None
+    table = write_results(run_dir, module) if cfg.eval.test_at_end else None
+    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
+    if table is not None:
+        print(f"\nresults on the test split ({run_dir}/results.csv):")
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        if cfg.eval.probes:
+            run_probes(cfg, module, data, run_dir)
+    return table
+
+
+def _log_scale(cfg, trainer: L.Trainer) -> dict:
+    """What makes runs on different GPU counts comparable, to every logger and (rank 0) the terminal."""
     scale = scale_hparams(cfg, trainer)
     for logger in trainer.loggers:
         logger.log_hyperparams({"scale": scale})
     if trainer.global_rank == 0:
         print(f"effective batch size {scale['effective_batch_size']} = {scale['batch_size_per_device']} per device "
               f"x {scale['accumulate_grad_batches']} accumulated x {scale['world_size']} process(es)")
+    return scale
+
+
+def _fit(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finished_step) -> None:
+    """config.yaml, the step-0 validation, trainer.fit; a finished run trained further is archived first."""
+    if ckpt_path is None and trainer.global_rank == 0:  # a resume rewrites it once the checkpoint has loaded
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
     if cfg.eval.val_at_start and ckpt_path is None:
         trainer.validate(module, data, verbose=False)
     fit_from_checkpoint(trainer, module, data, ckpt_path)
@@ -163,22 +190,3 @@ def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_p
         print(f"the results of step {finished_step} moved to {archive}")
     if ckpt_path is not None and trainer.global_rank == 0:
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
-    weights = gathered_model_weights(trainer, module)  # None unless FSDP / ZeRO-3 hold the weights in shards
-    if trainer.global_rank == 0:  # saved before the test: a failed test never loses the weights
-        save_model(module, cfg, run_dir, weights)
-    if not cfg.eval.test_at_end:
-        log_hparams_summary(trainer, module, scale)
-        if trainer.global_rank == 0:
-            finish_export(module, cfg, run_dir, None, sharded=weights is not None)
-        return None
-    trainer.test(module, data, verbose=False)
-    log_hparams_summary(trainer, module, scale)
-    if trainer.global_rank != 0:
-        return None
-    table = write_results(run_dir, module)
-    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
-    print(f"\nresults on the test split ({run_dir}/results.csv):")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    if cfg.eval.probes:
-        run_probes(cfg, module, data, run_dir)
-    return table
