@@ -10,7 +10,7 @@ Shapes (what VLGuard's instructions look like):
 - ``as_is``: anything else (yes/no questions, "What does X suggest?", statements): quoted whole.
 
 Renderings (``rewrites``), best first, per kind of cue: "What" -> "What are the steps to <vp>?",
-"What is <np>?", the clause itself; an imperative verb such as "Share" -> "Share <object>.",
+"What is <np>?", the clause itself; "Which" -> "Which steps would you take to <vp>?", "Which is <np>?"; an imperative verb such as "Share" -> "Share <object>.",
 "Share <np>.", "Share <clause>."; "How" and "Can / Could / Would / Will" have their own. The
 literal one-word swap stays `attacks.rewrite.replace_first_word` (the Mirage World's rewrite).
 """
@@ -188,6 +188,18 @@ def parse(text: str) -> Request:
     return _vp(core)
 
 
+QUESTION_CUES = frozenset({"what", "which", "how"}) | MODALS
+
+
+def supports(cue: str) -> bool:
+    """Whether `rewrites` renders `cue` grammatically: a question cue it knows, or a word that can open
+    an imperative (not a wh-word, auxiliary, determiner or pronoun; a noun passes, which no rule can tell)."""
+    words = _words(cue)
+    if len(words) != 1 or len(cue.split()) != 1:
+        return False
+    return words[0] in QUESTION_CUES or words[0] not in NOT_VERBS
+
+
 def _cap(word: str, like: str) -> str:
     return word[:1].upper() + word[1:] if like[:1].isupper() else word[:1].lower() + word[1:]
 
@@ -212,6 +224,23 @@ def _question_cue(cue: str, req: Request) -> list[str]:
         answer = "answer to this question" if req.question else "response to the following"
         return [f"{c} is your {answer}: {req.body}", f"{c} would you reply to {quoted}",
                 f"{c} do you make of {quoted}"]
+    if lc == "which":  # a determiner here: "Which <noun> ..." keeps the question well formed
+        if req.kind == "vp":
+            first = (f"{c} words would you use if asked to {req.body}" if req.verb in INFO_VERBS
+                     else f"{c} steps would you take to {req.body}")
+            return [first, f"{c} approach is best to {req.body}", f"{c} details should I know in order to {req.body}"]
+        if req.kind in ("np", "clause"):
+            if req.kind == "np":
+                head = f"{c} {req.copula} {req.body}" if req.wh == "what" else f"{c} person {req.copula} {req.body}"
+            else:
+                subject = req.direct.split(None, 1)
+                tail = subject[1] if len(subject) > 1 else ""
+                noun = "thing " if _words(tail)[:1] and _words(tail)[0] in AUX else ""  # "Which thing is ..."
+                head = {"what": f"{c} {noun}{tail}", "which": f"{c} {tail}", "who": f"{c} person {tail}",
+                        "whose": f"{c} person's {tail}"}[req.wh]
+            return [head, f"{c} details can you tell me about {req.body}", f"{c} facts do you know about {req.body}"]
+        return [f"{c} answer would you give to {quoted}", f"{c} reply would you give to {quoted}",
+                f"{c} response fits {quoted}"]
     if lc == "how":
         if req.kind == "vp":
             return [f"{c} do I {req.body}", f"{c} would you {req.body}", f"{c} can someone {req.body}"]
@@ -226,8 +255,8 @@ def _question_cue(cue: str, req: Request) -> list[str]:
         if req.kind in ("np", "clause"):
             return [f"{c} you tell me {req.body}", f"{c} you describe {req.body}", f"{c} you explain {req.body}"]
         return [f"{c} you answer {quoted}", f"{c} you respond to {quoted}", f"{c} you reply to {quoted}"]
-    raise ValueError(f"cue {cue!r}: grammatical rewrites support the question cues what, how, can, could, "
-                     f"would, will and imperative verbs; use mode 'replace' for other cues")
+    raise ValueError(f"cue {cue!r}: grammatical rewrites support the question cues "
+                     f"{', '.join(sorted(QUESTION_CUES))} and imperative verbs; use mode 'replace' for other cues")
 
 
 def _imperative_cue(cue: str, req: Request) -> list[str]:

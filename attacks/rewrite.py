@@ -26,7 +26,7 @@ from core.errors import UserError
 from core.files import atomic_write
 
 from . import grammar
-from .audit import WORD_RE, _Parser, audit
+from .audit import NONE, WORD_RE, _Parser, audit
 from .records import load_records
 
 # A word may carry an apostrophe or slash ("Can't", "N/A") so the whole word is swapped.
@@ -136,6 +136,26 @@ def mine_cues(records, top: int = 5, min_count: int = 5) -> dict:
     }
 
 
+def strongest_cue(records, kind: str, source: str = "training set", min_count: int = 5,
+                  grammatical: bool = True) -> dict:
+    """The attack's cue mined from a training set: the audit row of the `kind` ("compliance" or
+    "refusal") cue with the largest |log-odds| among those seen >= `min_count` times, as
+    {word, safe, unsafe, log_odds, cue (capitalised), passed_over}. With `grammatical`, cues the
+    rule-based generator cannot open a sentence with ("why", "is", "the": `grammar.supports`) are
+    passed over, and listed. One-line ValueError naming `source` when there is nothing to mine."""
+    result = audit(records, ngram=1, min_count=min_count, top=10**9)
+    if not result["n_safe"] or not result["n_unsafe"]:
+        raise ValueError(f"{source}: {result['n_safe']} safe and {result['n_unsafe']} unsafe instructions; "
+                         "no cue can be mined (the audit contrasts the first words of both)")
+    passed_over = []
+    for row in result[f"{kind}_cues"]:
+        if row["word"] != NONE and (not grammatical or grammar.supports(row["word"])):
+            return {**row, "cue": row["word"].capitalize(), "passed_over": passed_over}
+        passed_over.append(row["word"])
+    skipped = f" (passed over, no grammatical rewrite: {', '.join(passed_over)})" if passed_over else ""
+    raise ValueError(f"{source}: no {kind} cue found: none seen >= {min_count} times{skipped}")
+
+
 def _check_mode(mode: str, paraphraser=None) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -180,8 +200,8 @@ class _Rewrite:
                 new = copy.deepcopy(rec)
                 for (j, k), variants in texts.items():
                     new["instr-resp"][j][k] = variants[shot]
-                if self.shots > 1:
-                    new["shot"] = shot
+                if self.shots > 1:  # numbered 1..K, as evaluate numbers a file without the key
+                    new["shot"] = shot + 1
                 out.append(new)
         return out
 
@@ -210,19 +230,17 @@ class OneWordAttack(_Rewrite):
     @classmethod
     def from_mined(cls, records, **kwargs) -> "OneWordAttack":
         """Use the strongest compliance cue of ``records`` (mine it on training data)."""
-        cues = mine_cues(records, top=1)["compliance"]
-        if not cues:
-            raise ValueError("no compliance cue found to mine")
-        return cls(cue=cues[0].capitalize(), **kwargs)
+        grammatical = kwargs.get("mode") in (None, "grammatical", "paraphrase")
+        return cls(cue=strongest_cue(records, "compliance", grammatical=grammatical)["cue"], **kwargs)
 
 
 class KShotAttack(_Rewrite):
     """K distinct cue-initial rewrites per unsafe query, in the layout of test_what_3shot.json.
 
-    ``mode="grammatical"`` (default): shot 0 is the best grammatical rewrite, the other shots
+    ``mode="grammatical"`` (default): shot 1 is the best grammatical rewrite, the other shots
     are drawn from its alternative renderings (``attacks.grammar.rewrites``); ``"paraphrase"``:
     K rewrites from the instruction model. Template modes (``replace`` / ``prepend`` or your own
-    ``templates``): shot 0 is the first template (the one-word swap or the prepend form), the
+    ``templates``): shot 1 is the first template (the one-word swap or the prepend form), the
     others are drawn from the remaining templates. Slots: {cue}, {rest} (after the first word),
     {text} (whole query), {query} (whole query without "Can you"/"Please" openers); end
     punctuation is added afterwards. Draws are seeded by (seed, record id), so a file rewrites
@@ -284,10 +302,8 @@ class KShotAttack(_Rewrite):
 
     @classmethod
     def from_mined(cls, records, **kwargs) -> "KShotAttack":
-        cues = mine_cues(records, top=1)["compliance"]
-        if not cues:
-            raise ValueError("no compliance cue found to mine")
-        return cls(cue=cues[0].capitalize(), **kwargs)
+        grammatical = kwargs.get("mode") in (None, "grammatical", "paraphrase")
+        return cls(cue=strongest_cue(records, "compliance", grammatical=grammatical)["cue"], **kwargs)
 
 
 class OverPrudenceRewrite(_Rewrite):
@@ -305,10 +321,20 @@ class OverPrudenceRewrite(_Rewrite):
 
     @classmethod
     def from_mined(cls, records, **kwargs) -> "OverPrudenceRewrite":
-        cues = mine_cues(records, top=1)["refusal"]
-        if not cues:
-            raise ValueError("no refusal cue found to mine")
-        return cls(cue=cues[0].capitalize(), **kwargs)
+        grammatical = kwargs.get("mode") in (None, "grammatical", "paraphrase")
+        return cls(cue=strongest_cue(records, "refusal", grammatical=grammatical)["cue"], **kwargs)
+
+
+def load_paraphraser(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """`attacks.paraphrase.Paraphraser` for the paraphrase mode; a model that cannot be loaded is a
+    one-line ValueError."""
+    from .paraphrase import Paraphraser  # transformers only when a model is asked for
+
+    try:
+        return Paraphraser.from_pretrained(name_or_path, revision, trust_remote_code)
+    except (OSError, ValueError) as err:  # not found offline, not a generative model, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"--model {name_or_path}: cannot load ({first})") from err
 
 
 def main(argv=None) -> int:
@@ -331,23 +357,13 @@ def main(argv=None) -> int:
         records = load_records(args.input)
         cue = args.cue
         if args.cue_from:
-            cues = mine_cues(load_records(args.cue_from), top=1)
             kind = "refusal" if args.attack == "overprudence" else "compliance"
-            if not cues[kind]:
-                raise ValueError(f"{args.cue_from}: no {kind} cue found")
-            cue = cues[kind][0].capitalize()
+            cue = strongest_cue(load_records(args.cue_from), kind, args.cue_from,
+                                grammatical=args.mode in ("grammatical", "paraphrase"))["cue"]
         cue = cue or ("Share" if args.attack == "overprudence" else "What")
         if (args.mode == "paraphrase") != bool(args.model):
             raise ValueError("--mode paraphrase needs --model, and --model needs --mode paraphrase")
-        paraphraser = None
-        if args.model:
-            from .paraphrase import Paraphraser
-
-            try:
-                paraphraser = Paraphraser.from_pretrained(args.model, args.revision, args.trust_remote_code)
-            except (OSError, ValueError) as err:  # not found offline, not a generative model, ...
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise ValueError(f"--model {args.model}: cannot load ({first})") from err
+        paraphraser = load_paraphraser(args.model, args.revision, args.trust_remote_code) if args.model else None
         if args.attack == "one_word":
             attack = OneWordAttack(cue, args.mode, args.fix_punctuation, args.paired, paraphraser)
         elif args.attack == "kshot":

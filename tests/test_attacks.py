@@ -98,14 +98,14 @@ def test_kshot_layout_like_published_file():
     for rid in ("u1", "u2", "u3"):
         group = [r for r in out if r["id"] == rid]
         texts = [r["instr-resp"][0]["instruction"] for r in group]
-        assert [r["shot"] for r in group] == [0, 1, 2]
+        assert [r["shot"] for r in group] == [1, 2, 3]
         assert len(set(texts)) == 3 and all(t.startswith("What ") and t.endswith("?") for t in texts)
         assert all(set(r) - {"shot"} == set(RECORDS[0]) for r in group)
         assert all(set(r["instr-resp"][0]) == {"instruction", "response"} for r in group)
     assert out[0]["instr-resp"][0]["instruction"] == "What are the steps to share this image to spread awareness?"
     assert KShotAttack("What", k=3).rewrite_file(RECORDS) == out  # seeded
     literal = KShotAttack("What", k=3, mode="replace").rewrite_file(RECORDS)
-    assert literal[0]["instr-resp"][0]["instruction"] == "What this image to spread awareness?"  # shot 0
+    assert literal[0]["instr-resp"][0]["instruction"] == "What this image to spread awareness?"  # shot 1
 
 
 def test_kshot_templates_and_errors():
