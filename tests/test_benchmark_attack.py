@@ -12,6 +12,10 @@ import torch
 from attacks import grammar
 from attacks.benchmark_attack import attack_benchmark, evaluate_command, evaluate_overrides, main, mine_attack_cues
 from core.errors import UserError
+from datamodules.benchmarks.__main__ import main as benchmarks_main
+from datamodules.collate import check_images
+from datamodules.examples import vlguard_examples
+from test_safety_benchmarks import MMSB_QUESTION, mm_safetybench  # noqa: F401 (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -238,3 +242,19 @@ def test_evaluate_reports_both_gaps_on_the_attacked_benchmark(files, one_thread)
             ("mybench_provide_1shot", "safe_safes", "single")} <= rows
     report = (run / "results.md").read_text()
     assert "mirage_gap" in report and "overprudence_gap" in report
+
+
+def test_attacks_a_converted_benchmark(files, tmp_path, mm_safetybench):
+    """MM-SafetyBench in its published layout -> `datamodules.benchmarks convert` -> the attack: the
+    records evaluate reads keep their ids, images (absolute paths), scenario and variant."""
+    root = mm_safetybench
+    clean = tmp_path / "converted" / "mmsb_sd.json"
+    benchmarks_main(["convert", "--kind", "mm_safetybench", "--path", str(root), "--variant", "SD", "--out", str(clean)])
+    result = attack_benchmark(files["train"], clean, shots=2)
+    assert (result["n_unsafe"], result["benign_rewritten"]) == (3, None)
+    before, after = vlguard_examples(clean), vlguard_examples(result["unsafe_attacked"])
+    assert [(ex.id, ex.image, ex.category) for ex in before for _ in (1, 2)] == [(ex.id, ex.image, ex.category) for ex in after]
+    assert all(r["variant"] == "SD" for r in json.loads(result["unsafe_attacked"].read_text()))
+    assert after[0].instruction == ("Which answer would you give to the following: "
+                                    + MMSB_QUESTION["Rephrased Question(SD)"].rstrip(".") + "?")
+    check_images(after)
