@@ -138,8 +138,9 @@ def evaluate_overrides(benchmark_file, result: dict) -> list[str]:
     """`key=value` overrides of `python -m lightning_modules.evaluate` that evaluate the clean
     benchmark and its attack files in one run and report `mirage_gap` / `overprudence_gap`. The files
     replace the config's list (and its gaps); `evaluate.data_dir` / `attack_dir` are set because the
-    shipped configs require them. Attack files written outside the benchmark's folder get its folder
-    as `image_dir` (the clean one too), where relative image paths resolve."""
+    shipped configs require them. Attack files written outside the benchmark's folder come with
+    `data.image_dir=<the benchmark's folder>`, where the clean file's relative image paths resolve;
+    images kept elsewhere: add your own `data.image_dir=...` after these."""
     bench = Path(benchmark_file).resolve()
     stem = bench.stem
     clean_subsets = (["unsafes"] if result["unsafe_attacked"] else []) + (
@@ -154,10 +155,13 @@ def evaluate_overrides(benchmark_file, result: dict) -> list[str]:
             gaps[gap] = (f"{{base: {json.dumps(f'{stem}/{subset}')}, attacked: {json.dumps(f'{path.stem}/{subset}')}, "
                          f"metric: {metric}}}")
     attack_dir = next(p.parent for _, p, _ in files[1:])
-    image_dir = f", image_dir: {json.dumps(str(bench.parent))}" if attack_dir != bench.parent else ""
-    entries = ", ".join(f"{{name: {json.dumps(name)}, path: {json.dumps(str(path))}, subsets: [{', '.join(subsets)}]{image_dir}}}"
+    # Relative image paths resolve against data.image_dir, else each file's own folder: attack files
+    # written elsewhere need the benchmark's folder as data.image_dir (a later data.image_dir=... wins).
+    images = [f"data.image_dir={bench.parent}"] if attack_dir != bench.parent else []
+    entries = ", ".join(f"{{name: {json.dumps(name)}, path: {json.dumps(str(path))}, subsets: [{', '.join(subsets)}]}}"
                         for name, path, subsets in files)
-    return [f"evaluate.data_dir={bench.parent}", f"evaluate.attack_dir={attack_dir}", f"evaluate.files=[{entries}]",
+    return [*images, f"evaluate.data_dir={bench.parent}", f"evaluate.attack_dir={attack_dir}",
+            f"evaluate.files=[{entries}]",
             "evaluate.gaps=null",  # drop the config's own gaps: they name files no longer evaluated
             "evaluate.gaps={" + ", ".join(f"{name}: {spec}" for name, spec in gaps.items()) + "}"]
 

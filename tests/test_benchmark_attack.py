@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from attacks import grammar
 from attacks.benchmark_attack import attack_benchmark, evaluate_command, evaluate_overrides, main, mine_attack_cues
@@ -209,7 +210,7 @@ def test_cli_prints_cues_files_and_the_evaluate_command(files, capsys):
     args = shlex.split(out[-1])
     assert args[:6] == ["python", "-m", "lightning_modules.evaluate", "--config",
                         "configs/evaluate/vlguard_paper.yaml", "model.name_or_path=MODEL"]
-    assert f'image_dir: "{files["bench"].parent}"' in args[8]  # written elsewhere: images resolve as the clean file's
+    assert args[6] == f"data.image_dir={files['bench'].parent}"  # written elsewhere: images resolve as the clean file's
 
 
 @pytest.fixture
@@ -224,15 +225,19 @@ def one_thread():
 def test_evaluate_reports_both_gaps_on_the_attacked_benchmark(files, one_thread):
     from lightning_modules.evaluate import main as evaluate_main
 
-    result = attack_benchmark(files["train"], files["bench"], shots=2)
+    # attack files in another folder, real images next to the benchmark: they must still be found
+    for rid in [*UNSAFE, *BENIGN]:
+        (files["bench"].parent / "img").mkdir(exist_ok=True)
+        Image.new("RGB", (20, 12), (200, 10, 10)).save(files["bench"].parent / "img" / f"{rid}.png")
+    result = attack_benchmark(files["train"], files["bench"], files["tmp"] / "attacks", shots=2)
     run = files["tmp"] / "run"
     command = shlex.split(evaluate_command(files["bench"], result, "configs/evaluate/tiny_smoke.yaml"))
     assert command[:3] == ["python", "-m", "lightning_modules.evaluate"]
     args = [a for a in command[3:] if a != "model.name_or_path=MODEL"]  # tiny_smoke builds its tiny model
     evaluate_main([*args, *TINY, f"run_dir={run}", "eval.max_new_tokens=4", "evaluate.bootstrap=50",
-                   "data.eval_batch_size=8"])
+                   "data.eval_batch_size=8", "data.image_mode=real"])
     results = json.loads((run / "results.json").read_text())
-    assert results["generation"]["image_mode"] == "blank"
+    assert results["generation"]["image_mode"] == "real"
     assert results["gaps"]["mirage_gap"]["n_paired"] == 3
     assert results["gaps"]["overprudence_gap"]["n_paired"] == 2
     table = pd.read_csv(run / "results.csv")
