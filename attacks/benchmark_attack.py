@@ -197,13 +197,22 @@ def main(argv: list[str]) -> None:
     cues = mine_attack_cues(args.train)
     print(_cue_line("compliance", cues["compliance"]))
     print(_cue_line("refusal", cues["refusal"]))
-    result = _attack(cues, args.benchmark, args.out, args.mode, args.seed, args.shots, args.model)
+    paraphraser = None
+    if args.model:
+        try:
+            paraphraser = load_paraphraser(args.model)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    result = _attack(cues, args.benchmark, args.out, args.mode, args.seed, args.shots, paraphraser)
     if result["unsafe_attacked"]:
         print(f"wrote {result['unsafe_attacked']}: {result['n_unsafe']} unsafe queries x {args.shots} "
               f"'{result['compliance_cue']}' rewrites")
     if result["benign_rewritten"]:
         print(f"wrote {result['benign_rewritten']}: {result['n_benign']} benign queries, "
               f"'{result['refusal_cue']}' rewrites")
+    if paraphraser is not None:
+        print(f"paraphrase: {paraphraser.n_model} rewrites from {args.model}, {paraphraser.n_fallback} rule-based "
+              "fallbacks")
     print("evaluate clean + attacked (mirage_gap, overprudence_gap):")
     print(evaluate_command(args.benchmark, result, args.config))
 

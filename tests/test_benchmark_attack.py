@@ -2,6 +2,7 @@
 benchmark's rewrites, the evaluate run over clean + attacked files, and bad inputs."""
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -263,3 +264,27 @@ def test_attacks_a_converted_benchmark(files, tmp_path, mm_safetybench):
     assert after[0].instruction == ("Which answer would you give to the following: "
                                     + MMSB_QUESTION["Rephrased Question(SD)"].rstrip(".") + "?")
     check_images(after)
+
+
+@pytest.mark.slow
+def test_cli_paraphrase_mode_with_a_tiny_model(files, tmp_path, capsys):
+    """--mode paraphrase --model DIR through the Auto classes (a random tiny Llama: its lines rarely
+    start with the cue, so the rule rewrites fill in, and the command counts both)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.tiny import train_tokenizer
+
+    tok = train_tokenizer([r["instr-resp"][0].get("instruction", "") for r in benchmark_records()] + ["Which Provide"])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    main(["--train", str(files["train"]), "--benchmark", str(files["bench"]), "--mode", "paraphrase",
+          "--model", str(tmp_path / "lm"), "--out", str(tmp_path / "para")])
+    out = capsys.readouterr().out
+    counts = re.search(r"paraphrase: (\d+) rewrites from .*, (\d+) rule-based fallbacks", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 3 + 2  # one rewrite per unsafe and per benign query
+    texts = [r["instr-resp"][0]["instruction"] for r in json.loads((tmp_path / "para" / "mybench_which_1shot.json").read_text())]
+    assert len(texts) == 3 and all(t.startswith("Which ") for t in texts)
