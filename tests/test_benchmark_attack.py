@@ -288,3 +288,20 @@ def test_cli_paraphrase_mode_with_a_tiny_model(files, tmp_path, capsys):
     assert counts and int(counts[1]) + int(counts[2]) == 3 + 2  # one rewrite per unsafe and per benign query
     texts = [r["instr-resp"][0]["instruction"] for r in json.loads((tmp_path / "para" / "mybench_which_1shot.json").read_text())]
     assert len(texts) == 3 and all(t.startswith("Which ") for t in texts)
+
+
+def test_full_disk_is_one_line_and_keeps_the_files_written(files, capsys, monkeypatch):
+    from faults import full_disk
+
+    argv = ["--train", str(files["train"]), "--benchmark", str(files["bench"])]
+    main(argv)
+    benign = files["bench"].parent / "mybench_provide_1shot.json"
+    before = benign.read_text()
+    capsys.readouterr()
+    full_disk(monkeypatch, match="provide")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [
+        f"error: cannot write attack file {benign}: No space left on device (disk full)"]
+    assert benign.read_text() == before and json.loads(files["bench"].read_text()) == benchmark_records()
