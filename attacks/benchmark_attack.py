@@ -134,36 +134,50 @@ def _attack(cues: dict, benchmark_file, out_dir, mode: str, seed: int, shots: in
             "n_unsafe": len(attacked) // shots, "n_benign": len(benign)}
 
 
-def evaluate_overrides(benchmark_file, result: dict) -> list[str]:
-    """`key=value` overrides of `python -m lightning_modules.evaluate` that evaluate the clean
-    benchmark and its attack files in one run and report `mirage_gap` / `overprudence_gap`. The files
-    replace the config's list (and its gaps); `evaluate.data_dir` / `attack_dir` are set because the
-    shipped configs require them. Attack files written outside the benchmark's folder come with
-    `data.image_dir=<the benchmark's folder>`, where the clean file's relative image paths resolve;
-    images kept elsewhere: add your own `data.image_dir=...` after these."""
+def evaluate_entries(benchmark_file, result: dict, gap_prefix: str = "") -> tuple[list[dict], dict[str, dict]]:
+    """(`evaluate.files` entries, `evaluate.gaps`) that evaluate the clean benchmark and its attack
+    files in one run: set names are the file stems; gaps `<gap_prefix>mirage_gap` (ASR, attacked -
+    clean `unsafes`) and `<gap_prefix>overprudence_gap` (refusal rate, rewritten - clean
+    `safe_safes`), each only where its attack file exists. For a suite over several benchmarks."""
     bench = Path(benchmark_file).resolve()
     stem = bench.stem
     clean_subsets = (["unsafes"] if result["unsafe_attacked"] else []) + (
         ["safe_unsafes", "safe_safes"] if result["benign_rewritten"] else [])
-    files = [(stem, bench, clean_subsets)]
+    files = [{"name": stem, "path": str(bench), "subsets": clean_subsets}]
     gaps = {}
     for key, subset, gap, metric in (("unsafe_attacked", "unsafes", "mirage_gap", "asr"),
                                      ("benign_rewritten", "safe_safes", "overprudence_gap", "refusal_rate")):
         if result[key]:
             path = Path(result[key]).resolve()
-            files.append((path.stem, path, [subset]))
-            gaps[gap] = (f"{{base: {json.dumps(f'{stem}/{subset}')}, attacked: {json.dumps(f'{path.stem}/{subset}')}, "
-                         f"metric: {metric}}}")
-    attack_dir = next(p.parent for _, p, _ in files[1:])
+            files.append({"name": path.stem, "path": str(path), "subsets": [subset]})
+            gaps[gap_prefix + gap] = {"base": f"{stem}/{subset}", "attacked": f"{path.stem}/{subset}", "metric": metric}
+    return files, gaps
+
+
+def _flow(value) -> str:
+    """YAML flow style for an OmegaConf dotlist value; strings quoted (paths may hold ':' or ',')."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def evaluate_overrides(benchmark_file, result: dict) -> list[str]:
+    """`key=value` overrides of `python -m lightning_modules.evaluate` for `evaluate_entries`. The files
+    replace the config's list (and its gaps); `evaluate.data_dir` / `attack_dir` are set because the
+    shipped configs require them. Attack files written outside the benchmark's folder come with
+    `data.image_dir=<the benchmark's folder>`, where the clean file's relative image paths resolve;
+    images kept elsewhere: add your own `data.image_dir=...` after these."""
+    files, gaps = evaluate_entries(benchmark_file, result)
+    bench, attack_dir = Path(files[0]["path"]).parent, Path(files[1]["path"]).parent
     # Relative image paths resolve against data.image_dir, else each file's own folder: attack files
     # written elsewhere need the benchmark's folder as data.image_dir (a later data.image_dir=... wins).
-    images = [f"data.image_dir={bench.parent}"] if attack_dir != bench.parent else []
-    entries = ", ".join(f"{{name: {json.dumps(name)}, path: {json.dumps(str(path))}, subsets: [{', '.join(subsets)}]}}"
-                        for name, path, subsets in files)
-    return [*images, f"evaluate.data_dir={bench.parent}", f"evaluate.attack_dir={attack_dir}",
-            f"evaluate.files=[{entries}]",
+    images = [f"data.image_dir={bench}"] if attack_dir != bench else []
+    return [*images, f"evaluate.data_dir={bench}", f"evaluate.attack_dir={attack_dir}",
+            f"evaluate.files={_flow(files)}",
             "evaluate.gaps=null",  # drop the config's own gaps: they name files no longer evaluated
-            "evaluate.gaps={" + ", ".join(f"{name}: {spec}" for name, spec in gaps.items()) + "}"]
+            f"evaluate.gaps={_flow(gaps)}"]
 
 
 def evaluate_command(benchmark_file, result: dict, config: str = "configs/evaluate/vlguard_paper.yaml") -> str:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from attacks import grammar
-from attacks.benchmark_attack import attack_benchmark, evaluate_command, evaluate_overrides, main, mine_attack_cues
+from attacks.benchmark_attack import (attack_benchmark, evaluate_command, evaluate_entries, evaluate_overrides, main,
+                                      mine_attack_cues)
 from core.errors import UserError
 from datamodules.benchmarks.__main__ import main as benchmarks_main
 from datamodules.collate import check_images
@@ -135,7 +136,11 @@ def test_one_sided_benchmarks_write_one_file(files):
     assert result["unsafe_attacked"].name == "harm_which_1shot.json"
     assert "shot" not in json.loads(result["unsafe_attacked"].read_text())[0]  # one record per query
     overrides = evaluate_overrides(only_unsafe, result)
-    assert overrides[-1] == 'evaluate.gaps={mirage_gap: {base: "harm/unsafes", attacked: "harm_which_1shot/unsafes", metric: asr}}'
+    assert overrides[-1] == ('evaluate.gaps={mirage_gap: {base: "harm/unsafes", attacked: "harm_which_1shot/unsafes", '
+                             'metric: "asr"}}')
+    files_, gaps = evaluate_entries(only_unsafe, result, gap_prefix="harm_")
+    assert [(f["name"], f["subsets"]) for f in files_] == [("harm", ["unsafes"]), ("harm_which_1shot", ["unsafes"])]
+    assert gaps == {"harm_mirage_gap": {"base": "harm/unsafes", "attacked": "harm_which_1shot/unsafes", "metric": "asr"}}
     only_benign = write(files["tmp"] / "b" / "help.json", benchmark_records()[3:])
     result = attack_benchmark(files["train"], only_benign)
     assert result["unsafe_attacked"] is None and result["n_unsafe"] == 0 and result["n_benign"] == 2
