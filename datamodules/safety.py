@@ -155,6 +155,14 @@ class SafetyDataModule(L.LightningDataModule):
     def train_dataset(self) -> list:
         rows = self.examples(self.files.train)
         ratio = float(self.cfg.general_ratio)
+        count = self.cfg.get("general_samples")
+        if count:
+            # A fixed-size share of the general file, each row at most once (VLGuard's post-hoc mixture).
+            general = self.general_examples()
+            if int(count) > len(general):
+                raise UserError(f"data.general_samples={count} but {self.files.general} has only "
+                                f"{len(general)} safe rows")
+            return rows + random.Random(self.seed).sample(general, int(count))
         if ratio > 0:
             if not 0 < ratio < 1:
                 raise UserError(f"data.general_ratio must be in [0, 1), got {ratio}")

@@ -115,6 +115,9 @@ class DataSettings:
                               choices=("real", "blank", "none"))
     general_file: Optional[str] = setting(None, "general instruction data mixed into SFT (post-hoc recipe)")
     general_ratio: float = setting(0.0, "share of general rows in the SFT mixture", ge=0, lt=1)
+    general_samples: Optional[int] = setting(None, "exactly this many general rows, drawn without replacement "
+                                             "(VLGuard's post-hoc recipe: a sampled share of LLaVA-665K); "
+                                             "replaces general_ratio", ge=1)
     compliance_cue: str = setting("What", "eval rewrite of unsafe queries for VLGuard data")
     refusal_cue: str = setting("Share", "eval rewrite of safe queries for VLGuard data")
     neutral_cue: Optional[str] = setting(None, "VLGuard data: the control cue of the neutral eval sets (none if unset)")

@@ -122,7 +122,7 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, b
     method = cfg.method.name
     kind, load = _loading_code(merged, lora)
     keys = ("kind", "world", "train_file", "val_file", "test_file", "image_dir", "general_file", "general_ratio",
-            "batch_size", "max_length")
+            "general_samples", "batch_size", "max_length")
     data = OmegaConf.masked_copy(cfg.data, [k for k in keys if cfg.data.get(k) not in (None, {}, "")])
     lines = [
         "---", "library_name: " + ("peft" if lora and not merged else "transformers"),
