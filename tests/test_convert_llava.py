@@ -6,8 +6,6 @@ from the same weights, bad inputs are one-line errors, and `evaluate` scores the
 import copy
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -195,10 +193,14 @@ def test_bad_inputs_are_one_line_errors(original, lora, tmp_path):
         convert(wrong, tmp_path / "out", clip)
 
 
-def test_command_line_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "models.convert_llava", "--src", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no such directory" in proc.stderr
+def test_command_line_error_is_one_line(tmp_path, capsys):
+    from core.errors import cli_main
+    from models.convert_llava import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(main)(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "no such directory" in err
 
 
 @pytest.mark.slow
