@@ -48,10 +48,23 @@ def load_pretrained(model_cfg):
             attn_implementation=model_cfg.attn_implementation, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_original_llava(model_cfg.name_or_path):
+            first = "it is in LLaVA's original format: convert it with python -m models.convert_llava"
         raise UserError(f"cannot load model.name_or_path='{model_cfg.name_or_path}': {first}") from err
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def is_original_llava(name_or_path: str) -> bool:
+    """A local checkpoint written by LLaVA's own code (LlavaLlamaForCausalLM), which the Auto classes cannot load."""
+    import json
+
+    config = Path(name_or_path) / "config.json"
+    try:
+        return "LlavaLlamaForCausalLM" in (json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return False
 
 
 def load_processor(name_or_path: str, **kwargs):

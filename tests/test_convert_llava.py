@@ -203,6 +203,17 @@ def test_command_line_error_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "no such directory" in err
 
 
+def test_loading_an_unconverted_checkpoint_says_to_convert_it(original):
+    from omegaconf import OmegaConf
+
+    from models.backbone import load_pretrained
+
+    cfg = OmegaConf.create({"name_or_path": str(original["src"]), "dtype": "float32", "revision": None,
+                            "trust_remote_code": False, "attn_implementation": None})
+    with pytest.raises(UserError, match="original format: convert it with python -m models.convert_llava"):
+        load_pretrained(cfg)
+
+
 @pytest.mark.slow
 def test_evaluate_scores_the_converted_checkpoint(original, tmp_path):
     from lightning_modules.evaluate import main
