@@ -9,7 +9,9 @@ under `model.layers.*`, `model.mm_projector.0/2.*`, `lm_head.*`, and the tokeniz
 its CLIP vision tower (`mm_vision_tower`) instead of carrying its weights, so the tower comes from a
 local CLIP directory (`--vision-tower`). A `-lora` checkpoint is LLaVA's LoRA output (peft adapter +
 `non_lora_trainables.bin` holding the projector): merged onto `--base` first, as LLaVA's
-`scripts/merge_lora_weights.py` does through `llava/model/builder.py` (lines 52-85).
+`scripts/merge_lora_weights.py` does through `llava/model/builder.py` (lines 52-85). A stage-1
+pretraining output (config.json + `mm_projector.bin`) with `--base` set to its language model
+(Vicuna) gives the model LLaVA-1.5's instruction tuning starts from (builder.py lines 87-103).
 
 Key names: transformers' own converter (`models/llava/convert_llava_weights_to_hf.py`, not shipped in
 the installed wheel) renames the original keys to the legacy HF layout with KEYS_TO_MODIFY_MAPPING,
@@ -149,6 +151,21 @@ def merge_lora(src: Path, base: Path, text_config) -> dict:
     return state
 
 
+def projector_onto_base(src: Path, base: Path) -> dict:
+    """A stage-1 (pretraining) output, config.json + mm_projector.bin, on its language model: the
+    starting point of LLaVA-1.5's instruction tuning (builder.py lines 87-103; finetune.sh:5, :10)."""
+    path = src / "mm_projector.bin"
+    if not path.is_file():
+        raise UserError(f"--base is given but {src} has neither adapter_config.json (a LoRA) nor mm_projector.bin "
+                        "(a pretraining output)")
+    projector = {(k if k.startswith("model.") else f"model.{k}"): v for k, v in _load_file(path).items()}
+    if not any(k.startswith("model.mm_projector.") for k in projector):
+        raise UserError(f"{path}: no mm_projector weights")
+    weights = load_weights(base)
+    weights.update(projector)
+    return weights
+
+
 def _with_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` grown to `rows` rows, the new ones the mean of the old."""
     if rows <= weight.shape[0]:
@@ -184,7 +201,12 @@ def convert(src: Path, out: Path, vision_tower: Optional[str] = None, base: Opti
     text_config = text_config_of(config)
     if base is None and (src / "adapter_config.json").is_file():
         raise UserError(f"{src} is a LoRA checkpoint: it needs --base DIR, the checkpoint it was trained on")
-    state = merge_lora(src, base, text_config) if base is not None else load_weights(src)
+    if base is None:
+        state = load_weights(src)
+    elif (src / "adapter_config.json").is_file():
+        state = merge_lora(src, base, text_config)
+    else:
+        state = projector_onto_base(src, base)
     if "model.mm_projector.0.weight" not in state:
         raise UserError(f"{src}: no model.mm_projector.0.weight among its weights (or its base's)")
 
@@ -260,7 +282,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.convert_llava", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="original-format LLaVA checkpoint (or LoRA) directory")
     parser.add_argument("--out", type=Path, required=True, help="where the Hugging Face checkpoint is written")
-    parser.add_argument("--base", type=Path, help="for a LoRA checkpoint: the original-format base it was trained on")
+    parser.add_argument("--base", type=Path, help="for a LoRA checkpoint: the checkpoint it was trained from; for a "
+                        "stage-1 output (mm_projector.bin): its language model (Vicuna)")
     parser.add_argument("--vision-tower", help="local CLIP directory (default: the config's mm_vision_tower, "
                         "from the local Hugging Face cache)")
     args = parser.parse_args(argv)

@@ -174,6 +174,22 @@ def test_lora_checkpoint_is_merged_onto_its_base(original, lora, tmp_path):
     assert not torch.allclose(logits[..., :vocab], unmerged, atol=1e-3)  # the adapter and projector did change it
 
 
+def test_pretrained_projector_onto_its_language_model(original, tmp_path):
+    """LLaVA's stage-1 output (config.json + mm_projector.bin) on a plain Llama directory (Vicuna's
+    layout, safetensors): the model Mixed fine-tuning starts from."""
+    vicuna, pretrain = tmp_path / "vicuna", tmp_path / "llava-v1.5-toy-pretrain"
+    original["llama"].save_pretrained(vicuna)
+    original["tokenizer"].save_pretrained(vicuna)
+    pretrain.mkdir()
+    shutil.copy(original["src"] / "config.json", pretrain / "config.json")
+    torch.save({f"model.mm_projector.{k}": v for k, v in original["proj"].items()}, pretrain / "mm_projector.bin")
+    out = convert(pretrain, tmp_path / "hf", vision_tower=str(original["clip_dir"]), base=vicuna)
+    logits, reference, _ = converted_and_reference_logits(out, original["llama"], original["proj"], original["clip"])
+    torch.testing.assert_close(logits[..., :len(original["tokenizer"])], reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="neither adapter_config.json"):
+        convert(original["src"], tmp_path / "out", str(original["clip_dir"]), base=vicuna)
+
+
 def test_bad_inputs_are_one_line_errors(original, lora, tmp_path):
     clip = str(original["clip_dir"])
     with pytest.raises(UserError, match="no such directory"):
