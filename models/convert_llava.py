@@ -186,56 +186,97 @@ def build_processor(tokenizer, clip_dir: str, patch_size: int, strategy: str):
                           chat_template=LLAVA_1_5)
 
 
-def convert(src: Path, out: Path, vision_tower: Optional[str] = None, base: Optional[Path] = None) -> Path:
-    """Write `src` (original LLaVA layout; a LoRA checkpoint merged onto `base`) to `out` as a
-    LlavaForConditionalGeneration with its processor, in safetensors."""
-    from transformers import (AddedToken, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlavaConfig,
-                              LlavaForConditionalGeneration)
+def load_state(src: Path, base: Optional[Path], text_config) -> dict:
+    """The checkpoint's weights under LLaVA's original names: `src` alone, a LoRA merged onto `base`,
+    or a stage-1 projector on `base`."""
+    is_lora = (src / "adapter_config.json").is_file()
+    if base is None and is_lora:
+        raise UserError(f"{src} is a LoRA checkpoint: it needs --base DIR, the checkpoint it was trained on")
+    state = load_weights(src) if base is None else merge_lora(src, base, text_config) if is_lora \
+        else projector_onto_base(src, base)
+    if "model.mm_projector.0.weight" not in state:
+        raise UserError(f"{src}: no model.mm_projector.0.weight among its weights (or its base's)")
+    state.pop("model.image_newline", None)
+    if "lm_head.weight" not in state:  # tied embeddings (as the converter does)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    return state
+
+
+def add_vision_tower(state: dict, clip: str, config: dict, src: Path):
+    """The CLIP vision config, and its weights added to `state` unless the checkpoint carries them."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    try:
+        vision_config = CLIPVisionConfig.from_pretrained(clip, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"vision tower '{clip}': not a local CLIP directory or cached hub id "
+                        "(pass --vision-tower DIR)") from err
+    if vision_config.hidden_size != config.get("mm_hidden_size", vision_config.hidden_size):
+        raise UserError(f"vision tower '{clip}': hidden size {vision_config.hidden_size}, but {src}/config.json "
+                        f"has mm_hidden_size={config['mm_hidden_size']}")
+    if not any(k.startswith("model.vision_tower.") for k in state):  # the usual case
+        dtype = state["model.mm_projector.0.weight"].dtype
+        tower = CLIPVisionModel.from_pretrained(clip, local_files_only=True, dtype=dtype)
+        state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    return vision_config
+
+
+def load_tokenizer(src: Path, base: Optional[Path]):
+    """The checkpoint's tokenizer (a LoRA or stage-1 directory has none: its base's), with the
+    "<image>" placeholder and "<pad>" token HF Llava needs (the converter adds both)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    directory = src if any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) or base is None else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{directory}: no loadable tokenizer files") from err
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
+    if "<pad>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def to_current_layout(model, state: dict, src: Path) -> dict:
+    """Original keys -> the converter's legacy HF keys -> the current modules (transformers' own
+    loading-time renames); every weight must fit the model's config."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    target = model.state_dict()
+    converted = {rename_source_key(key, renamings, converters, model.base_model_prefix, target)[0]: value
+                 for key, value in convert_state_dict_to_hf(state).items()}
+    missing, unexpected = sorted(set(target) - set(converted)), sorted(set(converted) - set(target))
+    if missing:
+        raise UserError(f"{src}: weights do not fit LlavaForConditionalGeneration: missing {missing[0]} "
+                        f"(+{len(missing) - 1} more)")
+    if unexpected:
+        raise UserError(f"{src}: weights do not fit LlavaForConditionalGeneration: unexpected {unexpected[0]}")
+    for key, value in converted.items():
+        if value.shape != target[key].shape:
+            raise UserError(f"{src}: {key} has shape {tuple(value.shape)}, the config expects "
+                            f"{tuple(target[key].shape)}")
+    return converted
+
+
+def convert(src: Path, out: Path, vision_tower: Optional[str] = None, base: Optional[Path] = None) -> Path:
+    """Write `src` (original LLaVA layout; with `base`: a LoRA merged onto it, or a stage-1 projector
+    put on it) to `out` as a LlavaForConditionalGeneration with its processor, in safetensors."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     for name, directory in (("--src", src), ("--base", base)):
         if directory is not None and not directory.is_dir():
             raise UserError(f"{name} {directory}: no such directory")
     config = read_llava_config(src)
     text_config = text_config_of(config)
-    if base is None and (src / "adapter_config.json").is_file():
-        raise UserError(f"{src} is a LoRA checkpoint: it needs --base DIR, the checkpoint it was trained on")
-    if base is None:
-        state = load_weights(src)
-    elif (src / "adapter_config.json").is_file():
-        state = merge_lora(src, base, text_config)
-    else:
-        state = projector_onto_base(src, base)
-    if "model.mm_projector.0.weight" not in state:
-        raise UserError(f"{src}: no model.mm_projector.0.weight among its weights (or its base's)")
-
+    state = load_state(src, base, text_config)
     clip = vision_tower or config.get("mm_vision_tower")
-    try:
-        vision_config = CLIPVisionConfig.from_pretrained(clip, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"vision tower '{clip}': not a local CLIP directory or cached hub id "
-                        "(pass --vision-tower DIR)") from err
-    if vision_config.hidden_size != config.get("mm_hidden_size", vision_config.hidden_size):
-        raise UserError(f"vision tower '{clip}': hidden size {vision_config.hidden_size}, but {src}/config.json "
-                        f"has mm_hidden_size={config['mm_hidden_size']}")
-    if not any(k.startswith("model.vision_tower.") for k in state):  # the usual case: weights from the CLIP checkpoint
-        tower = CLIPVisionModel.from_pretrained(clip, local_files_only=True, dtype=state["model.mm_projector.0.weight"].dtype)
-        state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in tower.state_dict().items()})
-    state.pop("model.image_newline", None)
-    if "lm_head.weight" not in state:  # tied embeddings (as the converter does)
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-
-    tokenizer_dir = src if any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else base
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{tokenizer_dir}: no loadable tokenizer files") from err
-    # HF Llava needs an "<image>" placeholder token and a pad token (the converter adds both).
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_tokens(AddedToken("<image>", special=True, normalized=False), special_tokens=True)
-    if "<pad>" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    vision_config = add_vision_tower(state, clip, config, src)
+    tokenizer = load_tokenizer(src, base)
     rows = max(state["model.embed_tokens.weight"].shape[0], -(-len(tokenizer) // PAD_TO) * PAD_TO)
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         state[key] = _with_rows(state[key], rows)
@@ -250,24 +291,7 @@ def convert(src: Path, out: Path, vision_tower: Optional[str] = None, base: Opti
                                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_config)
-    # transformers' own loading-time renames, legacy HF layout -> current modules.
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    target = model.state_dict()
-    converted = {}
-    for key, value in convert_state_dict_to_hf(state).items():
-        new_key, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, target)
-        converted[new_key] = value
-    missing = sorted(set(target) - set(converted))
-    unexpected = sorted(set(converted) - set(target))
-    if missing or unexpected:
-        raise UserError(f"{src}: weights do not fit LlavaForConditionalGeneration: "
-                        + (f"missing {missing[0]} (+{len(missing) - 1} more)" if missing else f"unexpected {unexpected[0]}"))
-    for key, value in converted.items():
-        if value.shape != target[key].shape:
-            raise UserError(f"{src}: {key} has shape {tuple(value.shape)}, the config expects {tuple(target[key].shape)}")
-    model.load_state_dict(converted, strict=True, assign=True)
+    model.load_state_dict(to_current_layout(model, state, src), strict=True, assign=True)
     model.config.dtype = state["model.embed_tokens.weight"].dtype
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
