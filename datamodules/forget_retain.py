@@ -102,7 +102,7 @@ class PairSampler(Sampler[tuple[int, int]]):
 
 class PairCollator:
     """{"forget": batch, "retain": batch}, each a normal training batch (labels masked to the
-    response); the forget batch also carries `keys` (one `example_key` per row)."""
+    response); each also carries `keys` (one `example_key` per row: the reference-NLL caches)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -111,6 +111,7 @@ class PairCollator:
         forget = [f for f, _ in pairs]
         batch = {"forget": self.collator(forget), "retain": self.collator([r for _, r in pairs])}
         batch["forget"]["keys"] = [example_key(ex) for ex in forget]
+        batch["retain"]["keys"] = [example_key(r) for _, r in pairs]
         return batch
 
 
@@ -233,9 +234,16 @@ class ForgetRetainDataModule(SafetyDataModule):
         """This rank's shard of the forget set in order, as training batches with `keys`. Under
         sharded weights (FSDP, ZeRO-3) every forward is a collective, so short shards are topped up
         with a repeat of row 0 (its NLL is the same value again) and all ranks run as many batches."""
+        return self._keyed_dataloader(self.forget)
+
+    def retain_dataloader(self) -> DataLoader:
+        """The same for the retain set (NPO's retain term caches its reference NLL)."""
+        return self._keyed_dataloader(self.retain)
+
+    def _keyed_dataloader(self, examples: list) -> DataLoader:
         rank, world = self._rank()
         pad = self.trainer is not None and shards_parameters(self.trainer.strategy)
-        rows = self.forget + [self.forget[0]] if pad else self.forget
+        rows = examples + [examples[0]] if pad else examples
         return DataLoader(rows, batch_size=self.cfg.batch_size,
-                          sampler=ShardSampler(len(self.forget), rank, world, pad=pad),
+                          sampler=ShardSampler(len(examples), rank, world, pad=pad),
                           collate_fn=KeyedCollator(self.collator(train=True)), num_workers=self.cfg.num_workers)

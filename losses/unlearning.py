@@ -67,6 +67,23 @@ def npo_loss(
     return -(2.0 / beta) * F.logsigmoid(beta * log_ratio).mean()
 
 
+def npo_retain_loss(
+    policy_nll: Tensor,
+    ref_nll: Tensor,
+    beta: float,
+    normalization: NPONormalization = "batch_mean_ce",
+) -> Tensor:
+    """The official VLM code's NPO term on the retain set (weight it by alpha):
+
+    L = (2/beta) * mean_i log sigmoid(beta * (nll_i^theta - nll_i^ref))
+
+    The forget term with its sign flipped: minimising it lowers the policy NLL of retain samples
+    below the reference's (log sigmoid rises with its argument). Same inputs and ``normalization``
+    as ``npo_loss``; at theta = ref, L = -(2/beta) * log 2.
+    """
+    return -npo_loss(policy_nll, ref_nll, beta, normalization)
+
+
 def simnpo_loss(policy_nll: Tensor, n_tokens: Tensor, beta: float, delta: float = 0.0) -> Tensor:
     """Reference-free NPO with length normalisation (SimNPO).
 

@@ -11,6 +11,7 @@ from losses import (
     graddiff_loss,
     make_control_vector,
     npo_loss,
+    npo_retain_loss,
     retain_weighted,
     rmu_forget_loss,
     rmu_retain_loss,
@@ -137,6 +138,19 @@ def test_npo_gradient_pushes_policy_nll_up_and_ref_is_detached(norm, shape):
     npo_loss(policy, ref, beta=0.9, normalization=norm).backward()
     assert torch.all(policy.grad < 0)  # descent increases the forget NLL
     assert ref.grad is None
+
+
+def test_npo_retain_hand_value_and_direction():
+    # The official retain term: alpha * (2/b) * log sig(b * (CE_r - CE_r,ref)), here alpha = 1.
+    beta, sig = 0.9, (lambda x: 1 / (1 + math.exp(-x)))  # noqa: E731
+    policy = torch.tensor(2.0, requires_grad=True)
+    ref = torch.tensor(1.5)
+    loss = npo_retain_loss(policy, ref, beta)
+    assert_close(loss, torch.tensor((2 / beta) * math.log(sig(beta * 0.5))))
+    loss.backward()
+    assert policy.grad > 0  # descent lowers the retain CE
+    same = torch.tensor(1.0)
+    assert_close(npo_retain_loss(same, same.clone(), beta), torch.tensor(-(2 / beta) * math.log(2)))
 
 
 def test_npo_rejects_mixed_up_normalisation():

@@ -18,6 +18,7 @@ from lightning_modules.run.run_dir import RUN_DIR_ENV
 from lightning_modules.run.assembly import build_run
 from lightning_modules.run.training import run
 from lightning_modules.methods.ga import GAModule
+from datamodules.forget_retain import example_key
 from lightning_modules.methods.npo import NPOModule
 from losses import make_control_vector
 
@@ -123,6 +124,26 @@ def test_npo_reference_modes_agree_with_2_over_beta_log2_at_init(cache):
         with torch.no_grad():
             terms = module.loss_terms(batch)
         assert terms["npo"].item() == pytest.approx(expected, abs=1e-3), extra
+
+
+def test_npo_retain_term_at_init_is_minus_2_over_beta_log2_with_a_cached_or_adapter_reference(cache):
+    # The official retain term α·(2/β)·logσ(β(CE_r − CE_r,ref)): at θ = ref it is −(2/β)·log 2, with
+    # the retain reference NLL cached (full FT) or read with the adapter off (LoRA).
+    beta = 0.9
+    for extra in (["method.reference=cache"], ["model.finetune=lora", "method.reference=adapter"]):
+        module, data = build_run(config("npo", cache, f"method.beta={beta}", "method.normalization=batch_mean_ce",
+                                        "method.retain_npo_alpha=1.0", *extra))
+        data.setup("fit")
+        if module.reference_mode == "cache":
+            module.reference_nll = module.compute_reference_nll(data.forget_dataloader())
+            module.retain_reference_nll = module.compute_reference_nll(data.retain_dataloader())
+            assert len(module.retain_reference_nll) == len({k for k in map(example_key, data.retain)})
+        batch = next(iter(data.train_dataloader()))
+        with torch.no_grad():
+            terms = module.loss_terms(batch)
+        assert terms["retain_npo"].item() == pytest.approx(-2 / beta * math.log(2), abs=1e-3), extra
+        expected = terms["npo"] + terms["retain_npo"] + terms["retain_ce"]
+        assert terms["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_npo_auto_reference_is_the_nll_cache_under_lora_too(cache):

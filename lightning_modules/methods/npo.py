@@ -1,5 +1,6 @@
 """Negative preference optimisation:
-L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r).
+L = -(2/β)·mean_i log σ(β·(nll_i^θ - nll_i^ref)) on D_f, + λ·CE(D_r), and with `retain_npo_alpha`
+α > 0 the official code's retain term + α·(2/β)·mean_j log σ(β·(nll_j^θ - nll_j^ref)) on D_r.
 
 `normalization` picks what nll is: `sequence_sum` (per-sequence summed NLL; NPO paper,
 open-unlearning) or `batch_mean_ce` (batch token-mean CE; the official VLM code). β does not
@@ -14,7 +15,7 @@ import dataclasses
 
 from core.schema import setting
 from lightning_modules.methods.unlearning import REFERENCES, UnlearningModule, UnlearningParams
-from losses import npo_loss, pooled_ce
+from losses import npo_loss, npo_retain_loss, pooled_ce
 
 NORMALIZATIONS = ("sequence_sum", "batch_mean_ce")
 
@@ -25,6 +26,8 @@ class NPOParams(UnlearningParams):
     normalization: str = setting("sequence_sum", "how a sequence's log-ratio is pooled", choices=NORMALIZATIONS)
     reference: str = setting("auto", "auto (= cache) | adapter | cache | snapshot",
                              choices=REFERENCES)
+    retain_npo_alpha: float = setting(0.0, "α of the official retain term α·(2/β)·logσ(β(nll_r − nll_r^ref))",
+                                      ge=0)
 
 
 class NPOModule(UnlearningModule):
@@ -37,15 +40,26 @@ class NPOModule(UnlearningModule):
         # second (adapter-off) forward every step, so `auto` takes it under LoRA too.
         self.setup_reference(self.params.reference, full_default="cache", lora_default="cache",
                              allowed=("auto", "adapter", "cache", "snapshot"))
+        self.needs_retain_reference = bool(self.params.retain_npo_alpha)
+
+    def pooled(self, nll, ref_nll, n_tokens):
+        """(policy, reference) as `normalization` pools them."""
+        if self.params.normalization == "sequence_sum":
+            return nll, ref_nll
+        return pooled_ce(nll, n_tokens), pooled_ce(ref_nll, n_tokens)
 
     def loss_terms(self, batch: dict) -> dict:
-        forget = batch["forget"]
+        forget, p = batch["forget"], self.params
         nll, n_tokens = self.sequence_nll(forget)
-        ref_nll = self.reference_sequence_nll(forget)
         forget_ce = pooled_ce(nll, n_tokens)
-        if self.params.normalization == "sequence_sum":
-            loss = npo_loss(nll, ref_nll, self.params.beta)
-        else:
-            ref_ce = pooled_ce(ref_nll, n_tokens)
-            loss = npo_loss(forget_ce, ref_ce, self.params.beta, normalization="batch_mean_ce")
-        return self.with_retain(loss, {"npo": loss, "forget_ce": forget_ce}, batch)
+        loss = npo_loss(*self.pooled(nll, self.reference_sequence_nll(forget), n_tokens), p.beta, p.normalization)
+        terms = {"npo": loss, "forget_ce": forget_ce}
+        retain_ce = None
+        if p.retain_npo_alpha:  # one retain forward gives the retain term and CE(D_r)
+            retain = batch["retain"]
+            r_nll, r_tokens = self.sequence_nll(retain)
+            retain_ce = pooled_ce(r_nll, r_tokens)
+            r_ref = self.reference_sequence_nll(retain, split="retain")
+            terms["retain_npo"] = npo_retain_loss(*self.pooled(r_nll, r_ref, r_tokens), p.beta, p.normalization)
+            loss = loss + p.retain_npo_alpha * terms["retain_npo"]
+        return self.with_retain(loss, terms, batch, retain_ce=retain_ce)

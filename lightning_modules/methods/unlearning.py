@@ -5,8 +5,8 @@ reference model without a second copy:
 - `adapter`: under LoRA the reference is the same model with the adapter disabled;
 - `snapshot`: a frozen copy of the *trainable* tensors only, swapped in with
   `torch.func.functional_call` (the "frozen copy" option; cheap when few tensors train, as in RMU);
-- `cache` (NPO): each forget sample's reference NLL, computed once before the first update and
-  saved in the checkpoint, so a resume never recomputes it against a moved policy.
+- `cache` (NPO): each forget (and, for NPO's retain term, retain) sample's reference NLL, computed
+  once before the first update and saved in the checkpoint, so a resume never recomputes it against a moved policy.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class UnlearningModule(AlignmentModule):
         self._snapshot: dict[str, torch.Tensor] = {}
         self.reference_nll: dict[str, float] = {}  # example key -> summed reference NLL (`cache` mode)
         self.forget_loader = None  # set by run assembly: () -> this rank's forget batches with `keys`
+        # The same for the retain set, for methods whose loss also compares retain NLLs to the
+        # reference (NPO's retain term); they set `needs_retain_reference`.
+        self.needs_retain_reference = False
+        self.retain_reference_nll: dict[str, float] = {}
+        self.retain_loader = None
 
     # -- losses -------------------------------------------------------------------------------
     def sequence_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +112,15 @@ class UnlearningModule(AlignmentModule):
             return functional_call(self.model, self._snapshot, args=(), kwargs={**model_inputs(batch), **kwargs})
         raise RuntimeError(f"no reference forward in reference mode {self.reference_mode!r}")
 
-    def reference_sequence_nll(self, batch: dict) -> torch.Tensor:
-        """Per-sequence summed reference NLL [B] of a forget batch."""
+    def reference_sequence_nll(self, batch: dict, split: str = "forget") -> torch.Tensor:
+        """Per-sequence summed reference NLL [B] of a forget (or retain) batch."""
         if self.reference_mode == "cache":
-            missing = [k for k in batch["keys"] if k not in self.reference_nll]
+            cache = self.reference_nll if split == "forget" else self.retain_reference_nll
+            missing = [k for k in batch["keys"] if k not in cache]
             if missing:
-                raise UserError(f"forget row {missing[0]} has no cached reference NLL: the forget set changed "
+                raise UserError(f"{split} row {missing[0]} has no cached reference NLL: the {split} set changed "
                                 "since the cache was computed (a resumed run must use the same data)")
-            return torch.tensor([self.reference_nll[k] for k in batch["keys"]], device=self.device)
+            return torch.tensor([cache[k] for k in batch["keys"]], device=self.device)
         return sequence_nll(self.reference_forward(batch).logits, batch["labels"])[0]
 
     @torch.no_grad()
@@ -137,6 +143,11 @@ class UnlearningModule(AlignmentModule):
                 raise UserError("method.reference=cache needs the forget set: build the run with "
                                 "lightning_modules.run.assembly.build_run")
             self.reference_nll = self.compute_reference_nll(self.forget_loader())
+        if self.reference_mode == "cache" and self.needs_retain_reference and not self.retain_reference_nll:
+            if self.retain_loader is None:
+                raise UserError("this method needs the retain set's reference NLL: build the run with "
+                                "lightning_modules.run.assembly.build_run")
+            self.retain_reference_nll = self.compute_reference_nll(self.retain_loader())
         data = self.trainer.datamodule
         if self.logger is not None and getattr(data, "cue_report", None):
             self.logger.log_metrics({f"data/{name}_first_{cue}": share for name, report in data.cue_report.items()
@@ -145,6 +156,9 @@ class UnlearningModule(AlignmentModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.reference_nll:
             checkpoint["reference_nll"] = dict(self.reference_nll)
+        if self.retain_reference_nll:
+            checkpoint["retain_reference_nll"] = dict(self.retain_reference_nll)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_nll = dict(checkpoint.get("reference_nll", {}))
+        self.retain_reference_nll = dict(checkpoint.get("retain_reference_nll", {}))

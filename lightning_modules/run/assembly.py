@@ -75,4 +75,5 @@ def build_run(cfg):
     if hasattr(data, "build_forget_retain"):  # explicit steps of assembly, before any update
         data.build_forget_retain(harvest=lambda rows: harvest_forget_set(module, rows, data))
         module.forget_loader = data.forget_dataloader  # the reference-NLL pass reads the forget set from here
+        module.retain_loader = data.retain_dataloader
     return module, data
