@@ -15,6 +15,8 @@ from core.parquet_images import check_ref, parse_ref
 from core.records import read_image
 
 IGNORE_INDEX = -100
+# original: the processor's own resize and crop; pad: LLaVA's square padding (`pad_to_square`).
+IMAGE_ASPECT_RATIOS = ("original", "pad")
 
 
 def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> Optional[Image.Image]:
@@ -30,6 +32,19 @@ def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> 
                 pass  # text-only files: the referenced image is not here, keep the default size
         return Image.new("RGB", size, (255, 255, 255))
     return read_image(ex.image, ex.id)
+
+
+def pad_to_square(image: Image.Image, mean: Optional[list[float]]) -> Image.Image:
+    """LLaVA's `image_aspect_ratio=pad` (its expand2square): the image centred on a square canvas
+    filled with the image processor's mean colour, so the processor's resize-and-crop keeps it whole."""
+    width, height = image.size
+    if width == height:
+        return image
+    colour = tuple(int(x * 255) for x in (mean or (0.0, 0.0, 0.0)))
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def check_images(examples, image_mode: str = "real") -> None:
@@ -71,7 +86,11 @@ class VLMCollator:
     images (the Mirage World), not for a real model's 336-pixel ones."""
 
     def __init__(self, processor, max_length: int, train: bool, image_mode: str = "real",
-                 system_prompt: Optional[str] = None, cache: bool = False):
+                 system_prompt: Optional[str] = None, cache: bool = False, image_aspect_ratio: str = "original"):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise UserError(f"data.image_aspect_ratio='{image_aspect_ratio}': choose one of "
+                            f"{', '.join(IMAGE_ASPECT_RATIOS)}")
+        self.pad_square = image_aspect_ratio == "pad"
         self.processor = processor
         self.max_length = max_length
         self.train = train
@@ -146,6 +165,9 @@ class VLMCollator:
 
     def _encode_batch(self, examples: list[Example]) -> dict:
         images = [load_image(ex, self.image_mode) for ex in examples]
+        if self.pad_square:
+            mean = getattr(getattr(self.processor, "image_processor", None), "image_mean", None)
+            images = [pad_to_square(img, mean) if img is not None else None for img in images]
         prompts = [self._render(_messages(ex.instruction, None, img is not None, self.system_prompt), ex,
                                 add_generation_prompt=True)
                    for ex, img in zip(examples, images)]

@@ -221,7 +221,8 @@ class SafetyDataModule(L.LightningDataModule):
 
     def collator(self, train: bool) -> VLMCollator:
         return VLMCollator(self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode,
-                           cache=self.cfg.cache_encodings)
+                           cache=self.cfg.cache_encodings, system_prompt=self.cfg.get("system_prompt"),
+                           image_aspect_ratio=self.cfg.get("image_aspect_ratio", "original"))
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()

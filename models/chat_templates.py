@@ -7,6 +7,12 @@ EOS token, Qwen2-VL `<|im_end|>` plus a newline. The collator therefore never tr
 ending: it labels the response and appends one end-of-turn token itself.
 """
 
+# The system line of LLaVA's `v1` conversation (llava/conversation.py, conv_vicuna_v1), which the
+# LLaVA-1.5 checkpoints and the paper's unlearning runs were trained with (`--version v1`); the HF
+# template below renders a system turn as this text and a space, then "USER: ...", as v1 does.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
 # llava-hf/llava-1.5-7b-hf and -13b-hf (also llava-hf/llava-v1.6-vicuna-7b-hf).
 LLAVA_1_5 = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"

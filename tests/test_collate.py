@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.collate import IGNORE_INDEX, VLMCollator
+from datamodules.collate import IGNORE_INDEX, VLMCollator, pad_to_square
 from datamodules.examples import eval_sets, vlguard_examples
 from models.backbone import build_tiny
 from core.errors import UserError
@@ -101,3 +101,18 @@ def test_blank_image_mode_needs_no_file(records, tmp_path):
     batch = VLMCollator(processor, 64, train=False, image_mode="blank")(exs)
     assert batch["pixel_values"].shape[0] == len(exs)
     assert torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour():
+    # LLaVA's expand2square: a 4x2 red image on a 4x4 canvas of the processor's mean colour.
+    padded = pad_to_square(Image.new("RGB", (4, 2), (255, 0, 0)), [0.5, 0.25, 1.0])
+    assert padded.size == (4, 4)
+    assert padded.getpixel((0, 0)) == (127, 63, 255) and padded.getpixel((3, 3)) == (127, 63, 255)
+    assert padded.getpixel((0, 1)) == (255, 0, 0) and padded.getpixel((3, 2)) == (255, 0, 0)
+    square = Image.new("RGB", (3, 3))
+    assert pad_to_square(square, [0.5] * 3) is square
+
+
+def test_unknown_aspect_ratio_is_one_line(records):
+    with pytest.raises(UserError, match="data.image_aspect_ratio='crop'"):
+        VLMCollator(_processor(records), max_length=64, train=True, image_aspect_ratio="crop")

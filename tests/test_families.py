@@ -231,6 +231,20 @@ def test_a_system_prompt_the_template_refuses_is_one_line(images):
                                                                                      safe=True)])
 
 
+def test_llava_v1_system_prompt_renders_before_user_and_labels_only_the_response(images):
+    from models.chat_templates import LLAVA_V1_SYSTEM
+
+    _, processor = build_toy("tiny-llava", CFG, TEXTS + [LLAVA_V1_SYSTEM])
+    ex = Example("a", images[1], QUESTION, ANSWER, safe=True)
+    collate = VLMCollator(processor, 1024, train=True, system_prompt=LLAVA_V1_SYSTEM, image_aspect_ratio="pad")
+    batch = collate([ex])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.index(LLAVA_V1_SYSTEM) < text.index("USER: <image>")  # v1: "SYSTEM USER: <image>\nQ ASSISTANT: A</s>"
+    kept = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(kept[:-1]).strip() == ANSWER
+    assert kept[-1] == processor.tokenizer.eos_token_id and (kept == processor.tokenizer.eos_token_id).sum() == 1
+
+
 @pytest.mark.parametrize("finetune", ["full", "projector"])
 def test_the_trainable_rule_is_the_one_later_steps_apply(finetune):
     """The relearning probe re-marks a copy of the model with `models.backbone.mark_trainable`: on

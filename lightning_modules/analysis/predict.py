@@ -95,7 +95,8 @@ def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Op
     print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
     module = build_generator(cfg, checkpoint, examples)
     collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
-                          system_prompt=system_prompt)
+                          system_prompt=system_prompt or cfg.data.get("system_prompt"),
+                          image_aspect_ratio=cfg.data.get("image_aspect_ratio", "original"))
     loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=cfg.data.num_workers)
     trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))

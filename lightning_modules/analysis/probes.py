@@ -72,12 +72,13 @@ class Prober:
         self.processor = module.processor
         self.device = module.device
         self.batch_size = int(cfg.data.eval_batch_size)
-        self.train_collate = VLMCollator(self.processor, cfg.data.max_length, train=True,
-                                         image_mode=cfg.data.image_mode)
+        self.train_collate = self._collator(train=True)
 
     def _collator(self, train: bool, image_mode: Optional[str] = None) -> VLMCollator:
         return VLMCollator(self.processor, self.cfg.data.max_length, train=train,
-                           image_mode=image_mode or self.cfg.data.image_mode)
+                           image_mode=image_mode or self.cfg.data.image_mode,
+                           system_prompt=self.cfg.data.get("system_prompt"),
+                           image_aspect_ratio=self.cfg.data.get("image_aspect_ratio", "original"))
 
     # -- (a) -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -113,6 +113,11 @@ class DataSettings:
     image_dir: Optional[str] = setting(None, "images are resolved relative to this (default: the file's folder)")
     image_mode: str = setting("real", "real | blank (same-size blank image) | none (text only)",
                               choices=("real", "blank", "none"))
+    image_aspect_ratio: str = setting("original", "original: the processor's resize and crop | pad: LLaVA's "
+                                      "padding to a square in the image mean colour (its image_aspect_ratio pad)",
+                                      choices=("original", "pad"))
+    system_prompt: Optional[str] = setting(None, "a system turn before every conversation in training, harvest "
+                                           "and evaluation, e.g. LLaVA v1's 'A chat between a curious human ...'")
     general_file: Optional[str] = setting(None, "general instruction data mixed into SFT (post-hoc recipe)")
     general_ratio: float = setting(0.0, "share of general rows in the SFT mixture", ge=0, lt=1)
     general_samples: Optional[int] = setting(None, "exactly this many general rows, drawn without replacement "
