@@ -117,6 +117,33 @@ def is_trainable(name: str, model_cfg) -> bool:
     return not (model_cfg.freeze_vision and VISION.search(name) and not PROJECTOR.search(name))
 
 
+def decoder_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
+    """(qualified name, module list) of the language model's decoder layers, under peft too."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers")]
+    preferred = [(n, m) for n, m in lists if n.endswith("language_model.layers")]
+    text = preferred or [(n, m) for n, m in lists if not re.search(r"vision|visual", n)]
+    if len(text) != 1:
+        raise UserError(f"cannot find the language model's decoder layers (candidates: {[n for n, _ in lists]})")
+    return text[0]
+
+
+def narrow_trainable(model, layers: Optional[list[int]], pattern: str, extras: list[str]) -> list[str]:
+    """Of what `model.finetune` already trains, keep `pattern` inside decoder `layers` (None: every
+    layer) and any parameter matching one of `extras` (e.g. the projector); freeze the rest. The
+    names kept. RMU's selection (the official one: mlp.down_proj of layers 5-7 + the projector)."""
+    layers_name, _ = decoder_layers(model)
+    which = r"\d+" if layers is None else "|".join(map(str, layers))
+    in_layers = re.compile(rf"(^|\.){re.escape(layers_name)}\.({which})\.")
+    inside, others = re.compile(pattern), [re.compile(x) for x in extras]
+    chosen = []
+    for name, param in model.named_parameters():
+        keep = param.requires_grad and ((bool(in_layers.search(name)) and bool(inside.search(name)))
+                                        or any(x.search(name) for x in others))
+        param.requires_grad_(keep)
+        chosen += [name] if keep else []
+    return chosen
+
+
 def mark_trainable(model, model_cfg) -> list[str]:
     """Set requires_grad by `is_trainable`; the names of the trainable parameters."""
     names = []

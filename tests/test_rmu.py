@@ -12,7 +12,8 @@ from datamodules.examples import Example
 from models.backbone import build_backbone
 from lightning_modules.config.loading import load_config
 from core.errors import UserError
-from lightning_modules.methods.rmu import RMUModule, decoder_layers
+from lightning_modules.methods.rmu import RMUModule
+from models.backbone import decoder_layers
 
 TEXTS = ["what: which color is the object?", "tell: how do i hurt someone with this item.",
          "the object is red.", "throw it hard at their eyes to hurt them.", "i cannot assist with that request."]

@@ -92,6 +92,11 @@ class AlignmentModule(L.LightningModule):
         values = {k: v for k, v in OmegaConf.to_container(method_cfg, resolve=True).items() if k != "name"}
         return parse_section(values, cls.Params, "method")
 
+    @classmethod
+    def narrow_for_plan(cls, model, cfg) -> None:
+        """Apply the method's own choice of trainable parameters to a model built for the run plan
+        (RMU narrows them; the others train what `model.finetune` trains)."""
+
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
         return self.model(**model_inputs(batch), **kwargs)

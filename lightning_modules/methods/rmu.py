@@ -22,7 +22,6 @@ trainable tensors swapped in (full fine-tuning), never a second model.
 from __future__ import annotations
 
 import dataclasses
-import re
 from contextlib import contextmanager
 from typing import Literal, Optional, Union
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.schema import setting
-from models.backbone import PROJECTOR
+from models.backbone import PROJECTOR, decoder_layers, narrow_trainable
 from lightning_modules.methods.unlearning import UnlearningModule, UnlearningParams, check
 from losses import make_control_vector, rmu_forget_loss, rmu_retain_loss, token_mean_ce
 
@@ -50,7 +49,9 @@ class RMUParams(UnlearningParams):
                                                  "auto: model.rmu_layer, else round(7/32 x decoder layers)", ge=0)
     steering_coeff: float = setting(10.0, "c: norm of the control vector", gt=0)
     alpha: float = setting(1.0, "weight of the retain activation term", ge=0)
-    train_layers: Optional[list[int]] = setting(None, "layers that train (default: ℓ-2..ℓ, those that exist)", ge=0)
+    train_layers: Optional[Union[list[int], Literal["all"]]] = setting(
+        None, "layers whose param_pattern tensors train (default: ℓ-2..ℓ, those that exist; all: every "
+        "parameter the finetune mode trains, as the official LoRA script)", ge=0)
     param_pattern: str = setting(r"mlp\.down_proj\.", "regex on parameter names inside train_layers", regex=True)
     train_projector: bool = setting(False, "also train the projector (the official code does)")
     extra_params: Optional[str] = setting(None, "regex on full parameter names also trained", regex=True)
@@ -64,16 +65,6 @@ class RMUParams(UnlearningParams):
 
 class StopForward(Exception):
     """Raised by the capture hook to end a forward after layer ℓ."""
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, module list) of the language model's decoder layers, under peft too."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")]
-    preferred = [(n, m) for n, m in lists if n.endswith("language_model.layers")]
-    text = preferred or [(n, m) for n, m in lists if not re.search(r"vision|visual", n)]
-    if len(text) != 1:
-        raise UserError(f"cannot find the language model's decoder layers (candidates: {[n for n, _ in lists]})")
-    return text[0]
 
 
 @contextmanager
@@ -102,48 +93,57 @@ class RMUModule(UnlearningModule):
         super().__init__(model, processor, cfg, **kwargs)
         p = self.params
         self.layers_name, layers = decoder_layers(self.model)
-        if p.layer == "auto":
-            model_layer = cfg.model.get("rmu_layer")
-            self.layer_index = int(model_layer) if model_layer is not None else auto_layer(len(layers))
-        else:
-            self.layer_index = int(p.layer)
+        self.layer_index = self.resolve_layer(p, cfg, len(layers))
         check(self.layer_index < len(layers), "layer", self.layer_index,
               f"the model has {len(layers)} decoder layers (0-based)")
         self.layer_module = layers[self.layer_index]
-        self.train_layers = list(p.train_layers) if p.train_layers is not None else list(
-            range(max(0, self.layer_index - 2), self.layer_index + 1))
-        for i in self.train_layers:
+        self.train_layers = self.trained_layers(p, self.layer_index)
+        for i in self.train_layers or []:
             check(0 <= i <= self.layer_index, "train_layers", self.train_layers,
                   f"layers must lie in 0..{self.layer_index} (only they shape h_ℓ)")
-        self.select_trainable()
+        self.trained_parameters = self.select_trainable(self.model, p, self.train_layers, self.model_identity["finetune"])
         hidden = self.model.config.get_text_config().hidden_size
         seed = p.control_seed if p.control_seed is not None else int(cfg.seed)
         # A persistent buffer: saved and restored with every checkpoint, moved with the module.
         self.register_buffer("control_vector", make_control_vector(hidden, p.steering_coeff, seed))
         self.setup_reference(p.reference, full_default="snapshot", allowed=("auto", "adapter", "snapshot"))
 
-    def select_trainable(self) -> None:
-        """Keep trainable only what the finetune mode trains *and* RMU selects."""
-        p = self.params
-        in_layers = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.({'|'.join(map(str, self.train_layers))})\.")
-        pattern = re.compile(p.param_pattern)
-        extras = [re.compile(x) for x in (p.extra_params, PROJECTOR.pattern if p.train_projector else None) if x]
-        chosen, projector = [], []
-        for name, param in self.model.named_parameters():
-            keep = param.requires_grad and ((bool(in_layers.search(name)) and bool(pattern.search(name)))
-                                            or any(x.search(name) for x in extras))
-            param.requires_grad_(keep)
-            chosen += [name] if keep else []
-            projector += [name] if keep and PROJECTOR.search(name) else []
-        if p.train_projector and not projector:
+    @staticmethod
+    def trained_layers(p: RMUParams, layer_index: int) -> Optional[list[int]]:
+        if p.train_layers == "all":
+            return None
+        return list(p.train_layers) if p.train_layers is not None else list(
+            range(max(0, layer_index - 2), layer_index + 1))
+
+    @staticmethod
+    def select_trainable(model, p: RMUParams, layers: Optional[list[int]], finetune: str) -> list[str]:
+        """Keep trainable only what the finetune mode trains *and* RMU selects (models.backbone's rule)."""
+        extras = [x for x in (p.extra_params, PROJECTOR.pattern if p.train_projector else None) if x]
+        chosen = narrow_trainable(model, layers, p.param_pattern, extras)
+        if p.train_projector and not any(PROJECTOR.search(n) for n in chosen):
             raise UserError("method.train_projector=true but no projector parameter is trainable "
-                            f"(model.finetune={self.model_identity['finetune']}; under LoRA add the projector "
+                            f"(model.finetune={finetune}; under LoRA add the projector "
                             "to model.lora.modules_to_save)")
         if not chosen:
             raise UserError(f"RMU trains nothing: no trainable parameter matches method.param_pattern="
-                            f"'{p.param_pattern}' in layers {self.train_layers} or method.extra_params="
-                            f"{p.extra_params!r} (model.finetune={self.model_identity['finetune']})")
-        self.trained_parameters = chosen
+                            f"'{p.param_pattern}' in layers {layers} or method.extra_params="
+                            f"{p.extra_params!r} (model.finetune={finetune})")
+        return chosen
+
+    @classmethod
+    def narrow_for_plan(cls, model, cfg) -> None:
+        """The same selection on a model built for the run plan (no module, no data)."""
+        p = cls.parse_params(cfg.method)
+        index = cls.resolve_layer(p, cfg, len(decoder_layers(model)[1]))
+        cls.select_trainable(model, p, cls.trained_layers(p, index), cfg.model.finetune)
+
+    @staticmethod
+    def resolve_layer(p: RMUParams, cfg, n_layers: int) -> int:
+        """ℓ: method.layer, else model.rmu_layer, else the official depth fraction."""
+        if p.layer != "auto":
+            return int(p.layer)
+        model_layer = cfg.model.get("rmu_layer")
+        return int(model_layer) if model_layer is not None else auto_layer(n_layers)
 
     # -- activations --------------------------------------------------------------------------
     def position_mask(self, batch: dict) -> Optional[torch.Tensor]:
