@@ -65,6 +65,8 @@ class ModelSettings:
     tiny: TinyConfig = setting(doc="size of the tiny model", factory=TinyConfig)
     end_token: Optional[str] = setting(None, "the token closing an assistant turn: labelled once after every "
                                        "response and a stop token of generation (default: the tokenizer's EOS)")
+    hf_config: Optional[str] = setting(None, "the model's config.json shipped in configs/ (relative to it), read by "
+                                       "fit --plan when the model's own config cannot be (offline)")
     rmu_layer: Optional[int] = setting(None, "RMU's layer for this model when method.layer=auto "
                                        "(default: round(7/32 x decoder layers))", ge=0)
 
@@ -127,6 +129,9 @@ class DataSettings:
     refusal_cue: str = setting("Share", "eval rewrite of safe queries for VLGuard data")
     neutral_cue: Optional[str] = setting(None, "VLGuard data: the control cue of the neutral eval sets (none if unset)")
     batch_size: int = setting(16, "training batch size per device", ge=1)
+    effective_batch_size: Optional[int] = setting(None, "batch_size x accumulation x processes to reach: the "
+                                                  "accumulation is chosen from the device count at run time "
+                                                  "(null: trainer.accumulate_grad_batches)", ge=1)
     eval_batch_size: int = setting(64, "generation batch size per device", ge=1)
     max_length: int = setting(160, "longest tokenized example; longer ones are an error", ge=1)
     max_eval_samples: Optional[int] = setting(None, "queries per eval set, stratified by subset, category and "

@@ -39,7 +39,24 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     checkpoint_io = AtomicCheckpointIO()
     callbacks = [checkpoint, VerifiedCheckpoints(checkpoint_io), PerBatchSeed(cfg.seed)] + \
         ([LearningRateMonitor("step")] if logger else [])
-    return make_trainer(logger=logger, callbacks=callbacks, plugins=[checkpoint_io], **kwargs)
+    trainer = make_trainer(logger=logger, callbacks=callbacks, plugins=[checkpoint_io], **kwargs)
+    effective = cfg.data.get("effective_batch_size")
+    if effective is not None:  # chosen now that the device count is known
+        if "accumulate_grad_batches" in cfg.trainer:
+            raise UserError("set data.effective_batch_size or trainer.accumulate_grad_batches, not both")
+        trainer.accumulate_grad_batches = accumulation_steps(int(effective), int(cfg.data.batch_size),
+                                                             trainer.world_size)
+    return trainer
+
+
+def accumulation_steps(effective: int, per_device: int, world_size: int) -> int:
+    """Gradient accumulation that makes per_device x steps x world_size = effective (the official
+    8-GPU batch on fewer GPUs); an effective batch it cannot reach exactly is an error."""
+    per_step = per_device * world_size
+    if effective % per_step:
+        raise UserError(f"data.effective_batch_size={effective} is not a multiple of data.batch_size={per_device} "
+                        f"x {world_size} process(es)")
+    return effective // per_step
 
 
 def scale_hparams(cfg, trainer: L.Trainer) -> dict:
