@@ -219,18 +219,25 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable,
-               root: type = FitConfig) -> None:
+               root: type = FitConfig, plan: Callable | None = None) -> None:
     """The command line every entry point shares: --config FILE [key=value ...] [--print-config] [--debug];
-    the config is checked against the command's root schema `root`."""
+    the config is checked against the command's root schema `root`. With `plan`, `--plan` prints
+    the run plan and exits."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(root),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"YAML config (e.g. {example})")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    if plan is not None:
+        parser.add_argument("--plan", action="store_true", help="print the run plan (data sizes, steps, trainable "
+                            "parameters, reference, GPU memory estimate) without loading weights, and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides, root)
     if args.print_config:
         print(to_yaml(cfg))
+        return
+    if getattr(args, "plan", False):
+        plan(cfg)
         return
     run(cfg)

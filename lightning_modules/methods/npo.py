@@ -33,12 +33,13 @@ class NPOParams(UnlearningParams):
 class NPOModule(UnlearningModule):
     name = "npo"
     Params = NPOParams
+    AUTO_REFERENCE = ("cache", "cache")  # what reference=auto is under (full fine-tuning, LoRA)
 
     def __init__(self, model, processor, cfg, **kwargs):
         super().__init__(model, processor, cfg, **kwargs)
         # The cache costs one forward per forget row before training, then nothing: cheaper than a
         # second (adapter-off) forward every step, so `auto` takes it under LoRA too.
-        self.setup_reference(self.params.reference, full_default="cache", lora_default="cache",
+        self.setup_reference(self.params.reference, *self.AUTO_REFERENCE,
                              allowed=("auto", "adapter", "cache", "snapshot"))
         self.needs_retain_reference = bool(self.params.retain_npo_alpha)
 

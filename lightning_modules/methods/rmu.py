@@ -88,6 +88,7 @@ def capture_output(layer: nn.Module, stop: bool):
 class RMUModule(UnlearningModule):
     name = "rmu"
     Params = RMUParams
+    AUTO_REFERENCE = ("snapshot", "adapter")  # what reference=auto is under (full fine-tuning, LoRA)
 
     def __init__(self, model, processor, cfg, **kwargs):
         super().__init__(model, processor, cfg, **kwargs)
@@ -106,7 +107,7 @@ class RMUModule(UnlearningModule):
         seed = p.control_seed if p.control_seed is not None else int(cfg.seed)
         # A persistent buffer: saved and restored with every checkpoint, moved with the module.
         self.register_buffer("control_vector", make_control_vector(hidden, p.steering_coeff, seed))
-        self.setup_reference(p.reference, full_default="snapshot", allowed=("auto", "adapter", "snapshot"))
+        self.setup_reference(p.reference, *self.AUTO_REFERENCE, allowed=("auto", "adapter", "snapshot"))
 
     @staticmethod
     def trained_layers(p: RMUParams, layer_index: int) -> Optional[list[int]]:
@@ -119,7 +120,8 @@ class RMUModule(UnlearningModule):
     def select_trainable(model, p: RMUParams, layers: Optional[list[int]], finetune: str) -> list[str]:
         """Keep trainable only what the finetune mode trains *and* RMU selects (models.backbone's rule)."""
         extras = [x for x in (p.extra_params, PROJECTOR.pattern if p.train_projector else None) if x]
-        chosen = narrow_trainable(model, layers, p.param_pattern, extras)
+        # train_layers=all: every in-layer tensor the finetune mode trains (the official LoRA RMU)
+        chosen = narrow_trainable(model, layers, p.param_pattern if layers is not None else "", extras)
         if p.train_projector and not any(PROJECTOR.search(n) for n in chosen):
             raise UserError("method.train_projector=true but no projector parameter is trainable "
                             f"(model.finetune={finetune}; under LoRA add the projector "

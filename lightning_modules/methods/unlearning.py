@@ -85,8 +85,8 @@ class UnlearningModule(AlignmentModule):
         return out
 
     # -- reference model ----------------------------------------------------------------------
-    def setup_reference(self, mode: str, full_default: str, allowed: tuple[str, ...],
-                        lora_default: str = "adapter") -> None:
+    def setup_reference(self, mode: str, full_default: str, lora_default: str = "adapter",
+                        allowed: tuple[str, ...] = REFERENCES) -> None:
         """Resolve `auto` (`lora_default` under LoRA, `full_default` otherwise) and prepare the
         reference. Call at the end of the subclass's __init__, after its trainable parameters are final."""
         check(mode in allowed, "reference", mode, f"choose one of: {', '.join(allowed)}")

@@ -26,6 +26,7 @@ from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is
                                            release_run_dir)
 from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
 from lightning_modules.run.assembly import build_run, build_trainer, scale_hparams
+from lightning_modules.run.plan import print_plan
 
 
 RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
@@ -113,6 +114,7 @@ def run(cfg) -> pd.DataFrame | None:
 
 def _run(cfg) -> pd.DataFrame | None:
     check_accelerator_exists(cfg.trainer.get("accelerator"))  # before a run dir is made for a run that cannot start
+    print_plan(cfg, strict=False)  # the first lines of every fit: what it will train, on what, at what memory
     run_dir = prepare_run_dir(cfg)
     # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
     # config.yaml and the checkpoint's hparams name the directory actually used (with its `_N`).

@@ -1,0 +1,227 @@
+"""The run plan: what a `fit` config will do, printed before any weight is loaded.
+
+A Hugging Face model is built on the meta device from its config (the hub's, or `model.hf_config`
+shipped in configs/ when offline); a toy model is small enough to build for real. The method's own
+choice of trainable parameters is applied to it (`narrow_for_plan`), the data rows are counted
+without a processor, and the memory estimate is `models.memory`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+
+import torch
+
+from core.errors import UserError
+from core.paths import CONFIG_ROOT
+from datamodules.forget_retain import PairSampler
+from datamodules.safety import resolve_data_files
+from lightning_modules.methods import get_method
+from lightning_modules.run.assembly import accumulation_steps
+from models.backbone import DTYPES, PROJECTOR, VISION, apply_finetune_mode, build_backbone, decoder_layers, \
+    is_built_from_config
+from models.memory import GiB, estimate_training_memory
+
+SHARDING = ("deepspeed_stage_3", "fsdp")
+REFERENCE_TEXT = {
+    "cache": "cached reference NLL: one forward over the set(s) before the first update, kept in the checkpoint",
+    "adapter": "LoRA disable_adapter: the same weights with the adapters off (a second forward per step)",
+    "snapshot": "frozen copy of the trainable tensors, swapped in with torch.func.functional_call",
+}
+
+
+def plan_model(cfg):
+    """The model as the run would train it (meta device for a Hugging Face model), trainable
+    parameters set by `model.finetune` and the method."""
+    name = cfg.model.name_or_path
+    if is_built_from_config(name):  # small: built for real, its tokenizer (the vocabulary) a placeholder
+        model, _ = build_backbone(cfg.model, ["plan"])
+    else:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        try:
+            config = AutoConfig.from_pretrained(name, revision=cfg.model.revision,
+                                                trust_remote_code=bool(cfg.model.trust_remote_code))
+        except (OSError, ValueError) as err:
+            if not cfg.model.get("hf_config"):
+                raise UserError(f"cannot read the config of model.name_or_path='{name}' ({str(err).splitlines()[0]}); "
+                                "set model.hf_config to a shipped config.json") from err
+            config = AutoConfig.from_pretrained(str(CONFIG_ROOT / cfg.model.hf_config))
+        dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype != "auto" else torch.bfloat16
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = apply_finetune_mode(model, cfg.model)
+    get_method(cfg.method.name).narrow_for_plan(model, cfg)
+    return model
+
+
+def part_of(name: str) -> str:
+    """The component a parameter belongs to, for the per-module table."""
+    if "lora_" in name:
+        return "LoRA adapters"
+    if PROJECTOR.search(name):
+        return "projector"
+    if VISION.search(name):
+        return "vision tower"
+    if re.search(r"\.layers\.\d+\.", name):
+        return "decoder layers"
+    if "embed_tokens" in name:
+        return "embeddings"
+    if "lm_head" in name:
+        return "lm_head"
+    return "other (norms)"
+
+
+def trained_tensors(model) -> list[str]:
+    """Trainable tensor names, layer indices folded: `...layers.{5,6,7}.mlp.down_proj.weight`."""
+    folded: dict[str, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            match = re.search(r"\.layers\.(\d+)\.", name)
+            key = name if match is None else name[:match.start(1)] + "{}" + name[match.end(1):]
+            folded[key].append(match.group(1) if match else "")
+    lines = []
+    for key, layers in folded.items():
+        span = layers[0] if len(layers) == 1 else f"{layers[0]}-{layers[-1]}" if \
+            [int(x) for x in layers] == list(range(int(layers[0]), int(layers[-1]) + 1)) else ",".join(layers)
+        lines.append(key.replace("{}", "{" + span + "}") if layers[0] else key)
+    return lines
+
+
+def world_size(trainer_cfg) -> int:
+    """Processes the Trainer will start: devices (a count, a list, or auto = the visible GPUs) x nodes."""
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else (torch.cuda.device_count() or 1)
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    return max(devices, 1) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def data_sizes(cfg, world: int) -> tuple[dict[str, str], int | None]:
+    """Row counts by set, and the batches of one epoch per process (None when the data is not here)."""
+    method = get_method(cfg.method.name)
+    try:
+        files = resolve_data_files(cfg.data)
+        data = method.datamodule_class(cfg.data, files, None, seed=cfg.seed)
+        sizes = {}
+        if hasattr(data, "forget_candidates"):
+            n_forget, n_retain = len(data.forget_candidates()), len(data.retain_examples())
+            harvest = data.fr.forget_source == "harvest"
+            sizes["forget"] = f"<= {n_forget} (harvested: non-refusals kept)" if harvest else str(n_forget)
+            sizes["retain"] = str(n_retain)
+            rows = len(PairSampler(n_forget, n_retain, cfg.seed, 0, world))  # the training sampler's epoch
+        else:
+            n_train = len(data.train_dataset())
+            sizes["train"] = str(n_train)
+            rows = n_train // world if world > 1 else n_train
+        for split, path in (("val", files.val), ("test", files.test)):
+            sets = data.eval_split(path)
+            sizes[split] = ", ".join(f"{name} {len(rows)}" for name, rows in sets.items()) or "none"
+        return sizes, math.ceil(rows / int(cfg.data.batch_size))
+    except UserError as err:
+        return {"rows": f"not counted here: {err}"}, None
+
+
+def reference_of(cfg, model) -> tuple[str, int]:
+    """(the reference strategy in words, parameters of a frozen copy)."""
+    params = get_method(cfg.method.name).parse_params(cfg.method)
+    mode = getattr(params, "reference", None)
+    if mode is None:
+        return "none (the method has no reference model)", 0
+    lora = cfg.model.finetune == "lora" and not cfg.model.adapter_path
+    if mode == "auto":
+        mode = get_method(cfg.method.name).AUTO_REFERENCE[lora]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = REFERENCE_TEXT[mode]
+    if mode == "cache" and getattr(params, "retain_npo_alpha", 0):
+        text += " (forget and retain sets)"
+    return f"{mode}: {text}", trainable if mode == "snapshot" else 0
+
+
+def run_plan(cfg) -> str:
+    """The plan of a `fit` config, as printed."""
+    model = plan_model(cfg)
+    method = cfg.method.name
+    text_cfg = model.config.get_text_config()
+    world = world_size(cfg.trainer)
+    batch = int(cfg.data.batch_size)
+    effective = cfg.data.get("effective_batch_size")
+    accumulate = accumulation_steps(int(effective), batch, world) if effective else \
+        int(cfg.trainer.get("accumulate_grad_batches", 1))
+    sizes, batches = data_sizes(cfg, world)
+    toy = " [toy model: vocabulary-sized tensors approximate]" if is_built_from_config(cfg.model.name_or_path) else ""
+    lines = [f"run plan: {cfg.name} | method {method} | model {cfg.model.name_or_path} "
+             f"({cfg.model.dtype}, finetune={cfg.model.finetune}){toy}"]
+    lines += [f"  data: {k}: {v}" for k, v in sizes.items()]
+    lines.append(f"  batch: {batch} per device x {accumulate} accumulated x {world} process(es) = "
+                 f"{batch * accumulate * world} effective" + (f" (data.effective_batch_size={effective})"
+                                                              if effective else ""))
+    max_steps, epochs = int(cfg.trainer.get("max_steps", -1)), int(cfg.trainer.get("max_epochs") or 1)
+    if batches is not None:
+        per_epoch = math.ceil(batches / accumulate)
+        total = max_steps if max_steps > 0 else per_epoch * max(epochs, 1)
+        lines.append(f"  steps: {per_epoch} per epoch, {total} in total "
+                     f"({'max_steps' if max_steps > 0 else f'{max(epochs, 1)} epoch(s)'})")
+    else:
+        lines.append(f"  steps: unknown without the data (max_steps={max_steps}, max_epochs={epochs})")
+    by_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        by_part[part_of(name)][0 if param.requires_grad else 1] += param.numel()
+    total_params = sum(t + f for t, f in by_part.values())
+    trainable = sum(t for t, _ in by_part.values())
+    lines.append(f"  parameters: {total_params / 1e6:,.1f}M, trainable {trainable / 1e6:,.2f}M "
+                 f"({100 * trainable / max(total_params, 1):.2f}%)")
+    for part, (t, f) in sorted(by_part.items()):
+        lines.append(f"    {part:<16} trainable {t / 1e6:>10,.2f}M   frozen {f / 1e6:>10,.2f}M")
+    frozen = [part for part, (t, f) in sorted(by_part.items()) if f and not t]
+    lines.append(f"  frozen entirely: {', '.join(frozen) or 'nothing'}")
+    tensors = trained_tensors(model)
+    lines += [f"  trains: {t}" for t in tensors[:8]]
+    if len(tensors) > 8:
+        lines.append(f"  trains: ... {len(tensors) - 8} more tensor groups")
+    reference, reference_params = reference_of(cfg, model)
+    lines.append(f"  reference: {reference}")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    shards = world if any(s in strategy for s in SHARDING) else 1
+    param_bytes = next(model.parameters()).element_size()
+    estimate = estimate_training_memory(
+        total_params=total_params, trainable_params=trainable, param_bytes=param_bytes,
+        n_layers=len(decoder_layers(model)[1]), hidden=text_cfg.hidden_size, vocab=text_cfg.vocab_size,
+        seq_len=int(cfg.data.max_length), batch=batch, checkpointing=bool(cfg.model.gradient_checkpointing),
+        graphs=1 if method == "sft" else 2, reference_params=reference_params, shards=shards)
+    lines.append(f"  GPU memory estimate per device (batch {batch} x data.max_length={cfg.data.max_length} tokens, "
+                 f"checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
+                 f"{f', sharded over {shards}' if shards > 1 else ''}; an upper bound for batches shorter "
+                 "than max_length):")
+    lines += [f"    {name:<16} {size(value)}" for name, value in estimate.rows()]
+    lines.append(f"    device: {device_memory_line(estimate.total)}")
+    return "\n".join(lines)
+
+
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / GiB:8.2f} GiB" if n_bytes >= GiB / 10 else f"{n_bytes / 2 ** 20:8.2f} MiB"
+
+
+def device_memory_line(need: float) -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device visible here: compare the total with your GPU's memory"
+    props = torch.cuda.get_device_properties(0)
+    verdict = "fits" if need < 0.9 * props.total_memory else "does NOT fit (keep 10% headroom)"
+    return f"{props.name}, {props.total_memory / GiB:.1f} GiB: {verdict}"
+
+
+def print_plan(cfg, strict: bool = True) -> None:
+    """Print the plan (rank 0 only: DDP ranks re-run the command). Not `strict` (fit's first lines):
+    a plan that cannot be made is one line, and the run goes on to load the model itself."""
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return
+    try:
+        print(run_plan(cfg), flush=True)
+    except UserError as err:
+        if strict:
+            raise
+        print(f"run plan: not available ({err})", flush=True)

@@ -1,0 +1,79 @@
+"""`fit --plan`: the run plan from the config alone (LLaVA-1.5-7B on the meta device from its shipped
+config.json, offline) and on every toy family; the memory estimate and the accumulation by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import UserError
+from lightning_modules.config.loading import load_config
+from lightning_modules.run.assembly import accumulation_steps
+from lightning_modules.run.plan import plan_model, run_plan
+from models.families import TOY_FAMILIES
+from models.memory import GiB, estimate_training_memory
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# recipe -> (trainable parameters in millions, a trained tensor group, the reference)
+LLAVA_7B = {
+    "vlguard_rmu_full": (156.25, "model.language_model.layers.{5-7}.mlp.down_proj.weight", "reference: snapshot"),
+    "vlguard_npo_full": (6759.92, "model.language_model.embed_tokens.weight", "reference: cache"),
+    "vlguard_npo_lora": (340.80, "layers.{0-31}.self_attn.q_proj.lora_A.default.weight", "reference: cache"),
+    "vlguard_rmu_lora": (340.80, "layers.{0-31}.self_attn.q_proj.lora_A.default.weight", "reference: adapter"),
+}
+
+
+@pytest.mark.parametrize("recipe", LLAVA_7B)
+def test_plan_of_llava_7b_from_its_shipped_config_without_weights(recipe):
+    cfg = load_config(f"configs/experiment/{recipe}.yaml")
+    assert next(plan_model(cfg).parameters()).device.type == "meta"  # no weight is loaded
+    plan = run_plan(cfg)
+    trainable, tensor, reference = LLAVA_7B[recipe]
+    assert f"parameters: 7,{'063.4' if 'full' in recipe else '404.2'}M, trainable {trainable:,.2f}M" in plan
+    assert tensor in plan and reference in plan
+    assert "vision tower     trainable       0.00M   frozen     303.51M" in plan
+    assert "projector        trainable      20.98M" in plan  # the projector trains in every official recipe
+    effective = 8 if "full" in recipe else 64
+    assert f"= {effective} effective (data.effective_batch_size={effective})" in plan
+    assert "GPU memory estimate per device" in plan and "data: rows: not counted here" in plan
+
+
+@pytest.mark.parametrize("family", ["tiny", *TOY_FAMILIES])
+@pytest.mark.parametrize("method", ["sft", "rmu"])
+def test_plan_on_every_toy_family(family, method, small_overrides):
+    cfg = load_config(f"configs/experiment/mirage_{method}.yaml", [*small_overrides, f"model={family}"])
+    plan = run_plan(cfg)
+    assert "steps: " in plan and " per epoch, " in plan and "data: val: unsafe_clean" in plan
+    if method == "rmu":
+        assert "mlp.down_proj.weight" in plan and "reference: snapshot" in plan
+    else:
+        assert "reference: none" in plan
+
+
+def test_plan_without_a_readable_config_is_one_line():
+    cfg = load_config("configs/experiment/vlguard_npo_full.yaml", ["model.hf_config=null",
+                                                                    "model.name_or_path=nobody/nothing-7b"])
+    with pytest.raises(UserError, match="set model.hf_config"):
+        run_plan(cfg)
+
+
+def test_memory_estimate_by_hand():
+    # 10 params, 4 trainable, bf16; 2 layers, h 8, V 16, B 1, T 4, no checkpointing, one graph.
+    est = estimate_training_memory(total_params=10, trainable_params=4, param_bytes=2, n_layers=2, hidden=8,
+                                   vocab=16, seq_len=4, batch=1, checkpointing=False, reference_params=4)
+    assert (est.weights, est.gradients, est.optimizer, est.reference) == (20, 8, 16, 8)
+    assert est.activations == 2 * 34 * 4 * 8 + 2 * 4 * 4 * 16
+    ckpt = estimate_training_memory(total_params=10, trainable_params=4, param_bytes=2, n_layers=2, hidden=8,
+                                    vocab=16, seq_len=4, batch=1, checkpointing=True, graphs=2, shards=2)
+    assert ckpt.weights == 10 and ckpt.activations == 2 * ((2 * 2 * 32 + 34 * 32) + 2 * 4 * 4 * 16)
+    assert est.total == sum(v for name, v in est.rows() if name != "total") and GiB == 2 ** 30
+
+
+def test_accumulation_reaches_the_official_batch_on_fewer_devices():
+    assert accumulation_steps(8, 1, 1) == 8 and accumulation_steps(64, 8, 2) == 4 and accumulation_steps(8, 1, 8) == 1
+    with pytest.raises(UserError, match="data.effective_batch_size=8 is not a multiple of data.batch_size=1 x 3"):
+        accumulation_steps(8, 1, 3)
