@@ -77,3 +77,17 @@ def test_accumulation_reaches_the_official_batch_on_fewer_devices():
     assert accumulation_steps(8, 1, 1) == 8 and accumulation_steps(64, 8, 2) == 4 and accumulation_steps(8, 1, 8) == 1
     with pytest.raises(UserError, match="data.effective_batch_size=8 is not a multiple of data.batch_size=1 x 3"):
         accumulation_steps(8, 1, 3)
+
+
+def test_every_fit_prints_the_same_plan_as_its_first_lines(monkeypatch, capsys, small_overrides):
+    from lightning_modules.run import training
+
+    cfg = load_config("configs/demo.yaml", small_overrides)
+
+    def stop(_cfg):  # the plan comes before the run directory is even prepared
+        raise RuntimeError("stopped after the plan")
+
+    monkeypatch.setattr(training, "prepare_run_dir", stop)
+    with pytest.raises(RuntimeError, match="stopped after the plan"):
+        training.run(cfg)
+    assert capsys.readouterr().out == run_plan(cfg) + "\n"
