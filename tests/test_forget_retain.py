@@ -216,3 +216,21 @@ def test_forget_loader_keeps_ranks_in_lockstep_under_sharded_weights(world, monk
             keys |= set(rows)
         assert counts == expected
         assert keys == {example_key(ex) for ex in data.forget}  # padding repeats a row, adds none
+
+
+def test_harvest_cache_key_changes_with_the_system_prompt_and_padding_only_when_set(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lightning_modules.run.harvest import _cache_path
+
+    module = SimpleNamespace(hparams={"eval": {"judge": "reference", "refusal_preset": "vlguard"}},
+                             model_identity={"name_or_path": "m"})
+    fr = SimpleNamespace(harvest_max_new_tokens=8, harvest_dir=str(tmp_path))
+
+    def path(**data):
+        cfg = OmegaConf.create({"max_length": 64, "image_mode": "real", **data})
+        return _cache_path(module, [], SimpleNamespace(fr=fr, cfg=cfg))
+
+    plain = path()
+    assert path(system_prompt=None, image_aspect_ratio="original") == plain  # caches written before stay valid
+    assert len({plain, path(system_prompt="A chat."), path(image_aspect_ratio="pad")}) == 3

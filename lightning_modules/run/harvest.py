@@ -34,6 +34,9 @@ def _cache_path(module, candidates: list[Example], datamodule) -> Path:
            "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
     if hp["eval"]["judge"] == "vlm":  # which VLM judges, and how
         key["vlm_judge"] = hp["eval"]["vlm_judge"]
+    for prompt_setting in ("system_prompt", "image_aspect_ratio"):  # in the key only when set: older caches stay valid
+        if datamodule.cfg.get(prompt_setting) not in (None, "original"):
+            key[prompt_setting] = datamodule.cfg.get(prompt_setting)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(datamodule.fr.harvest_dir) / f"forget-{digest}.json"
 

@@ -76,19 +76,21 @@ def part_of(name: str) -> str:
 
 
 def trained_tensors(model) -> list[str]:
-    """Trainable tensor names, layer indices folded: `...layers.{5,6,7}.mlp.down_proj.weight`."""
-    folded: dict[str, list[str]] = defaultdict(list)
+    """Trainable tensor names, layer indices folded: `...layers.{5-7}.mlp.down_proj.weight`."""
+    folded: dict[str, list[int]] = defaultdict(list)
     for name, param in model.named_parameters():
         if param.requires_grad:
             match = re.search(r"\.layers\.(\d+)\.", name)
             key = name if match is None else name[:match.start(1)] + "{}" + name[match.end(1):]
-            folded[key].append(match.group(1) if match else "")
-    lines = []
-    for key, layers in folded.items():
-        span = layers[0] if len(layers) == 1 else f"{layers[0]}-{layers[-1]}" if \
-            [int(x) for x in layers] == list(range(int(layers[0]), int(layers[-1]) + 1)) else ",".join(layers)
-        lines.append(key.replace("{}", "{" + span + "}") if layers[0] else key)
-    return lines
+            folded[key] += [int(match.group(1))] if match else []
+    return [key.replace("{}", "{" + layer_span(layers) + "}") if layers else key for key, layers in folded.items()]
+
+
+def layer_span(layers: list[int]) -> str:
+    """5 | 5-7 (consecutive) | 1,3,8."""
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
 
 
 def world_size(trainer_cfg) -> int:
@@ -120,7 +122,7 @@ def data_sizes(cfg, world: int) -> tuple[dict[str, str], int | None]:
             rows = n_train // world if world > 1 else n_train
         for split, path in (("val", files.val), ("test", files.test)):
             sets = data.eval_split(path)
-            sizes[split] = ", ".join(f"{name} {len(rows)}" for name, rows in sets.items()) or "none"
+            sizes[split] = ", ".join(f"{name} {len(examples)}" for name, examples in sets.items()) or "none"
         return sizes, math.ceil(rows / int(cfg.data.batch_size))
     except UserError as err:
         return {"rows": f"not counted here: {err}"}, None
