@@ -176,3 +176,12 @@ def test_rmu_on_qwen2_vl_uses_the_language_layers_and_the_merger():
     assert module.layers_name.endswith("language_model.layers") and module.layer_index == 1
     assert any("visual.merger" in n for n in module.trained_parameters)
     assert not any("visual.blocks" in n for n in module.trained_parameters)
+
+
+def test_alpha_zero_is_forget_mse_plus_lambda_ce_without_a_reference_forward(batch, monkeypatch):
+    # The official LoRA recipe (α 0, λ 1.2): no retain activation term, so the reference is never run.
+    module = rmu_module("method.alpha=0", "method.retain_weight=1.2", "method.positions=all")
+    monkeypatch.setattr(module, "reference_forward", lambda *a, **k: pytest.fail("reference forward with α = 0"))
+    terms = module.loss_terms(batch)
+    assert "retain_mse" not in terms
+    assert_close(terms["loss"], terms["forget_mse"] + 1.2 * terms["retain_ce"])

@@ -23,7 +23,8 @@ LLAVA_7B = {
     "vlguard_rmu_full": (156.25, "model.language_model.layers.{5-7}.mlp.down_proj.weight", "reference: snapshot"),
     "vlguard_npo_full": (6759.92, "model.language_model.embed_tokens.weight", "reference: cache"),
     "vlguard_npo_lora": (340.80, "layers.{0-31}.self_attn.q_proj.lora_A.default.weight", "reference: cache"),
-    "vlguard_rmu_lora": (340.80, "layers.{0-31}.self_attn.q_proj.lora_A.default.weight", "reference: adapter"),
+    "vlguard_rmu_lora": (340.80, "layers.{0-31}.self_attn.q_proj.lora_A.default.weight",
+                         "reference: adapter, never run: method.alpha=0"),
 }
 
 

@@ -173,6 +173,8 @@ class RMUModule(UnlearningModule):
         reduction = "all" if p.positions == "all" else "masked"
         forget_mse = rmu_forget_loss(self.hidden_at_layer(forget), self.control_vector,
                                      self.position_mask(forget), reduction)
+        if not p.alpha:  # no retain activation term (the official LoRA recipe): no reference forward
+            return self.with_retain(forget_mse, {"forget_mse": forget_mse}, batch)
         retain_ce = None
         if p.retain_weight:  # one full forward gives CE(D_r) and h_ℓ^θ(x_r)
             with capture_output(self.layer_module, stop=False) as store:

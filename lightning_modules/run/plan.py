@@ -138,6 +138,9 @@ def reference_of(cfg, model) -> tuple[str, int]:
     if mode == "auto":
         mode = get_method(cfg.method.name).AUTO_REFERENCE[lora]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if getattr(params, "alpha", None) == 0:  # RMU without its retain activation term never runs it
+        return f"{mode}, never run: method.alpha=0 (no retain activation term)", \
+            trainable if mode == "snapshot" else 0
     text = REFERENCE_TEXT[mode]
     if mode == "cache" and getattr(params, "retain_npo_alpha", 0):
         text += " (forget and retain sets)"
