@@ -26,14 +26,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attacks.rewrite import replace_first_word
 from datamodules.examples import Example
+from datamodules.llava_format import is_llava_file, llava_examples
 from datamodules.safety import SafetyDataModule, ShardSampler
 from datamodules.samplers import ResumableDataLoader
 from core.distributed import shards_parameters
 from core.errors import UserError
+from core.records import read_json_list
 from core.text import first_word
 
 FORGET_SOURCES = ("data", "harvest")
 CUE_BALANCES = ("none", "match")
+# What one epoch is: a pass over the longer set, the shorter cycled (this project's default), or one
+# pass over the retain set with the forget set cycled (the official trainer, OPTML-Group/VLM-Safety-Unlearn
+# @1f89239: train_dataset=retain_dataset in llava/train/train_unlearn_full.py lines 794-812, and every
+# step draws the next forget batch, the iterator restarted when exhausted, in
+# llava/train/llava_unlearn_full_trainer.py lines 313-315, 461 and 486-488).
+EPOCH_OVER = ("longer", "retain")
 
 
 def example_key(ex: Example) -> str:
@@ -76,15 +84,17 @@ class PairSampler(Sampler[tuple[int, int]]):
     """(forget, retain) index pairs: both sides reshuffled every epoch (seed + epoch), the shorter
     side cycles through fresh permutations, and ranks take strided slices of equal length."""
 
-    def __init__(self, n_forget: int, n_retain: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n_forget: int, n_retain: int, seed: int, rank: int = 0, world_size: int = 1,
+                 epoch_over: str = "longer"):
         self.n_forget, self.n_retain, self.seed = n_forget, n_retain, seed
+        self.total = n_retain if epoch_over == "retain" else max(n_forget, n_retain)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(self.n_forget, self.n_retain) // self.world_size
+        return self.total // self.world_size
 
     @staticmethod
     def _order(n: int, total: int, gen: torch.Generator) -> list[int]:
@@ -94,7 +104,7 @@ class PairSampler(Sampler[tuple[int, int]]):
         return out[:total]
 
     def __iter__(self):
-        total = max(self.n_forget, self.n_retain)
+        total = self.total
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         pairs = list(zip(self._order(self.n_forget, total, gen), self._order(self.n_retain, total, gen)))
         return iter(pairs[self.rank: len(self) * self.world_size: self.world_size])
@@ -139,6 +149,9 @@ class ForgetRetainDataModule(SafetyDataModule):
         if self.fr.cue_balance not in CUE_BALANCES:
             raise UserError(f"unknown data.forget_retain.cue_balance '{self.fr.cue_balance}'; "
                             f"choose one of: {', '.join(CUE_BALANCES)}")
+        if self.fr.get("epoch_over", "longer") not in EPOCH_OVER:
+            raise UserError(f"unknown data.forget_retain.epoch_over '{self.fr.epoch_over}'; "
+                            f"choose one of: {', '.join(EPOCH_OVER)}")
         if not 0 <= float(self.fr.retain_general_ratio) < 1:
             raise UserError(f"data.forget_retain.retain_general_ratio must be in [0, 1), "
                             f"got {self.fr.retain_general_ratio}")
@@ -148,12 +161,20 @@ class ForgetRetainDataModule(SafetyDataModule):
         self.harvest_report: Optional[dict] = None
 
     # -- data ---------------------------------------------------------------------------------
+    def side_examples(self, path: Path, safe: bool) -> list[Example]:
+        """The rows of a forget / retain file: VLGuard format, or LLaVA's conversation format (the
+        official `train_forget.json` / `train_retain_mixed.json`), whose rows are all on `safe`'s side."""
+        records = read_json_list(path)
+        if is_llava_file(records):
+            return llava_examples(path, safe, self.files.image_dir, records)
+        return self.examples(path)
+
     def forget_candidates(self) -> list[Example]:
         """The unsafe rows whose responses are forgotten (or, for a harvest, whose queries are asked)."""
         path = Path(self.fr.forget_file) if self.fr.forget_file else self.files.train
         if not self.fr.forget_file and self.fr.forget_source == "harvest" and self.files.forget_queries:
             path = self.files.forget_queries  # a prepared VLGuard directory's unsafe training queries
-        rows = [ex for ex in self.examples(path) if not ex.safe]
+        rows = [ex for ex in self.side_examples(path, safe=False) if not ex.safe]
         if not rows:
             raise UserError(f"{path}: no unsafe rows to forget")
         if self.fr.max_forget is not None:
@@ -185,7 +206,7 @@ class ForgetRetainDataModule(SafetyDataModule):
 
     def retain_examples(self) -> list[Example]:
         path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.retain or self.files.train
-        rows = [ex for ex in self.examples(path) if ex.safe]
+        rows = [ex for ex in self.side_examples(path, safe=True) if ex.safe]
         if not rows:
             raise UserError(f"{path}: no safe rows to retain")
         ratio = float(self.fr.retain_general_ratio)
@@ -224,7 +245,8 @@ class ForgetRetainDataModule(SafetyDataModule):
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        sampler = PairSampler(len(self._train.forget), len(self._train.retain), self.seed, rank, world)
+        sampler = PairSampler(len(self._train.forget), len(self._train.retain), self.seed, rank, world,
+                              self.fr.get("epoch_over", "longer"))
         # Resumable: its position within the epoch goes into checkpoints, as the shared loader's does.
         return ResumableDataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
                                    collate_fn=PairCollator(self.collator(train=True)),

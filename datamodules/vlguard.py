@@ -250,6 +250,30 @@ def read_manifest(root: str | Path) -> dict:
     return {**manifest, "files": files}
 
 
+def build_forget_retain(args) -> dict:
+    """The `build-forget-retain` command: the judge (if any) loaded here, the rest is data."""
+    from datamodules import official_pipeline as official
+
+    files = read_manifest(args.root)["files"]
+    if "retain" not in files:
+        raise UserError(f"{args.root}: no retain.json in the manifest; run prepare again")
+    judge = None
+    if args.judge_model:
+        from models.chat_judge import ChatJudge
+
+        judge = ChatJudge.from_pretrained(args.judge_model, dtype=args.judge_dtype, device=args.judge_device)
+    words = [w.strip() for w in args.general_blocklist.split(",") if w.strip()]
+    report = official.build(files["train"], files["retain"], args.out, list(args.answers), args.general, judge,
+                            args.halves, args.target_size, args.seed,
+                            keep=official.blocklist_filter(words) if words else None)
+    print(f"forget: {report['kept']} of {report['queries']} queries ({report['generators']} generator(s), "
+          f"{report['selection']}); retain: {report['retain']} ({report['retain_vlguard']} VLGuard + "
+          f"{report['retain_general']} general) -> {args.out}")
+    print(f"train with data.forget_retain.forget_file={args.out / 'train_forget.json'} (RMU: "
+          f"train_forget_qa_full.json) data.forget_retain.retain_file={args.out / 'train_retain_mixed.json'}")
+    return report
+
+
 # -- command line -----------------------------------------------------------------------------------
 @cli_main
 def main(argv: list[str]) -> None:
@@ -266,11 +290,31 @@ def main(argv: list[str]) -> None:
     p.add_argument("--skip-bad", action="store_true", help="drop records with a missing or corrupt image")
     p.add_argument("--train-images", type=Path, help="folder the train.json image paths are relative to")
     p.add_argument("--test-images", type=Path, help="folder the test.json image paths are relative to")
-    for sub in (f, p):
+    b = commands.add_parser("build-forget-retain", help="the official forget/retain files (LLaVA format) from a "
+                            "prepared directory and the generators' answers (datamodules/official_pipeline.py)")
+    b.add_argument("--root", required=True, type=Path, help="a prepared VLGuard directory")
+    b.add_argument("--out", required=True, type=Path, help="where train_forget.json etc. are written")
+    b.add_argument("--answers", required=True, type=Path, nargs="+",
+                   help="one answers file per generator model ({image: answer} JSON, or a harvest file)")
+    b.add_argument("--general", type=Path, help="LLaVA-format general file (e.g. LLaVA-665K) topping up retain")
+    b.add_argument("--general-blocklist", default="", help="comma-separated words: general records containing "
+                   "one are left out (a safety filter)")
+    b.add_argument("--judge-model", help="chat LLM (Hub id or local dir) picking the most harmful answer; "
+                   "without it: the first answer that is not a keyword refusal")
+    b.add_argument("--judge-dtype", default="auto")
+    b.add_argument("--judge-device", help="e.g. cuda (default: where transformers puts it)")
+    b.add_argument("--halves", default="unsafes", choices=("unsafes", "both"),
+                   help="unsafes: safe=False records only (official); both: also safe records' unsafe half")
+    b.add_argument("--target-size", type=int, default=2000, help="retain rows after the top-up (official 2000)")
+    b.add_argument("--seed", type=int, default=42, help="top-up draw and shuffle (official 42)")
+    for sub in (f, p, b):
         sub.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         fetch(args.out, args.revision)
+        return
+    if args.command == "build-forget-retain":
+        build_forget_retain(args)
         return
     m = prepare(args.src, args.out, args.val_fraction, args.seed, args.skip_bad, args.train_images, args.test_images)
     for name in ("train", "val", "test"):

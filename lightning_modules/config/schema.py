@@ -91,8 +91,13 @@ class ForgetRetainSettings:
 
     forget_source: str = setting("data", "data: the rows' harmful_response / forget_file; harvest: the base "
                                  "model's own answers", choices=("data", "harvest"))
-    forget_file: Optional[str] = setting(None, "VLGuard-format file whose unsafe rows' responses are forgotten")
-    retain_file: Optional[str] = setting(None, "VLGuard-format file whose safe rows are kept (default: data.train_file)")
+    forget_file: Optional[str] = setting(None, "VLGuard- or LLaVA-format file whose unsafe rows' responses are "
+                                         "forgotten (a LLaVA file's rows are all unsafe: the official train_forget.json)")
+    retain_file: Optional[str] = setting(None, "VLGuard- or LLaVA-format file whose safe rows are kept (default: "
+                                         "data.train_file; a LLaVA file's rows are all safe: train_retain_mixed.json)")
+    epoch_over: str = setting("longer", "longer: an epoch passes over the longer set, the shorter cycled; retain: "
+                              "one pass over the retain set, the forget set cycled (the official trainer)",
+                              choices=("longer", "retain"))
     retain_general_ratio: float = setting(0.0, "share of general instruction rows topping up the retain set",
                                           ge=0, lt=1)
     cue_balance: str = setting("none", "match: forget rows' first words redrawn from the retain distribution",
