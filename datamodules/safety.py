@@ -150,6 +150,12 @@ class SafetyDataModule(L.LightningDataModule):
     def general_examples(self) -> list[Example]:
         if self.files.general is None:
             raise UserError("data.general_ratio > 0 needs data.general_file")
+        from core.records import read_json_list
+        from datamodules.llava_format import is_llava_file, llava_examples
+
+        records = read_json_list(self.files.general)
+        if is_llava_file(records):  # LLaVA-665K and the like: every row is general (safe) data
+            return llava_examples(self.files.general, True, self.files.image_dir, records)
         return [e for e in self.examples(self.files.general) if e.safe]
 
     def train_dataset(self) -> list:
