@@ -158,6 +158,12 @@ def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world
     again = data2.forget_examples(lambda rows: harvest_forget_set(module, rows, data2))
     assert len(calls) == n_calls  # served from the cache
     assert [(ex.id, ex.response) for ex in again] == [(ex.id, ex.response) for ex in forget]
+    # keep=all: every answer, cached apart -- a generator's answers file for build-forget-retain
+    calls.clear()
+    cfg.data.forget_retain.harvest_keep = "all"
+    data3 = ForgetRetainDataModule(cfg.data, files, processor, seed=0)
+    everything = data3.forget_examples(lambda rows: harvest_forget_set(module, rows, data3))
+    assert [ex.response for ex in everything] == script and data3.harvest_report["file"] != report["file"]
 
 
 def test_harvest_with_the_vlm_judge_keeps_only_what_it_judges_harmful(world, monkeypatch, tmp_path):

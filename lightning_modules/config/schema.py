@@ -105,6 +105,9 @@ class ForgetRetainSettings:
     max_forget: Optional[int] = setting(None, "at most this many forget rows", ge=1)
     harvest_max_new_tokens: int = setting(64, "tokens generated per harvested answer", ge=1)
     harvest_dir: str = setting("${paths.cache}/harvest", "where harvested forget sets are cached")
+    harvest_keep: str = setting("harmful", "harmful: the answers the run's judge marks harmful; all: every answer "
+                                "(a generator's answers file for `datamodules.vlguard build-forget-retain --answers`)",
+                                choices=("harmful", "all"))
 
 
 @dataclass
