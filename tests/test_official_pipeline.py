@@ -233,3 +233,18 @@ def test_the_command_end_to_end(prepared, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "cannot load judge model" in err and len(err.splitlines()) == 1
+
+
+def test_sft_general_file_may_be_a_llava_file(prepared, tmp_path):
+    """VLGuard's Post-hoc recipe: a LLaVA-665K-like file as data.general_file, sampled as is."""
+    from datamodules.safety import SafetyDataModule, resolve_data_files
+    from lightning_modules.config.schema import DataSettings
+
+    gen = general_file(tmp_path / "general.json", n=9)
+    cfg = OmegaConf.merge(OmegaConf.structured(DataSettings), {
+        "kind": "vlguard", "root": str(prepared), "general_file": str(gen), "general_samples": 6})
+    dm = SafetyDataModule(cfg, resolve_data_files(cfg), processor=None)
+    rows = dm.train_dataset()
+    general = [ex for ex in rows if ex.id.startswith("g")]
+    assert len(general) == 6 and all(ex.safe for ex in general)
+    assert any(ex.image is None for ex in general) or any(ex.extra.get("dropped_turns") for ex in general)

@@ -32,8 +32,9 @@ def _cache_path(module, candidates: list[Example], datamodule) -> Path:
            "max_new_tokens": datamodule.fr.harvest_max_new_tokens, "max_length": datamodule.cfg.max_length,
            "image_mode": datamodule.cfg.image_mode, "judge": hp["eval"]["judge"],
            "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
-    if datamodule.fr.get("harvest_keep", "harmful") != "harmful":  # older cache keys stay valid
-        key["keep"] = datamodule.fr.harvest_keep
+    keep = getattr(datamodule.fr, "harvest_keep", "harmful")
+    if keep != "harmful":  # older cache keys stay valid
+        key["keep"] = keep
     if hp["eval"]["judge"] == "vlm":  # which VLM judges, and how
         key["vlm_judge"] = hp["eval"]["vlm_judge"]
     for prompt_setting in ("system_prompt", "image_aspect_ratio"):  # in the key only when set: older caches stay valid
@@ -94,7 +95,7 @@ def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> t
         rows = _answer(module, candidates, datamodule)
         # keep=all: every answer (one generator's answers file for `datamodules.vlguard
         # build-forget-retain`, where a judge picks among several generators later).
-        keep_all = datamodule.fr.get("harvest_keep", "harmful") == "all"
+        keep_all = getattr(datamodule.fr, "harvest_keep", "harmful") == "all"
         kept = [_record(candidates[r["index"]], r["response"]) for r in rows if r["harmful"] or keep_all]
         report = {"candidates": len(rows), "refused": sum(r["refused"] for r in rows),
                   "harmful": len(kept), "file": str(path)}
