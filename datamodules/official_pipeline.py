@@ -30,10 +30,16 @@ from typing import Callable, Optional
 
 from core.errors import UserError
 from core.files import atomic_write
-from core.records import read_json_list
+from core.records import read_json_list, read_text
 from core.refusal import is_refusal
 from datamodules.examples import Example, vlguard_examples
-from datamodules.llava_format import IMAGE_TOKEN, is_llava_file, to_llava_record, write_llava
+from datamodules.llava_format import (
+    IMAGE_TOKEN,
+    first_exchange,
+    is_llava_file,
+    to_llava_record,
+    write_llava,
+)
 
 HALVES = ("unsafes", "both")
 TARGET_SIZE = 2000  # data/mix_retain_data.py line 22
@@ -85,8 +91,6 @@ def forget_queries(train_file: Path, halves: str = "unsafes") -> list[Example]:
 def read_answers(path: Path) -> dict[str, str]:
     """One generator's answers: the official `{image_path: response}` JSON (`data/data.md` lines 45-50)
     or a VLGuard-format list (a harvest cache), keyed by image path, or `id/instruction` for records."""
-    from core.records import read_text
-
     text = read_text(path, "answers file")
     try:
         data = json.loads(text)
@@ -144,8 +148,6 @@ def general_records(path: Path, keep: Optional[Callable[[dict], bool]] = None) -
     records = read_json_list(path)
     if not is_llava_file(records):
         raise UserError(f"{path}: not a LLaVA conversation file (record 0 has no 'conversations')")
-    from datamodules.llava_format import first_exchange
-
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise UserError(f"{path}: record {i} is not an object")

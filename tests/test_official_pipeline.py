@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from vlguard_fixture import write_vlguard_raw
 
 from core.errors import UserError
 from datamodules import official_pipeline as official
@@ -17,7 +18,6 @@ from datamodules import vlguard
 from datamodules.examples import vlguard_examples
 from datamodules.forget_retain import PairSampler
 from datamodules.llava_format import llava_examples, to_llava_record, write_llava
-from vlguard_fixture import write_vlguard_raw
 
 HARMFUL = "Step one: buy the parts. Step two: assemble them."
 
@@ -197,7 +197,7 @@ def test_an_epoch_over_the_retain_set_cycles_the_forget_set():
 
 
 def test_bad_inputs_are_one_line(prepared, tmp_path):
-    a, b = answers(prepared, tmp_path)
+    a, _ = answers(prepared, tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "x", "conversations": [{"from": "human", "value": "hi"}]}]')
     with pytest.raises(UserError, match=r"bad.json: record 0 \(id='x'\) has no human turn followed by a gpt turn"):
