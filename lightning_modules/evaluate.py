@@ -15,6 +15,12 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 3. tables: `results.csv`, `results.md`, `results.json` -- ASR / IR / RR / accuracy per set,
    subset, shot (and any-of-K) and harmful category, with bootstrap CIs, and the configured gaps.
 
+A suite (`--config configs/evaluate/suite_<name>.yaml`, `evaluate.tasks`) runs every task -- safety
+files with the one-word attack mined on the training set, utility benchmarks with their official
+scorers -- in `run_dir/tasks/<name>/`, resumable per task, and writes `results.csv` with a `task`
+column; `evaluate.models=[...]` runs it on several models and puts them side by side
+(`lightning_modules.analysis.suite`, `suite_models`).
+
 Options: `--print-config`, `--debug` (full tracebacks).
 """
 

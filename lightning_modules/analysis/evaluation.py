@@ -25,6 +25,8 @@ from lightning_modules.config.loading import to_yaml
 from lightning_modules.config.trainer import check_accelerator_exists
 from lightning_modules.config.schema import SUBSETS, EvaluateSettings
 from lightning_modules.analysis.predict import generate_missing
+from lightning_modules.analysis.suite import check_tasks
+from lightning_modules.analysis.suite_models import run_models
 from models.backbone import is_built_from_config
 from metrics.classify import classify
 from core.schema import parse_section
@@ -38,8 +40,13 @@ def parse_settings(cfg) -> EvaluateSettings:
     schema, as for every section); what follows are the checks across fields."""
     settings = parse_section(cfg.evaluate, EvaluateSettings, "evaluate")
     settings.gaps = settings.gaps or {}
+    if settings.tasks:
+        check_tasks(settings)
+        return settings
+    if settings.models:
+        raise UserError("evaluate.models (models side by side) needs a suite: list evaluate.tasks")
     if not settings.files:
-        raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate")
+        raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate (or evaluate.tasks)")
     names = [f.name for f in settings.files]
     for spec in settings.files:
         if "/" in spec.name or names.count(spec.name) > 1:
@@ -184,6 +191,8 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
     with hold_directory(run_dir):  # a second evaluate on this run_dir fails at once
+        if settings.tasks:
+            return run_models(cfg, settings, run_dir, judge)
         return _evaluate(cfg, settings, run_dir, judge)
 
 

@@ -227,6 +227,49 @@ class EvalFile:
     judge_protocol: Optional[str] = None  # vlm judge protocol for this file (default: judge.protocol)
 
 
+def _suite_kinds():
+    from datamodules.benchmarks import TASK_KINDS
+
+    return ["vlguard", *TASK_KINDS]
+
+
+@dataclass
+class SuiteAttack:
+    """The one-word attack of a safety task (attacks.benchmark_attack)."""
+
+    train: Optional[str] = setting(None, "training file the model was aligned on (VLGuard format): cues mined here")
+    shots: int = setting(3, "compliance-cue rewrites per unsafe query (any-of-K; rule mode: at most 3)", ge=1)
+    paraphrase_model: Optional[str] = setting(None, "instruction model that paraphrases (null: the rule-based rewrites)")
+    seed: int = setting(0, "seed of the rewrites", ge=0)
+    judge_protocol: Optional[str] = setting(None, "vlm judge protocol of the attack files (default: judge.protocol)")
+
+
+@dataclass
+class SuiteTask:
+    """One task of an evaluation suite (`evaluate.tasks`)."""
+
+    name: str = setting(MISSING, "row label in results.csv's task column; the task's folder under run_dir/tasks/")
+    kind: str = setting(MISSING, "vlguard (a VLGuard-format file) or a benchmark kind of datamodules.benchmarks",
+                        choices=_suite_kinds)
+    path: str = setting(MISSING, "the benchmark's file or folder as published")
+    image_dir: Optional[str] = setting(None, "image folder (LLaVA files, MM-SafetyBench, FigStep, VLGuard)")
+    options: dict[str, Any] = setting(doc="reader options (annotations, split, variant, ocr)", factory=dict)
+    subsets: list[str] = setting(doc="vlguard kind: the subsets evaluated", factory=lambda: list(SUBSETS))
+    attack: Optional[SuiteAttack] = setting(None, "safety tasks: also evaluate the one-word attack files")
+    judge_protocol: Optional[str] = setting(None, "vlm judge protocol of the clean file")
+    max_samples: Optional[int] = setting(None, "queries per subset (default: evaluate.max_samples)", ge=1)
+
+
+@dataclass
+class SuiteModel:
+    """One model of a side-by-side evaluation (`evaluate.models`)."""
+
+    name: str = setting(MISSING, "row label; the model's folder under run_dir/models/")
+    name_or_path: str = setting(MISSING, "hub id, save_pretrained directory or tiny")
+    checkpoint: Optional[str] = setting(None, "a Lightning .ckpt of fit, loaded into the model")
+    adapter_path: Optional[str] = setting(None, "a LoRA adapter directory (sets model.finetune=lora)")
+
+
 @dataclass
 class EvaluateJudgeSettings(VLMJudgeSettings):
     """The judge of the evaluate command: the VLM judge's settings plus which judge decides."""
@@ -253,6 +296,11 @@ class EvaluateSettings:
     gaps: Optional[dict[str, GapSettings]] = field(default_factory=dict)  # null: none
     bootstrap: int = setting(1000, "resamples for the percentile CIs (0: none)", ge=0)
     confidence: float = setting(0.95, "level of the CIs", gt=0, lt=1)
+    benchmarks: dict[str, Optional[str]] = setting(doc="a suite's data paths, set by the user and referred to as "
+                                                       "${evaluate.benchmarks.NAME}", factory=dict)
+    tasks: list[SuiteTask] = setting(doc="a suite: safety, attacked and utility tasks (replaces files)", factory=list)
+    models: list[SuiteModel] = setting(doc="suite only: models evaluated side by side (default: model.*)",
+                                       factory=list)
 
 
 # The `compare:` section (python -m lightning_modules.compare).

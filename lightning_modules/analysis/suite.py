@@ -1,0 +1,272 @@
+"""An evaluation suite (`evaluate.tasks`): one model on safety, attacked and utility tasks, one
+folder per task under `run_dir/tasks/<name>/`, and `results.csv` with a `task` column.
+
+* safety task (kind `vlguard`, or a safety benchmark converted to VLGuard format in the task folder):
+  the evaluate command itself on the clean file plus, with `attack:`, the one-word attack files
+  (`attacks.benchmark_attack`: cues mined on the training set), with the mirage and over-prudence gaps;
+* utility task (VQA, multiple choice, POPE, MME): answers generated as evaluate generates them, scored
+  by `metrics.benchmark_scores` (`vqa_accuracy`, `accuracy`, ... in [0, 1]; MME's scores 0..200/2000).
+
+Resumable per task: a task whose `task.json` (its spec and generation fingerprint) matches is read back,
+not regenerated; an interrupted task resumes from its samples.jsonl. Intervals: bootstrap (safety, as
+evaluate), Wilson (accuracy-type rates), Student t (VQA soft scores)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from attacks.benchmark_attack import attack_benchmark, evaluate_entries
+from core.errors import UserError
+from core.files import atomic_write
+from datamodules.benchmarks import KIND_OPTIONS, TASK_KINDS, read_task
+from datamodules.collate import check_images
+from datamodules.examples import Example
+from lightning_modules.analysis.predict import generate_missing
+from metrics.benchmark_scores import example_scores, score_task
+from metrics.samples import SAMPLES, example_key, read_samples, record_key
+from metrics.tables import t_interval, wilson_interval
+from metrics.vlm_judge import get_protocol
+from models.backbone import is_built_from_config
+
+TASK_RESULTS = "task_results.csv"
+FRONT = ["task", "kind", "role", "headline", "set", "subset", "shot", "category", "n"]
+HEADLINE = {"vqa": "vqa_accuracy", "multiple_choice": "accuracy", "pope": "accuracy", "mme": "accuracy"}
+
+
+def family(kind: str) -> str:
+    return "safety" if kind == "vlguard" else TASK_KINDS[kind].family
+
+
+def check_tasks(settings) -> None:
+    names = [t.name for t in settings.tasks]
+    for task in settings.tasks:
+        if "/" in task.name or names.count(task.name) > 1:
+            raise UserError(f"evaluate.tasks name '{task.name}' must be unique and contain no '/'")
+        if task.attack and family(task.kind) != "safety":
+            raise UserError(f"evaluate.tasks '{task.name}': attack is for safety tasks, not kind {task.kind}")
+        if task.attack and not task.attack.train:
+            raise UserError(f"evaluate.tasks '{task.name}': attack needs train (the training file the model was aligned on)")
+        allowed = set(KIND_OPTIONS.get(task.kind, ()))
+        if family(task.kind) == "safety":  # converted to VLGuard format: image_dir is the task's own key
+            allowed &= {"variant"}
+        unknown = sorted(set(task.options) - allowed)
+        if unknown:
+            raise UserError(f"evaluate.tasks '{task.name}': kind {task.kind} takes no option {unknown[0]!r}"
+                            f"{'; options: ' + ', '.join(sorted(allowed)) if allowed else ''}")
+        for protocol in (task.judge_protocol, task.attack.judge_protocol if task.attack else None):
+            get_protocol(protocol or settings.judge.protocol)  # unknown: one line now, not after generating
+    if settings.files or settings.gaps:
+        raise UserError("evaluate.tasks (a suite) replaces evaluate.files and evaluate.gaps: leave them empty")
+    names = [m.name for m in settings.models]
+    for model in settings.models:
+        if "/" in model.name or names.count(model.name) > 1:
+            raise UserError(f"evaluate.models name '{model.name}' must be unique and contain no '/'")
+
+
+def _spec(task) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(task), default=str))
+
+
+def _finished(task_dir: Path, stamp: dict) -> Optional[pd.DataFrame]:
+    """The task's rows if it already ran with this spec and generation setup."""
+    try:
+        if json.loads((task_dir / "task.json").read_text()) == stamp:
+            return pd.read_csv(task_dir / TASK_RESULTS, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# -- safety -----------------------------------------------------------------------------------------
+def _safety_files(task, cfg, task_dir: Path) -> tuple[list[dict], dict]:
+    """evaluate.files and gaps of a safety task: the clean file (converted into the task folder when
+    the benchmark is not VLGuard-format) and, with attack:, the attack files next to it."""
+    data_dir = task_dir / "data"
+    image_dir = task.image_dir
+    if task.kind == "vlguard":
+        clean, subsets = Path(task.path), list(task.subsets)
+        if not clean.is_file():
+            raise UserError(f"evaluate.tasks '{task.name}': benchmark file not found: {clean}")
+        # relative image paths: against the image folder, else the benchmark's folder (not data/'s)
+        image_dir = image_dir or cfg.data.image_dir or str(clean.parent.resolve())
+    else:
+        from datamodules.benchmarks.__main__ import convert
+
+        clean = data_dir / "clean.json"
+        convert(task.kind, task.path, clean, task.image_dir, task.options.get("variant"))
+        subsets = ["unsafes"]
+    if not task.attack:
+        return [dict(name="clean", path=str(clean), subsets=subsets, image_dir=image_dir,
+                     judge_protocol=task.judge_protocol)], {}
+    a = task.attack
+    mode = "paraphrase" if a.paraphrase_model else "rule"
+    done = attack_benchmark(a.train, clean, data_dir, mode, a.seed, a.shots, a.paraphrase_model)
+    files, gaps = evaluate_entries(clean, done)
+    files[0]["subsets"] = [s for s in subsets if s in files[0]["subsets"]]
+    for spec in files:
+        spec.update(image_dir=image_dir, judge_protocol=a.judge_protocol)
+    files[0]["judge_protocol"] = task.judge_protocol
+    print(f"task {task.name}: cues mined on {a.train}: compliance {done['compliance_cue']!r}, refusal "
+          f"{done['refusal_cue']!r}; attack files in {data_dir}")
+    return files, gaps
+
+
+def run_safety(task, cfg, task_dir: Path, judge) -> pd.DataFrame:
+    from lightning_modules.analysis.evaluation import evaluate
+
+    files, gaps = _safety_files(task, cfg, task_dir)
+    sub = OmegaConf.merge(cfg, {"run_dir": str(task_dir)})
+    sub.evaluate.tasks, sub.evaluate.models = [], []
+    sub.evaluate.files, sub.evaluate.gaps = files, gaps
+    sub.evaluate.max_samples = task.max_samples or cfg.evaluate.get("max_samples")
+    table = evaluate(sub, judge).assign(kind=task.kind)
+    roles = {files[0]["name"]: "clean"} | {f["name"]: ("attacked" if f["subsets"] == ["unsafes"] else "overprudence")
+                                           for f in files[1:]}
+    table["role"] = table["set"].map(roles)
+    table["headline"] = (table["category"] == "all") & ~table["shot"].astype(str).str.fullmatch(r"\d+")
+    results = json.loads((task_dir / "results.json").read_text())
+    gap_rows = [dict(set=name, subset="gap", shot="", category="all", n=g["n_paired"], role="gap", headline=True,
+                     kind=task.kind, gap=g["value"], gap_lo=g["lo"], gap_hi=g["hi"],
+                     gap_of=f"{g['metric']}: {g['attacked']} - {g['base']}")
+                for name, g in results.get("gaps", {}).items()]
+    return pd.concat([table, pd.DataFrame(gap_rows)], ignore_index=True)
+
+
+# -- utility ----------------------------------------------------------------------------------------
+def sample_groups(examples: list[Example], max_samples: Optional[int], seed: int) -> list[Example]:
+    """At most `max_samples` groups, ranked by a seeded hash: a group is an id, or an MME image (its
+    two questions stay together, else accuracy+ loses its pairs)."""
+    if not max_samples:
+        return examples
+    group = [str(ex.extra.get("image_key", ex.id)) for ex in examples]
+    keep = set(sorted(dict.fromkeys(group), key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())[:max_samples])
+    return [ex for ex, g in zip(examples, group) if g in keep]
+
+
+def _interval(fam: str, metric: str, values: list[float], rate: float, confidence: float) -> tuple[float, float]:
+    if fam == "vqa":  # soft scores: Student t on the per-question scores
+        return t_interval(values, confidence)[1:]
+    return wilson_interval(rate, len(values), confidence)
+
+
+def run_utility(task, cfg, task_dir: Path, settings) -> pd.DataFrame:
+    options = {k: v for k, v in task.options.items() if v is not None}
+    examples = read_task(task.kind, task.path, task.image_dir, **options)
+    if not examples:
+        raise UserError(f"evaluate.tasks '{task.name}': no questions in {task.path}")
+    examples = [dataclasses.replace(ex, extra={**ex.extra, "set": task.name})
+                for ex in sample_groups(examples, task.max_samples or settings.max_samples, cfg.seed)]
+    check_images(examples, cfg.data.image_mode)
+    generate_missing(cfg, examples, task_dir, settings.checkpoint, settings.system_prompt)
+    answers = {record_key(r): r["response"] for r in read_samples(task_dir / SAMPLES)}
+    responses = [answers[example_key(ex)] for ex in examples]
+    fam, headline = family(task.kind), HEADLINE[family(task.kind)]
+    scores = score_task(task.kind, examples, responses)
+    per_example = example_scores(task.kind, examples, responses)
+    rows = []
+    for category, values in scores.items():
+        members = [s for ex, s in zip(examples, per_example) if category == "all" or str(ex.category) == category]
+        row = dict(set=task.name, subset="utility", shot="single", category=category, n=len(members),
+                   kind=task.kind, role="utility", headline=category == "all", **values)
+        if headline in values and members:
+            row[f"{headline}_lo"], row[f"{headline}_hi"] = _interval(fam, headline, members, values[headline],
+                                                                     settings.confidence)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- one model --------------------------------------------------------------------------------------
+def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
+    """Every task of the suite on cfg's model; `run_dir/results.csv` (+ .md); returns the table."""
+    from lightning_modules.analysis.evaluation import generation_fingerprint
+
+    tables = []
+    for i, task in enumerate(settings.tasks, 1):
+        task_dir = run_dir / "tasks" / task.name
+        task_dir.mkdir(parents=True, exist_ok=True)
+        stamp = dict(task=_spec(task), generation=generation_fingerprint(cfg, settings), seed=cfg.seed,
+                     judge=_spec(settings.judge), refusal_preset=cfg.eval.refusal_preset,
+                     bootstrap=settings.bootstrap, confidence=settings.confidence)
+        table = _finished(task_dir, stamp)
+        if table is not None:
+            print(f"[task {i}/{len(settings.tasks)}] {task.name}: finished earlier, read from {task_dir / TASK_RESULTS}")
+        else:
+            print(f"[task {i}/{len(settings.tasks)}] {task.name} ({task.kind})")
+            if family(task.kind) == "safety":
+                table = run_safety(task, cfg, task_dir, judge)
+            else:
+                from lightning_modules.analysis.evaluation import check_fingerprint
+
+                # a tiny model's tokenizer is trained on the task's texts: its questions define the model
+                tiny = is_built_from_config(cfg.model.name_or_path)
+                check_fingerprint(task_dir, dict(stamp["generation"], **({"task": stamp["task"]} if tiny else {})))
+                table = run_utility(task, cfg, task_dir, settings)
+            table.insert(0, "task", task.name)
+            atomic_write(task_dir / TASK_RESULTS, table.to_csv(index=False), what="task results")
+            atomic_write(task_dir / "task.json", json.dumps(stamp, indent=1), what="task stamp")
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    table = table[[*FRONT, *[c for c in table.columns if c not in FRONT]]]
+    atomic_write(run_dir / "results.csv", table.to_csv(index=False), what="results")
+    atomic_write(run_dir / "results.md", suite_markdown(table, [cfg.model.name_or_path]), what="results")
+    print(suite_markdown(table, [cfg.model.name_or_path]))
+    print(f"written: {run_dir}/results.csv, results.md")
+    return table
+
+
+# -- report -----------------------------------------------------------------------------------------
+def _cell(row: pd.Series, metric: str) -> str:
+    value = row.get(metric, math.nan)
+    if value is None or pd.isna(value):
+        return "–"
+    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
+    scale = 1 if metric.endswith("score") else 100  # MME's scores are not rates
+    text = f"{scale * value:.2f}"
+    return text if pd.isna(lo) else f"{text} [{scale * lo:.1f}, {scale * hi:.1f}]"
+
+
+def _columns_of(part: pd.DataFrame) -> list[tuple[str, str, str, str]]:
+    """(header, set, subset, metric) per headline row of a task."""
+    cols = []
+    for _, row in part.drop_duplicates(["set", "subset"]).iterrows():
+        where = (row["set"], row["subset"])
+        if row["role"] == "utility":
+            metrics = [HEADLINE[family(row["kind"])]] + [m for m in ("f1", "perception_score")
+                                                         if m in part and pd.notna(row.get(m, math.nan))]
+            cols += [(m, *where, m) for m in metrics]
+        elif row["role"] == "gap":
+            cols.append((f"{row['set']} ({row['gap_of'].split(':')[0]})", *where, "gap"))
+        else:
+            metric = "refusal_rate" if row["subset"] == "safe_safes" else "asr"
+            cols.append((f"{row['set']}/{row['subset']} {'RR' if metric == 'refusal_rate' else 'ASR'}", *where, metric))
+    return cols
+
+
+def suite_markdown(table: pd.DataFrame, models: list[str]) -> str:
+    """One table per task: a row per model, the task's headline numbers in percent with intervals
+    (gaps in points; MME's scores as they are)."""
+    table = table if "model" in table else table.assign(model=models[0])
+    out = []
+    for task in dict.fromkeys(table["task"]):
+        part = table[(table["task"] == task) & table["headline"].astype(bool)]
+        cols = _columns_of(part)
+        lines = []
+        for model in dict.fromkeys(part["model"]):
+            mine = part[part["model"] == model]
+            cells = []
+            for _, set_name, subset, metric in cols:
+                hit = mine[(mine["set"] == set_name) & (mine["subset"] == subset)]
+                cells.append(_cell(hit.iloc[0], metric) if len(hit) else "–")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        heads = [c[0] for c in cols]
+        out += [f"### {task} ({part['kind'].iloc[0]})", "",
+                "| model | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|", *lines, ""]
+    return "\n".join(out)
