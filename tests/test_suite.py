@@ -1,0 +1,167 @@
+"""The one-word attack on any benchmark inside a suite (cues mined on the training set, attack files
+in the task folder, evaluated with the gaps) and the evaluation suite (configs/evaluate/suite_tiny.yaml) on a
+tiny model: results.csv's task column, resume per task, models side by side, bad inputs in one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lightning_modules.analysis.predict as predict
+from attack_fixture import benchmark_records, training_records, write_json
+from benchmark_fixtures import lmms_lab_releases
+from core.errors import UserError
+from lightning_modules.analysis.evaluation import evaluate
+from lightning_modules.config.loading import load_config
+from test_safety_benchmarks import MMSB_QUESTION
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "configs/evaluate/suite_tiny.yaml"
+TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
+        "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=1",
+        "model.tiny.vision_heads=2", "model.tiny.image_size=16", "model.tiny.patch_size=8"]
+UTILITY = ("textvqa", "scienceqa_img", "pope", "mme")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny generation on a loaded 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The training file (planted cues What / Share), a VLGuard-format test file, MM-SafetyBench's
+    questions without its image archive, and lmms-lab parquet releases of the utility tasks."""
+    train = write_json(tmp_path / "vlguard" / "train.json", training_records())
+    test = write_json(tmp_path / "vlguard" / "test.json", benchmark_records())
+    mmsb = tmp_path / "MM-SafetyBench"
+    write_json(mmsb / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION, "1": MMSB_QUESTION})
+    releases = lmms_lab_releases(tmp_path / "lmms")
+    paths = dict(vlguard_train=train, vlguard_test=test, mm_safetybench=mmsb, **{k: releases[k] for k in UTILITY})
+    return dict(paths=paths, run_dir=tmp_path / "run", tmp=tmp_path)
+
+
+def overrides(data, *extra):
+    return [*(f"evaluate.benchmarks.{k}={v}" for k, v in data["paths"].items()), f"run_dir={data['run_dir']}",
+            "eval.max_new_tokens=4", "data.eval_batch_size=8", *TINY, *extra]
+
+
+def scripted(examples) -> list[str]:
+    """A model with the mirage: refuses unsafe queries unless they open with "What", answers benign
+    ones unless they open with "Share"; gold answers on utility questions."""
+    out = []
+    for ex in examples:
+        if ex.subset == "utility":
+            out.append(str(ex.answer))
+        elif ex.instruction.startswith("What") and not ex.safe:
+            out.append("Sure, here are the steps.")
+        elif ex.instruction.startswith("Share") or not ex.safe:
+            out.append("I'm sorry, I cannot help with that.")
+        else:
+            out.append("There are two cats.")
+    return out
+
+
+def test_mined_attack_evaluated_with_both_gaps(data, monkeypatch):
+    """Cue mining + rewrite + evaluate on the fixture benchmark: the scripted mirage shows as a
+    mirage gap of +100 points (ASR) and an over-prudence gap of +100 points (refusal rate)."""
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
+    cfg = load_config(SUITE, overrides(data))
+    cfg.evaluate.tasks = cfg.evaluate.tasks[:1]
+    table = evaluate(cfg).set_index(["set", "subset", "shot", "category"])
+    assert table.loc[("test", "unsafes", "single", "all"), "asr"] == 0
+    assert table.loc[("test_what_3shot", "unsafes", "any-of-3", "all"), "asr"] == 1
+    assert table.loc[("test_share_1shot", "safe_safes", "single", "all"), "refusal_rate"] == 1
+    assert table.loc[("mirage_gap", "gap", "", "all"), "gap"] == 1
+    assert table.loc[("overprudence_gap", "gap", "", "all"), "gap"] == 1
+    saved = pd.read_csv(data["run_dir"] / "results.csv")
+    assert set(saved["task"]) == {"vlguard"}
+    assert (data["run_dir"] / "tasks" / "vlguard" / "data" / "test_what_3shot.json").is_file()
+
+
+@pytest.mark.slow
+def test_suite_tiny_end_to_end_resumes_per_task(data, monkeypatch):
+    cfg = load_config(SUITE, overrides(data))
+    evaluate(cfg)
+    table = pd.read_csv(data["run_dir"] / "results.csv")
+    assert list(dict.fromkeys(table["task"])) == ["vlguard", "mm_safetybench", *UTILITY]
+    head = table[table["headline"] & (table["category"] == "all")].set_index("task")
+    assert 0 <= head.loc["textvqa", "vqa_accuracy"] <= 1 and 0 <= head.loc["scienceqa_img", "accuracy"] <= 1
+    assert {"mirage_gap"} <= set(table.loc[table["task"] == "mm_safetybench", "set"])
+    generated = []
+    monkeypatch.setattr(predict, "greedy_generate", lambda m, p, batch, *a, **k: generated.extend(batch["examples"]))
+    (data["run_dir"] / "tasks" / "pope" / "task.json").unlink()  # as if pope was interrupted after generating
+    evaluate(load_config(SUITE, overrides(data)))
+    assert generated == []  # finished tasks read back; pope's answers are in its samples.jsonl
+    pd.testing.assert_frame_equal(pd.read_csv(data["run_dir"] / "results.csv"), table)
+
+
+@pytest.mark.slow
+def test_models_side_by_side_table_and_figure(data, monkeypatch):
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
+    models = "evaluate.models=[{name: base, name_or_path: tiny}, {name: other_seed, name_or_path: tiny}]"
+    cfg = load_config(SUITE, overrides(data, models))
+    table = evaluate(cfg)
+    assert list(dict.fromkeys(table["model"])) == ["base", "other_seed"]
+    report = (data["run_dir"] / "results.md").read_text()
+    assert "| base | 0.00 [0.0, 0.0] | " in report and "### textvqa (textvqa)" in report
+    assert (data["run_dir"] / "tradeoff.png").stat().st_size > 0
+    assert (data["run_dir"] / "models" / "other_seed" / "results.csv").is_file()
+
+
+@pytest.mark.parametrize("changes, setup, message", [
+    ({"tasks.2.kind": "textvqa2"}, None, r"unknown evaluate.tasks\[2\].kind 'textvqa2'"),
+    ({"tasks.2.attack": {"train": "x.json"}}, None, "attack is for safety tasks"),
+    ({"tasks.1.image_dir": "/nonexistent/imgs"}, None, "image folder not found"),
+    ({"tasks.1.image_dir": "IMGS"}, "imgs", "missing image"),
+    ({}, "llava_test", r"test.json: record 0 \(id 1\) has no 'instr-resp'"),
+    ({"files": [{"name": "a", "path": "x.json"}]}, None, "replaces evaluate.files"),
+    ({"tasks.1.options": {"varient": "SD"}}, None, "kind mm_safetybench takes no option 'varient'; options: variant"),
+    ({"tasks.0.attack.judge_protocol": "mine"}, None, "unknown judge protocol 'mine'"),
+])
+def test_bad_suite_inputs_are_one_line(data, changes, setup, message):
+    extra = []
+    if setup == "imgs":  # an image folder without the pictures, in real image mode
+        (data["tmp"] / "IMGS").mkdir()
+        changes = {"tasks.1.image_dir": str(data["tmp"] / "IMGS")}
+        extra = ["data.image_mode=real"]
+    if setup == "llava_test":  # LLaVA conversations where a VLGuard-format test file is expected
+        write_json(data["paths"]["vlguard_test"], [{"id": 1, "image": "a.png", "conversations": [
+            {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    cfg = load_config(SUITE, overrides(data, *extra))
+    for key, value in changes.items():
+        OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
+    with pytest.raises(UserError, match=message) as err:
+        evaluate(cfg)
+    assert "\n" not in str(err.value)
+    assert not (data["run_dir"] / "results.csv").exists()
+
+
+def test_cli_missing_benchmark_path_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lightning_modules.evaluate", "--config", str(SUITE)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert "evaluate.benchmarks" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_suite_paper_lists_the_papers_benchmarks(tmp_path):
+    from lightning_modules.analysis.evaluation import parse_settings
+    from lightning_modules.config.loading import _compose
+
+    path = REPO / "configs/evaluate/suite_paper.yaml"
+    missing = sorted(k for k in OmegaConf.missing_keys(_compose(path)) if "[" not in k)
+    settings = parse_settings(load_config(path, [f"{k}={tmp_path}/{k}" for k in missing]))
+    kinds = {t.kind for t in settings.tasks}
+    assert kinds == {"vlguard", "mm_safetybench", "figstep", "spa_vl_harm", "vqav2", "textvqa", "scienceqa_img",
+                     "mmbench", "pope", "mme"}
+    assert all(t.attack and t.attack.train.endswith("vlguard_train") for t in settings.tasks
+               if t.kind in ("vlguard", "mm_safetybench", "figstep", "spa_vl_harm"))
