@@ -96,7 +96,8 @@ def atomic_write(path: str | Path, data: str | bytes, what: str = "file", durabl
     except OSError as err:
         raise io_error(what, path, err) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: the error above is the one to show
+            tmp.unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
 

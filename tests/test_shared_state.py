@@ -140,3 +140,14 @@ def test_appends_are_line_atomic_and_a_half_line_is_dropped_with_a_warning(tmp_p
     with pytest.warns(UserWarning, match="line 2 is cut short"):
         assert [r["id"] for r in read_samples(path)] == ["1", "4"]
     assert [n for n, _ in read_lines(path)] == [1, 2, 3]
+
+
+def test_a_write_under_a_file_is_one_line(tmp_path):
+    """atomic_write into a 'folder' that is a file: the one-line error, not the clean-up's traceback."""
+    from core.errors import UserError
+    from core.files import atomic_write
+
+    (tmp_path / "results").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot write results .*results/out\.json"):
+        atomic_write(tmp_path / "results" / "out.json", "{}", what="results")
+    assert (tmp_path / "results").read_text() == "not a folder"
