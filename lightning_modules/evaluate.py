@@ -26,10 +26,21 @@ Options: `--print-config`, `--debug` (full tracebacks).
 
 from __future__ import annotations
 
-from core.errors import cli_main
-from lightning_modules.analysis.evaluation import evaluate
+from core.errors import UserError, cli_main
+from lightning_modules.analysis import evaluation
+from lightning_modules.analysis.suite_models import evaluate_suite
 from lightning_modules.config.loading import config_cli
 from lightning_modules.config.schema import EvaluateConfig
+
+
+def evaluate(cfg, judge=None):
+    """The files mode (`evaluate.files`) or the suite mode (`evaluate.tasks`, `evaluate.models`)."""
+    settings = evaluation.read_settings(cfg)
+    if settings.tasks:
+        return evaluate_suite(cfg, judge)
+    if settings.models:
+        raise UserError("evaluate.models (models side by side) needs a suite: list evaluate.tasks")
+    return evaluation.evaluate(cfg, judge)
 
 
 @cli_main

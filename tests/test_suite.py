@@ -16,7 +16,7 @@ import lightning_modules.analysis.predict as predict
 from attack_fixture import benchmark_records, training_records, write_json
 from benchmark_fixtures import lmms_lab_releases
 from core.errors import UserError
-from lightning_modules.analysis.evaluation import evaluate
+from lightning_modules.evaluate import evaluate
 from lightning_modules.config.loading import load_config
 from test_safety_benchmarks import MMSB_QUESTION
 
@@ -154,12 +154,12 @@ def test_cli_missing_benchmark_path_is_one_line():
 
 
 def test_suite_paper_lists_the_papers_benchmarks(tmp_path):
-    from lightning_modules.analysis.evaluation import parse_settings
+    from lightning_modules.analysis.evaluation import read_settings
     from lightning_modules.config.loading import _compose
 
     path = REPO / "configs/evaluate/suite_paper.yaml"
     missing = sorted(k for k in OmegaConf.missing_keys(_compose(path)) if "[" not in k)
-    settings = parse_settings(load_config(path, [f"{k}={tmp_path}/{k}" for k in missing]))
+    settings = read_settings(load_config(path, [f"{k}={tmp_path}/{k}" for k in missing]))
     kinds = {t.kind for t in settings.tasks}
     assert kinds == {"vlguard", "mm_safetybench", "figstep", "spa_vl_harm", "vqav2", "textvqa", "scienceqa_img",
                      "mmbench", "pope", "mme"}

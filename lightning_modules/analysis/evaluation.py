@@ -4,12 +4,14 @@ See the command module for the steps and the outputs."""
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import lightning as L
 import pandas as pd
@@ -25,8 +27,6 @@ from lightning_modules.config.loading import to_yaml
 from lightning_modules.config.trainer import check_accelerator_exists
 from lightning_modules.config.schema import SUBSETS, EvaluateSettings
 from lightning_modules.analysis.predict import generate_missing
-from lightning_modules.analysis.suite import check_tasks
-from lightning_modules.analysis.suite_models import run_models
 from models.backbone import is_built_from_config
 from metrics.classify import classify
 from core.schema import parse_section
@@ -35,16 +35,22 @@ from metrics.samples import SAMPLES, example_key, read_samples, record_key, writ
 from metrics.tables import build_table, markdown_report, paired_gap
 from metrics.vlm_judge import RELEVANT, Judge, JudgeItem, VLMJudge, get_protocol
 
-def parse_settings(cfg) -> EvaluateSettings:
+def read_settings(cfg) -> EvaluateSettings:
     """The `evaluate:` section, checked against EvaluateSettings (types, ranges and choices by the
-    schema, as for every section); what follows are the checks across fields."""
+    schema, as for every section)."""
     settings = parse_section(cfg.evaluate, EvaluateSettings, "evaluate")
     settings.gaps = settings.gaps or {}
-    if settings.tasks:
-        check_tasks(settings)
-        return settings
-    if settings.models:
-        raise UserError("evaluate.models (models side by side) needs a suite: list evaluate.tasks")
+    if cfg.model.adapter_path and cfg.model.finetune != "lora":  # else the base model would be scored
+        raise UserError(f"model.adapter_path={cfg.model.adapter_path} is only loaded with model.finetune=lora")
+    return settings
+
+
+def parse_settings(cfg) -> EvaluateSettings:
+    """The settings of an evaluation of VLGuard-format files (`evaluate.files`), with the checks
+    across fields."""
+    settings = read_settings(cfg)
+    if settings.tasks or settings.models:
+        raise UserError("evaluate.files and evaluate.tasks / evaluate.models are two modes: set one")
     if not settings.files:
         raise UserError("evaluate.files is empty: list the VLGuard-format files to evaluate (or evaluate.tasks)")
     names = [f.name for f in settings.files]
@@ -61,8 +67,6 @@ def parse_settings(cfg) -> EvaluateSettings:
             if row not in evaluated:  # checked now rather than after hours of generation
                 raise UserError(f"evaluate.gaps.{name} refers to '{row}', which is not an evaluated "
                                 f"set/subset; known: {', '.join(evaluated)}")
-    if cfg.model.adapter_path and cfg.model.finetune != "lora":  # else the base model would be scored
-        raise UserError(f"model.adapter_path={cfg.model.adapter_path} is only loaded with model.finetune=lora")
     return settings
 
 
@@ -181,18 +185,25 @@ def write_outputs(run_dir: Path, records: list[dict], kept: list[dict], table: p
     atomic_write(run_dir / "results.json", strict_json(payload, indent=1), what="results")
 
 
-def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
-    """Generate (resumably), judge and tabulate; returns the results table."""
-    settings = parse_settings(cfg)
+@contextlib.contextmanager
+def evaluation_dir(cfg) -> Iterator[Path]:
+    """The run directory of an evaluation, created and held (a second evaluate on it fails at once),
+    once the configured accelerator is known to exist."""
     check_accelerator_exists(cfg.trainer.get("accelerator"))
     run_dir = Path(cfg.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"run_dir '{run_dir}' cannot be created: {err.strerror}") from err
-    with hold_directory(run_dir):  # a second evaluate on this run_dir fails at once
-        if settings.tasks:
-            return run_models(cfg, settings, run_dir, judge)
+    with hold_directory(run_dir):
+        yield run_dir
+
+
+def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
+    """VLGuard-format files (`evaluate.files`): generate (resumably), judge and tabulate; returns the
+    results table."""
+    settings = parse_settings(cfg)
+    with evaluation_dir(cfg) as run_dir:
         return _evaluate(cfg, settings, run_dir, judge)
 
 

@@ -29,6 +29,7 @@ from core.files import atomic_write
 from datamodules.benchmarks import KIND_OPTIONS, TASK_KINDS, read_task
 from datamodules.collate import check_images
 from datamodules.examples import Example
+from lightning_modules.analysis.evaluation import check_fingerprint, evaluate, generation_fingerprint
 from lightning_modules.analysis.predict import generate_missing
 from metrics.benchmark_scores import example_scores, score_task
 from metrics.samples import SAMPLES, example_key, read_samples, record_key
@@ -120,8 +121,6 @@ def _safety_files(task, cfg, task_dir: Path) -> tuple[list[dict], dict]:
 
 
 def run_safety(task, cfg, task_dir: Path, judge) -> pd.DataFrame:
-    from lightning_modules.analysis.evaluation import evaluate
-
     files, gaps = _safety_files(task, cfg, task_dir)
     sub = OmegaConf.merge(cfg, {"run_dir": str(task_dir)})
     sub.evaluate.tasks, sub.evaluate.models = [], []
@@ -186,8 +185,6 @@ def run_utility(task, cfg, task_dir: Path, settings) -> pd.DataFrame:
 # -- one model --------------------------------------------------------------------------------------
 def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
     """Every task of the suite on cfg's model; `run_dir/results.csv` (+ .md); returns the table."""
-    from lightning_modules.analysis.evaluation import generation_fingerprint
-
     tables = []
     for i, task in enumerate(settings.tasks, 1):
         task_dir = run_dir / "tasks" / task.name
@@ -203,8 +200,6 @@ def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
             if family(task.kind) == "safety":
                 table = run_safety(task, cfg, task_dir, judge)
             else:
-                from lightning_modules.analysis.evaluation import check_fingerprint
-
                 # a tiny model's tokenizer is trained on the task's texts: its questions define the model
                 tiny = is_built_from_config(cfg.model.name_or_path)
                 check_fingerprint(task_dir, dict(stamp["generation"], **({"task": stamp["task"]} if tiny else {})))

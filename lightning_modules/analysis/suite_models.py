@@ -13,7 +13,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from core.files import atomic_write
-from lightning_modules.analysis.suite import HEADLINE, family, run_suite, suite_markdown
+from lightning_modules.analysis.evaluation import evaluation_dir, read_settings
+from lightning_modules.analysis.suite import HEADLINE, check_tasks, family, run_suite, suite_markdown
 
 
 def model_config(cfg, model):
@@ -24,6 +25,15 @@ def model_config(cfg, model):
     sub.evaluate.checkpoint = model.checkpoint
     sub.evaluate.models = []
     return sub
+
+
+def evaluate_suite(cfg, judge=None) -> pd.DataFrame:
+    """`evaluate.tasks`: the suite on model.* alone, or on every evaluate.models entry and then side
+    by side."""
+    settings = read_settings(cfg)
+    check_tasks(settings)
+    with evaluation_dir(cfg) as run_dir:
+        return run_models(cfg, settings, run_dir, judge)
 
 
 def run_models(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
