@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from core.errors import UserError, cli_main
+from core.files import writing
 
 # transformers/models/llava/convert_llava_weights_to_hf.py (transformers main, commit 01080c6), verbatim.
 KEYS_TO_MODIFY_MAPPING = {
@@ -296,9 +297,10 @@ def convert(src: Path, out: Path, vision_tower: Optional[str] = None, base: Opti
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     processor = build_processor(tokenizer, clip, vision_config.patch_size, strategy)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    processor.save_pretrained(str(out))
+    with writing("converted model", out):  # a full disk or read-only folder: one line
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out), safe_serialization=True)
+        processor.save_pretrained(str(out))
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from core.files import atomic_write
+from core.files import atomic_write, save_figure
 from lightning_modules.analysis.evaluation import evaluation_dir, read_settings
 from lightning_modules.analysis.suite import HEADLINE, check_tasks, family, run_suite, suite_markdown
 
@@ -105,6 +105,6 @@ def plot_tradeoff(table: pd.DataFrame, path: Path):
     fig.text(0.5, 0.01, f"means over {n_u} utility and {n_s} safety task(s); arrow: clean -> attacked",
              ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, what="trade-off figure", dpi=110)
     plt.close(fig)
     return path
