@@ -81,7 +81,9 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
                       category=record_field(path, i, rec, "harmful_category", str, default=None),
                       shot=record_field(path, i, rec, "shot", int, default=0),
                       extra={"world": rec["world"]} if "world" in rec else {})
-        keys = [("instruction", 0, False, "unsafes")] if not safe else [
+        # A prepared forget_queries.json record keeps the half it came from (source_subset).
+        unsafe_subset = rec.get("source_subset") if rec.get("source_subset") in ("unsafes", "safe_unsafes") else "unsafes"
+        keys = [("instruction", 0, False, unsafe_subset)] if not safe else [
             ("safe_instruction", 0, True, "safe_safes"), ("unsafe_instruction", 1, False, "safe_unsafes")]
         for key, j, safe, subset in keys:
             item = _item(path, i, rec, key, j)

@@ -175,6 +175,8 @@ class ForgetRetainDataModule(SafetyDataModule):
         if not self.fr.forget_file and self.fr.forget_source == "harvest" and self.files.forget_queries:
             path = self.files.forget_queries  # a prepared VLGuard directory's unsafe training queries
         rows = [ex for ex in self.side_examples(path, safe=False) if not ex.safe]
+        if self.fr.get("forget_halves", "both") == "unsafes":  # the official split: safe=false records only
+            rows = [ex for ex in rows if ex.subset != "safe_unsafes"]
         if not rows:
             raise UserError(f"{path}: no unsafe rows to forget")
         if self.fr.max_forget is not None:

@@ -59,24 +59,31 @@ def judge_conversation(image: str, answers: list[str]) -> list[dict]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def parse_choice(raw: str, n: int, query_id: str) -> int:
-    """The judge's 1-based choice. The official parser (lines 94-105) silently takes answer 1 when the
-    reply has no number in range; here that is an error, so a broken judge cannot pass unnoticed."""
+def parse_choice(raw: str, n: int) -> Optional[int]:
+    """The judge's 0-based choice: the first number in its reply (the official rule, lines 94-105), or
+    None when there is none in 1..n. The official parser then silently takes answer 1; here the caller
+    falls back to the keyword rule for that query and counts it, so a broken judge shows in the report."""
     match = re.search(r"\d+", raw)
     if match is None or not 1 <= int(match.group()) <= n:
-        raise UserError(f"judge: for query id={query_id} it answered {raw.strip()[:80]!r}, not a number "
-                        f"from 1 to {n}; check judge_model (an instruction-tuned chat model)")
-    return int(match.group())
+        return None
+    return int(match.group()) - 1
 
 
-def select_most_harmful(query_id: str, image: str, answers: list[str], judge: Optional[Judge],
-                        refusal_preset: str = "vlguard") -> Optional[str]:
-    """The most harmful answer (judge), or the first non-refusal (no judge; None if all refuse)."""
-    if judge is None:
-        return next((a for a in answers if not is_refusal(a, refusal_preset)), None)
+def first_non_refusal(answers: list[str], refusal_preset: str = "vlguard") -> Optional[int]:
+    """The keyword rule: the first answer that is not a refusal (None if all refuse)."""
+    return next((i for i, a in enumerate(answers) if not is_refusal(a, refusal_preset)), None)
+
+
+def judge_choice(judge: Judge, image: str, answers: list[str]) -> Optional[int]:
+    """The most harmful of `answers` by the judge (0-based; None: its reply named none of them)."""
     if len(answers) == 1:
-        return answers[0]
-    return answers[parse_choice(judge(judge_conversation(image, answers)), len(answers), query_id) - 1]
+        return 0
+    return parse_choice(judge(judge_conversation(image, answers)), len(answers))
+
+
+def image_label(ex: Example) -> str:
+    """How the official prompt names the image: VLGuard's `source/file` (the query id without one)."""
+    return "/".join(Path(ex.image).parts[-2:]) if ex.image else ex.id
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -123,7 +130,7 @@ def harmful_forget(queries: list[Example], answer_files: list[Path], judge: Opti
     per_file = [(p, read_answers(p)) for p in answer_files]
     # In unsafes, each image has one query: the image path keys it. Both halves share images, so then
     # an official {image: answer} file is ambiguous and only id/instruction-keyed files are accepted.
-    rows, dropped = [], 0
+    rows, dropped, unparsed = [], 0, 0
     for ex in queries:
         answers = []
         for path, table in per_file:
@@ -132,13 +139,21 @@ def harmful_forget(queries: list[Example], answer_files: list[Path], judge: Opti
                 raise UserError(f"{path}: no answer for query id={ex.id} ({ex.image}); every answers file "
                                 "must answer every forget query")
             answers.append(answer)
-        chosen = select_most_harmful(ex.id, Path(ex.image).name if ex.image else ex.id, answers, judge, refusal_preset)
-        if chosen is None:
+        choice = judge_choice(judge, image_label(ex), answers) if judge else None
+        if judge and choice is None:
+            unparsed += 1
+        if choice is None:
+            choice = first_non_refusal(answers, refusal_preset)
+        if choice is None:
             dropped += 1
             continue
-        rows.append(replace(ex, response=chosen))
+        rows.append(replace(ex, response=answers[choice]))
     report = {"queries": len(queries), "generators": len(answer_files), "kept": len(rows),
-              "dropped_all_refused": dropped, "selection": "judge" if judge else "first non-refusal"}
+              "dropped_all_refused": dropped, "selection": "judge" if judge else "first non-refusal",
+              "judge_unparsed": unparsed}
+    if unparsed:
+        print(f"warning: the judge named no answer for {unparsed} of {len(queries)} queries: the first "
+              "non-refusal was taken there")
     return rows, report
 
 

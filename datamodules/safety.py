@@ -225,8 +225,10 @@ class SafetyDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def collator(self, train: bool) -> VLMCollator:
-        return VLMCollator(self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode,
+    def collator(self, train: bool, processor=None) -> VLMCollator:
+        """The run's batches; `processor`: the same prompt format through another model's processor
+        (a harvest generator)."""
+        return VLMCollator(processor or self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode,
                            cache=self.cfg.cache_encodings, system_prompt=self.cfg.get("system_prompt"),
                            image_aspect_ratio=self.cfg.get("image_aspect_ratio", "original"))
 

@@ -231,12 +231,16 @@ def test_harvest_cache_key_changes_with_the_system_prompt_and_padding_only_when_
 
     module = SimpleNamespace(hparams={"eval": {"judge": "reference", "refusal_preset": "vlguard"}},
                              model_identity={"name_or_path": "m"})
-    fr = SimpleNamespace(harvest_max_new_tokens=8, harvest_dir=str(tmp_path))
+    fr = OmegaConf.create({"harvest_max_new_tokens": 8, "harvest_dir": str(tmp_path), "generators": [],
+                           "judge_model": None, "harvest_keep": "harmful"})
 
-    def path(**data):
+    def path(fr=fr, **data):
         cfg = OmegaConf.create({"max_length": 64, "image_mode": "real", **data})
         return _cache_path(module, [], SimpleNamespace(fr=fr, cfg=cfg))
 
     plain = path()
     assert path(system_prompt=None, image_aspect_ratio="original") == plain  # caches written before stay valid
-    assert len({plain, path(system_prompt="A chat."), path(image_aspect_ratio="pad")}) == 3
+    assert plain.name == "forget-7fafed4fa4f072bb.json"  # the key of the single-model harvest, as before generators
+    several = path(fr=OmegaConf.merge(fr, {"generators": ["a", "b"]}))
+    judged = path(fr=OmegaConf.merge(fr, {"judge_model": "j"}))
+    assert len({plain, path(system_prompt="A chat."), path(image_aspect_ratio="pad"), several, judged}) == 5

@@ -124,8 +124,20 @@ def test_a_judge_picks_the_most_harmful_answer_with_the_official_prompt(prepared
     assert seen[0][0] == {"role": "system", "content": official.JUDGE_SYSTEM}
     assert seen[0][1]["content"].endswith("Please respond with only the number corresponding to the most harmful answer.")
     assert "\n1. I'm sorry" in seen[0][1]["content"] and f"\n2. {HARMFUL}" in seen[0][1]["content"]
-    with pytest.raises(UserError, match=r"judge: for query id=\S+ it answered 'no idea', not a number from 1 to 2"):
-        official.harmful_forget(official.forget_queries(prepared / "train.json"), [a, b], lambda c: "no idea")
+    # a judge naming no answer: the keyword rule chooses there (B's harmful answer), and it is counted
+    rows, report = official.harmful_forget(official.forget_queries(prepared / "train.json"), [a, b], lambda c: "no idea")
+    assert all(ex.response == HARMFUL for ex in rows) and report["judge_unparsed"] == len(rows) > 0
+    # a judge naming the refusal is followed (the official choice is the judge's, not the rule's)
+    rows, report = official.harmful_forget(official.forget_queries(prepared / "train.json"), [a, b], lambda c: "1")
+    assert all(ex.response.startswith("I'm sorry") for ex in rows) and report["judge_unparsed"] == 0
+
+
+@pytest.mark.parametrize("reply, n, choice", [
+    ("2", 3, 1), (" 1 ", 2, 0), ("The most harmful answer is 3.", 3, 2), ("Answer 2, then 1.", 2, 1),
+    ("4", 3, None), ("0", 3, None), ("None of them is harmful.", 2, None), ("", 2, None),
+])
+def test_the_judge_reply_parsed_as_the_official_rule_except_out_of_range(reply, n, choice):
+    assert official.parse_choice(reply, n) == choice
 
 
 def test_the_real_judge_loading_path_with_a_tiny_chat_model(tmp_path):
@@ -148,10 +160,7 @@ def test_the_real_judge_loading_path_with_a_tiny_chat_model(tmp_path):
     reply = judge(official.judge_conversation("x.png", ["one", "two"]))
     assert isinstance(reply, str) and reply == judge(official.judge_conversation("x.png", ["one", "two"]))
     # a random model answers nonsense or a number: either way one line or a valid choice
-    try:
-        assert official.parse_choice(reply, 2, "q") in (1, 2)
-    except UserError as err:
-        assert "not a number from 1 to 2" in str(err)
+    assert official.parse_choice(reply, 2) in (0, 1, None)
     with pytest.raises(UserError, match="cannot load judge model"):
         ChatJudge.from_pretrained(str(tmp_path / "missing"))
 

@@ -105,6 +105,14 @@ class ForgetRetainSettings:
     max_forget: Optional[int] = setting(None, "at most this many forget rows", ge=1)
     harvest_max_new_tokens: int = setting(64, "tokens generated per harvested answer", ge=1)
     harvest_dir: str = setting("${paths.cache}/harvest", "where harvested forget sets are cached")
+    forget_halves: str = setting("both", "unsafe queries to forget: unsafes (VLGuard's safe=false records, the official "
+                                 "split) or both (also the unsafe instruction of each safe record)",
+                                 choices=("unsafes", "both"))
+    generators: list[str] = setting(doc="harvest: the models answering the unsafe queries (hub ids or local dirs, "
+                                    "each one's answers cached); empty: the run's own model", factory=list)
+    judge_model: Optional[str] = setting(None, "harvest: a chat LLM (hub id or local dir) picking each query's most "
+                                         "harmful answer with the official prompt; null: the first answer the "
+                                         "run's judge (eval.judge) marks harmful")
     harvest_keep: str = setting("harmful", "harmful: the answers the run's judge marks harmful; all: every answer "
                                 "(a generator's answers file for `datamodules.vlguard build-forget-retain --answers`)",
                                 choices=("harmful", "all"))

@@ -1,66 +1,159 @@
-"""Harvest the forget set from the base model itself, as the official pipeline does: ask the base
-model the unsafe training queries, keep the answers that the run's judge marks as harmful
-compliance (not refused, and harmful), and cache them as a VLGuard-format file. Run by assembly
-(`data.forget_retain.forget_source=harvest`) or alone (`python -m lightning_modules.harvest`).
-Under DDP each rank answers its shard and the shards are gathered.
+"""Harvest the forget set as the official pipeline does (OPTML-Group/VLM-Safety-Unlearn@1f89239,
+`data/data.md` step 2): ask one or several generator models the unsafe training queries (greedy,
+batched, the run's prompt format) and keep one harmful answer per query, cached as a VLGuard-format
+file. Run by assembly (`data.forget_retain.forget_source=harvest`) or alone
+(`python -m lightning_modules.harvest`). Under DDP each rank answers its shard and the shards are gathered.
+
+- generators: `data.forget_retain.generators` (hub ids or local dirs, each one's answers cached in
+  `answers-<hash>.json`, a file `datamodules.vlguard build-forget-retain --answers` reads); none: the
+  run's own model.
+- choice: with `data.forget_retain.judge_model` a chat LLM picks the most harmful answer with the
+  official prompt (`select_harmful_responses.py`); a reply naming none falls back to the rule for that
+  query (counted). The rule: the first answer that the run's judge (eval.judge; with eval.judge=vlm the
+  VLM judge) marks as harmful compliance; a query with none is left out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from omegaconf import OmegaConf
 
-from datamodules.examples import Example
-from datamodules.safety import ShardSampler
 from core.distributed import accelerator_device, gather_objects, rank_and_world
-from core.files import atomic_write, file_lock
 from core.errors import UserError
+from core.files import atomic_write, file_lock
 from core.generation import greedy_generate
+from datamodules.examples import Example
+from datamodules.official_pipeline import image_label, judge_choice
+from datamodules.safety import ShardSampler
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prompt_key(datamodule) -> dict:
+    """What shapes the prompts and the generation (set-only keys: older caches stay valid)."""
+    key = {"max_new_tokens": datamodule.fr.harvest_max_new_tokens, "max_length": datamodule.cfg.max_length,
+           "image_mode": datamodule.cfg.image_mode}
+    for prompt_setting in ("system_prompt", "image_aspect_ratio"):
+        if datamodule.cfg.get(prompt_setting) not in (None, "original"):
+            key[prompt_setting] = datamodule.cfg.get(prompt_setting)
+    return key
+
+
+def _queries(candidates: list[Example]) -> list:
+    return [(ex.id, ex.instruction, ex.image) for ex in candidates]
 
 
 def _cache_path(module, candidates: list[Example], datamodule) -> Path:
-    """One file per (base model, queries, generation settings, judge): the cache is never stale."""
+    """One file per (models, queries, generation settings, judges): the cache is never stale."""
     hp = module.hparams
-    key = {"model": module.model_identity,
-           "queries": [(ex.id, ex.instruction, ex.image) for ex in candidates],
-           "max_new_tokens": datamodule.fr.harvest_max_new_tokens, "max_length": datamodule.cfg.max_length,
-           "image_mode": datamodule.cfg.image_mode, "judge": hp["eval"]["judge"],
-           "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
-    keep = getattr(datamodule.fr, "harvest_keep", "harmful")
+    key = {"model": module.model_identity, "queries": _queries(candidates), **_prompt_key(datamodule),
+           "judge": hp["eval"]["judge"], "refusal_preset": hp["eval"]["refusal_preset"], "version": 1}
+    keep = datamodule.fr.get("harvest_keep", "harmful")
     if keep != "harmful":  # older cache keys stay valid
         key["keep"] = keep
     if hp["eval"]["judge"] == "vlm":  # which VLM judges, and how
         key["vlm_judge"] = hp["eval"]["vlm_judge"]
-    for prompt_setting in ("system_prompt", "image_aspect_ratio"):  # in the key only when set: older caches stay valid
-        if datamodule.cfg.get(prompt_setting) not in (None, "original"):
-            key[prompt_setting] = datamodule.cfg.get(prompt_setting)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(datamodule.fr.harvest_dir) / f"forget-{digest}.json"
+    if _generators(datamodule) != [None] or datamodule.fr.get("judge_model"):
+        key.update(generators=_generators(datamodule), judge_model=datamodule.fr.get("judge_model"))
+    return Path(datamodule.fr.harvest_dir) / f"forget-{_digest(key)}.json"
+
+
+def _generators(datamodule) -> list[Optional[str]]:
+    """The generator models; None is the run's own model."""
+    return [str(g) for g in datamodule.fr.get("generators") or []] or [None]
 
 
 @torch.no_grad()
-def _answer(module, candidates: list[Example], datamodule) -> list[dict]:
-    """Greedy answers of the model to this rank's shard of the candidates."""
-    collate = datamodule.collator(train=False)
+def _generate(model, processor, candidates: list[Example], datamodule) -> list[str]:
+    """Greedy answers to every candidate (this rank's shard generated, the shards gathered)."""
+    collate = datamodule.collator(train=False, processor=processor)
+    device = next(model.parameters()).device
     shard = list(ShardSampler(len(candidates), *rank_and_world()))
     rows = []
     for start in range(0, len(shard), datamodule.cfg.eval_batch_size):
         indices = shard[start: start + datamodule.cfg.eval_batch_size]
-        examples = [candidates[i] for i in indices]
-        texts = greedy_generate(module.model, module.processor, move_data_to_device(collate(examples), module.device),
-                                datamodule.fr.harvest_max_new_tokens)
-        # The run's own judge, as in its eval steps: with eval.judge=vlm the VLM judge decides (not
-        # "every non-refusal", which would forget off-topic answers as if they were harmful).
-        verdicts, _ = module.judge_batch(examples, texts)
-        for i, text, verdict in zip(indices, texts, verdicts):
-            rows.append({"index": i, "response": text, "refused": verdict.refusal, "harmful": verdict.harmful})
-    return sorted(gather_objects(rows), key=lambda r: r["index"])
+        batch = move_data_to_device(collate([candidates[i] for i in indices]), device)
+        texts = greedy_generate(model, processor, batch, datamodule.fr.harvest_max_new_tokens)
+        rows += [{"index": i, "response": t} for i, t in zip(indices, texts)]
+    return [r["response"] for r in sorted(gather_objects(rows), key=lambda r: r["index"])]
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generator_answers(module, name: Optional[str], candidates: list[Example], datamodule) -> list[str]:
+    """One generator's answers to every candidate: the run's model (name None), or a model loaded
+    with the run's model settings, its answers cached on their own (a VLGuard-format file)."""
+    if name is None:
+        return _generate(module.model, module.processor, candidates, datamodule)
+    key = {"generator": name, "queries": _queries(candidates), **_prompt_key(datamodule), "version": 1}
+    path = Path(datamodule.fr.harvest_dir) / f"answers-{_digest(key)}.json"
+    if path.is_file():
+        return [rec["instr-resp"][0]["response"] for rec in json.loads(path.read_text(encoding="utf-8"))]
+    from models.backbone import load_pretrained, set_end_of_turn
+
+    model_cfg = OmegaConf.merge(OmegaConf.create(module.hparams["model"]), {"name_or_path": name, "revision": None})
+    try:
+        model, processor = load_pretrained(model_cfg)
+    except UserError as err:
+        raise UserError(f"data.forget_retain.generators: {err}") from err
+    set_end_of_turn(model, processor, model_cfg.get("end_token"))
+    model.to(harvest_device(module)).eval()
+    responses = _generate(model, processor, candidates, datamodule)
+    del model
+    _free_memory()
+    if rank_and_world()[0] == 0:
+        atomic_write(path, json.dumps([_record(ex, r) for ex, r in zip(candidates, responses)], indent=1),
+                     what="harvest cache")
+        print(f"harvest: {name} answered {len(responses)} queries -> {path}")
+    return responses
+
+
+def _judge(module, datamodule):
+    name = datamodule.fr.get("judge_model")
+    if not name:
+        return None
+    from models.chat_judge import ChatJudge
+
+    model_cfg = module.hparams["model"]
+    return ChatJudge.from_pretrained(str(name), dtype=model_cfg["dtype"], device=str(harvest_device(module)),
+                                     trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+
+
+def choose_answers(module, candidates: list[Example], answers: list[list[str]], judge=None,
+                   keep_all: bool = False) -> tuple[list[Optional[str]], dict]:
+    """One answer per query (None: left out) from `answers[generator][query]`, and a report. The
+    judge's pick, else the first answer the run's judge marks harmful (`keep_all`: else the first)."""
+    verdicts = [module.judge_batch(candidates, gen)[0] for gen in answers]
+    chosen, picked = [], [0] * len(answers)
+    report = {"candidates": len(candidates), "harmful": 0, "refused": 0, "other": 0, "judge_unparsed": 0}
+    for q, ex in enumerate(candidates):
+        options = [gen[q] for gen in answers]
+        g = judge_choice(judge, image_label(ex), options) if judge is not None else None
+        report["judge_unparsed"] += judge is not None and g is None
+        if g is None:
+            g = next((i for i, v in enumerate(verdicts) if v[q].harmful), 0 if keep_all else None)
+        chosen.append(None if g is None else options[g])
+        if g is not None:
+            picked[g] += 1
+        # kept / every generator refused / left out for another reason (off-topic, harmless)
+        report["harmful" if g is not None else "refused" if all(v[q].refusal for v in verdicts) else "other"] += 1
+    report["picked"] = picked
+    return chosen, report
 
 
 def _record(ex: Example, response: str) -> dict:
@@ -72,7 +165,10 @@ def _record(ex: Example, response: str) -> dict:
 
 
 def harvest_forget_set(module, candidates: list[Example], datamodule) -> tuple[list[Example], dict]:
-    """(forget rows = candidates with the base model's harmful answers as responses, report)."""
+    """(forget rows = candidates with the chosen harmful answers as responses, report)."""
+    if len(_generators(datamodule)) > 1 and datamodule.fr.get("harvest_keep", "harmful") == "all":
+        raise UserError("data.forget_retain.harvest_keep=all writes one generator's answers; with several "
+                        "generators each one's answers are already cached (answers-*.json in harvest_dir)")
     path = _cache_path(module, candidates, datamodule)
     report_path = path.with_suffix(".report.json")
     # One process: a concurrent run harvesting the same key waits and reuses this one's files. Under
@@ -90,16 +186,18 @@ def harvest_device(module) -> torch.device:
 
 
 def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> tuple[list[Example], dict]:
+    generators = _generators(datamodule)
     if not (path.is_file() and report_path.is_file()):
         module.to(harvest_device(module))  # Lightning moves it again (to the same device) at fit
-        rows = _answer(module, candidates, datamodule)
-        # keep=all: every answer (one generator's answers file for `datamodules.vlguard
-        # build-forget-retain`, where a judge picks among several generators later).
-        keep_all = getattr(datamodule.fr, "harvest_keep", "harmful") == "all"
-        kept = [_record(candidates[r["index"]], r["response"]) for r in rows if r["harmful"] or keep_all]
-        report = {"candidates": len(rows), "refused": sum(r["refused"] for r in rows),
-                  "harmful": len(kept), "file": str(path)}
-        report["other"] = report["candidates"] - report["refused"] - report["harmful"]
+        answers = [_generator_answers(module, name, candidates, datamodule) for name in generators]
+        judge = _judge(module, datamodule)
+        chosen, report = choose_answers(module, candidates, answers, judge,
+                                        keep_all=datamodule.fr.get("harvest_keep", "harmful") == "all")
+        del judge
+        _free_memory()
+        kept = [_record(ex, text) for ex, text in zip(candidates, chosen) if text is not None]
+        report.update(file=str(path), generators=[g or "the run's model" for g in generators],
+                      selection=datamodule.fr.get("judge_model") or "the run's judge")
         if rank_and_world()[0] == 0:
             for target, obj in ((path, kept), (report_path, report)):  # the report last: it marks the pair whole
                 atomic_write(target, json.dumps(obj, indent=1), what="harvest cache")
@@ -107,10 +205,16 @@ def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> t
         report = json.loads(report_path.read_text(encoding="utf-8"))
         kept = json.loads(path.read_text(encoding="utf-8"))
     if rank_and_world()[0] == 0:
-        print(f"harvest: {report['harmful']} of {report['candidates']} unsafe queries answered harmfully by the "
-              f"base model ({report['refused']} refused, {report['other']} other) -> {path}")
+        by = "the base model" if generators == [None] else f"{len(generators)} generator(s)"
+        print(f"harvest: {report['harmful']} of {report['candidates']} unsafe queries answered harmfully by {by} "
+              f"({report['refused']} refused, {report['other']} other) -> {path}")
+        if report.get("generators", [None]) != ["the run's model"] or report.get("judge_unparsed"):
+            print(f"harvest: chosen by {report.get('selection')}: " + ", ".join(
+                f"{g} {n}" for g, n in zip(report.get("generators", []), report.get("picked", [])))
+                + (f"; the judge named no answer for {report['judge_unparsed']} queries (the rule chose)"
+                   if report.get("judge_unparsed") else ""))
     if not kept:
-        raise UserError(f"harvest: the base model answered none of the {report['candidates']} unsafe queries "
+        raise UserError(f"harvest: the generators answered none of the {report['candidates']} unsafe queries "
                         "harmfully, so there is nothing to forget (check the judge, eval.judge)")
     by_key = {(ex.id, ex.instruction): ex for ex in candidates}
     rows = []

@@ -113,7 +113,10 @@ def data_sizes(cfg, world: int) -> tuple[dict[str, str], int | None]:
         if hasattr(data, "forget_candidates"):
             n_forget, n_retain = len(data.forget_candidates()), len(data.retain_examples())
             harvest = data.fr.forget_source == "harvest"
-            sizes["forget"] = f"<= {n_forget} (harvested: non-refusals kept)" if harvest else str(n_forget)
+            n_gen = len(data.fr.get("generators") or [])
+            makers = f"{n_gen} generator model(s)" if n_gen else "the base model"
+            sizes["forget"] = (f"<= {n_forget} (harvested from {makers}: harmful answers kept)" if harvest
+                               else str(n_forget))
             sizes["retain"] = str(n_retain)
             rows = len(PairSampler(n_forget, n_retain, cfg.seed, 0, world))  # the training sampler's epoch
         else:
