@@ -224,6 +224,8 @@ class ForgetRetainDataModule(SafetyDataModule):
         forget, retain = self.forget_examples(harvest), self.retain_examples()
         if self.fr.cue_balance == "match":
             forget = match_cues(forget, retain, self.seed)
+        if self.fr.get("merge_answer_into_query", False):  # data/format_rmu_forget.py lines 19-37
+            forget = [replace(ex, instruction=f"{ex.instruction}\n{ex.response}") for ex in forget]
         seen: set[str] = set()
         for ex in forget:
             if example_key(ex) in seen:

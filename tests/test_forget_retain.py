@@ -244,3 +244,13 @@ def test_harvest_cache_key_changes_with_the_system_prompt_and_padding_only_when_
     several = path(fr=OmegaConf.merge(fr, {"generators": ["a", "b"]}))
     judged = path(fr=OmegaConf.merge(fr, {"judge_model": "j"}))
     assert len({plain, path(system_prompt="A chat."), path(image_aspect_ratio="pad"), several, judged}) == 5
+
+
+def test_merged_forget_input_asks_question_and_answer_as_the_official_rmu_file(world):
+    """data/format_rmu_forget.py: the answer appended to the question after a newline, kept as the reply."""
+    plain, merged = datamodule(world), datamodule(world, "data.forget_retain.merge_answer_into_query=true")
+    plain.setup("fit")
+    merged.setup("fit")
+    assert [(ex.instruction, ex.response) for ex in merged.forget] == [
+        (f"{ex.instruction}\n{ex.response}", ex.response) for ex in plain.forget]
+    assert [ex.instruction for ex in merged.retain] == [ex.instruction for ex in plain.retain]

@@ -113,6 +113,9 @@ class ForgetRetainSettings:
     judge_model: Optional[str] = setting(None, "harvest: a chat LLM (hub id or local dir) picking each query's most "
                                          "harmful answer with the official prompt; null: the first answer the "
                                          "run's judge (eval.judge) marks harmful")
+    merge_answer_into_query: bool = setting(False, "forget rows ask question + newline + answer in the user turn, the "
+                                            "answer kept as the reply: the official RMU forget input "
+                                            "(format_rmu_forget.py; its train_forget_qa_full.json is merged already)")
     harvest_keep: str = setting("harmful", "harmful: the answers the run's judge marks harmful; all: every answer "
                                 "(a generator's answers file for `datamodules.vlguard build-forget-retain --answers`)",
                                 choices=("harmful", "all"))
