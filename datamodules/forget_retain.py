@@ -225,7 +225,9 @@ class ForgetRetainDataModule(SafetyDataModule):
         if self.fr.cue_balance == "match":
             forget = match_cues(forget, retain, self.seed)
         if self.fr.get("merge_answer_into_query", False):  # data/format_rmu_forget.py lines 19-37
-            forget = [replace(ex, instruction=f"{ex.instruction}\n{ex.response}") for ex in forget]
+            # Idempotent: rows of an already merged file (the official train_forget_qa_full.json) stay as they are.
+            forget = [ex if ex.instruction.endswith(f"\n{ex.response}") else
+                      replace(ex, instruction=f"{ex.instruction}\n{ex.response}") for ex in forget]
         seen: set[str] = set()
         for ex in forget:
             if example_key(ex) in seen:

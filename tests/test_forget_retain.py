@@ -254,3 +254,9 @@ def test_merged_forget_input_asks_question_and_answer_as_the_official_rmu_file(w
     assert [(ex.instruction, ex.response) for ex in merged.forget] == [
         (f"{ex.instruction}\n{ex.response}", ex.response) for ex in plain.forget]
     assert [ex.instruction for ex in merged.retain] == [ex.instruction for ex in plain.retain]
+    again = merged.forget_examples()
+    assert [ex.instruction for ex in again] == [ex.instruction for ex in plain.forget_examples()]
+    twice = datamodule(world, "data.forget_retain.merge_answer_into_query=true")
+    twice.forget_examples = lambda harvest=None: merged.forget  # an already merged forget file
+    twice.setup("fit")
+    assert [ex.instruction for ex in twice.forget] == [ex.instruction for ex in merged.forget]

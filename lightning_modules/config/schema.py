@@ -115,7 +115,7 @@ class ForgetRetainSettings:
                                          "run's judge (eval.judge) marks harmful")
     merge_answer_into_query: bool = setting(False, "forget rows ask question + newline + answer in the user turn, the "
                                             "answer kept as the reply: the official RMU forget input "
-                                            "(format_rmu_forget.py; its train_forget_qa_full.json is merged already)")
+                                            "(format_rmu_forget.py); rows already merged (its train_forget_qa_full.json) are left as they are")
     harvest_keep: str = setting("harmful", "harmful: the answers the run's judge marks harmful; all: every answer "
                                 "(a generator's answers file for `datamodules.vlguard build-forget-retain --answers`)",
                                 choices=("harmful", "all"))
