@@ -92,3 +92,17 @@ def test_every_fit_prints_the_same_plan_as_its_first_lines(monkeypatch, capsys, 
     with pytest.raises(RuntimeError, match="stopped after the plan"):
         training.run(cfg)
     assert capsys.readouterr().out == run_plan(cfg) + "\n"
+
+
+def test_plan_steps_follow_the_epoch_definition(small_overrides):
+    """epoch_over=retain (the official trainer): an epoch is one pass over the retain set."""
+    import re
+
+    steps = {}
+    for epoch_over in ("longer", "retain"):
+        cfg = load_config("configs/experiment/mirage_npo.yaml", [*small_overrides, "data.batch_size=4",
+                                                                 f"data.forget_retain.epoch_over={epoch_over}"])
+        plan = run_plan(cfg)
+        forget, retain = (int(re.search(rf"data: {side}: (\d+)", plan).group(1)) for side in ("forget", "retain"))
+        steps[epoch_over] = int(re.search(r"steps: (\d+) per epoch", plan).group(1))
+    assert steps == {"longer": -(-max(forget, retain) // 4), "retain": -(-retain // 4)} and forget != retain

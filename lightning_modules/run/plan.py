@@ -118,7 +118,8 @@ def data_sizes(cfg, world: int) -> tuple[dict[str, str], int | None]:
             sizes["forget"] = (f"<= {n_forget} (harvested from {makers}: harmful answers kept)" if harvest
                                else str(n_forget))
             sizes["retain"] = str(n_retain)
-            rows = len(PairSampler(n_forget, n_retain, cfg.seed, 0, world))  # the training sampler's epoch
+            # the training sampler's epoch (over the longer set, or the retain set as the official trainer)
+            rows = len(PairSampler(n_forget, n_retain, cfg.seed, 0, world, data.fr.get("epoch_over", "longer")))
         else:
             n_train = len(data.train_dataset())
             sizes["train"] = str(n_train)
