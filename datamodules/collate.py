@@ -1,4 +1,4 @@
-"""Examples -> model batches through the processor: chat template, response-only labels, left padding."""
+"""Examples -> model batches through the processor: chat template, labels on the answers only, left padding."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 from PIL import Image
 from transformers import BatchFeature
 
+from datamodules.conversation import chat_messages, labelled_conversation
 from datamodules.examples import Example
 from core.errors import UserError
 from core.parquet_images import check_ref, parse_ref
@@ -64,20 +65,10 @@ def check_images(examples, image_mode: str = "real") -> None:
             read_image(ex.image, ex.id, header_only=True)
 
 
-def _messages(instruction: str, response: Optional[str], with_image: bool,
-              system_prompt: Optional[str] = None) -> list[dict]:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": instruction}]
-    msgs = [{"role": "user", "content": content}]
-    if system_prompt:  # e.g. LLaVA-1.5's "A chat between a curious human ..." (its original eval format)
-        msgs.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    if response is not None:
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-    return msgs
-
-
 class VLMCollator:
-    """Builds left-padded batches. Training batches carry `labels` masked to the response tokens;
-    eval batches carry the prompt only and the examples themselves under `examples`.
+    """Builds left-padded batches. Training batches carry the whole conversation (a multi-turn
+    example's follow-ups too) with `labels` masked to the answers' tokens (`labelled_conversation`);
+    eval batches carry the first question's prompt only and the examples themselves under `examples`.
 
     With `cache=True` each example is encoded once (template, tokenizer, image processor) and its
     tensors are kept: later batches only pad and stack them. The batches are identical to the
@@ -112,27 +103,13 @@ class VLMCollator:
         except TemplateError as err:  # e.g. a system prompt for a template without a system role
             raise UserError(f"record id={ex.id}: the model's chat template refuses the conversation: {err}") from err
 
-    def _training_text(self, prompt: str, full: str, ex: Example) -> str:
-        """The prompt, the response as the template places it, and one end-of-turn token.
-
-        Templates close a turn in their own way (LLaVA-1.5: a space and no EOS; LLaVA-NeXT-Mistral: the
-        literal text `<\\s> `; Qwen2-VL: `<|im_end|>` and a newline); whatever follows the response is
-        dropped and the tokenizer's EOS (the model's end-of-turn token) appended, so the labels are the
-        response plus exactly one stop token and generation learns to stop where it is told to."""
-        rest = full[len(prompt):] if full.startswith(prompt) else None
-        for response in (ex.response, ex.response.strip()):
-            at = -1 if rest is None else rest.find(response)
-            if at >= 0 and not rest[:at].strip():
-                return prompt + rest[:at + len(response)] + self.processor.tokenizer.eos_token
-        raise UserError(f"record id={ex.id}: the chat template does not render the generation prompt followed "
-                        "by the response verbatim, so the response cannot be labelled")
-
     def __call__(self, examples: list[Example]) -> dict:
         if self.cache is None:
             return self._encode_batch(examples)
         rows = []
         for ex in examples:
-            key = (ex.id, ex.instruction, ex.response if self.train else None, ex.image)
+            key = (ex.id, ex.instruction, ex.response if self.train else None,
+                   ex.follow_ups if self.train else (), ex.image)
             if key not in self.cache:
                 row = self._encode_batch([ex])
                 row.pop("examples", None)
@@ -168,33 +145,45 @@ class VLMCollator:
         if self.pad_square:
             mean = getattr(getattr(self.processor, "image_processor", None), "image_mean", None)
             images = [pad_to_square(img, mean) if img is not None else None for img in images]
-        prompts = [self._render(_messages(ex.instruction, None, img is not None, self.system_prompt), ex,
-                                add_generation_prompt=True)
-                   for ex, img in zip(examples, images)]
         if not self.train:
+            prompts = [self._render(chat_messages([(ex.instruction, None)], img is not None, self.system_prompt),
+                                    ex, add_generation_prompt=True) for ex, img in zip(examples, images)]
             batch = self._encode(prompts, images)
             self._check_length(batch, examples)
             batch["examples"] = examples
             return batch
-        fulls = [self._training_text(prompt, self._render(
-                     _messages(ex.instruction, ex.response, img is not None, self.system_prompt), ex), ex)
-                 for ex, img, prompt in zip(examples, images, prompts)]
-        batch = self._encode(fulls, images)
+        eos = self.processor.tokenizer.eos_token
+        conversations = [labelled_conversation(lambda msgs, gen, ex=ex: self._render(msgs, ex, gen), ex,
+                                               img is not None, self.system_prompt, eos)
+                         for ex, img in zip(examples, images)]
+        batch = self._encode([text for text, _ in conversations], images)
         self._check_length(batch, examples)
-        prompt_batch = self._encode(prompts, images)
-        prompt_lens = prompt_batch["attention_mask"].sum(1)
-        pad_lens = (1 - batch["attention_mask"]).sum(1)
-        for i, ex in enumerate(examples):  # the prompt must tokenize the same alone and with its response
-            n, pad = int(prompt_lens[i]), int(pad_lens[i])
-            prompt_ids = prompt_batch["input_ids"][i, prompt_batch["input_ids"].shape[1] - n:]
-            if not torch.equal(batch["input_ids"][i, pad:pad + n], prompt_ids):
-                raise UserError(f"record id={ex.id}: the tokenizer merges the end of the prompt with the response, "
-                                "so the prompt/response boundary is not a token boundary")
-        labels = batch["input_ids"].clone()
-        positions = torch.arange(labels.shape[1]).unsqueeze(0)
-        labels[positions < (pad_lens + prompt_lens).unsqueeze(1)] = IGNORE_INDEX
-        batch["labels"] = labels
+        batch["labels"] = self._labels(batch, conversations, images, examples)
         return batch
+
+    def _labels(self, batch: dict, conversations: list[tuple[str, list]], images: list, examples) -> torch.Tensor:
+        """The input ids on the answers' spans, IGNORE_INDEX elsewhere. Each span bound is a text prefix,
+        encoded with its row's image (the first: the prompt): its token count is the bound's position,
+        and its tokens must be the row's first tokens (a bound that is not a token boundary is refused)."""
+        cuts = [(i, at) for i, (text, spans) in enumerate(conversations) for span in spans for at in span
+                if at < len(text)]  # the end of the text is the end of the row
+        prefixes = self._encode([conversations[i][0][:at] for i, at in cuts], [images[i] for i, _ in cuts])
+        pad_lens = (1 - batch["attention_mask"]).sum(1)
+        width = batch["input_ids"].shape[1]
+        position = {(i, len(text)): width for i, (text, _) in enumerate(conversations)}
+        for c, (i, at) in enumerate(cuts):
+            n, pad = int(prefixes["attention_mask"][c].sum()), int(pad_lens[i])
+            if not torch.equal(batch["input_ids"][i, pad:pad + n],
+                               prefixes["input_ids"][c, prefixes["input_ids"].shape[1] - n:]):
+                raise UserError(f"record id={examples[i].id}: the tokenizer merges the text on either side of where an "
+                                "answer starts or ends, so the prompt/response boundary is not a token boundary")
+            position[(i, at)] = pad + n
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for i, (_, spans) in enumerate(conversations):
+            for start, end in spans:
+                a, b = position[(i, start)], position[(i, end)]
+                labels[i, a:b] = batch["input_ids"][i, a:b]
+        return labels
 
     def _check_length(self, batch: dict, examples: list[Example]) -> None:
         lengths = batch["attention_mask"].sum(1)

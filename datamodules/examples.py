@@ -45,6 +45,10 @@ class Example:
     category: Optional[str] = None
     shot: int = 0
     extra: dict = field(default_factory=dict)
+    # The (question, answer) exchanges after the first of a multi-turn conversation (LLaVA files).
+    # Training renders them after instruction/response and labels every answer; evaluation,
+    # generation, judges and rewrites see the first exchange (instruction, response) only.
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 def load_json_list(path: str | Path) -> list[dict]:

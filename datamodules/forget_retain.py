@@ -179,6 +179,12 @@ class ForgetRetainDataModule(SafetyDataModule):
             rows = [ex for ex in rows if ex.subset != "safe_unsafes"]
         if not rows:
             raise UserError(f"{path}: no unsafe rows to forget")
+        # A forget row is one query and one answer (the harvest answers, the cue rewrite and the RMU
+        # merge work on it): a multi-turn LLaVA row keeps its first exchange, and says so.
+        multi_turn = sum(bool(ex.follow_ups) for ex in rows)
+        if multi_turn:
+            print(f"forget set: {multi_turn} multi-turn row(s) of {path} keep their first exchange only")
+            rows = [replace(ex, follow_ups=()) for ex in rows]
         if self.fr.max_forget is not None:
             rows = rows[: int(self.fr.max_forget)]
         return rows

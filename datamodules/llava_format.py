@@ -5,11 +5,16 @@ A LLaVA record (the format of LLaVA-665K and of the Safety Mirage release's `tra
 `{"id", "image" (optional: text-only rows have none), "conversations": [{"from": "human", "value":
 "<image>question"}, {"from": "gpt", "value": "answer"}, ...]}`.
 
-Reading gives one `Example` per record: its first human -> gpt exchange (the one the image belongs to
-in LLaVA data; the later turns of a multi-turn row are follow-ups that an `Example`, one question and
-one answer, cannot hold -- they are dropped and counted). The `<image>` placeholder is removed: the
-collator inserts the image the processor's way. LLaVA files have no safety label, so the caller says
-which side the rows are (`safe`), unless a record carries its own `safe` (files this module writes do).
+Reading gives one `Example` per record: its first human -> gpt exchange as instruction / response
+(the one the image belongs to in LLaVA data, and all that evaluation and generation use), the later
+exchanges as `follow_ups`, which training renders after it and labels as the official trainer does
+(the whole conversation one sequence, every gpt turn supervised: `preprocess_v1`,
+VLM-Safety-Unlearn@1f89239 llava/train/train_unlearn_full.py lines 429-512, applied to the retain and
+forget files alike, lines 739-742 and 794-799). Leading gpt turns are skipped, as `preprocess_v1` skips
+one (lines 440-442), and a last human turn with no answer is dropped (there is nothing to supervise). The `<image>`
+placeholder is removed from every turn: the collator puts the image in the first user turn the
+processor's way. LLaVA files have no safety label, so the caller says which side the rows are
+(`safe`), unless a record carries its own `safe` (files this module writes do).
 """
 
 from __future__ import annotations
@@ -41,14 +46,25 @@ def _turns(path: Path, i: int, rec: dict) -> list[dict]:
     return turns
 
 
-def first_exchange(path: Path, i: int, rec: dict) -> tuple[str, str, int]:
-    """(question without `<image>`, answer, number of turns dropped) of a LLaVA record."""
+def exchanges(path: Path, i: int, rec: dict) -> list[tuple[str, str]]:
+    """The (question without `<image>`, answer) exchanges of a LLaVA record, in order."""
     turns = _turns(path, i, rec)
-    q = next((k for k, t in enumerate(turns) if t["from"] == "human"), None)
-    if q is None or q + 1 >= len(turns) or turns[q + 1]["from"] != "gpt":
+    first = next((k for k, t in enumerate(turns) if t["from"] == "human"), len(turns))
+    last = len(turns) - (len(turns) > first and turns[-1]["from"] == "human")  # an unanswered question: out
+    turns = turns[first:last]
+    if not turns:
         raise UserError(f"{path}: record {i} (id={rec.get('id')!r}) has no human turn followed by a gpt turn")
-    question = turns[q]["value"].replace(IMAGE_TOKEN, "").strip()
-    return question, turns[q + 1]["value"], len(turns) - 2
+    for k, turn in enumerate(turns):
+        if turn["from"] != ("human", "gpt")[k % 2]:
+            raise UserError(f"{path}: record {i} (id={rec.get('id')!r}): turn {first + k} is from "
+                            f"'{turn['from']}' but the turns must alternate human, gpt")
+    return [(turns[k]["value"].replace(IMAGE_TOKEN, "").strip(), turns[k + 1]["value"])
+            for k in range(0, len(turns), 2)]
+
+
+def first_exchange(path: Path, i: int, rec: dict) -> tuple[str, str]:
+    """(question, answer) of a LLaVA record's first exchange; the whole record is checked."""
+    return exchanges(path, i, rec)[0]
 
 
 def llava_examples(path: str | Path, safe: bool, image_dir: str | Path | None = None,
@@ -62,18 +78,17 @@ def llava_examples(path: str | Path, safe: bool, image_dir: str | Path | None = 
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "conversations" not in rec:
             raise UserError(f"{path}: record {i} is not a LLaVA conversation record (no 'conversations')")
-        question, answer, dropped = first_exchange(path, i, rec)
+        (question, answer), *follow_ups = exchanges(path, i, rec)
         image = rec.get("image")
         if image is not None and (not isinstance(image, str) or not image):
             raise UserError(f"{path}: record {i} (id={rec.get('id')!r}) has a bad 'image': {image!r}")
         row_safe = rec.get("safe", safe)
         if not isinstance(row_safe, bool):
             raise UserError(f"{path}: record {i} (id={rec.get('id')!r}) has a non-boolean 'safe': {row_safe!r}")
-        extra = {"dropped_turns": dropped} if dropped else {}
         out.append(Example(id=str(rec.get("id", i)), image=str(root / image) if image else None,
                            instruction=question, response=answer, safe=row_safe,
                            subset=rec.get("subset") or ("llava_safe" if row_safe else "llava_unsafe"),
-                           category=rec.get("harmful_category"), extra=extra))
+                           category=rec.get("harmful_category"), follow_ups=tuple(follow_ups)))
     return out
 
 
@@ -85,6 +100,8 @@ def to_llava_record(ex: Example, image_root: Optional[Path] = None, with_safe: b
         rec["image"] = Path(os.path.relpath(ex.image, image_root)).as_posix() if image_root else ex.image
     question = f"{IMAGE_TOKEN}{ex.instruction}" if ex.image else ex.instruction
     rec["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": ex.response or ""}]
+    for later_question, answer in ex.follow_ups:
+        rec["conversations"] += [{"from": "human", "value": later_question}, {"from": "gpt", "value": answer}]
     if with_safe:
         rec["safe"] = ex.safe
     if ex.subset:

@@ -171,10 +171,10 @@ def test_llava_round_trip_and_llava_files_as_forget_and_retain_files(prepared, t
     back = llava_examples(tmp_path / "rt.json", safe=True)
     assert [(e.id, e.image, e.instruction, e.response, e.safe, e.subset) for e in back] == \
         [(e.id, e.image, e.instruction, e.response, e.safe, e.subset) for e in examples]
-    # the official files carry no 'safe': the side decides; multi-turn rows keep their first exchange
+    # the official files carry no 'safe': the side decides; multi-turn rows carry their later exchanges
     gen = general_file(tmp_path / "general.json", n=6)
     rows = llava_examples(gen, safe=True, image_dir=tmp_path / "imgs")
-    assert rows[1].instruction == "What is in picture 1?" and rows[1].extra["dropped_turns"] == 2
+    assert rows[1].instruction == "What is in picture 1?" and rows[1].follow_ups == (("And its color?", "Grey."),)
     assert rows[0].image == str(tmp_path / "imgs" / "coco/0.jpg") and rows[2].image is None
 
     from datamodules.forget_retain import ForgetRetainDataModule
@@ -193,6 +193,7 @@ def test_llava_round_trip_and_llava_files_as_forget_and_retain_files(prepared, t
     dm = ForgetRetainDataModule(cfg, resolve_data_files(cfg), processor=None)
     forget, retain = dm.forget_examples(), dm.retain_examples()
     assert len(retain) == 20 and all(not ex.safe for ex in forget) and all(ex.response == HARMFUL for ex in forget)
+    assert any(ex.follow_ups for ex in retain)  # the general top-up's multi-turn rows are trained whole
     assert all(Path(ex.image).is_file() for ex in forget)
 
 
@@ -256,4 +257,4 @@ def test_sft_general_file_may_be_a_llava_file(prepared, tmp_path):
     rows = dm.train_dataset()
     general = [ex for ex in rows if ex.id.startswith("g")]
     assert len(general) == 6 and all(ex.safe for ex in general)
-    assert any(ex.image is None for ex in general) or any(ex.extra.get("dropped_turns") for ex in general)
+    assert any(ex.image is None for ex in general) or any(ex.follow_ups for ex in general)
