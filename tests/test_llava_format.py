@@ -13,7 +13,6 @@ from PIL import Image
 from core.errors import UserError
 from datamodules.collate import IGNORE_INDEX, VLMCollator
 from datamodules.conversation import chat_messages
-from datamodules.examples import Example
 from datamodules.llava_format import llava_examples, to_llava_record, write_llava
 from models.backbone import build_tiny
 from models.chat_templates import LLAVA_V1_SYSTEM
@@ -122,7 +121,7 @@ def test_a_single_turn_row_is_encoded_as_before(llava_file, family, system_promp
     """The single-turn path: prompt + answer as the template places it + EOS; labels after the prompt's
     tokens. A multi-turn row in the same batch changes only the padding."""
     processor = processor_of(family)
-    multi, text, single = llava_examples(llava_file, safe=True)
+    multi, _, single = llava_examples(llava_file, safe=True)
     image = Image.open(single.image).convert("RGB")
     prompt = processor.apply_chat_template(chat_messages([(single.instruction, None)], True, system_prompt),
                                            add_generation_prompt=True, tokenize=False)
