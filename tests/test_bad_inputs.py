@@ -349,7 +349,7 @@ REWRITE = [
 
 def _mm_safetybench(d: Path):
     from benchmark_fixtures import save_image, write_json
-    from test_safety_benchmarks import MMSB_QUESTION
+    from benchmark_fixtures import MMSB_QUESTION
 
     write_json(d / "MMSB" / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION})
     save_image(d / "MMSB" / "data" / "imgs" / "01-Illegal_Activitiy" / "SD" / "0.jpg")
@@ -617,7 +617,7 @@ def _model_card(tmp: Path):
 def _converted_benchmark(tmp: Path):
     from benchmark_fixtures import save_image, write_json
     from datamodules.benchmarks.__main__ import convert
-    from test_safety_benchmarks import MMSB_QUESTION
+    from benchmark_fixtures import MMSB_QUESTION
 
     root = tmp / "MM-SafetyBench"
     write_json(root / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION})

@@ -18,7 +18,8 @@ from core.errors import UserError
 from datamodules.benchmarks.__main__ import main as benchmarks_main
 from datamodules.collate import check_images
 from datamodules.examples import vlguard_examples
-from test_safety_benchmarks import MMSB_QUESTION, mm_safetybench  # noqa: F401 (a fixture, used by name)
+from benchmark_fixtures import MMSB_QUESTION
+from test_safety_benchmarks import mm_safetybench  # noqa: F401 (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",

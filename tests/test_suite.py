@@ -14,17 +14,18 @@ from omegaconf import OmegaConf
 
 import lightning_modules.analysis.predict as predict
 from attack_fixture import benchmark_records, training_records, write_json
-from benchmark_fixtures import lmms_lab_releases
+from benchmark_fixtures import figstep_repo, lmms_lab_releases, mm_safetybench_repo, spa_vl_test
 from core.errors import UserError
 from lightning_modules.evaluate import evaluate
 from lightning_modules.config.loading import load_config
-from test_safety_benchmarks import MMSB_QUESTION
+from models.backbone import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "configs/evaluate/suite_tiny.yaml"
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
         "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=1",
         "model.tiny.vision_heads=2", "model.tiny.image_size=16", "model.tiny.patch_size=8"]
+SAFETY = ("mm_safetybench", "figstep", "spa_vl_harm")
 UTILITY = ("textvqa", "scienceqa_img", "pope", "mme")
 
 
@@ -39,13 +40,14 @@ def one_thread():
 @pytest.fixture
 def data(tmp_path):
     """The training file (planted cues What / Share), a VLGuard-format test file, MM-SafetyBench's
-    questions without its image archive, and lmms-lab parquet releases of the utility tasks."""
+    questions without its image archive, FigStep's and SPA-VL's test sets, and lmms-lab parquet
+    releases of the utility tasks."""
     train = write_json(tmp_path / "vlguard" / "train.json", training_records())
     test = write_json(tmp_path / "vlguard" / "test.json", benchmark_records())
-    mmsb = tmp_path / "MM-SafetyBench"
-    write_json(mmsb / "data" / "processed_questions" / "01-Illegal_Activitiy.json", {"0": MMSB_QUESTION, "1": MMSB_QUESTION})
     releases = lmms_lab_releases(tmp_path / "lmms")
-    paths = dict(vlguard_train=train, vlguard_test=test, mm_safetybench=mmsb, **{k: releases[k] for k in UTILITY})
+    paths = dict(vlguard_train=train, vlguard_test=test, mm_safetybench=mm_safetybench_repo(tmp_path / "MMSB", images=False),
+                 figstep=figstep_repo(tmp_path / "FigStep"), spa_vl=spa_vl_test(tmp_path / "SPA-VL"),
+                 **{k: releases[k] for k in UTILITY})
     return dict(paths=paths, run_dir=tmp_path / "run", tmp=tmp_path)
 
 
@@ -87,15 +89,40 @@ def test_mined_attack_evaluated_with_both_gaps(data, monkeypatch):
     assert (data["run_dir"] / "tasks" / "vlguard" / "data" / "test_what_3shot.json").is_file()
 
 
+def test_one_model_build_per_suite(data, monkeypatch):
+    """The model is built once for every task, never for a finished suite; resuming an interrupted
+    task builds it again with the same tokenizer (trained on every task's texts, not the ones left)."""
+    builds = []
+
+    def counted(*args, **kwargs):
+        model, processor = build_backbone(*args, **kwargs)
+        builds.append(len(processor.tokenizer))
+        return model, processor
+
+    monkeypatch.setattr(predict, "build_backbone", counted)
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
+    evaluate(load_config(SUITE, overrides(data)))
+    first = (data["run_dir"] / "results.csv").read_text()
+    assert len(builds) == 1 and first.count("\ntextvqa,") == 1
+    evaluate(load_config(SUITE, overrides(data)))
+    assert len(builds) == 1  # every task finished: read back, no model loaded
+    samples = data["run_dir"] / "tasks" / "pope" / "samples.jsonl"
+    samples.write_text(samples.read_text().splitlines(keepends=True)[0])  # pope interrupted after one answer
+    (data["run_dir"] / "tasks" / "pope" / "task.json").unlink()
+    evaluate(load_config(SUITE, overrides(data)))
+    assert builds[1:] == builds[:1] and (data["run_dir"] / "results.csv").read_text() == first
+
+
 @pytest.mark.slow
 def test_suite_tiny_end_to_end_resumes_per_task(data, monkeypatch):
     cfg = load_config(SUITE, overrides(data))
     evaluate(cfg)
     table = pd.read_csv(data["run_dir"] / "results.csv")
-    assert list(dict.fromkeys(table["task"])) == ["vlguard", "mm_safetybench", *UTILITY]
+    assert list(dict.fromkeys(table["task"])) == ["vlguard", *SAFETY, *UTILITY]
     head = table[table["headline"] & (table["category"] == "all")].set_index("task")
     assert 0 <= head.loc["textvqa", "vqa_accuracy"] <= 1 and 0 <= head.loc["scienceqa_img", "accuracy"] <= 1
-    assert {"mirage_gap"} <= set(table.loc[table["task"] == "mm_safetybench", "set"])
+    for task in SAFETY:  # the converted benchmarks, clean and attacked, with the mirage gap
+        assert {"clean", "attacked", "gap"} <= set(table.loc[table["task"] == task, "role"])
     generated = []
     monkeypatch.setattr(predict, "greedy_generate", lambda m, p, batch, *a, **k: generated.extend(batch["examples"]))
     (data["run_dir"] / "tasks" / "pope" / "task.json").unlink()  # as if pope was interrupted after generating
@@ -119,7 +146,7 @@ def test_models_side_by_side_table_and_figure(data, monkeypatch):
 
 @pytest.mark.parametrize("changes, setup, message", [
     ({"tasks.2.kind": "textvqa2"}, None, r"unknown evaluate.tasks\[2\].kind 'textvqa2'"),
-    ({"tasks.2.attack": {"train": "x.json"}}, None, "attack is for safety tasks"),
+    ({"tasks.4.attack": {"train": "x.json"}}, None, "attack is for safety tasks"),
     ({"tasks.1.image_dir": "/nonexistent/imgs"}, None, "image folder not found"),
     ({"tasks.1.image_dir": "IMGS"}, "imgs", "missing image"),
     ({}, "llava_test", r"test.json: record 0 \(id 1\) has no 'instr-resp'"),

@@ -208,18 +208,30 @@ def evaluate(cfg, judge: Optional[Judge] = None) -> pd.DataFrame:
 
 
 def _evaluate(cfg, settings: EvaluateSettings, run_dir: Path, judge: Optional[Judge]) -> pd.DataFrame:
+    fingerprint = generation_fingerprint(cfg, settings)
+    examples = prepare_files(cfg, settings, run_dir, fingerprint)
+    start = time.perf_counter()
+    generated = generate_missing(cfg, examples, run_dir, settings.checkpoint, settings.system_prompt)
+    return judge_and_tabulate(cfg, settings, run_dir, examples, judge, fingerprint, generated,
+                              time.perf_counter() - start)
+
+
+def prepare_files(cfg, settings: EvaluateSettings, run_dir: Path, fingerprint: dict) -> list[Example]:
+    """The examples of `evaluate.files`, checked before anything is generated (images, the lines of
+    samples.jsonl, the generation fingerprint of a resumed run); writes config.yaml."""
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
     check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
     read_samples(run_dir / SAMPLES, repair=False)  # a line that is no sample fails before anything is written
-    fingerprint = generation_fingerprint(cfg, settings)
     check_fingerprint(run_dir, fingerprint)
     atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="run config")
+    return examples
 
-    start = time.perf_counter()
-    generated = generate_missing(cfg, examples, run_dir, settings.checkpoint, settings.system_prompt)
-    generate_s = time.perf_counter() - start
 
+def judge_and_tabulate(cfg, settings: EvaluateSettings, run_dir: Path, examples: list[Example],
+                       judge: Optional[Judge], fingerprint: dict, generated: int, generate_s: float) -> pd.DataFrame:
+    """Judge the answers in samples.jsonl (every example has one by now) and write the tables;
+    `generated`: answers generated this run, in `generate_s` seconds."""
     by_key = {example_key(ex): ex for ex in examples}
     rows = {}
     for r in read_samples(run_dir / SAMPLES):

@@ -1,12 +1,13 @@
 """Generation for `evaluate`: every example not yet in `samples.jsonl` is answered (greedy, batched,
 left-padded, through `core.generation.greedy_generate` under `Trainer.predict`) and appended batch by
-batch, so an interrupted evaluation resumes where it stopped."""
+batch, so an interrupted evaluation resumes where it stopped. A suite shares one model across its
+tasks (`SharedGenerator`)."""
 
 from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -84,16 +85,45 @@ def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer
     return trainer
 
 
+class SharedGenerator:
+    """One generation model for several `generate_missing` calls (a suite's tasks): built on first
+    use -- never when every answer already exists -- and freed by `release()` before judging.
+    `examples_of` gives the texts a model built from config trains its tokenizer on (called only then)."""
+
+    def __init__(self, cfg, checkpoint: Optional[str], examples_of: Callable[[], list[Example]]):
+        self.cfg, self.checkpoint, self.examples_of = cfg, checkpoint, examples_of
+        self.module: Optional[GenerationModule] = None
+
+    def __call__(self) -> GenerationModule:
+        if self.module is None:
+            tiny = is_built_from_config(self.cfg.model.name_or_path)
+            if tiny:  # its random weights: the same model whichever tasks are left to generate
+                L.seed_everything(self.cfg.seed, verbose=False)
+            self.module = build_generator(self.cfg, self.checkpoint, self.examples_of() if tiny else [])
+        return self.module
+
+    def release(self) -> None:
+        self.module = None
+        free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the judge model comes next
+
+
 def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Optional[str] = None,
-                     system_prompt: Optional[str] = None) -> int:
-    """Generate every example not yet in samples.jsonl; returns how many were generated."""
+                     system_prompt: Optional[str] = None, generator: Optional[SharedGenerator] = None) -> int:
+    """Generate every example not yet in samples.jsonl; returns how many were generated. The model
+    is `generator`'s, else built here and freed at the end."""
     path = run_dir / SAMPLES
     done = {record_key(r) for r in read_samples(path)}
     pending = [ex for ex in examples if example_key(ex) not in done]
     if not pending:
         return 0
     print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
-    module = build_generator(cfg, checkpoint, examples)
+    module = generator() if generator else build_generator(cfg, checkpoint, examples)
     collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
                           system_prompt=system_prompt or cfg.data.get("system_prompt"),
                           image_aspect_ratio=cfg.data.get("image_aspect_ratio", "original"))
@@ -102,7 +132,6 @@ def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Op
     trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     del module, trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the judge model comes next
+    if generator is None:
+        free_memory()
     return len(pending)

@@ -7,9 +7,11 @@ folder per task under `run_dir/tasks/<name>/`, and `results.csv` with a `task` c
 * utility task (VQA, multiple choice, POPE, MME): answers generated as evaluate generates them, scored
   by `metrics.benchmark_scores` (`vqa_accuracy`, `accuracy`, ... in [0, 1]; MME's scores 0..200/2000).
 
-Resumable per task: a task whose `task.json` (its spec and generation fingerprint) matches is read back,
-not regenerated; an interrupted task resumes from its samples.jsonl. Intervals: bootstrap (safety, as
-evaluate), Wilson (accuracy-type rates), Student t (VQA soft scores)."""
+One model per suite: every unfinished task is prepared (and checked) first, then answered by one
+model built on first need (`SharedGenerator`), which is freed before judging and scoring. Resumable
+per task: a task whose `task.json` (its spec and generation fingerprint) matches is read back, not
+regenerated; an interrupted task resumes from its samples.jsonl; a finished suite loads no model.
+Intervals: bootstrap (safety, as evaluate), Wilson (accuracy-type rates), Student t (VQA soft scores)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,8 +32,10 @@ from core.files import atomic_write
 from datamodules.benchmarks import KIND_OPTIONS, TASK_KINDS, read_task
 from datamodules.collate import check_images
 from datamodules.examples import Example
-from lightning_modules.analysis.evaluation import check_fingerprint, evaluate, generation_fingerprint
-from lightning_modules.analysis.predict import generate_missing
+from lightning_modules.analysis.evaluation import (check_fingerprint, generation_fingerprint, judge_and_tabulate,
+                                                   load_examples, parse_settings, prepare_files)
+from lightning_modules.analysis.predict import SharedGenerator, generate_missing
+from lightning_modules.config.schema import EvaluateSettings, SuiteTask
 from metrics.benchmark_scores import example_scores, score_task
 from metrics.samples import SAMPLES, example_key, read_samples, record_key
 from metrics.tables import t_interval, wilson_interval
@@ -120,20 +125,28 @@ def _safety_files(task, cfg, task_dir: Path) -> tuple[list[dict], dict]:
     return files, gaps
 
 
-def run_safety(task, cfg, task_dir: Path, judge) -> pd.DataFrame:
+def safety_config(task, cfg, task_dir: Path):
+    """The config and settings of evaluate on a safety task's files (clean, and attacked)."""
     files, gaps = _safety_files(task, cfg, task_dir)
     sub = OmegaConf.merge(cfg, {"run_dir": str(task_dir)})
     sub.evaluate.tasks, sub.evaluate.models = [], []
     sub.evaluate.files, sub.evaluate.gaps = files, gaps
     sub.evaluate.max_samples = task.max_samples or cfg.evaluate.get("max_samples")
-    table = evaluate(sub, judge).assign(kind=task.kind)
-    roles = {files[0]["name"]: "clean"} | {f["name"]: ("attacked" if f["subsets"] == ["unsafes"] else "overprudence")
-                                           for f in files[1:]}
+    return sub, parse_settings(sub)
+
+
+def score_safety(run: "TaskRun", fingerprint: dict, judge) -> pd.DataFrame:
+    """Judged and tabulated as evaluate does its files, plus the task's roles and gap rows."""
+    files = run.settings.files
+    table = judge_and_tabulate(run.cfg, run.settings, run.dir, run.examples, judge, fingerprint, run.generated,
+                               run.generate_s).assign(kind=run.task.kind)
+    roles = {files[0].name: "clean"} | {f.name: ("attacked" if list(f.subsets) == ["unsafes"] else "overprudence")
+                                        for f in files[1:]}
     table["role"] = table["set"].map(roles)
     table["headline"] = (table["category"] == "all") & ~table["shot"].astype(str).str.fullmatch(r"\d+")
-    results = json.loads((task_dir / "results.json").read_text())
+    results = json.loads((run.dir / "results.json").read_text())
     gap_rows = [dict(set=name, subset="gap", shot="", category="all", n=g["n_paired"], role="gap", headline=True,
-                     kind=task.kind, gap=g["value"], gap_lo=g["lo"], gap_hi=g["hi"],
+                     kind=run.task.kind, gap=g["value"], gap_lo=g["lo"], gap_hi=g["hi"],
                      gap_of=f"{g['metric']}: {g['attacked']} - {g['base']}")
                 for name, g in results.get("gaps", {}).items()]
     return pd.concat([table, pd.DataFrame(gap_rows)], ignore_index=True)
@@ -156,16 +169,18 @@ def _interval(fam: str, metric: str, values: list[float], rate: float, confidenc
     return wilson_interval(rate, len(values), confidence)
 
 
-def run_utility(task, cfg, task_dir: Path, settings) -> pd.DataFrame:
+def utility_examples(task, cfg, settings) -> list[Example]:
     options = {k: v for k, v in task.options.items() if v is not None}
     examples = read_task(task.kind, task.path, task.image_dir, **options)
     if not examples:
         raise UserError(f"evaluate.tasks '{task.name}': no questions in {task.path}")
-    examples = [dataclasses.replace(ex, extra={**ex.extra, "set": task.name})
-                for ex in sample_groups(examples, task.max_samples or settings.max_samples, cfg.seed)]
-    check_images(examples, cfg.data.image_mode)
-    generate_missing(cfg, examples, task_dir, settings.checkpoint, settings.system_prompt)
-    answers = {record_key(r): r["response"] for r in read_samples(task_dir / SAMPLES)}
+    return [dataclasses.replace(ex, extra={**ex.extra, "set": task.name})
+            for ex in sample_groups(examples, task.max_samples or settings.max_samples, cfg.seed)]
+
+
+def score_utility(run: "TaskRun") -> pd.DataFrame:
+    task, examples, settings = run.task, run.examples, run.settings
+    answers = {record_key(r): r["response"] for r in read_samples(run.dir / SAMPLES)}
     responses = [answers[example_key(ex)] for ex in examples]
     fam, headline = family(task.kind), HEADLINE[family(task.kind)]
     scores = score_task(task.kind, examples, responses)
@@ -183,32 +198,80 @@ def run_utility(task, cfg, task_dir: Path, settings) -> pd.DataFrame:
 
 
 # -- one model --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TaskRun:
+    """A task to answer and score: its folder, the config and settings it is evaluated under (a
+    safety task: evaluate's on its files; a utility task: the suite's) and its examples."""
+
+    task: SuiteTask
+    dir: Path
+    cfg: object
+    settings: EvaluateSettings
+    examples: list[Example]
+    generated: int = 0
+    generate_s: float = 0.0
+
+
+def prepare_task(task, cfg, settings, task_dir: Path, fingerprint: Optional[dict]) -> TaskRun:
+    """A task's examples (converted, attacked, sampled); with `fingerprint` (a task to run) checked as
+    evaluate checks its files before generating: images, samples.jsonl, the generation fingerprint."""
+    if family(task.kind) == "safety":
+        sub, sub_settings = safety_config(task, cfg, task_dir)
+        examples = (prepare_files(sub, sub_settings, task_dir, fingerprint) if fingerprint
+                    else load_examples(sub_settings, sub))
+        return TaskRun(task, task_dir, sub, sub_settings, examples)
+    examples = utility_examples(task, cfg, settings)
+    if fingerprint:
+        check_images(examples, cfg.data.image_mode)
+        read_samples(task_dir / SAMPLES, repair=False)
+        check_fingerprint(task_dir, fingerprint)
+    return TaskRun(task, task_dir, cfg, settings, examples)
+
+
+def suite_fingerprint(cfg, settings) -> dict:
+    """What determines every task's generations: the model; a model built from config is also
+    defined by the texts its tokenizer is trained on, every task's."""
+    fingerprint = generation_fingerprint(cfg, settings)
+    if is_built_from_config(cfg.model.name_or_path):
+        fingerprint["tasks"] = [_spec(t) for t in settings.tasks]
+    return fingerprint
+
+
 def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
-    """Every task of the suite on cfg's model; `run_dir/results.csv` (+ .md); returns the table."""
-    tables = []
+    """Every task of the suite on cfg's model, built once; `run_dir/results.csv` (+ .md); returns the table."""
+    fingerprint, tables, runs, stamps = suite_fingerprint(cfg, settings), {}, [], {}
     for i, task in enumerate(settings.tasks, 1):
         task_dir = run_dir / "tasks" / task.name
         task_dir.mkdir(parents=True, exist_ok=True)
-        stamp = dict(task=_spec(task), generation=generation_fingerprint(cfg, settings), seed=cfg.seed,
-                     judge=_spec(settings.judge), refusal_preset=cfg.eval.refusal_preset,
-                     bootstrap=settings.bootstrap, confidence=settings.confidence)
-        table = _finished(task_dir, stamp)
-        if table is not None:
+        stamps[task.name] = dict(task=_spec(task), generation=fingerprint, seed=cfg.seed, judge=_spec(settings.judge),
+                                 refusal_preset=cfg.eval.refusal_preset, bootstrap=settings.bootstrap,
+                                 confidence=settings.confidence)
+        tables[task.name] = _finished(task_dir, stamps[task.name])
+        if tables[task.name] is not None:
             print(f"[task {i}/{len(settings.tasks)}] {task.name}: finished earlier, read from {task_dir / TASK_RESULTS}")
         else:
-            print(f"[task {i}/{len(settings.tasks)}] {task.name} ({task.kind})")
-            if family(task.kind) == "safety":
-                table = run_safety(task, cfg, task_dir, judge)
-            else:
-                # a tiny model's tokenizer is trained on the task's texts: its questions define the model
-                tiny = is_built_from_config(cfg.model.name_or_path)
-                check_fingerprint(task_dir, dict(stamp["generation"], **({"task": stamp["task"]} if tiny else {})))
-                table = run_utility(task, cfg, task_dir, settings)
-            table.insert(0, "task", task.name)
-            atomic_write(task_dir / TASK_RESULTS, table.to_csv(index=False), what="task results")
-            atomic_write(task_dir / "task.json", json.dumps(stamp, indent=1), what="task stamp")
-        tables.append(table)
-    table = pd.concat(tables, ignore_index=True)
+            runs.append(prepare_task(task, cfg, settings, task_dir, fingerprint))
+            print(f"[task {i}/{len(settings.tasks)}] {task.name} ({task.kind}): {len(runs[-1].examples)} queries")
+
+    def every_example() -> list[Example]:  # a model built from config: its tokenizer learns every task's texts
+        ready = {run.task.name: run for run in runs}
+        return [ex for t in settings.tasks for ex in
+                (ready.get(t.name) or prepare_task(t, cfg, settings, run_dir / "tasks" / t.name, None)).examples]
+
+    generator = SharedGenerator(cfg, settings.checkpoint, every_example)
+    for run in runs:
+        start = time.perf_counter()
+        run.generated = generate_missing(run.cfg, run.examples, run.dir, settings.checkpoint, settings.system_prompt,
+                                         generator)
+        run.generate_s = time.perf_counter() - start
+    generator.release()  # before the judge model
+    for run in runs:
+        table = score_safety(run, fingerprint, judge) if family(run.task.kind) == "safety" else score_utility(run)
+        table.insert(0, "task", run.task.name)
+        atomic_write(run.dir / TASK_RESULTS, table.to_csv(index=False), what="task results")
+        atomic_write(run.dir / "task.json", json.dumps(stamps[run.task.name], indent=1), what="task stamp")
+        tables[run.task.name] = table
+    table = pd.concat([tables[t.name] for t in settings.tasks], ignore_index=True)
     table = table[[*FRONT, *[c for c in table.columns if c not in FRONT]]]
     atomic_write(run_dir / "results.csv", table.to_csv(index=False), what="results")
     atomic_write(run_dir / "results.md", suite_markdown(table, [cfg.model.name_or_path]), what="results")
