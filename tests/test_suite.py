@@ -2,6 +2,7 @@
 in the task folder, evaluated with the gaps) and the evaluation suite (configs/evaluate/suite_tiny.yaml) on a
 tiny model: results.csv's task column, resume per task, models side by side, bad inputs in one line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from attack_fixture import benchmark_records, training_records, write_json
 from benchmark_fixtures import figstep_repo, lmms_lab_releases, mm_safetybench_repo, spa_vl_test
 from core.errors import UserError
 from lightning_modules.evaluate import evaluate
+from lightning_modules.analysis.suite_models import model_config
 from lightning_modules.config.loading import load_config
+from lightning_modules.config.schema import SuiteModel
 from models.backbone import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +145,91 @@ def test_models_side_by_side_table_and_figure(data, monkeypatch):
     assert "| base | 0.00 [0.0, 0.0] | " in report and "### textvqa (textvqa)" in report
     assert (data["run_dir"] / "tradeoff.png").stat().st_size > 0
     assert (data["run_dir"] / "models" / "other_seed" / "results.csv").is_file()
+
+
+@pytest.fixture
+def saved_models(tmp_path):
+    """A tiny LLaVA as fit leaves models: a save_pretrained directory, a fit checkpoint of its weights
+    and a LoRA adapter directory whose adapter_config.json names that directory as its base."""
+    from peft import LoraConfig, get_peft_model
+
+    from models.backbone import build_tiny
+    from models.tiny import TinyConfig
+
+    sizes = dict(item.split("=") for item in TINY)
+    model, processor = build_tiny(TinyConfig(**{k.split(".")[-1]: int(v) for k, v in sizes.items()}),
+                                  ["Is there a dog in the image ? What brand is it yes no"])
+    base = tmp_path / "models" / "base"
+    model.eval().save_pretrained(base)
+    processor.save_pretrained(base)
+    ckpt = tmp_path / "models" / "rmu" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0}, ckpt)
+    adapter = tmp_path / "models" / "npo_lora"
+    get_peft_model(model, LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)")).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    write_json(adapter / "adapter_config.json", {**config, "base_model_name_or_path": str(base)})
+    return dict(base=base, ckpt=ckpt, adapter=adapter)
+
+
+def test_model_entries_by_what_their_path_holds(data, saved_models, monkeypatch):
+    """A save_pretrained directory, a LoRA adapter (onto the base its adapter_config names), a fit
+    checkpoint (into name_or_path) and a finished suite's folder (read: no model built)."""
+    builds = []
+
+    def counted(model_cfg, *args, **kwargs):
+        builds.append((model_cfg.name_or_path, model_cfg.finetune, model_cfg.adapter_path))
+        return build_backbone(model_cfg, *args, **kwargs)
+
+    loaded, load = [], predict.load_fit_checkpoint
+    monkeypatch.setattr(predict, "build_backbone", counted)
+    monkeypatch.setattr(predict, "load_fit_checkpoint", lambda model, path: loaded.append(path) or load(model, path))
+    base, ckpt, adapter = (str(saved_models[k]) for k in ("base", "ckpt", "adapter"))
+
+    def two_tasks(*extra):  # scienceqa_img and pope
+        cfg = load_config(SUITE, overrides(data, *extra))
+        cfg.evaluate.tasks = cfg.evaluate.tasks[5:7]
+        return cfg
+
+    entries = f"evaluate.models=[{{name: base, path: {base}}}, {{name: npo, path: {adapter}}}, " \
+              f"{{name: rmu, path: {ckpt}, name_or_path: {base}}}]"
+    evaluate(two_tasks(entries))
+    assert builds == [(base, "full", None), (base, "lora", adapter), (base, "full", None)] and loaded == [ckpt]
+    first = pd.read_csv(data["run_dir"] / "results.csv")
+    assert list(dict.fromkeys(first["model"])) == ["base", "npo", "rmu"]
+    again = f"evaluate.models=[{{name: base, path: {data['run_dir'] / 'models' / 'base'}}}]"
+    table = evaluate(two_tasks(again, f"run_dir={data['tmp'] / 'read'}"))
+    assert len(builds) == 3  # read back, nothing built
+    pd.testing.assert_frame_equal(table.reset_index(drop=True), first[first["model"] == "base"].reset_index(drop=True),
+                                  check_dtype=False)
+    cfg = load_config(SUITE, overrides(data))  # the defaults: a checkpoint into model.name_or_path; a base given wins
+    assert model_config(cfg, SuiteModel(name="r", path=ckpt), "checkpoint").model.name_or_path == "tiny"
+    sub = model_config(cfg, SuiteModel(name="n", path=adapter, name_or_path="org/base"), "adapter")
+    assert (sub.model.name_or_path, sub.model.finetune, sub.model.adapter_path) == ("org/base", "lora", adapter)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{name: x, path: NOWHERE}", r"evaluate.models 'x': path .*NOWHERE not found: expected a LoRA adapter directory"),
+    ("{name: x, path: EMPTY}", r"evaluate.models 'x': path .*EMPTY is not a LoRA adapter directory"),
+    ("{name: x}", "evaluate.models 'x': give name_or_path"),
+    ("{name: x, path: CKPT, checkpoint: CKPT}", "replaces adapter_path and checkpoint"),
+    ("{name: x, path: NOBASE}", "names no base_model_name_or_path: give the base as the entry's name_or_path"),
+    ("{name: x, path: PARTIAL}", r"results.csv has no rows for task 'vlguard': run the suite there first"),
+])
+def test_bad_model_entries_are_one_line(data, entry, message):
+    tmp = data["tmp"]
+    (tmp / "EMPTY").mkdir()
+    torch.save({"state_dict": {}}, tmp / "CKPT.ckpt")
+    write_json(tmp / "NOBASE" / "adapter_config.json", {"peft_type": "LORA"})
+    write_json(tmp / "PARTIAL" / "tasks.json", {})
+    (tmp / "PARTIAL" / "results.csv").write_text("task,set\npope,pope\n")
+    entry = entry.replace("CKPT", str(tmp / "CKPT.ckpt"))
+    for name in ("NOWHERE", "EMPTY", "NOBASE", "PARTIAL"):
+        entry = entry.replace(name, str(tmp / name))
+    with pytest.raises(UserError, match=message) as err:
+        evaluate(load_config(SUITE, overrides(data, f"evaluate.models=[{entry}]")))
+    assert "\n" not in str(err.value)
+    assert not (data["run_dir"] / "models").exists()
 
 
 @pytest.mark.parametrize("changes, setup, message", [

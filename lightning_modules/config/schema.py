@@ -273,10 +273,15 @@ class SuiteTask:
 
 @dataclass
 class SuiteModel:
-    """One model of a side-by-side evaluation (`evaluate.models`)."""
+    """One model of a side-by-side evaluation (`evaluate.models`): name_or_path, or a path whose kind
+    is told by the files it holds."""
 
     name: str = setting(MISSING, "row label; the model's folder under run_dir/models/")
-    name_or_path: str = setting(MISSING, "hub id, save_pretrained directory or tiny")
+    name_or_path: Optional[str] = setting(None, "hub id, save_pretrained directory or tiny; with path: the base "
+                                                "of its adapter (default: adapter_config.json's) or checkpoint "
+                                                "(default: model.name_or_path)")
+    path: Optional[str] = setting(None, "a LoRA adapter directory, a fit checkpoint .ckpt, a save_pretrained "
+                                        "directory, or a finished suite's run_dir (read, nothing generated)")
     checkpoint: Optional[str] = setting(None, "a Lightning .ckpt of fit, loaded into the model")
     adapter_path: Optional[str] = setting(None, "a LoRA adapter directory (sets model.finetune=lora)")
 
