@@ -18,8 +18,7 @@ from core.errors import UserError
 from datamodules.benchmarks.__main__ import main as benchmarks_main
 from datamodules.collate import check_images
 from datamodules.examples import vlguard_examples
-from benchmark_fixtures import MMSB_QUESTION
-from test_safety_benchmarks import mm_safetybench  # noqa: F401 (a fixture, used by name)
+from benchmark_fixtures import MMSB_QUESTION, mm_safetybench_repo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2",
@@ -256,10 +255,10 @@ def test_evaluate_reports_both_gaps_on_the_attacked_benchmark(files, one_thread)
     assert "mirage_gap" in report and "overprudence_gap" in report
 
 
-def test_attacks_a_converted_benchmark(files, tmp_path, mm_safetybench):
+def test_attacks_a_converted_benchmark(files, tmp_path):
     """MM-SafetyBench in its published layout -> `datamodules.benchmarks convert` -> the attack: the
     records evaluate reads keep their ids, images (absolute paths), scenario and variant."""
-    root = mm_safetybench
+    root = mm_safetybench_repo(tmp_path / "MM-SafetyBench")
     clean = tmp_path / "converted" / "mmsb_sd.json"
     benchmarks_main(["convert", "--kind", "mm_safetybench", "--path", str(root), "--variant", "SD", "--out", str(clean)])
     result = attack_benchmark(files["train"], clean, shots=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,12 +28,13 @@ from omegaconf import OmegaConf
 from attacks.benchmark_attack import attack_benchmark, evaluate_entries
 from core.errors import UserError
 from core.files import atomic_write
-from datamodules.benchmarks import KIND_OPTIONS, TASK_KINDS, read_task
+from datamodules.benchmarks import KIND_OPTIONS, read_task
 from datamodules.collate import check_images
 from datamodules.examples import Example
 from lightning_modules.analysis.evaluation import (check_fingerprint, generation_fingerprint, judge_and_tabulate,
                                                    load_examples, parse_settings, prepare_files)
 from lightning_modules.analysis.predict import SharedGenerator, generate_missing
+from lightning_modules.analysis.suite_tables import FRONT, HEADLINE, family, suite_markdown
 from lightning_modules.config.schema import EvaluateSettings, SuiteTask
 from metrics.benchmark_scores import example_scores, score_task
 from metrics.samples import SAMPLES, example_key, read_samples, record_key
@@ -43,12 +43,6 @@ from metrics.vlm_judge import get_protocol
 from models.backbone import is_built_from_config
 
 TASK_RESULTS = "task_results.csv"
-FRONT = ["task", "kind", "role", "headline", "set", "subset", "shot", "category", "n"]
-HEADLINE = {"vqa": "vqa_accuracy", "multiple_choice": "accuracy", "pope": "accuracy", "mme": "accuracy"}
-
-
-def family(kind: str) -> str:
-    return "safety" if kind == "vlguard" else TASK_KINDS[kind].family
 
 
 def check_tasks(settings) -> None:
@@ -278,53 +272,3 @@ def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
     print(suite_markdown(table, [cfg.model.name_or_path]))
     print(f"written: {run_dir}/results.csv, results.md")
     return table
-
-
-# -- report -----------------------------------------------------------------------------------------
-def _cell(row: pd.Series, metric: str) -> str:
-    value = row.get(metric, math.nan)
-    if value is None or pd.isna(value):
-        return "–"
-    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
-    scale = 1 if metric.endswith("score") else 100  # MME's scores are not rates
-    text = f"{scale * value:.2f}"
-    return text if pd.isna(lo) else f"{text} [{scale * lo:.1f}, {scale * hi:.1f}]"
-
-
-def _columns_of(part: pd.DataFrame) -> list[tuple[str, str, str, str]]:
-    """(header, set, subset, metric) per headline row of a task."""
-    cols = []
-    for _, row in part.drop_duplicates(["set", "subset"]).iterrows():
-        where = (row["set"], row["subset"])
-        if row["role"] == "utility":
-            metrics = [HEADLINE[family(row["kind"])]] + [m for m in ("f1", "perception_score")
-                                                         if m in part and pd.notna(row.get(m, math.nan))]
-            cols += [(m, *where, m) for m in metrics]
-        elif row["role"] == "gap":
-            cols.append((f"{row['set']} ({row['gap_of'].split(':')[0]})", *where, "gap"))
-        else:
-            metric = "refusal_rate" if row["subset"] == "safe_safes" else "asr"
-            cols.append((f"{row['set']}/{row['subset']} {'RR' if metric == 'refusal_rate' else 'ASR'}", *where, metric))
-    return cols
-
-
-def suite_markdown(table: pd.DataFrame, models: list[str]) -> str:
-    """One table per task: a row per model, the task's headline numbers in percent with intervals
-    (gaps in points; MME's scores as they are)."""
-    table = table if "model" in table else table.assign(model=models[0])
-    out = []
-    for task in dict.fromkeys(table["task"]):
-        part = table[(table["task"] == task) & table["headline"].astype(bool)]
-        cols = _columns_of(part)
-        lines = []
-        for model in dict.fromkeys(part["model"]):
-            mine = part[part["model"] == model]
-            cells = []
-            for _, set_name, subset, metric in cols:
-                hit = mine[(mine["set"] == set_name) & (mine["subset"] == subset)]
-                cells.append(_cell(hit.iloc[0], metric) if len(hit) else "–")
-            lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        heads = [c[0] for c in cols]
-        out += [f"### {task} ({part['kind'].iloc[0]})", "",
-                "| model | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|", *lines, ""]
-    return "\n".join(out)
