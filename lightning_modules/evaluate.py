@@ -18,8 +18,9 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 A suite (`--config configs/evaluate/suite_<name>.yaml`, `evaluate.tasks`) runs every task -- safety
 files with the one-word attack mined on the training set, utility benchmarks with their official
 scorers -- in `run_dir/tasks/<name>/`, resumable per task, and writes `results.csv` with a `task`
-column; `evaluate.models=[...]` runs it on several models and puts them side by side
-(`lightning_modules.analysis.suite`, `suite_models`).
+column; `evaluate.models=[...]` runs it on several models (hub ids, directories, LoRA adapters, fit
+checkpoints, or suites already run, read back) and puts them side by side
+(`lightning_modules.analysis.suite`, `suite_models`, `suite_tables`).
 
 Options: `--print-config`, `--debug` (full tracebacks).
 """
