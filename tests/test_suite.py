@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 import lightning_modules.analysis.predict as predict
-from attack_fixture import benchmark_records, training_records, write_json
-from benchmark_fixtures import figstep_repo, lmms_lab_releases, mm_safetybench_repo, spa_vl_test
+from attack_fixture import write_json
+from suite_fixture import UTILITY, suite_data
 from core.errors import UserError
 from lightning_modules.evaluate import evaluate
 from lightning_modules.analysis.suite_models import model_config
@@ -29,7 +29,6 @@ TINY = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_
         "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=1",
         "model.tiny.vision_heads=2", "model.tiny.image_size=16", "model.tiny.patch_size=8"]
 SAFETY = ("mm_safetybench", "figstep", "spa_vl_harm")
-UTILITY = ("textvqa", "scienceqa_img", "pope", "mme")
 
 
 @pytest.fixture(autouse=True)
@@ -42,16 +41,8 @@ def one_thread():
 
 @pytest.fixture
 def data(tmp_path):
-    """The training file (planted cues What / Share), a VLGuard-format test file, MM-SafetyBench's
-    questions without its image archive, FigStep's and SPA-VL's test sets, and lmms-lab parquet
-    releases of the utility tasks."""
-    train = write_json(tmp_path / "vlguard" / "train.json", training_records())
-    test = write_json(tmp_path / "vlguard" / "test.json", benchmark_records())
-    releases = lmms_lab_releases(tmp_path / "lmms")
-    paths = dict(vlguard_train=train, vlguard_test=test, mm_safetybench=mm_safetybench_repo(tmp_path / "MMSB", images=False),
-                 figstep=figstep_repo(tmp_path / "FigStep"), spa_vl=spa_vl_test(tmp_path / "SPA-VL"),
-                 **{k: releases[k] for k in UTILITY})
-    return dict(paths=paths, run_dir=tmp_path / "run", tmp=tmp_path)
+    """The tiny suite's files (tests/suite_fixture.py), a run directory and the temporary folder."""
+    return dict(paths=suite_data(tmp_path), run_dir=tmp_path / "run", tmp=tmp_path)
 
 
 def overrides(data, *extra):
