@@ -193,6 +193,14 @@ def test_model_entries_by_what_their_path_holds(data, saved_models, monkeypatch)
     assert len(builds) == 3  # read back, nothing built
     pd.testing.assert_frame_equal(table.reset_index(drop=True), first[first["model"] == "base"].reset_index(drop=True),
                                   check_dtype=False)
+    # a fit run directory (its test results.csv has no task column) stands for its exported model/
+    import shutil
+
+    fit_run = data["tmp"] / "fit_run"
+    shutil.copytree(base, fit_run / "model")
+    (fit_run / "results.csv").write_text("eval_set,asr,n\nunsafe_clean,0.5,2\n")
+    evaluate(two_tasks(f"evaluate.models=[{{name: fit, path: {fit_run}}}]", f"run_dir={data['tmp'] / 'fit'}"))
+    assert builds[-1] == (str(fit_run / "model"), "full", None) and len(builds) == 4
     cfg = load_config(SUITE, overrides(data))  # the defaults: a checkpoint into model.name_or_path; a base given wins
     assert model_config(cfg, SuiteModel(name="r", path=ckpt), "checkpoint").model.name_or_path == "tiny"
     sub = model_config(cfg, SuiteModel(name="n", path=adapter, name_or_path="org/base"), "adapter")

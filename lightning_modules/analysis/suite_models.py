@@ -4,8 +4,8 @@ only read back), then `run_dir/results.csv` (columns model, task, ...), `results
 task, a row per model, with intervals) and `tradeoff.png` (suite_tables).
 
 An entry is `name_or_path` (+ `adapter_path`, `checkpoint`), or a `path` told by what it holds: a
-LoRA adapter directory, a fit checkpoint .ckpt, a save_pretrained directory, or a finished suite's
-folder, whose results.csv is read (nothing generated)."""
+LoRA adapter directory, a fit checkpoint .ckpt, a save_pretrained directory, a fit run directory
+(its exported model/), or a finished suite's folder, whose results.csv is read (nothing generated)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,23 @@ from core.files import atomic_write
 from lightning_modules.analysis.evaluation import evaluation_dir, read_settings
 from lightning_modules.analysis.suite import check_tasks, run_suite
 from lightning_modules.analysis.suite_tables import plot_tradeoff, suite_markdown
+
+
+def _suite_results(path: Path) -> bool:
+    """A finished suite's results.csv (a task column), not a fit run's test results."""
+    try:
+        return "task" in pd.read_csv(path / "results.csv", nrows=0).columns
+    except (OSError, ValueError):
+        return (path / "results.csv").is_file()  # unreadable: read_results says why in one line
+
+
+def fit_run_model(model):
+    """A fit run directory as an entry's path stands for the model it exported (`<run_dir>/model/`)."""
+    path = Path(model.path) if model.path else None
+    exported = path / "model" if path else None
+    if exported and not _suite_results(path) and any((exported / f).is_file() for f in ("config.json", "adapter_config.json")):
+        return dataclasses.replace(model, path=str(exported))
+    return model
 
 
 def entry_kind(model) -> str:
@@ -41,7 +58,7 @@ def entry_kind(model) -> str:
         kind = "adapter"
     elif (path / "config.json").is_file():
         kind = "model"
-    elif (path / "results.csv").is_file():
+    elif _suite_results(path):
         kind = "results"
     else:
         raise UserError(f"{where}: path {path} {'is not' if path.exists() else 'not found: expected'} a LoRA adapter "
@@ -113,6 +130,7 @@ def run_models(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
         if plot_tradeoff(table.assign(model=cfg.model.name_or_path), run_dir / "tradeoff.png"):
             print(f"written: {run_dir}/tradeoff.png")
         return table
+    settings = dataclasses.replace(settings, models=[fit_run_model(m) for m in settings.models])
     kinds = [entry_kind(model) for model in settings.models]  # every entry checked before the first runs
     configs = [None if kind == "results" else model_config(cfg, model, kind)
                for model, kind in zip(settings.models, kinds)]
