@@ -26,7 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -122,6 +122,27 @@ class Judge(Protocol):
     def __call__(self, items: Sequence[JudgeItem]) -> list[Judgement]: ...
 
 
+def judge_name(model_cfg) -> str:
+    """How a judge model is named in the samples and tables: its id, @revision when pinned."""
+    return str(model_cfg.name_or_path) + (f"@{model_cfg.revision}" if model_cfg.revision else "")
+
+
+class LazyJudge:
+    """A judge loaded on the first batch it must judge, then kept for later calls until `release`:
+    several safety tasks share one judge model, and none is loaded when nothing needs judging."""
+
+    def __init__(self, name: str, load: Callable[[], Judge]):
+        self.name, self._load, self._judge = name, load, None
+
+    def __call__(self, items: Sequence[JudgeItem]) -> list[Judgement]:
+        if self._judge is None:
+            self._judge = self._load()
+        return self._judge(items)
+
+    def release(self) -> None:
+        self._judge = None
+
+
 class VLMJudge:
     """Batched, greedy, disk-cached judging with a Hugging Face image-text-to-text model."""
 
@@ -146,8 +167,7 @@ class VLMJudge:
         from models.backbone import load_pretrained
 
         model, processor = load_pretrained(model_cfg)
-        name = str(model_cfg.name_or_path) + (f"@{model_cfg.revision}" if model_cfg.revision else "")
-        return cls(model, processor, name=name, **kwargs)
+        return cls(model, processor, name=judge_name(model_cfg), **kwargs)
 
     @classmethod
     def from_judge_settings(cls, settings, *, image_mode: str, default_cache: str | Path,

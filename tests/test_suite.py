@@ -107,6 +107,31 @@ def test_one_model_build_per_suite(data, monkeypatch):
     assert builds[1:] == builds[:1] and (data["run_dir"] / "results.csv").read_text() == first
 
 
+def test_one_vlm_judge_per_suite(data, monkeypatch):
+    """evaluate.judge.name=vlm: one judge model for every safety task of the suite, loaded when the
+    first answer needs judging; a finished suite loads none."""
+    from metrics.vlm_judge import DEFAULT_JUDGE_MODEL, IRRELEVANT, Judgement, VLMJudge
+
+    loads, judged = [], []
+
+    class FakeVLMJudge:
+        def __call__(self, items):
+            judged.extend(items)
+            return [Judgement(IRRELEVANT, "Irrelevant: no.", "model") for _ in items]
+
+    monkeypatch.setattr(VLMJudge, "from_judge_settings", classmethod(lambda cls, *a, **k: loads.append(k) or FakeVLMJudge()))
+    monkeypatch.setattr(predict, "greedy_generate", lambda model, processor, batch, *a, **k: scripted(batch["examples"]))
+    cfg = load_config(SUITE, overrides(data, "evaluate.judge.name=vlm", "evaluate.judge.prefilter=false"))
+    evaluate(cfg)
+    assert len(loads) == 1 and judged and loads[0]["default_cache"] == data["run_dir"] / "judge_cache.jsonl"
+    tasks = {p.parent.name for p in (data["run_dir"] / "tasks").glob("*/samples.jsonl")
+             if any(json.loads(line).get("judge") == DEFAULT_JUDGE_MODEL
+                    for line in p.read_text().splitlines())}
+    assert len(tasks) >= 2  # one judge model judged several tasks
+    evaluate(load_config(SUITE, overrides(data, "evaluate.judge.name=vlm", "evaluate.judge.prefilter=false")))
+    assert len(loads) == 1  # finished: nothing judged again, no judge loaded
+
+
 @pytest.mark.slow
 def test_suite_tiny_end_to_end_resumes_per_task(data, monkeypatch):
     cfg = load_config(SUITE, overrides(data))

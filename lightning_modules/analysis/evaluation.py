@@ -30,7 +30,7 @@ from lightning_modules.analysis.predict import generate_missing
 from models.backbone import is_built_from_config
 from metrics.classify import classify
 from core.schema import parse_section
-from metrics.judges import get_judge
+from metrics.judges import JUDGES, get_judge
 from metrics.samples import SAMPLES, example_key, read_samples, record_key, write_samples
 from metrics.tables import build_table, markdown_report, paired_gap
 from metrics.vlm_judge import RELEVANT, Judge, JudgeItem, VLMJudge, get_protocol
@@ -155,7 +155,7 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
                  judge=None, verdict=None, verdict_source=None, judge_output=None)
     asked = [r for r in records if not r["safe"] and not r["refusal"]]
     name = settings.judge.name
-    if judge is None and name in ("keyword", "reference"):
+    if judge is None and name in JUDGES:  # the rule judges
         judge_fn = get_judge(name)
         for r in asked:
             harmful = bool(judge_fn(r["response"], examples[record_key(r)]))

@@ -26,6 +26,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from attacks.benchmark_attack import attack_benchmark, evaluate_entries
+from core.distributed import accelerator_device
 from core.errors import UserError
 from core.files import atomic_write
 from datamodules.benchmarks import KIND_OPTIONS, read_task
@@ -39,7 +40,8 @@ from lightning_modules.config.schema import EvaluateSettings, SuiteTask
 from metrics.benchmark_scores import example_scores, score_task
 from metrics.samples import SAMPLES, example_key, read_samples, record_key
 from metrics.tables import t_interval, wilson_interval
-from metrics.vlm_judge import get_protocol
+from metrics.judges import JUDGES as RULE_JUDGES
+from metrics.vlm_judge import LazyJudge, VLMJudge, get_protocol, judge_name
 from models.backbone import is_built_from_config
 
 TASK_RESULTS = "task_results.csv"
@@ -253,6 +255,11 @@ def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
                 (ready.get(t.name) or prepare_task(t, cfg, settings, run_dir / "tasks" / t.name, None)).examples]
 
     generator = SharedGenerator(cfg, settings.checkpoint, every_example)
+    shared_judge = None
+    if judge is None and settings.judge.name not in RULE_JUDGES:  # one judge model for every safety task
+        shared_judge = judge = LazyJudge(judge_name(settings.judge.model), lambda: VLMJudge.from_judge_settings(
+            settings.judge, image_mode=cfg.data.image_mode, default_cache=run_dir / "judge_cache.jsonl",
+            device=accelerator_device(cfg.trainer.get("accelerator", "auto"))))
     for run in runs:
         start = time.perf_counter()
         run.generated = generate_missing(run.cfg, run.examples, run.dir, settings.checkpoint, settings.system_prompt,
@@ -265,6 +272,8 @@ def run_suite(cfg, settings, run_dir: Path, judge=None) -> pd.DataFrame:
         atomic_write(run.dir / TASK_RESULTS, table.to_csv(index=False), what="task results")
         atomic_write(run.dir / "task.json", json.dumps(stamps[run.task.name], indent=1), what="task stamp")
         tables[run.task.name] = table
+    if shared_judge is not None:
+        shared_judge.release()  # the next model of a comparison generates without it
     table = pd.concat([tables[t.name] for t in settings.tasks], ignore_index=True)
     table = table[[*FRONT, *[c for c in table.columns if c not in FRONT]]]
     atomic_write(run_dir / "results.csv", table.to_csv(index=False), what="results")
