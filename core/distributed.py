@@ -3,6 +3,7 @@ sharded (every forward a collective), and gathering Python objects from all rank
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -52,3 +53,11 @@ def accelerator_device(accelerator: str = "auto") -> torch.device:
     if torch.cuda.is_available() and str(accelerator) != "cpu":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def free_memory() -> None:
+    """Hand a released model's memory back before the next model loads (a judge after the
+    generator, one harvest generator after another)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -5,17 +5,15 @@ tasks (`SharedGenerator`)."""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from core.checkpoints import read_checkpoint
-from core.distributed import shards_parameters
+from core.distributed import free_memory, shards_parameters
 from core.errors import UserError
 from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from core.generation import greedy_generate
@@ -105,12 +103,6 @@ class SharedGenerator:
     def release(self) -> None:
         self.module = None
         free_memory()
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the judge model comes next
 
 
 def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Optional[str] = None,

@@ -16,7 +16,6 @@ file. Run by assembly (`data.forget_retain.forget_source=harvest`) or alone
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 from dataclasses import replace
@@ -27,7 +26,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import OmegaConf
 
-from core.distributed import accelerator_device, gather_objects, rank_and_world
+from core.distributed import accelerator_device, free_memory, gather_objects, rank_and_world
 from core.errors import UserError
 from core.files import atomic_write, file_lock
 from core.generation import greedy_generate
@@ -89,12 +88,6 @@ def _generate(model, processor, candidates: list[Example], datamodule) -> list[s
     return [r["response"] for r in sorted(gather_objects(rows), key=lambda r: r["index"])]
 
 
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _generator_answers(module, name: Optional[str], candidates: list[Example], datamodule) -> list[str]:
     """One generator's answers to every candidate: the run's model (name None), or a model loaded
     with the run's model settings, its answers cached on their own (a VLGuard-format file)."""
@@ -115,7 +108,7 @@ def _generator_answers(module, name: Optional[str], candidates: list[Example], d
     model.to(harvest_device(module)).eval()
     responses = _generate(model, processor, candidates, datamodule)
     del model
-    _free_memory()
+    free_memory()
     if rank_and_world()[0] == 0:
         atomic_write(path, json.dumps([_record(ex, r) for ex, r in zip(candidates, responses)], indent=1),
                      what="harvest cache")
@@ -194,7 +187,7 @@ def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> t
         chosen, report = choose_answers(module, candidates, answers, judge,
                                         keep_all=datamodule.fr.get("harvest_keep", "harmful") == "all")
         del judge
-        _free_memory()
+        free_memory()
         kept = [_record(ex, text) for ex, text in zip(candidates, chosen) if text is not None]
         report.update(file=str(path), generators=[g or "the run's model" for g in generators],
                       selection=datamodule.fr.get("judge_model") or "the run's judge")
