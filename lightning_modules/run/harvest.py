@@ -131,16 +131,19 @@ def choose_answers(module, candidates: list[Example], answers: list[list[str]], 
                    keep_all: bool = False) -> tuple[list[Optional[str]], dict]:
     """One answer per query (None: left out) from `answers[generator][query]`, and a report. The
     judge's pick, else the first answer the run's judge marks harmful (`keep_all`: else the first)."""
-    verdicts = [module.judge_batch(candidates, gen)[0] for gen in answers]
+    picks = [judge_choice(judge, image_label(ex), [gen[q] for gen in answers]) if judge is not None else None
+             for q, ex in enumerate(candidates)]
+    # The run's judge (a VLM with eval.judge=vlm) only where the selection judge did not choose.
+    ruled = [q for q, g in enumerate(picks) if g is None]
+    verdicts = [dict(zip(ruled, module.judge_batch([candidates[q] for q in ruled], [gen[q] for q in ruled])[0]))
+                for gen in answers] if ruled else []
     chosen, picked = [], [0] * len(answers)
-    report = {"candidates": len(candidates), "harmful": 0, "refused": 0, "other": 0, "judge_unparsed": 0}
-    for q, ex in enumerate(candidates):
-        options = [gen[q] for gen in answers]
-        g = judge_choice(judge, image_label(ex), options) if judge is not None else None
-        report["judge_unparsed"] += judge is not None and g is None
+    report = {"candidates": len(candidates), "harmful": 0, "refused": 0, "other": 0,
+              "judge_unparsed": len(ruled) if judge is not None else 0}
+    for q, g in enumerate(picks):
         if g is None:
             g = next((i for i, v in enumerate(verdicts) if v[q].harmful), 0 if keep_all else None)
-        chosen.append(None if g is None else options[g])
+        chosen.append(None if g is None else answers[g][q])
         if g is not None:
             picked[g] += 1
         # kept / every generator refused / left out for another reason (off-topic, harmless)
