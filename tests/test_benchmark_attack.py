@@ -275,17 +275,10 @@ def test_attacks_a_converted_benchmark(files, tmp_path):
 def test_cli_paraphrase_mode_with_a_tiny_model(files, tmp_path, capsys):
     """--mode paraphrase --model DIR through the Auto classes (a random tiny Llama: its lines rarely
     start with the cue, so the rule rewrites fill in, and the command counts both)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_lm import save_tiny_lm
 
-    from models.tiny import train_tokenizer
-
-    tok = train_tokenizer([r["instr-resp"][0].get("instruction", "") for r in benchmark_records()] + ["Which Provide"])
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    save_tiny_lm(tmp_path / "lm", [r["instr-resp"][0].get("instruction", "") for r in benchmark_records()]
+                 + ["Which Provide"])
     main(["--train", str(files["train"]), "--benchmark", str(files["bench"]), "--mode", "paraphrase",
           "--model", str(tmp_path / "lm"), "--out", str(tmp_path / "para")])
     out = capsys.readouterr().out

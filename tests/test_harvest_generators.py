@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import models.backbone as backbone
 import models.chat_judge as chat_judge
@@ -24,9 +23,9 @@ from lightning_modules.methods.ga import GAModule
 from lightning_modules.run.harvest import harvest_forget_set
 from lightning_modules.run.pretrain import corpus_texts
 from models.backbone import build_backbone
-from models.tiny import train_tokenizer
 
 from conftest import SMALL
+from tiny_lm import CHAT_TEMPLATE, JUDGE_TEXTS, save_tiny_lm
 
 OVERRIDES = [*SMALL, "data.world.n_base=20", "data.world.n_safety=24", "data.world.n_val=4", "data.world.n_test=4",
              "data.forget_retain.forget_source=harvest", "data.forget_retain.max_forget=8"]
@@ -123,14 +122,7 @@ def test_the_real_loading_path_with_saved_toy_generators_and_a_toy_chat_judge(se
         directories.append(tmp_path / f"gen{seed}")
         model.save_pretrained(directories[-1])
         processor.save_pretrained(directories[-1])
-    tok = train_tokenizer(["For the image here are several responses 1 2 Please respond with only the number"])
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
-    llama = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(llama).save_pretrained(tmp_path / "judge")
-    tok.save_pretrained(tmp_path / "judge")
+    save_tiny_lm(tmp_path / "judge", JUDGE_TEXTS, CHAT_TEMPLATE)
     # The rule's part: every answer counts as harmful here (random models write no harmful keyword),
     # so each query keeps the judge's pick or, when it names none, the first generator's answer.
     monkeypatch.setattr(module, "judge_batch", lambda exs, answers: (

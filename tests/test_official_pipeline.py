@@ -141,21 +141,11 @@ def test_the_judge_reply_parsed_as_the_official_rule_except_out_of_range(reply, 
 
 
 def test_the_real_judge_loading_path_with_a_tiny_chat_model(tmp_path):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_lm import CHAT_TEMPLATE, JUDGE_TEXTS, save_tiny_lm
 
     from models.chat_judge import ChatJudge
-    from models.tiny import train_tokenizer
 
-    tok = train_tokenizer(["For the image here are several responses 1 2 Please respond with only the number"])
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "judge")
-    tok.save_pretrained(tmp_path / "judge")
+    save_tiny_lm(tmp_path / "judge", JUDGE_TEXTS, CHAT_TEMPLATE)
     judge = ChatJudge.from_pretrained(str(tmp_path / "judge"), dtype="float32", max_new_tokens=4)
     reply = judge(official.judge_conversation("x.png", ["one", "two"]))
     assert isinstance(reply, str) and reply == judge(official.judge_conversation("x.png", ["one", "two"]))

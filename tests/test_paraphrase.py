@@ -20,10 +20,12 @@ def test_parse_rewrites_keeps_cue_lines_only():
     assert parse_rewrites(one_line, "What", 2) == ["What is it for?", "What does it do?"]
 
 
+TEXTS = [PROMPT.format(cue="Share", k=3, text=SOURCE), SOURCE,
+         "1. share the main purpose of the tool. 2. share the purpose of this tool. 3. what is it"]
+
+
 def tokenizer():
-    words = [PROMPT.format(cue="Share", k=3, text=SOURCE), SOURCE,
-             "1. share the main purpose of the tool. 2. share the purpose of this tool. 3. what is it"]
-    tok = train_tokenizer(words)
+    tok = train_tokenizer(TEXTS)
     tok.chat_template = CHAT
     return tok
 
@@ -71,15 +73,9 @@ def test_model_answers_then_grammatical_fallback():
 @pytest.mark.slow
 def test_tiny_causal_lm_from_config(tmp_path):
     """The Auto-class path end to end with a random tiny Llama: whatever it writes, K rewrites come back."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_lm import save_tiny_lm
 
-    tok = tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    save_tiny_lm(tmp_path, TEXTS, CHAT)
     para = Paraphraser.from_pretrained(str(tmp_path), dtype="float32", max_new_tokens=12)
     assert type(para.model).__name__ == "LlamaForCausalLM"
     out = para.rewrites(SOURCE, "Share", 3)
