@@ -43,6 +43,18 @@ def small_overrides(tmp_path_factory) -> list[str]:
     return SMALL + [f"paths.cache={cache}", f"run_dir={run_dir}"]
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread: on a shared, loaded 2-core machine its 2-thread kernels made tiny
+    generation ~100x slower. Files that generate use it for every test (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def no_run_dir_between_tests():
     """`run_dirs.prepare_run_dir` exports the chosen run dir for DDP children and locks it. Tests that call

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from attacks import grammar
@@ -218,13 +217,6 @@ def test_cli_prints_cues_files_and_the_evaluate_command(files, capsys):
                         "configs/evaluate/vlguard_paper.yaml", "model.name_or_path=MODEL"]
     assert args[6] == f"data.image_dir={files['bench'].parent}"  # written elsewhere: images resolve as the clean file's
 
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -25,12 +25,7 @@ WORDS = ("user : assistant : what is in the image ? it is a cat . how many cats 
 HIDDEN, CLIP_HIDDEN, LAYERS = 32, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vicuna_like_tokenizer() -> PreTrainedTokenizerFast:

@@ -38,13 +38,7 @@ def _write(path: Path, records) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared, loaded 2-core machine torch's 2-thread kernels made tiny generation ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from models.backbone import build_tiny
@@ -25,12 +24,7 @@ TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=6
                   vision_layers=1, vision_heads=2, image_size=16, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_evaluate.py: 2 threads on a loaded 2-core box crawl
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
