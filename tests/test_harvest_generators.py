@@ -142,13 +142,9 @@ def test_the_real_loading_path_with_saved_toy_generators_and_a_toy_chat_judge(se
 
 def test_official_halves_unsafes_only(setup, tmp_path):
     """forget_halves=unsafes keeps the safe=false records' queries of a prepared forget_queries.json."""
-    from vlguard_fixture import write_vlguard_raw
+    from vlguard_fixture import prepared_vlguard
 
-    from datamodules import vlguard
-
-    raw = write_vlguard_raw(tmp_path / "raw", n_train=30, n_test=6)
-    vlguard.prepare(raw, tmp_path / "prep", val_fraction=0.2)
-    base = ["data=vlguard", f"data.root={tmp_path / 'prep'}", "data.forget_retain.forget_source=harvest"]
+    base = ["data=vlguard", f"data.root={prepared_vlguard(tmp_path)}", "data.forget_retain.forget_source=harvest"]
     counts = {}
     for halves in ("both", "unsafes"):
         c = load_config("configs/experiment/vlguard_npo.yaml", [*base, f"data.forget_retain.forget_halves={halves}"])

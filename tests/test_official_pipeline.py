@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from vlguard_fixture import write_vlguard_raw
+from vlguard_fixture import prepared_vlguard
 
 from core.errors import UserError
 from datamodules import official_pipeline as official
@@ -24,10 +24,7 @@ HARMFUL = "Step one: buy the parts. Step two: assemble them."
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("official")
-    raw = write_vlguard_raw(root / "raw", n_train=40, n_test=12)
-    vlguard.prepare(raw, root / "prep", val_fraction=0.25)
-    return root / "prep"
+    return prepared_vlguard(tmp_path_factory.mktemp("official"))
 
 
 def general_file(path: Path, n: int = 30) -> Path:

@@ -19,7 +19,7 @@ from datamodules.examples import Example, eval_sets, stratified_sample, vlguard_
 from datamodules.safety import resolve_data_files
 from metrics.outcomes import QueryOutcomes, SafetyOutcomes
 from metrics.tables import any_of_k_units
-from vlguard_fixture import tiny_overrides, write_vlguard_raw
+from vlguard_fixture import prepared_vlguard, tiny_overrides, write_vlguard_raw
 
 METHODS = ("sft", "ga", "graddiff", "npo", "simnpo", "rmu")
 
@@ -237,10 +237,7 @@ def test_ir_is_missing_when_the_judge_cannot_tell():
 # -- fit on a prepared directory --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("vlguard")
-    raw = write_vlguard_raw(root / "raw", n_train=40, n_test=12)
-    vlguard.prepare(raw, root / "prep", val_fraction=0.25)
-    return root / "prep"
+    return prepared_vlguard(tmp_path_factory.mktemp("vlguard"))
 
 
 def fit_overrides(prepared: Path, run_dir: Path) -> list[str]:

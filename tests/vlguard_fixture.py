@@ -125,3 +125,13 @@ def write_vlguard_raw(root: Path, n_train: int = 40, n_test: int = 12, image_siz
                 records[-1]["id"] = records[missing + corrupt]["id"]
         (root / f"{split}.json").write_text(json.dumps(records, indent=1))
     return root
+
+
+def prepared_vlguard(root: Path, val_fraction: float = 0.25) -> Path:
+    """A raw VLGuard folder (40 train, 12 test records) prepared as `python -m datamodules.vlguard
+    prepare` leaves it (data.root)."""
+    from datamodules import vlguard
+
+    vlguard.prepare(write_vlguard_raw(Path(root) / "raw", n_train=40, n_test=12), Path(root) / "prep",
+                    val_fraction=val_fraction)
+    return Path(root) / "prep"
