@@ -221,11 +221,16 @@ def prepare_files(cfg, settings: EvaluateSettings, run_dir: Path, fingerprint: d
     samples.jsonl, the generation fingerprint of a resumed run); writes config.yaml."""
     L.seed_everything(cfg.seed, verbose=False)
     examples = load_examples(settings, cfg)
-    check_images(examples, cfg.data.image_mode)  # a missing picture fails now, not mid-generation
-    read_samples(run_dir / SAMPLES, repair=False)  # a line that is no sample fails before anything is written
-    check_fingerprint(run_dir, fingerprint)
+    check_before_generating(examples, cfg.data.image_mode, run_dir, fingerprint)
     atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="run config")
     return examples
+
+
+def check_before_generating(examples: list[Example], image_mode: str, run_dir: Path, fingerprint: dict) -> None:
+    """What would otherwise fail mid-generation or mix two runs' answers, checked first."""
+    check_images(examples, image_mode)  # a missing picture fails now, not mid-generation
+    read_samples(run_dir / SAMPLES, repair=False)  # a line that is no sample fails before anything is written
+    check_fingerprint(run_dir, fingerprint)
 
 
 def judge_and_tabulate(cfg, settings: EvaluateSettings, run_dir: Path, examples: list[Example],

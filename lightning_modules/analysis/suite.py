@@ -30,9 +30,8 @@ from core.distributed import accelerator_device
 from core.errors import UserError
 from core.files import atomic_write
 from datamodules.benchmarks import KIND_OPTIONS, read_task
-from datamodules.collate import check_images
 from datamodules.examples import Example
-from lightning_modules.analysis.evaluation import (check_fingerprint, generation_fingerprint, judge_and_tabulate,
+from lightning_modules.analysis.evaluation import (check_before_generating, generation_fingerprint, judge_and_tabulate,
                                                    load_examples, parse_settings, prepare_files)
 from lightning_modules.analysis.predict import SharedGenerator, generate_missing
 from lightning_modules.analysis.suite_tables import FRONT, HEADLINE, family, suite_markdown
@@ -218,9 +217,7 @@ def prepare_task(task, cfg, settings, task_dir: Path, fingerprint: Optional[dict
         return TaskRun(task, task_dir, sub, sub_settings, examples)
     examples = utility_examples(task, cfg, settings)
     if fingerprint:
-        check_images(examples, cfg.data.image_mode)
-        read_samples(task_dir / SAMPLES, repair=False)
-        check_fingerprint(task_dir, fingerprint)
+        check_before_generating(examples, cfg.data.image_mode, task_dir, fingerprint)
     return TaskRun(task, task_dir, cfg, settings, examples)
 
 
