@@ -1,27 +1,41 @@
 """Scoring a utility task's answers: `score_task(kind, examples, responses)` -> rows of metrics,
-"all" first, then one row per category; `example_scores` -> one number per example (for
-bootstrap intervals). The Examples are those `datamodules.benchmarks.read_task` returns.
+"all" first, then one row per category; `headline_units` -> the per-unit values of the headline
+(for intervals). The Examples are those `datamodules.benchmarks.read_task` returns.
 
-| family | metrics | per example |
-|---|---|---|
-| vqa (VQAv2, TextVQA) | vqa_accuracy | the leave-one-out soft score |
-| multiple_choice (ScienceQA-IMG, MMBench) | accuracy, extracted (share of answers a letter was read from) | 1 / 0 |
-| pope | accuracy, precision, recall, f1, yes_ratio | 1 / 0 |
-| mme | accuracy, accuracy_plus (per subtask), perception_score, cognition_score (all row) | 1 / 0 |
+| family | metrics ("all" row) | headline | unit |
+|---|---|---|---|
+| vqa (VQAv2, TextVQA) | vqa_accuracy | vqa_accuracy | a question's soft score |
+| multiple_choice, ScienceQA-IMG | accuracy, extracted (share of answers a letter was read from) | accuracy | a question |
+| multiple_choice, MMBench | accuracy (CircularEval), accuracy_single (the originals, one pass), extracted | accuracy | a question with all its copies |
+| pope | f1_mean (mean of the categories' F1), accuracy, precision, recall, f1, yes_ratio (pooled) | f1_mean | (bootstrap) |
+| mme | accuracy; perception_score, cognition_score; per subtask accuracy_plus, score | accuracy | a question |
+
+MMBench's CircularEval (lmms-eval `tasks/mmbench/mmbench_evals.py:275-304`, `eval_sub_data`
+:206-234): the dev release holds each question i once as is (index i < 10^6) and again with its
+options rotated (index k * 10^6 + i); a question counts as right only if every row of its group
+is answered with that row's gold letter. The originals scored alone are `accuracy_single`. A
+release without copies gives the same number twice. Category rows follow the original's category.
 
 All metrics are in [0, 1] except MME's scores (0..200 per subtask, summed as MME reports them).
 
-Answers written by LLaVA's own evaluation scripts (JSON lines `{question_id, prompt, text, ...}`,
-in question-file order) are scored with
+Answers written by LLaVA's own evaluation scripts (JSON lines `{question_id, prompt, text, ...}`)
+are scored with
 
     python -m metrics.benchmark_scores KIND PATH --answers ANSWERS.jsonl [--annotations A] [--image-dir D] [--split S]
+
+Each question takes the answer with its question_id (the n-th answer of an id that several
+questions share, MME's image or TextVQA's image id, answers the n-th such question); answers to
+questions outside the task are left out, as LLaVA's ScienceQA script scores the image problems
+out of its answers to every test problem (`eval_science_qa.py:46-63`, "IMG-Accuracy" :99-105).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
-from typing import Sequence
+from collections import Counter, defaultdict
+from typing import Optional, Sequence
+
+import numpy as np
 
 import pandas as pd
 
@@ -29,7 +43,7 @@ from core.errors import UserError, cli_main
 from core.records import read_jsonl
 from datamodules.benchmarks import TASK_KINDS, UTILITY_KINDS, read_task
 from datamodules.examples import Example
-from metrics.multiple_choice import extract_choice
+from metrics.multiple_choice import read_letter
 from metrics.vqa_accuracy import vqa_score
 from metrics.yes_no import mme_answer, mme_scores, pope_answer, pope_scores
 
@@ -61,19 +75,76 @@ def example_scores(kind: str, examples: Sequence[Example], responses: Sequence[s
     if family == "vqa":
         return [vqa_score(r, ex.extra["answers"], always_normalize=kind == "textvqa") for ex, r in zip(examples, responses)]
     if family == "multiple_choice":
-        return [float(extract_choice(r, ex.extra["options"]) == ex.answer) for ex, r in zip(examples, responses)]
+        return [float(read_letter(kind, r, ex.extra["options"]) == ex.answer) for ex, r in zip(examples, responses)]
     read = pope_answer if family == "pope" else mme_answer
     return [float(read(r) == ex.answer) for ex, r in zip(examples, responses)]
 
 
-def _rows(examples: Sequence[Example], score) -> dict[str, dict[str, float]]:
-    """score(indices) -> metrics, for all examples and per category."""
+def _rows(examples: Sequence[Example], score, members: Optional[Sequence[int]] = None) -> dict[str, dict[str, float]]:
+    """score(indices) -> metrics, for all examples (or `members`) and per category."""
+    members = range(len(examples)) if members is None else members
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        if ex.category:
-            groups[ex.category].append(i)
-    rows = {"all": score(list(range(len(examples))))}
+    for i in members:
+        if examples[i].category:
+            groups[examples[i].category].append(i)
+    rows = {"all": score(list(members))}
     return rows | {c: score(groups[c]) for c in sorted(groups)}
+
+
+def circular_groups(examples: Sequence[Example]) -> dict[int, list[int]]:
+    """MMBench: the original's position -> positions of every row of its group (itself first).
+    A group whose original is not among the examples is not scored (as mmbench_evals.py:275)."""
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_group[str(ex.extra.get("group", ex.id))].append(i)
+    originals = {}
+    for members in by_group.values():
+        first = [i for i in members if int(examples[i].id) < 10**6]
+        if len(first) > 1:
+            raise UserError(f"mmbench: questions {', '.join(examples[i].id for i in first)} are originals of one group")
+        if first:
+            originals[first[0]] = first + [i for i in members if i != first[0]]
+    return originals
+
+
+def headline_units(kind: str, examples: Sequence[Example], responses: Sequence[str]) -> list[tuple[Optional[str], float]]:
+    """(category, value) per unit the headline averages (the table above); [] for POPE's mean F1."""
+    family, per_example = _family(kind), example_scores(kind, examples, responses)
+    if family == "pope":
+        return []
+    if kind == "mmbench":
+        return [(examples[o].category, float(all(per_example[i] for i in rows)))
+                for o, rows in circular_groups(examples).items()]
+    return [(ex.category, s) for ex, s in zip(examples, per_example)]
+
+
+def _pope_rows(examples: Sequence[Example], responses: Sequence[str]) -> dict[str, dict[str, float]]:
+    rows = _rows(examples, lambda ix: pope_scores([responses[i] for i in ix], [examples[i].answer for i in ix]))
+    categories = [c for c in rows if c != "all"]
+    f1s = [rows[c]["f1"] for c in categories] or [rows["all"]["f1"]]
+    rows["all"] = {"f1_mean": sum(f1s) / len(f1s), **rows["all"]}  # LLaVA-1.5's POPE number
+    return rows
+
+
+def pope_f1_interval(examples: Sequence[Example], responses: Sequence[str], n_resamples: int, seed: int,
+                     confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap of `f1_mean`, questions resampled within each category."""
+    rng, stats = np.random.default_rng(seed), []
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_cat[ex.category or ""].append(i)
+    arrays = [(np.array([pope_answer(responses[i]) == "yes" for i in ix]), np.array([examples[i].answer == "yes" for i in ix]))
+              for ix in by_cat.values()]
+    for _ in range(n_resamples):
+        f1s = []
+        for pred, gold in arrays:
+            pick = rng.integers(0, len(pred), len(pred))
+            p, g = pred[pick], gold[pick]
+            tp, fp, fn = (p & g).sum(), (p & ~g).sum(), (~p & g).sum()
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        stats.append(sum(f1s) / len(f1s))
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
 def score_task(kind: str, examples: Sequence[Example], responses: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -82,27 +153,53 @@ def score_task(kind: str, examples: Sequence[Example], responses: Sequence[str])
     if family == "vqa":
         return _rows(examples, lambda ix: {"vqa_accuracy": sum(per_example[i] for i in ix) / len(ix)})
     if family == "multiple_choice":
-        read = [extract_choice(r, ex.extra["options"]) is not None for ex, r in zip(examples, responses)]
-        return _rows(examples, lambda ix: {"accuracy": sum(per_example[i] for i in ix) / len(ix),
-                                           "extracted": sum(read[i] for i in ix) / len(ix)})
+        read = [read_letter(kind, r, ex.extra["options"]) is not None for ex, r in zip(examples, responses)]
+        if kind != "mmbench":
+            return _rows(examples, lambda ix: {"accuracy": sum(per_example[i] for i in ix) / len(ix),
+                                               "extracted": sum(read[i] for i in ix) / len(ix)})
+        groups = circular_groups(examples)
+        if not groups:
+            raise UserError("mmbench: no original questions (index < 1000000) among the examples to score")
+        hit = {o: all(per_example[i] for i in rows) for o, rows in groups.items()}
+        every = lambda ix: [i for o in ix for i in groups[o]]  # noqa: E731
+        return _rows(examples, lambda ix: {"accuracy": sum(hit[o] for o in ix) / len(ix),
+                                           "accuracy_single": sum(per_example[o] for o in ix) / len(ix),
+                                           "extracted": sum(read[i] for i in every(ix)) / len(every(ix))},
+                     members=list(groups))
     if family == "pope":
-        return _rows(examples, lambda ix: pope_scores([responses[i] for i in ix], [examples[i].answer for i in ix]))
+        return _pope_rows(examples, responses)
     return mme_scores(responses, [ex.answer for ex in examples], [ex.category or "" for ex in examples],
                       [ex.extra.get("image_key", ex.id) for ex in examples])
 
 
 def llava_responses(path, examples: Sequence[Example]) -> list[str]:
-    """The `text` of each line of a LLaVA answers file, checked line by line against the questions."""
+    """The `text` answering each question in a LLaVA answers file, matched by question_id (module
+    docstring); without question_ids, line n answers question n."""
     rows = read_jsonl(path, "answers file")
-    if len(rows) != len(examples):
-        raise UserError(f"{path}: {len(rows)} answers for {len(examples)} questions")
-    for n, (row, ex) in enumerate(zip(rows, examples), 1):
+    for n, row in enumerate(rows, 1):
         if not isinstance(row.get("text"), str):
             raise UserError(f"{path}: line {n} has no 'text' answer")
-        if "question_id" in row and str(row["question_id"]) != str(ex.extra.get("question_id")):
-            raise UserError(f"{path}: line {n} answers question_id {row['question_id']!r}, but question {n} "
-                            f"is {ex.extra.get('question_id')!r}; answers must follow the question file's order")
-    return [row["text"] for row in rows]
+    if not all("question_id" in row for row in rows):
+        if len(rows) != len(examples):
+            raise UserError(f"{path}: {len(rows)} answers for {len(examples)} questions (and no question_id to match them by)")
+        return [row["text"] for row in rows]
+    seen: Counter = Counter()
+    answers = {}
+    for row in rows:
+        qid = str(row["question_id"])
+        seen[qid] += 1
+        answers[(qid, seen[qid])] = row["text"]
+    asked: Counter = Counter()
+    out = []
+    for ex in examples:
+        qid = str(ex.extra.get("question_id", ex.id))
+        asked[qid] += 1
+        if (qid, asked[qid]) not in answers:
+            nth = f" (the {asked[qid]}. question with this id)" if asked[qid] > 1 else ""
+            raise UserError(f"{path}: no answer to question_id {qid!r}{nth}; {len(rows)} answers for "
+                            f"{len(examples)} questions")
+        out.append(answers[(qid, asked[qid])])
+    return out
 
 
 def main(argv: list[str]) -> None:

@@ -1,70 +1,97 @@
-"""Multiple-choice accuracy (ScienceQA-IMG, MMBench): which option a free-form answer picks.
+"""Multiple-choice accuracy (ScienceQA-IMG, MMBench): which option letter an answer picks, read
+by each benchmark's own reference rule, nothing more lenient (a lenient reader credits "Not B" or
+"Neither A nor B" to B).
 
 The prompt is LLaVA's (`datamodules.benchmarks.prompts`): the question, one line per option
-("A. text"), then "Answer with the option's letter from the given choices directly." Models
-mostly answer with the letter, but not always in the same way; `extract_choice` reads, in order:
+("A. text"), then "Answer with the option's letter from the given choices directly."
 
-1. the whole answer is a letter: "B", "b", "(B)", "B.", "[B]", "**B**";
-2. the answer starts with a letter and a delimiter: "B. cat", "(B) cat", "B) cat", "B: cat";
-3. a phrase names one letter: "The answer is B.", "Answer: (B)", "the correct option is C";
-4. exactly one option letter stands alone in the answer ("I pick B here"); an "A" followed by a
-   lower-case word is read as the article ("A cat sits ...");
-5. the answer is, or contains as whole words, exactly one option's text ("cat", "It is a cat.");
-   an option contained in a longer matching option ("red" in "dark red") yields to it.
+`scienceqa_letter` -- LLaVA's `llava/eval/eval_science_qa.py` (c121f04), on the answer as written:
 
-Nothing readable (or two letters at the same step) -> None, scored wrong. LLaVA's own ScienceQA
-script accepts only 1, 2 (with ". ") and "The answer is X."; this reader credits the same answers
-and more, never a different letter for them.
+1. the whole answer is one of "A" .. "E" (:65);
+2. else it is at least 3 characters, starts with one of "A" .. "E" and then ". " (:67), e.g. "B. cat";
+3. else the regular expression `The answer is ([A-Z]).` (the "." matches any character) is found
+   exactly once: its letter (:70-73), e.g. "The answer is C. Option A is wrong." -> C;
+4. else no letter ("FAILED", :75).
+A letter beyond the problem's options is wrong (`get_pred_idx`, :32-35). No lower-casing, no
+stripping: "b", " B" and "(B)" read nothing.
+
+`mmbench_letter` -- MMBench's rule-based matching (`can_infer`), as lmms-eval's
+`tasks/mmbench/mmbench_evals.py` runs it before asking ChatGPT:
+
+1. `can_infer_option` (:79-105): split on white space; if exactly one of "A" .. "E" is a whole
+   word, that letter -- unless "A" is a word and there are more than 3 words ("A" may be the
+   article, :94); else, for each wrapping in turn -- "X.", "X,", "X:", "X)", "X).", "(X)", "(X).",
+   ":X", ":X,", ":X.", ":X)", ":X)." -- if exactly one letter appears so wrapped, that letter;
+2. else `can_infer_text` (:107-119): the one option whose lower-cased text occurs in the
+   lower-cased answer, if exactly one does;
+3. else nothing: the official evaluator then asks ChatGPT (:182-203), which is not run here, so
+   the answer is scored wrong; `extracted` in the results is the share read by rules 1-2.
+So "Not B" -> B and "A is correct" -> A (one letter word), "Neither A nor B" and "both A and C" ->
+nothing (two letter words), as the reference reads them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from core.errors import UserError
 
-_WHOLE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:)]?")
-_LEADING = re.compile(r"[(\[]?([A-Z])(?:[)\]]|[.:](?!\w))")
-_PHRASE = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be))?\s*[:\-]?\s*"
-                     r"(?i:option\s+)?[(\[]?([A-Z])\b(?![a-z'])")
-_ALONE = re.compile(r"(?<![\w'])([A-Z])(?![\w'])")
-_ARTICLE_A = re.compile(r"(?<![\w'])A\s+[a-z]")
-_MARKUP = re.compile(r"[*`_]+")
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py:15 (--options default, a list)
+MMBENCH_LETTERS = "ABCDE"  # mmbench_evals.py:79-80 (num_choice=5)
+_SCIENCEQA_PHRASE = re.compile(r"The answer is ([A-Z]).")  # eval_science_qa.py:70
+# mmbench_evals.py:99: the (prefix, suffix) wrappings tried in turn
+_WRAPPINGS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+              (":", ","), (":", "."), (":", ")"), (":", ")."))
 
 
-def _words(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+def scienceqa_letter(response: str, options: Mapping[str, str]) -> Optional[str]:
+    """The letter LLaVA's ScienceQA script reads (module docstring), or None (FAILED or out of range)."""
+    if response in SCIENCEQA_OPTIONS:
+        letter = response
+    elif len(response) >= 3 and response[0] in SCIENCEQA_OPTIONS and response[1:3] == ". ":
+        letter = response[0]
+    else:
+        found = _SCIENCEQA_PHRASE.findall(response)
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter is not None and letter in SCIENCEQA_OPTIONS[:len(options)] else None
 
 
-def extract_choice(response: str, options: Mapping[str, str]) -> Optional[str]:
-    """The option letter a response picks (the module docstring's rules), or None."""
-    letters = set(options)
-    text = _MARKUP.sub("", response).strip().strip("\"'")
-    m = _WHOLE.fullmatch(text)
-    if m and m[1].upper() in letters:
-        return m[1].upper()
-    m = _LEADING.match(text)
-    if m and m[1] in letters:
-        return m[1]
-    for pattern in (_PHRASE, _ALONE):
-        found = {x for x in pattern.findall(text) if x in letters}
-        if pattern is _ALONE and "A" in found and _ARTICLE_A.search(text):
-            found.discard("A")
-        if len(found) == 1:
-            return found.pop()
-        if found:
-            return None  # two letters named the same way: no answer
-    said = f" {_words(text)} "
-    hits = {k: _words(v) for k, v in options.items() if _words(v) and f" {_words(v)} " in said}
-    hits = {k: v for k, v in hits.items() if not any(v != w and f" {v} " in f" {w} " for w in hits.values())}
-    return next(iter(hits)) if len(hits) == 1 else None
+def _one_wrapped(words: list[str], prefix: str, suffix: str) -> Optional[str]:
+    hits = [c for c in MMBENCH_LETTERS if prefix + c + suffix in words]
+    return hits[0] if len(hits) == 1 else None
 
 
-def multiple_choice_accuracy(responses: Sequence[str], golds: Sequence[str],
+def mmbench_letter(response: str, options: Mapping[str, str]) -> Optional[str]:
+    """The letter MMBench's rule-based matching reads (module docstring), or None (it would ask ChatGPT)."""
+    words = response.split()
+    bare = _one_wrapped(words, "", "")
+    if bare is not None and not ("A" in words and len(words) > 3):
+        return bare
+    for prefix, suffix in _WRAPPINGS:
+        letter = _one_wrapped(words, prefix, suffix)
+        if letter is not None:
+            return letter
+    low = response.lower()
+    hits = [k for k, text in options.items() if str(text).lower() in low]
+    return hits[0] if len(hits) == 1 else None
+
+
+LETTER_READERS: dict[str, Callable[[str, Mapping[str, str]], Optional[str]]] = {
+    "scienceqa_img": scienceqa_letter, "mmbench": mmbench_letter}
+
+
+def read_letter(kind: str, response: str, options: Mapping[str, str]) -> Optional[str]:
+    if kind not in LETTER_READERS:
+        raise UserError(f"no letter reader for {kind!r}; choose from {', '.join(LETTER_READERS)}")
+    return LETTER_READERS[kind](response, options)
+
+
+def multiple_choice_accuracy(kind: str, responses: Sequence[str], golds: Sequence[str],
                              options: Sequence[Mapping[str, str]]) -> float:
-    """Share of responses whose extracted letter is the gold letter, in [0, 1]."""
+    """Share of responses whose letter (read by `kind`'s rule) is the gold letter, in [0, 1]; each
+    response scored alone (MMBench's CircularEval is `metrics.benchmark_scores.score_task`'s)."""
     if not (len(responses) == len(golds) == len(options)) or not responses:
         raise UserError(f"multiple_choice_accuracy: {len(responses)} responses, {len(golds)} gold letters, "
                         f"{len(options)} option sets")
-    return sum(extract_choice(r, o) == g for r, g, o in zip(responses, golds, options)) / len(responses)
+    return sum(read_letter(kind, r, o) == g for r, g, o in zip(responses, golds, options)) / len(responses)

@@ -12,7 +12,9 @@ TextVQA's M4C evaluator and lmms-eval all use):
 
 Score of one answer against the human answers (ten per question): for each human answer left
 out in turn, min(#other humans who gave the answer / 3, 1); the mean over the leave-one-out
-subsets. With ten humans: 1 match 0.3, 2 matches 0.6, 3 matches 0.9, 4 or more 1.0.
+subsets. With ten humans: 1 match 0.3, 2 matches 0.6, 3 matches 0.9, 4 or more 1.0. The same rule
+with fewer references (LLaVA's `m4c_evaluator.py:237-244`, lmms-eval's `textvqa/utils.py:27-32`):
+one reference gives 0.0 whether it matches or not (no other answer remains to agree with).
 
 VQAv2's own evaluation normalises the human answers (steps 2-5) only when they disagree;
 TextVQA's normalises them always (`always_normalize=True`). The prediction is always normalised.
@@ -91,8 +93,8 @@ def vqa_score(prediction: str, answers: Sequence[str], always_normalize: bool = 
         pred = normalize_words(strip_punctuation(pred))
     matches = [r == pred for r in refs]
     total = sum(matches)
-    if len(refs) == 1:
-        return float(total)  # one reference: nothing to leave out
+    # each reference left out in turn, the others counted (m4c_evaluator.py:237-244): with a single
+    # reference nothing is left to count, so the official score is 0.0 even for a matching answer
     return sum(min(1.0, (total - m) / 3) for m in matches) / len(refs)
 
 

@@ -2,16 +2,23 @@
 
 Reading an answer as yes or no follows each benchmark's own evaluation:
 
-- POPE (`pope_answer`, its evaluate script as LLaVA runs it): keep the first sentence (up to the
-  first "."), drop commas, split on spaces; "No", "no" or "not" among the words -> no, else yes.
-- MME (`mme_answer`, its calculation script): lower-case, drop periods; "yes" / "no" exactly, or
-  "yes" / "no" within the first four characters; anything else is "other" (always wrong).
+- POPE (`pope_answer`, LLaVA's `llava/eval/eval_pope.py:11-20` at c121f04): keep the first
+  sentence (up to the first "."), drop commas, split on spaces; "No", "no" or "not" among the words
+  -> no, else yes.
+- MME (`mme_answer`, MME's `eval_tool/calculation.py`, `process_result` and `parse_pred_ans`):
+  lower-case only (no stripping, periods kept); "yes" / "no" exactly, else "yes" within the first
+  four characters, else "no" within them; anything else is "other" (always wrong). A lone "y" is
+  "other" (lmms-eval's parser, which strips and maps "y"/"n", differs here). LLaVA's answers reach
+  it already stripped (`model_vqa_loader.py:116`).
 
 POPE's metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the share
-of "yes" answers. A precision, recall or F1 with a zero denominator is 0.0 (the script divides by
-zero). MME scores each subtask as accuracy (per question) and accuracy+ (per image: all of its
-questions, two in MME, answered right); its score is 100 x (accuracy + accuracy+), 0..200, and the
-perception / cognition scores are the sums over the 10 / 4 subtasks present.
+of "yes" answers (eval_pope.py:35-61), per category as LLaVA's script prints them
+(eval_pope.py:74-80). LLaVA-1.5 reports the mean of the three categories' F1 (`f1_mean`); the
+pooled metrics over all questions are kept beside it. A precision, recall or F1 with a zero
+denominator is 0.0 (the script divides by zero). MME scores each subtask as accuracy (per
+question) and accuracy+ (per image: all of its questions, two in MME, answered right); its score
+is 100 x (accuracy + accuracy+), 0..200, and the perception / cognition scores are the sums over
+the 10 / 4 subtasks present.
 """
 
 from __future__ import annotations
@@ -39,12 +46,10 @@ def pope_answer(response: str) -> str:
 
 
 def mme_answer(response: str) -> str:
-    text = response.lower().strip().replace(".", "")
+    text = response.lower()  # calculation.py lower-cases the answer and nothing else
     if text in ("yes", "no"):
         return text
-    if len(text) == 1:
-        return {"y": "yes", "n": "no"}.get(text, "other")
-    head = text[:4]
+    head = text[:4]  # parse_pred_ans: the first four characters
     return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
@@ -54,7 +59,7 @@ def _check(n_responses: int, n_labels: int, what: str) -> None:
 
 
 def pope_scores(responses: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """accuracy, precision, recall, f1, yes_ratio (all in [0, 1])."""
+    """accuracy, precision, recall, f1, yes_ratio (all in [0, 1]) over the given questions, pooled."""
     _check(len(responses), len(labels), "pope_scores")
     preds = [pope_answer(r) for r in responses]
     golds = [_label(g, f"POPE question {i}") for i, g in enumerate(labels)]

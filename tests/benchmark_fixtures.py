@@ -50,21 +50,102 @@ def lmms_lab_releases(root: Path) -> dict[str, Path]:
              "hint": "Look at the animals.", "subject": "natural science"},
             {"question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1, "hint": "",
              "subject": "natural science"}]),
-        "mmbench": write_parquet(root / "MMBench" / "en" / "dev-00000-of-00001.parquet", [
-            {"index": 101, "question": "What is shown?", "hint": None, "A": "a cat", "B": "a dog", "C": "a bird",
-             "D": None, "answer": "B", "category": "image_scene", "L2-category": "coarse", "source": "x",
-             "split": "dev"}]),
-        "pope": write_parquet(root / "POPE" / "test-00000-of-00001.parquet", [
-            {"id": "0", "question_id": "1", "question": "Is there a dog in the image?", "answer": "yes",
-             "image_source": "COCO_val2014_1", "category": "adversarial"},
-            {"id": "1", "question_id": "2", "question": "Is there a cat in the image?", "answer": "no",
-             "image_source": "COCO_val2014_1", "category": "random"}]),
+        "mmbench": write_parquet(root / "MMBench" / "en" / "dev-00000-of-00001.parquet", MMBENCH_DEV),
+        "pope": pope_release(root / "POPE") / "data" / "test-00000-of-00001.parquet",
         "mme": write_parquet(root / "MME" / "test-00000-of-00001.parquet", [
             {"question_id": "code_reasoning/0020.png", "question": "Is the output 5? Please answer yes or no.",
              "answer": "Yes", "category": "code_reasoning"},
-            {"question_id": "code_reasoning/0020.png", "question": "Is the output 6? Please answer yes or no.",
+            {"question_id": "code_reasoning/0020.png", "question": "Is the output 6?  Please answer yes or no.",
              "answer": "No", "category": "code_reasoning"}]),
     }
+
+
+def _mmb(index, options, answer, category="image_scene"):
+    opts = dict(zip("ABCD", options + [None] * (4 - len(options))))
+    return {"index": index, "question": "What is shown?", "hint": None, **opts, "answer": answer, "category": category,
+            "L2-category": "coarse", "source": "x", "split": "dev"}
+
+
+# MMBench's dev release as lmms-lab publishes it: each question i (index < 10^6) and its
+# CircularEval copies at k * 10^6 + i, the options rotated and the gold letter moved with them.
+MMBENCH_DEV = [
+    _mmb(101, ["a cat", "a dog", "a bird"], "B"),
+    _mmb(102, ["red", "green"], "A", "color"),
+    _mmb(1000101, ["a dog", "a bird", "a cat"], "A"),
+    _mmb(1000102, ["green", "red"], "B", "color"),
+    _mmb(2000101, ["a bird", "a cat", "a dog"], "C"),
+]
+
+POPE_ROWS = [  # lmms-lab/POPE columns; three categories
+    {"id": str(i), "question_id": str(i + 1), "question": f"Is there a {obj} in the image?", "answer": ans,
+     "image_source": f"COCO_val2014_{i}", "category": cat}
+    for i, (obj, ans, cat) in enumerate([("dog", "yes", "adversarial"), ("cat", "no", "adversarial"),
+                                         ("car", "yes", "popular"), ("bus", "no", "popular"),
+                                         ("cup", "yes", "random"), ("pen", "no", "random")])]
+
+
+def pope_release(root: Path) -> Path:
+    """lmms-lab/POPE's layout: the default configuration in data/, and the same questions again,
+    one file per category, in Full/."""
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", POPE_ROWS)
+    for cat in ("adversarial", "popular", "random"):
+        write_parquet(root / "Full" / f"{cat}-00000-of-00001.parquet", [r for r in POPE_ROWS if r["category"] == cat])
+    return root
+
+
+# MME's own answer files hold "question<TAB>answer"; one image's second question has the double
+# space some MME files have. LLaVA's llava_mme.jsonl asks "<question>\nAnswer the question using a
+# single word or phrase." with " Please answer yes or no." removed.
+MME_FILES = {("existence", "000000006040"): [("Is there a train in this image? Please answer yes or no.", "Yes"),
+                                             ("Is there a bed in this image?  Please answer yes or no.", "No")],
+             ("artwork", "10002"): [("Is this artwork created by Bosch? Please answer yes or no.", "Yes"),
+                                    ("Is this artwork created by Bles? Please answer yes or no.", "No")]}
+
+
+def mme_release(root: Path) -> Path:
+    """MME_Benchmark_release_version: `existence/<img>.jpg` with `<img>.txt` beside it, `artwork/images/`
+    with `artwork/questions_answers_YN/` (both layouts occur in MME)."""
+    for (subtask, stem), pairs in MME_FILES.items():
+        nested = subtask == "artwork"
+        save_image(root / subtask / ("images" if nested else "") / f"{stem}.jpg")
+        txt = root / subtask / ("questions_answers_YN" if nested else "") / f"{stem}.txt"
+        txt.parent.mkdir(parents=True, exist_ok=True)
+        txt.write_text("".join(f"{q}\t{a}\n" for q, a in pairs), encoding="utf-8")
+    return root
+
+
+def llava_mme_questions(path: Path) -> Path:
+    """LLaVA's llava_mme.jsonl for MME_FILES, in its real text."""
+    rows = [{"question_id": f"{subtask}/{stem}.jpg", "image": f"{subtask}/{stem}.jpg", "category": subtask,
+             "text": q.replace("Please answer yes or no.", "").strip() + "\nAnswer the question using a single word or phrase."}
+            for (subtask, stem), pairs in MME_FILES.items() for q, _ in pairs]
+    return write_jsonl(path, rows)
+
+
+def scienceqa_release(root: Path) -> Path:
+    """ScienceQA's release: problems.json, pid_splits.json, images/test/<pid>/image.png; three test
+    problems, two of them with an image, and one validation problem."""
+    problems = {
+        "4": {"question": "Which is a mammal?", "choices": ["shark", "whale", "trout"], "answer": 1,
+              "hint": "Look at the animals.", "image": "image.png", "subject": "natural science", "split": "test"},
+        "7": {"question": "Which word is a noun?", "choices": ["run", "dog"], "answer": 1, "hint": "",
+              "image": None, "subject": "language science", "split": "test"},
+        "9": {"question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1, "hint": "",
+              "image": "image.png", "subject": "natural science", "split": "test"},
+        "12": {"question": "Which is cold?", "choices": ["ice", "fire"], "answer": 0, "hint": "",
+               "image": "image.png", "subject": "natural science", "split": "val"}}
+    write_json(root / "problems.json", problems)
+    write_json(root / "pid_splits.json", {"test": ["4", "7", "9"], "val": ["12"]})
+    for pid in ("4", "9"):
+        save_image(root / "images" / "test" / pid / "image.png")
+    return root
+
+
+def llava_scienceqa_answers(path: Path, texts: dict[str, str]) -> Path:
+    """LLaVA's ScienceQA answers file (model_vqa_science.py): one line per test problem, image or not."""
+    return write_jsonl(path, [{"question_id": pid, "prompt": ("<image>\n" if pid != "7" else "") + "question",
+                               "text": text, "answer_id": f"a{pid}", "model_id": "llava-v1.5-7b", "metadata": {}}
+                              for pid, text in texts.items()])
 
 
 def save_image(path: Path, size=(10, 8)) -> Path:

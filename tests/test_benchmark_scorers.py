@@ -1,5 +1,6 @@
 """The utility scorers against hand-checked cases: VQA normalisation and leave-one-out accuracy,
-multiple-choice letter extraction, POPE and MME yes/no scoring."""
+the multiple-choice letter readers, POPE and MME yes/no scoring. The cases that check each
+benchmark against its reference's own rule, through `score_task`, are in test_benchmark_reference.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from core.errors import UserError
 from datamodules.benchmarks.prompts import MC_PROMPT, format_question
-from metrics.multiple_choice import extract_choice, multiple_choice_accuracy
+from metrics.multiple_choice import multiple_choice_accuracy, read_letter
 from metrics.vqa_accuracy import normalize_vqa_answer, vqa_accuracy, vqa_score
 from metrics.yes_no import mme_answer, mme_scores, pope_answer, pope_scores
 
@@ -46,6 +47,8 @@ def test_vqa_normaliser_on_the_official_rules(raw, expected):
 
 def test_vqa_leave_one_out_scores():
     ten = lambda *pairs: [a for a, n in pairs for _ in range(n)]  # noqa: E731
+    assert vqa_score("cat", ["cat"]) == 0.0  # one reference: none left to agree (m4c_evaluator.py:237-244)
+    assert vqa_score("cat", ["cat", "cat"]) == pytest.approx(1 / 3)
     assert vqa_score("cat", ten(("cat", 1), ("dog", 9))) == pytest.approx(0.3)
     assert vqa_score("cat", ten(("cat", 2), ("dog", 8))) == pytest.approx(0.6)
     assert vqa_score("cat", ten(("cat", 3), ("dog", 7))) == pytest.approx(0.9)
@@ -70,29 +73,18 @@ def test_vqa_without_references_is_a_user_error():
         vqa_accuracy(["a", "b"], [["a"]])
 
 
-OPTIONS = {"A": "dog", "B": "cat", "C": "dark red", "D": "red"}
-
-
-@pytest.mark.parametrize("response, letter", [
-    ("B", "B"), ("b", "B"), ("(B)", "B"), ("B.", "B"), ("[B]", "B"), ("**B**", "B"), (" B\n", "B"),
-    ("B. cat", "B"), ("(B) cat", "B"), ("B) cat", "B"), ("B: cat", "B"),
-    ("The answer is B.", "B"), ("Answer: (C)", "C"), ("the correct option is D because it is red", "D"),
-    ("I pick B here", "B"),
-    ("A", "A"), ("A cat is in the picture.", "B"),        # "A" as an article, then the option's text
-    ("cat", "B"), ("It is a cat.", "B"), ("Dark red.", "C"), ("red", "D"),
-    ("B and C", None), ("None of these.", None), ("", None), ("E", None),
-])
-def test_extract_choice_reads_every_way_a_model_answers(response, letter):
-    assert extract_choice(response, OPTIONS) == letter
-
-
 def test_multiple_choice_prompt_and_accuracy():
     assert format_question("What is it?", {"A": "dog", "B": "cat"}, hint="A pet.") == \
         f"A pet.\nWhat is it?\nA. dog\nB. cat\n{MC_PROMPT}"
     assert MC_PROMPT == "Answer with the option's letter from the given choices directly."
-    assert multiple_choice_accuracy(["B", "A.", "cat"], ["B", "B", "B"], [OPTIONS] * 3) == pytest.approx(2 / 3)
+    options = {"A": "dog", "B": "cat"}
+    assert multiple_choice_accuracy("scienceqa_img", ["B", "B. cat", "cat"], ["B"] * 3, [options] * 3) == \
+        pytest.approx(2 / 3)  # LLaVA's script reads no option text
+    assert multiple_choice_accuracy("mmbench", ["B", "B. cat", "cat"], ["B"] * 3, [options] * 3) == 1.0
     with pytest.raises(UserError, match="2 responses, 1 gold"):
-        multiple_choice_accuracy(["A", "B"], ["A"], [OPTIONS])
+        multiple_choice_accuracy("mmbench", ["A", "B"], ["A"], [options])
+    with pytest.raises(UserError, match="no letter reader for 'vqav2'"):
+        read_letter("vqav2", "A", options)
 
 
 @pytest.mark.parametrize("response, label", [
@@ -116,8 +108,10 @@ def test_pope_scores_hand_checked():
 
 
 @pytest.mark.parametrize("response, label", [
-    ("Yes", "yes"), ("no.", "no"), ("Yes, it is.", "yes"), ("No, it is not", "no"), ("y", "yes"),
-    ("The answer is yes", "other"), ("Maybe", "other"),
+    ("Yes", "yes"), ("no.", "no"), ("Yes, it is.", "yes"), ("No, it is not", "no"),
+    ("y", "other"), ("n", "other"),     # calculation.py has no one-letter rule (lmms-eval's parser does)
+    (" yes", "yes"), ("  yes", "other"),  # not stripped: the first four characters decide
+    ("The answer is yes", "other"), ("Maybe", "other"), ("Not sure", "no"), ("...yes", "other"),
 ])
 def test_mme_answer_follows_the_official_rule(response, label):
     assert mme_answer(response) == label
@@ -134,3 +128,12 @@ def test_mme_scores_accuracy_plus_and_perception():
     assert rows["code_reasoning"]["score"] == 200.0
     assert rows["all"] == pytest.approx({"accuracy": 5 / 6, "perception_score": 125.0, "cognition_score": 200.0})
     assert list(rows) == ["all", "code_reasoning", "existence"]
+
+
+def test_letter_readers_on_their_own():
+    three = {"A": "shark", "B": "whale", "C": "trout"}
+    assert read_letter("scienceqa_img", "D", three) is None  # beyond the options: get_pred_idx -1
+    assert read_letter("scienceqa_img", "C. trout", three) == "C"
+    assert read_letter("mmbench", "E", three) == "E"  # read, then wrong against any gold of A-C
+    assert read_letter("mmbench", "A B", three) is None
+    assert read_letter("mmbench", "B, because", three) == "B"

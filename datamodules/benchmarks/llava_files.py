@@ -11,7 +11,9 @@ full prompt; the gold answers come from the benchmark's own annotation file (`an
 - POPE: the `coco/` folder of `coco_pope_<category>.json` label files (JSON lines with `label`),
   matched in order within each category, as POPE's script does;
 - MME: the `MME_Benchmark_release_version` folder, whose `<subtask>/[questions_answers_YN/]<image>.txt`
-  files hold "question<TAB>answer" lines.
+  files hold "question<TAB>answer" lines; LLaVA's `llava_mme.jsonl` prompt ("<question>\nAnswer the
+  question using a single word or phrase.") is matched to its question as LLaVA's
+  `convert_answer_to_mme.py` matches it (`mme_question`).
 
 ScienceQA-IMG is read from its own release: `problems.json`, `pid_splits.json` and
 `images/<split>/<pid>/image.png`; the test problems that have an image.
@@ -26,7 +28,7 @@ from typing import Optional
 
 from core.errors import UserError
 from core.records import read_jsonl, read_text
-from datamodules.benchmarks.prompts import LETTERS
+from datamodules.benchmarks.prompts import LETTERS, SHORT_ANSWER
 from datamodules.benchmarks.utility import choice_example, vqa_example, yes_no_example
 from datamodules.examples import Example
 
@@ -111,29 +113,48 @@ def pope_llava(path: Path, image_dir: Optional[Path], annotations=None) -> list[
     return out
 
 
-def _mme_answers(root: Path, subtask: str, image_name: str) -> dict[str, str]:
-    stem = Path(image_name).stem
-    for txt in (root / subtask / "questions_answers_YN" / f"{stem}.txt", root / subtask / f"{stem}.txt"):
-        if txt.is_file():
-            pairs = [line.split("\t") for line in read_text(txt, "MME answer file").splitlines() if line.strip()]
-            if any(len(p) != 2 for p in pairs):
-                raise UserError(f"{txt}: expected 'question<TAB>answer' lines")
-            return {q.strip(): a.strip() for q, a in pairs}
-    raise UserError(f"no MME answer file for {subtask}/{image_name} under {root}")
+def _mme_answers(root: Path, subtask: str, stem: str) -> tuple[Path, dict[str, str]]:
+    """MME's "question<TAB>answer" lines of one image, keyed as convert_answer_to_mme.py's `get_gt`
+    keys them (:18-37): `<subtask>/questions_answers_YN/` when `<subtask>/images/` exists, else
+    `<subtask>/`; each line stripped, then split at the tab."""
+    folder = root / subtask / ("questions_answers_YN" if (root / subtask / "images").is_dir() else "")
+    txt = folder / f"{stem}.txt"
+    if not txt.is_file():
+        raise UserError(f"no MME answer file {txt} for {subtask}/{stem} under {root}")
+    pairs = [line.strip().split("\t") for line in read_text(txt, "MME answer file").splitlines() if line.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise UserError(f"{txt}: expected 'question<TAB>answer' lines")
+    return txt, dict(pairs)
+
+
+def mme_question(prompt: str, answers: dict[str, str]) -> Optional[str]:
+    """The MME question a LLaVA prompt asks, found as convert_answer_to_mme.py:64-69 finds it: drop
+    "Answer the question using a single word or phrase." (and strip), append " Please answer yes or
+    no." when absent, and if that is not an MME question, the same with two spaces."""
+    question = prompt.replace(SHORT_ANSWER, "").strip() if SHORT_ANSWER in prompt else prompt
+    if "Please answer yes or no." not in question:
+        question += " Please answer yes or no."
+        if question not in answers:
+            question = question.replace(" Please answer yes or no.", "  Please answer yes or no.")
+    return question if question in answers else None
 
 
 def mme_llava(path: Path, image_dir: Optional[Path], annotations=None) -> list[Example]:
+    """LLaVA's `llava_mme.jsonl`; the subtask and answer file come from the question_id
+    ("<subtask>/.../<name>.<ext>"), as convert_answer_to_mme.py:56-57 takes them."""
     root = _needs(annotations, "mme", "the MME_Benchmark_release_version folder")
     seen: Counter = Counter()
     out = []
     for n, row in enumerate(_questions(path), 1):
-        subtask, key = str(row.get("category")), str(row["question_id"])
-        answer = _mme_answers(root, subtask, Path(key).name).get(row["text"].strip())
-        if answer is None:
-            raise UserError(f"{path}: line {n}: question {row['text']!r} is not in MME's answers for {key}")
+        key = str(row["question_id"])
+        subtask, stem = key.split("/")[0], key.split("/")[-1].split(".")[0]
+        txt, answers = _mme_answers(root, subtask, stem)
+        question = mme_question(row["text"], answers)
+        if question is None:
+            raise UserError(f"{path}: line {n}: question {row['text']!r} is not among the questions of {txt}")
         seen[key] += 1
         out.append(yes_no_example(f"{path}: line {n}", f"{key}#{seen[key]}", _image(image_dir, row), row["text"],
-                                  answer, subtask, image_key=key))
+                                  answers[question], subtask, image_key=key))
     return out
 
 

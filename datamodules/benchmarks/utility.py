@@ -1,12 +1,16 @@
 """Utility benchmarks -> Examples carrying what their scorer needs, from the Hugging Face parquet
 releases (lmms-lab's copies: VQAv2, TextVQA, ScienceQA-IMG, MMBench, POPE, MME).
 
-Prompts are LLaVA-1.5's evaluation prompts, which the paper's code base runs:
-short-answer tasks end with `SHORT_ANSWER`, multiple choice lists "A. option" lines and ends with
-`MC_PROMPT`, MME questions carry their own "Please answer yes or no.".
+Prompts are LLaVA-1.5's evaluation prompts, which the paper's code base runs (and lmms-eval's
+defaults): short-answer tasks end with `SHORT_ANSWER`; multiple choice lists "A. option" lines and
+ends with `MC_PROMPT`; MME's " Please answer yes or no." is replaced by "\n" + `SHORT_ANSWER`
+(lmms-eval `tasks/mme/utils.py:37-45` with `mme.yaml`'s default post_prompt; LLaVA's
+`llava_mme.jsonl` is written the same way); TextVQA's lower-case questions are capitalised
+(`str.capitalize`, lmms-eval `tasks/textvqa/utils.py:54`).
 Every Example is benign (`safe=True`, subset "utility"); `answer` is the gold answer and `extra`
-holds `answers` (VQA: every human answer), `options` (multiple choice) and `image_key` (MME: the
-image a question pair shares).
+holds `answers` (VQA: every human answer), `options` (multiple choice), `image_key` (MME: the
+image a question pair shares) and `group` (MMBench: index mod 10^6, the question a CircularEval
+copy belongs to; MME: the image), which sampling keeps together.
 """
 
 from __future__ import annotations
@@ -52,12 +56,12 @@ def vqa_example(where: str, qid, image, question: str, answers: list, category=N
 
 
 def choice_example(where: str, qid, image, question: str, options: dict, gold: str, hint=None, category=None,
-                   prompt: str = MC_PROMPT) -> Example:
+                   prompt: str = MC_PROMPT, group=None) -> Example:
     option_letters(len(options))
     if gold not in options:
         raise UserError(f"{where} (id={qid}): the answer {gold!r} is not one of the options {', '.join(options)}")
     return _example(qid, image, format_question(question.strip(), options, hint, prompt), gold, category,
-                    options=options, question_id=qid)
+                    options=options, question_id=qid, group=group)
 
 
 def yes_no_example(where: str, qid, image, question: str, answer: str, category, image_key=None,
@@ -66,7 +70,7 @@ def yes_no_example(where: str, qid, image, question: str, answer: str, category,
     if label not in ("yes", "no"):
         raise UserError(f"{where} (question_id={qid}): the answer {answer!r} is not yes or no")
     return _example(qid, image, f"{question.strip()}\n{prompt}" if prompt else question.strip(), label, category,
-                    question_id=image_key or qid, image_key=image_key)  # MME: the id LLaVA's files use
+                    question_id=image_key or qid, image_key=image_key, group=image_key)  # MME: the id LLaVA's files use
 
 
 def _blank(value) -> bool:
@@ -82,8 +86,8 @@ def vqav2_parquet(files: list[Path]) -> list[Example]:
 
 
 def textvqa_parquet(files: list[Path], ocr: bool = True) -> list[Example]:
-    return [vqa_example(where, rec["question_id"], image, _text(where, rec, "question"), rec.get("answers"),
-                        ocr_tokens=rec.get("ocr_tokens") if ocr else None)
+    return [vqa_example(where, rec["question_id"], image, _text(where, rec, "question").strip().capitalize(),
+                        rec.get("answers"), ocr_tokens=rec.get("ocr_tokens") if ocr else None)
             for where, _, rec, image in iter_rows(files, ["question_id", "question", "answers"], ["ocr_tokens"],
                                                   what="TextVQA")]
 
@@ -102,14 +106,24 @@ def scienceqa_parquet(files: list[Path]) -> list[Example]:
     return out
 
 
+MMBENCH_CIRCULAR = 10**6  # copy k of question i has index k * 10^6 + i (lmms-eval mmbench_evals.py:275, :298)
+
+
 def mmbench_parquet(files: list[Path]) -> list[Example]:
+    """Every row, the CircularEval copies (options rotated, index k * 10^6 + i) included; `group`
+    names the question i a row belongs to."""
     out = []
     for where, _, rec, image in iter_rows(files, ["index", "question", "answer", "A", "B"],
                                           ["C", "D", "E", "hint", "category"], what="MMBench"):
         options = {k: str(rec[k]) for k in "ABCDE" if k in rec and not _blank(rec[k])}
         hint = None if _blank(rec.get("hint")) else str(rec["hint"])
-        out.append(choice_example(where, rec["index"], image, _text(where, rec, "question"), options,
-                                  str(rec["answer"]).strip(), hint, rec.get("category")))
+        try:
+            index = int(rec["index"])
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: 'index' is {rec['index']!r}, not an integer") from None
+        out.append(choice_example(where, index, image, _text(where, rec, "question"), options,
+                                  str(rec["answer"]).strip(), hint, rec.get("category"),
+                                  group=str(index % MMBENCH_CIRCULAR)))
     return out
 
 
@@ -120,15 +134,21 @@ def pope_parquet(files: list[Path]) -> list[Example]:
                                                   what="POPE")]
 
 
+MME_YES_NO = " Please answer yes or no."  # lmms-eval tasks/mme/utils.py:30
+
+
 def mme_parquet(files: list[Path]) -> list[Example]:
-    """MME's two questions per image share a `question_id` (the image's path): ids get "#1" / "#2"."""
+    """MME's two questions per image share a `question_id` (the image's path): ids get "#1" / "#2".
+    The question's " Please answer yes or no." gives way to "\n" + SHORT_ANSWER (module docstring)."""
     seen: Counter = Counter()
     out = []
     for where, _, rec, image in iter_rows(files, ["question_id", "question", "answer", "category"], what="MME"):
         key = str(rec["question_id"])
         seen[key] += 1
-        out.append(yes_no_example(where, f"{key}#{seen[key]}", image, _text(where, rec, "question"), rec["answer"],
-                                  rec["category"], image_key=key))
+        # exactly lmms-eval's text: a space left by "  Please answer ..." stays before the newline
+        prompt = _text(where, rec, "question").strip().replace(MME_YES_NO, "") + "\n" + SHORT_ANSWER
+        out.append(yes_no_example(where, f"{key}#{seen[key]}", image, prompt, rec["answer"], rec["category"],
+                                  image_key=key))
     return out
 
 
@@ -138,8 +158,19 @@ PARQUET_READERS: dict[str, Callable[..., list[Example]]] = {
 }
 
 
+def default_config(path: str | Path, split: Optional[str]) -> Optional[str]:
+    """A release folder holding several configurations (lmms-lab's POPE: the default one in `data/`,
+    the same 9,000 questions again in `Full/`) is read as `datasets.load_dataset` reads it by
+    default: `data/` only; `split=` names another (e.g. `split=Full`)."""
+    path = Path(path)
+    if split or not path.is_dir() or not any((path / "data").glob("*.parquet")):
+        return split
+    others = [d for d in path.iterdir() if d.is_dir() and d.name != "data" and any(d.rglob("*.parquet"))]
+    return "data/" if others else split
+
+
 def read_parquet_task(kind: str, path: str | Path, split: Optional[str] = None, **options) -> list[Example]:
-    examples = PARQUET_READERS[kind](parquet_files(path, split), **options)
+    examples = PARQUET_READERS[kind](parquet_files(path, default_config(path, split)), **options)
     if not examples:
         raise UserError(f"{path}: no rows")
     return examples

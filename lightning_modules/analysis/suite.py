@@ -36,7 +36,7 @@ from lightning_modules.analysis.evaluation import (check_before_generating, gene
 from lightning_modules.analysis.predict import SharedGenerator, generate_missing
 from lightning_modules.analysis.suite_tables import FRONT, HEADLINE, family, suite_markdown
 from lightning_modules.config.schema import EvaluateSettings, SuiteTask
-from metrics.benchmark_scores import example_scores, score_task
+from metrics.benchmark_scores import headline_units, pope_f1_interval, score_task
 from metrics.samples import SAMPLES, example_key, read_samples, record_key
 from metrics.tables import t_interval, wilson_interval
 from metrics.judges import JUDGES as RULE_JUDGES
@@ -149,11 +149,12 @@ def score_safety(run: "TaskRun", fingerprint: dict, judge) -> pd.DataFrame:
 
 # -- utility ----------------------------------------------------------------------------------------
 def sample_groups(examples: list[Example], max_samples: Optional[int], seed: int) -> list[Example]:
-    """At most `max_samples` groups, ranked by a seeded hash: a group is an id, or an MME image (its
-    two questions stay together, else accuracy+ loses its pairs)."""
+    """At most `max_samples` groups, ranked by a seeded hash: a group is an id, an MME image (its
+    two questions stay together, else accuracy+ loses its pairs) or an MMBench question with its
+    CircularEval copies (`extra["group"]`)."""
     if not max_samples:
         return examples
-    group = [str(ex.extra.get("image_key", ex.id)) for ex in examples]
+    group = [str(ex.extra.get("group") or ex.extra.get("image_key") or ex.id) for ex in examples]
     keep = set(sorted(dict.fromkeys(group), key=lambda g: hashlib.sha1(f"{seed}:{g}".encode()).hexdigest())[:max_samples])
     return [ex for ex, g in zip(examples, group) if g in keep]
 
@@ -179,15 +180,19 @@ def score_utility(run: "TaskRun") -> pd.DataFrame:
     responses = [answers[example_key(ex)] for ex in examples]
     fam, headline = family(task.kind), HEADLINE[family(task.kind)]
     scores = score_task(task.kind, examples, responses)
-    per_example = example_scores(task.kind, examples, responses)
+    units = headline_units(task.kind, examples, responses)  # MMBench: one per question with its copies
     rows = []
     for category, values in scores.items():
-        members = [s for ex, s in zip(examples, per_example) if category == "all" or str(ex.category) == category]
-        row = dict(set=task.name, subset="utility", shot="single", category=category, n=len(members),
-                   kind=task.kind, role="utility", headline=category == "all", **values)
+        members = [v for c, v in units if category == "all" or str(c) == category]
+        n = len(members) if units else sum(category == "all" or str(ex.category) == category for ex in examples)
+        row = dict(set=task.name, subset="utility", shot="single", category=category, n=n, kind=task.kind,
+                   role="utility", headline=category == "all", **values)
         if headline in values and members:
             row[f"{headline}_lo"], row[f"{headline}_hi"] = _interval(fam, headline, members, values[headline],
                                                                      settings.confidence)
+        elif headline in values and fam == "pope" and settings.bootstrap:  # the mean F1: bootstrap
+            row[f"{headline}_lo"], row[f"{headline}_hi"] = pope_f1_interval(
+                examples, responses, settings.bootstrap, int(run.cfg.get("seed", 0) or 0), settings.confidence)
         rows.append(row)
     return pd.DataFrame(rows)
 

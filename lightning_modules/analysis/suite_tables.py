@@ -12,7 +12,10 @@ from core.files import save_figure
 from datamodules.benchmarks import TASK_KINDS
 
 FRONT = ["task", "kind", "role", "headline", "set", "subset", "shot", "category", "n"]
-HEADLINE = {"vqa": "vqa_accuracy", "multiple_choice": "accuracy", "pope": "accuracy", "mme": "accuracy"}
+# the number each utility task is summarised by: MMBench's accuracy is CircularEval's, POPE's the
+# mean F1 of its three categories (LLaVA-1.5's); EXTRA: the columns shown beside it when present
+HEADLINE = {"vqa": "vqa_accuracy", "multiple_choice": "accuracy", "pope": "f1_mean", "mme": "accuracy"}
+EXTRA = ("accuracy_single", "f1", "perception_score", "cognition_score")
 
 
 def family(kind: str) -> str:
@@ -35,8 +38,10 @@ def _columns_of(part: pd.DataFrame) -> list[tuple[str, str, str, str]]:
     for _, row in part.drop_duplicates(["set", "subset"]).iterrows():
         where = (row["set"], row["subset"])
         if row["role"] == "utility":
-            metrics = [HEADLINE[family(row["kind"])]] + [m for m in ("f1", "perception_score")
+            metrics = [HEADLINE[family(row["kind"])]] + [m for m in EXTRA
                                                          if m in part and pd.notna(row.get(m, math.nan))]
+            if family(row["kind"]) == "pope":  # pooled accuracy beside the mean and pooled F1
+                metrics.append("accuracy")
             cols += [(m, *where, m) for m in metrics]
         elif row["role"] == "gap":
             cols.append((f"{row['set']} ({row['gap_of'].split(':')[0]})", *where, "gap"))
