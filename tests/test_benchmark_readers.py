@@ -3,11 +3,13 @@ LLaVA's evaluation files), images decoded lazily, scored by score_task."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
 
-from benchmark_fixtures import lmms_lab_releases, save_image, vqa_answers, write_json, write_jsonl
+from benchmark_fixtures import (llava_mme_questions, llava_scienceqa_answers, lmms_lab_releases, mme_release, save_image,
+                                scienceqa_release, vqa_answers, write_json, write_jsonl)
 from core.errors import UserError
 from core.parquet_images import parse_ref
 from datamodules.benchmarks import TASK_KINDS, UTILITY_KINDS, read_task
@@ -50,6 +52,16 @@ def test_vqav2_records_and_scores(releases):
     assert rows["other"] == pytest.approx({"vqa_accuracy": 0.6})
 
 
+def test_pope_release_reads_its_default_configuration_once(releases):
+    root = releases["pope"].parent.parent  # POPE/: data/ and Full/ hold the same questions
+    pope = read_task("pope", root)
+    assert len(pope) == 6 and len({ex.id for ex in pope}) == 6
+    full = read_task("pope", root, split="Full")
+    assert len(full) == 6 and sorted(ex.id for ex in full) == sorted(ex.id for ex in pope)
+    rows = score_task("pope", pope, ["yes"] * 6)
+    assert rows["all"]["accuracy"] == 0.5 and rows["all"]["f1_mean"] == pytest.approx(2 / 3)
+
+
 def test_textvqa_gives_ocr_tokens_and_normalises_every_answer(releases):
     [ex] = read_task("textvqa", releases["textvqa"])
     assert ex.instruction == f"What brand is it?\nReference OCR token: NIKE, just\n{SHORT_ANSWER}"
@@ -62,20 +74,37 @@ def test_multiple_choice_records_and_scores(releases):
     assert sqa[0].instruction == f"Context: Look at the animals.\nWhich is a mammal?\nA. shark\nB. whale\nC. trout\n{MC_PROMPT}"
     assert sqa[1].instruction.startswith("Which is hot?")  # an empty hint gives no context line
     assert [ex.answer for ex in sqa] == ["B", "B"]
-    rows = score_task("scienceqa_img", sqa, ["The answer is B.", "fire"])
-    assert rows["all"] == {"accuracy": 1.0, "extracted": 1.0}
-    [mmb] = read_task("mmbench", releases["mmbench"])
-    assert mmb.extra["options"] == {"A": "a cat", "B": "a dog", "C": "a bird"}  # D is empty
-    assert score_task("mmbench", [mmb], ["I don't know"])["all"] == {"accuracy": 0.0, "extracted": 0.0}
+    rows = score_task("scienceqa_img", sqa, ["The answer is B.", "fire"])  # LLaVA's rule reads no option text
+    assert rows["all"] == {"accuracy": 0.5, "extracted": 0.5}
+
+
+def test_mmbench_release_with_circular_copies(releases):
+    mmb = read_task("mmbench", releases["mmbench"])
+    assert [ex.id for ex in mmb] == ["101", "102", "1000101", "1000102", "2000101"]
+    assert mmb[0].extra["options"] == {"A": "a cat", "B": "a dog", "C": "a bird"}  # D is empty
+    assert [ex.extra["group"] for ex in mmb] == ["101", "102", "101", "102", "101"]
+    # question 101 right in 2 of its 3 rotations, 102 in both: CircularEval 1/2, the originals 2/2
+    answers = ["B", "A", "A", "B", "A"]
+    rows = score_task("mmbench", mmb, answers)
+    assert rows["all"] == pytest.approx({"accuracy": 0.5, "accuracy_single": 1.0, "extracted": 1.0})
+    assert rows["image_scene"]["accuracy"] == 0.0 and rows["color"]["accuracy"] == 1.0
+    assert score_task("mmbench", mmb, ["B", "A", "A", "B", "C"])["all"]["accuracy"] == 1.0
+    # a seeded sample keeps a question with its copies
+    from lightning_modules.analysis.suite import sample_groups
+    kept = sample_groups(mmb, 1, seed=0)
+    assert len({ex.extra["group"] for ex in kept}) == 1 and len(kept) in (2, 3)
 
 
 def test_yes_no_records_and_scores(releases):
     pope = read_task("pope", releases["pope"])
     assert pope[0].instruction == f"Is there a dog in the image?\n{SHORT_ANSWER}"
-    rows = score_task("pope", pope, ["Yes, there is.", "No"])
-    assert rows["all"]["accuracy"] == 1.0 and set(rows) == {"all", "adversarial", "random"}
+    rows = score_task("pope", pope, ["Yes, there is.", "No", "yes", "no", "yes", "no"])
+    assert rows["all"]["accuracy"] == 1.0 and rows["all"]["f1_mean"] == 1.0
+    assert set(rows) == {"all", "adversarial", "popular", "random"}
     mme = read_task("mme", releases["mme"])
     assert [ex.id for ex in mme] == ["code_reasoning/0020.png#1", "code_reasoning/0020.png#2"]
+    # lmms-eval's default prompt (mme/utils.py:37-45): " Please answer yes or no." -> "\n" + SHORT_ANSWER
+    assert [ex.instruction for ex in mme] == [f"Is the output 5?\n{SHORT_ANSWER}", f"Is the output 6? \n{SHORT_ANSWER}"]
     rows = score_task("mme", mme, ["Yes", "Yes"])
     assert rows["code_reasoning"] == pytest.approx({"accuracy": 0.5, "accuracy_plus": 0.0, "score": 50.0})
     assert rows["all"]["cognition_score"] == 50.0
@@ -110,6 +139,39 @@ def test_llava_evaluation_files(tmp_path):
     (tmp_path / "MME" / "OCR" / "1.txt").write_text("Is it A? Please answer yes or no.\tYes\n")
     [mme] = read_task("mme", mq, annotations=str(tmp_path / "MME"))
     assert mme.answer == "yes" and mme.extra["image_key"] == "OCR/1.jpg"
+
+
+def test_llava_mme_question_file_in_its_real_text(tmp_path, capsys):
+    root = mme_release(tmp_path / "MME_Benchmark_release_version")
+    questions = llava_mme_questions(tmp_path / "llava_mme.jsonl")
+    mme = read_task("mme", questions, root, annotations=str(root))
+    assert [ex.answer for ex in mme] == ["yes", "no", "yes", "no"]  # the double-space question found too
+    assert mme[0].instruction == f"Is there a train in this image?\n{SHORT_ANSWER}"  # what LLaVA asks
+    assert [ex.extra["image_key"] for ex in mme[::2]] == ["existence/000000006040.jpg", "artwork/10002.jpg"]
+    assert load_image(mme[0]).size == (10, 8)
+    # LLaVA's answers file: model_vqa_loader writes {question_id, prompt, text}, two lines per image
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": ex.extra["image_key"], "prompt": ex.instruction,
+                                                        "text": t} for ex, t in zip(mme, ["Yes", "No", "Yes", "Yes"])])
+    score_main(["mme", str(questions), "--annotations", str(root), "--answers", str(answers)])
+    out = capsys.readouterr().out
+    assert "| existence |     1.0000 |" in out and "| artwork   |     0.5000 |" in out
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": "artwork/10002.jpg", "category": "artwork",
+                                                "text": "Is this by Nobody?\nAnswer the question using a single word or phrase."}])
+    with pytest.raises(UserError, match=r"line 1: question .* is not among the questions of .*10002.txt"):
+        read_task("mme", bad, annotations=str(root))
+
+
+def test_scienceqa_llava_answers_for_every_test_problem(tmp_path, capsys):
+    root = scienceqa_release(tmp_path / "scienceqa")
+    sqa = read_task("scienceqa_img", root)
+    assert [ex.id for ex in sqa] == ["4", "9"]  # the test problems with an image
+    # LLaVA answers all test problems (4,241 in the real file), in any order; the image ones are scored
+    answers = llava_scienceqa_answers(tmp_path / "answers.jsonl", {"9": "A", "7": "B", "4": "The answer is B."})
+    score_main(["scienceqa_img", str(root), "--answers", str(answers)])
+    assert re.search(r"\| all +\| +0.5000 \| +1.0000 \|", capsys.readouterr().out)
+    missing = llava_scienceqa_answers(tmp_path / "missing.jsonl", {"4": "B", "7": "B"})
+    with pytest.raises(UserError, match="no answer to question_id '9'; 2 answers for 2 questions"):
+        score_main(["scienceqa_img", str(root), "--answers", str(missing)])
 
 
 def test_scienceqa_release_folder(tmp_path):
@@ -159,8 +221,11 @@ def test_scoring_a_llava_answers_file(tmp_path, capsys):
     score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(answers)])
     assert "| all |         0.5000 |" in capsys.readouterr().out
     swapped = write_jsonl(tmp_path / "swapped.jsonl", [{"question_id": 2, "text": "dog"}, {"question_id": 1, "text": "cat"}])
-    with pytest.raises(UserError, match="line 1 answers question_id 2, but question 1 is 1"):
-        score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(swapped)])
+    score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(swapped)])  # matched by question_id
+    assert "| all |         1.0000 |" in capsys.readouterr().out
+    no_ids = write_jsonl(tmp_path / "no_ids.jsonl", [{"text": "dog"}])
+    with pytest.raises(UserError, match="1 answers for 2 questions \\(and no question_id"):
+        score_main(["vqav2", str(q), "--annotations", str(ann), "--answers", str(no_ids)])
 
 
 def test_parquet_image_checks_name_the_file_and_row(releases, tmp_path):
