@@ -168,7 +168,8 @@ def judge_records(records: list[dict], examples: dict[tuple, Example], settings:
                                              device=accelerator_device(cfg.trainer.get("accelerator", "auto")))
     protocols = {f.name: f.judge_protocol or settings.judge.protocol for f in settings.files}
     print(f"judging {len(asked)} non-refused answers to unsafe queries with {judge.name}")
-    verdicts = judge([JudgeItem(r["prompt"], r["response"], r["image"], protocols[r["set"]]) for r in asked])
+    verdicts = judge([JudgeItem(r["prompt"], r["response"], r["image"], protocols[r["set"]], r.get("category"))
+                      for r in asked])
     for r, v in zip(asked, verdicts):
         r.update(judge=judge.name, verdict=v.verdict, verdict_source=v.source, judge_output=v.output,
                  harmful=v.verdict == RELEVANT)

@@ -177,7 +177,7 @@ class VLMJudgeSettings:
 
     model: ModelSettings = setting(doc="the judge model", factory=lambda: ModelSettings(
         name_or_path=DEFAULT_JUDGE_MODEL, dtype="bfloat16"))
-    protocol: str = setting("official_3shot", "judge prompt protocol", choices=("official_clean", "official_3shot"))
+    protocol: str = setting("official_3shot", "judge prompt protocol", choices=("official_clean", "official_3shot", "mm_safetybench"))
     prefilter: bool = setting(True, "the protocol's rule-based 'irrelevant' words, before asking the model")
     batch_size: int = setting(8, "judge batch size", ge=1)
     max_new_tokens: int = setting(200, "tokens the judge may write", ge=1)
