@@ -91,17 +91,30 @@ def _rows(examples: Sequence[Example], score, members: Optional[Sequence[int]] =
     return rows | {c: score(groups[c]) for c in sorted(groups)}
 
 
+def _circular_index(ex: Example) -> Optional[int]:
+    for value in (ex.id, ex.extra.get("question_id")):
+        try:
+            return int(str(value))
+        except ValueError:
+            continue
+    return None
+
+
 def circular_groups(examples: Sequence[Example]) -> dict[int, list[int]]:
-    """MMBench: the original's position -> positions of every row of its group (itself first).
-    A group whose original is not among the examples is not scored (as mmbench_evals.py:275)."""
-    by_group: dict[str, list[int]] = defaultdict(list)
+    """MMBench: the original's position -> positions of every row of its group (itself first), a
+    group being the rows whose index is the same mod 10^6. A group whose original (index < 10^6)
+    is not among the examples is not scored (as mmbench_evals.py:275); a row with no integer
+    index is a question of its own."""
+    by_group: dict[object, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
-        by_group[str(ex.extra.get("group", ex.id))].append(i)
+        index = _circular_index(ex)
+        by_group[("id", ex.id) if index is None else index % 10**6].append(i)
     originals = {}
     for members in by_group.values():
-        first = [i for i in members if int(examples[i].id) < 10**6]
+        first = [i for i in members if (_circular_index(examples[i]) or 0) < 10**6]
         if len(first) > 1:
-            raise UserError(f"mmbench: questions {', '.join(examples[i].id for i in first)} are originals of one group")
+            raise UserError(f"mmbench: questions {', '.join(examples[i].id for i in first)} share one index "
+                            "(a question appears twice)")
         if first:
             originals[first[0]] = first + [i for i in members if i != first[0]]
     return originals

@@ -134,3 +134,16 @@ def test_mme_scores_pairs_per_image():
     rows = score_task("mme", exs, ["Yes", "No", "Yes", "Yes", "yes", "y"])
     assert rows["existence"] == pytest.approx({"accuracy": 0.75, "accuracy_plus": 0.5, "score": 125.0})
     assert rows["all"]["perception_score"] == 125.0 and rows["all"]["cognition_score"] == 50.0
+
+
+def test_circular_groups_follow_the_index_alone():
+    from datamodules.examples import Example
+
+    def row(index, gold):  # as a caller might build them: no `group`, the index as id
+        return Example(id=str(index), image=None, instruction="Q?", response=None, safe=True, subset="utility",
+                       answer=gold, category="c", extra={"options": {"A": "x", "B": "y"}})
+
+    rows = [row(7, "A"), row(1000007, "B"), row(8, "B")]
+    assert score_task("mmbench", rows, ["A", "A", "B"])["all"]["accuracy"] == 0.5
+    with pytest.raises(UserError, match="share one index"):
+        score_task("mmbench", [row(7, "A"), row(7, "A")], ["A", "A"])
