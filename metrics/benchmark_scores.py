@@ -5,9 +5,9 @@
 | family | metrics ("all" row) | headline | unit |
 |---|---|---|---|
 | vqa (VQAv2, TextVQA) | vqa_accuracy | vqa_accuracy | a question's soft score |
-| multiple_choice, ScienceQA-IMG | accuracy, extracted (share of answers a letter was read from) | accuracy | a question |
-| multiple_choice, MMBench | accuracy (CircularEval), accuracy_single (the originals, one pass), extracted | accuracy | a question with all its copies |
-| pope | f1_mean (mean of the categories' F1), accuracy, precision, recall, f1, yes_ratio (pooled) | f1_mean | (bootstrap) |
+| ScienceQA-IMG | accuracy, extracted (share of answers a letter was read from) | accuracy | a question |
+| MMBench | accuracy (CircularEval), accuracy_single (originals, one pass), extracted | accuracy | a question + copies |
+| pope | f1_mean (mean of the categories' F1); accuracy, precision, recall, f1, yes_ratio pooled | f1_mean | (bootstrap) |
 | mme | accuracy; perception_score, cognition_score; per subtask accuracy_plus, score | accuracy | a question |
 
 MMBench's CircularEval (lmms-eval `tasks/mmbench/mmbench_evals.py:275-304`, `eval_sub_data`
