@@ -43,7 +43,8 @@ def lmms_lab_releases(root: Path) -> dict[str, Path]:
             {"question_id": 3, "question": "Is it raining?", "answers": vqa_answers(("no", 10)),
              "multiple_choice_answer": "no", "answer_type": "yes/no", "image_id": 12}]),
         "textvqa": write_parquet(root / "textvqa" / "validation-00000-of-00001.parquet", [
-            {"question_id": 7, "question": "What brand is it?", "answers": ["Nike"] * 6 + ["nike"] * 4,
+            # lmms-lab's questions are lower case
+            {"question_id": 7, "question": "what brand is it?", "answers": ["Nike"] * 6 + ["nike"] * 4,
              "ocr_tokens": ["NIKE", "just"], "image_id": "abc"}]),
         "scienceqa_img": write_parquet(root / "ScienceQA-IMG" / "test-00000-of-00001.parquet", [
             {"question": "Which is a mammal?", "choices": ["shark", "whale", "trout"], "answer": 1,

@@ -64,6 +64,7 @@ def test_pope_release_reads_its_default_configuration_once(releases):
 
 def test_textvqa_gives_ocr_tokens_and_normalises_every_answer(releases):
     [ex] = read_task("textvqa", releases["textvqa"])
+    # lmms-lab's lower-case question capitalised (lmms-eval textvqa/utils.py:54)
     assert ex.instruction == f"What brand is it?\nReference OCR token: NIKE, just\n{SHORT_ANSWER}"
     assert read_task("textvqa", releases["textvqa"], ocr=False)[0].instruction == f"What brand is it?\n{SHORT_ANSWER}"
     assert score_task("textvqa", [ex], ["NIKE"])["all"]["vqa_accuracy"] == 1.0
