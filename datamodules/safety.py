@@ -242,8 +242,11 @@ class SafetyDataModule(L.LightningDataModule):
         val, test = self.files.val, self.files.test
         if val is None or test is None or Path(val).resolve() == Path(test).resolve() or not Path(test).is_file():
             return
-        test_queries = {(ex.image, ex.instruction) for ex in self.examples(test)}
-        shared = [ex for ex in self.examples(val) if (ex.image, ex.instruction) in test_queries]
+        def query(ex: Example) -> tuple:
+            return (str(Path(ex.image).resolve()) if ex.image else None, ex.instruction)
+
+        test_queries = {query(ex) for ex in self.examples(test)}
+        shared = [ex for ex in self.examples(val) if query(ex) in test_queries]
         if shared:
             raise UserError(f"validation file {val} shares {len(shared)} queries with the test file {test} (first: "
                             f"record id={shared[0].id}): validation would leak test data; use a split of the training data")
