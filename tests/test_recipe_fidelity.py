@@ -286,3 +286,18 @@ def test_the_npo_full_label_says_what_is_known_and_what_is_not():
     for text in (recipe, doc):
         assert "run_eval_each_model.sh:28-43" in text and "README:92" in text
     assert "Table 1, NPO row" not in doc and "ASSUMED" in recipe
+
+
+def test_projector_lr_without_a_trainable_projector_is_one_line():
+    from lightning_modules.methods.param_groups import param_groups
+
+    cfg = load_config("configs/experiment/mirage_sft.yaml", ["paths.cache=/nonexistent", "optim.projector_lr=2e-5"])
+    model, _ = build_backbone(cfg.model, TEXTS)
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" not in name)
+    with pytest.raises(UserError, match=r"optim.projector_lr=2e-05 but no projector parameter trains"):
+        param_groups(model, cfg.optim)
+
+
+def test_readme_stays_a_front_page():
+    assert len(Path("README.md").read_bytes()) <= 16 * 1024
