@@ -19,7 +19,7 @@ from core.errors import UserError
 from datamodules.collate import IGNORE_INDEX, VLMCollator
 from datamodules.examples import Example, safe_record_conversations, vlguard_examples
 from datamodules.forget_retain import ForgetRetainDataModule, PairCollator, PairSampler
-from datamodules.safety import DataFiles, SafetyDataModule, resolve_data_files
+from datamodules.safety import SafetyDataModule, resolve_data_files
 from lightning_modules.config.loading import load_config
 from lightning_modules.config.schema import DataSettings
 from models.backbone import build_backbone, build_tiny
