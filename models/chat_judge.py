@@ -4,8 +4,9 @@ Llama-2-13B-Chat, OPTML-Group/VLM-Safety-Unlearn@1f89239 `data/select_harmful_re
 `max_new_tokens` 100 as the official script (line 25).
 
 Decoding: the official call (`data/select_harmful_responses.py:84-89`) passes no decoding arguments, so
-the checkpoint's own `generation_config` decides: Llama-2-chat ships `do_sample=True, temperature 0.6,
-top_p 0.9`, i.e. the official selection samples. `decoding="checkpoint"` (the default) does the same;
+the checkpoint's own `generation_config` decides: Llama-2-chat's current `generation_config.json` has
+`do_sample: true, temperature 0.6, top_p 0.9` (its first upload had no `do_sample`, i.e. greedy), so the
+official selection samples unless an old copy was used. `decoding="checkpoint"` (the default) does the same;
 `decoding="greedy"` is deterministic (a setting: `--judge-decoding greedy`,
 `data.forget_retain.judge_decoding=greedy`). Sampling draws from torch's global generator: seed it.
 """
