@@ -18,6 +18,12 @@ from core.records import read_image
 IGNORE_INDEX = -100
 # original: the processor's own resize and crop; pad: LLaVA's square padding (`pad_to_square`).
 IMAGE_ASPECT_RATIOS = ("original", "pad")
+# A training row longer than max_length: refuse (this project's default: truncation can cut the answer
+# away) or truncate at the end, labels too, as LLaVA's trainer does after image expansion
+# (OPTML-Group/VLM-Safety-Unlearn 1f89239 llava/train/train_unlearn_full.py:773-774, llava/model/llava_arch.py:274-277).
+OVERLONG = ("refuse", "truncate")
+SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0,
+                 "token_type_ids": 0}  # per-token tensors cut with the row (None: the pad token id)
 
 
 def load_image(ex: Example, image_mode: str = "real", blank_size: int = 336) -> Optional[Image.Image]:
@@ -77,7 +83,11 @@ class VLMCollator:
     images (the Mirage World), not for a real model's 336-pixel ones."""
 
     def __init__(self, processor, max_length: int, train: bool, image_mode: str = "real",
-                 system_prompt: Optional[str] = None, cache: bool = False, image_aspect_ratio: str = "original"):
+                 system_prompt: Optional[str] = None, cache: bool = False, image_aspect_ratio: str = "original",
+                 overlong: str = "refuse"):
+        if overlong not in OVERLONG:
+            raise UserError(f"data.overlong='{overlong}': choose one of {', '.join(OVERLONG)}")
+        self.truncate = overlong == "truncate"
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise UserError(f"data.image_aspect_ratio='{image_aspect_ratio}': choose one of "
                             f"{', '.join(IMAGE_ASPECT_RATIOS)}")
@@ -157,8 +167,42 @@ class VLMCollator:
                                                img is not None, self.system_prompt, eos)
                          for ex, img in zip(examples, images)]
         batch = self._encode([text for text, _ in conversations], images)
-        self._check_length(batch, examples)
+        if not self.truncate:
+            self._check_length(batch, examples)
         batch["labels"] = self._labels(batch, conversations, images, examples)
+        return self._truncated(batch, examples) if self.truncate else batch
+
+    def _image_token_id(self) -> Optional[int]:
+        token_id = getattr(self.processor, "image_token_id", None)
+        token = getattr(self.processor, "image_token", None)
+        if token_id is None and isinstance(token, str):
+            token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
+        return token_id
+
+    def _truncated(self, batch: dict, examples: list[Example]) -> dict:
+        """Rows longer than max_length cut at the end (their labels too), then left-padded again; a cut
+        that would split an image's tokens is refused (the model could not place the image)."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if max(lengths) <= self.max_length:
+            return batch
+        width, new_width = batch["input_ids"].shape[1], min(max(lengths), self.max_length)
+        image_id = self._image_token_id()
+        images_before = (batch["input_ids"] == image_id).sum(1) if image_id is not None else None
+        for key, fill in SEQUENCE_KEYS.items():
+            if key not in batch:
+                continue
+            old = batch[key]
+            fill = self.processor.tokenizer.pad_token_id if fill is None else fill
+            new = torch.full((old.shape[0], new_width), fill, dtype=old.dtype)
+            for i, n in enumerate(lengths):
+                keep = min(n, self.max_length)
+                new[i, new_width - keep:] = old[i, width - n: width - n + keep]
+            batch[key] = new
+        if images_before is not None:
+            cut = torch.nonzero(images_before != (batch["input_ids"] == image_id).sum(1)).flatten().tolist()
+            if cut:
+                raise UserError(f"record id={examples[cut[0]].id}: cutting it to data.max_length={self.max_length} "
+                                f"would split its image tokens ({lengths[cut[0]]} tokens); raise data.max_length")
         return batch
 
     def _labels(self, batch: dict, conversations: list[tuple[str, list]], images: list, examples) -> torch.Tensor:

@@ -101,6 +101,30 @@ def vlguard_examples(path: str | Path, image_dir: str | Path | None = None) -> l
     return out
 
 
+def safe_record_conversations(examples: list[Example], seed: int = 0) -> list[Example]:
+    """VLGuard's SFT format (ys-zong/VLGuard a2f85c9 convert_to_llava_format.py:19-30): a safe record's two
+    exchanges (its safe and its unsafe instruction, consecutive rows of `vlguard_examples` with one id)
+    become ONE two-turn conversation in a shuffled order (`random.seed(0)`, :8, one shuffle per safe
+    record); an unsafe record stays one exchange. Every answer is trained (Example.follow_ups)."""
+    rng = random.Random(seed)
+    out: list[Example] = []
+    i = 0
+    while i < len(examples):
+        ex = examples[i]
+        pair = examples[i + 1] if i + 1 < len(examples) else None
+        if ex.subset == "safe_safes" and pair is not None and pair.subset == "safe_unsafes" and pair.id == ex.id:
+            order = [ex, pair]  # instr-resp order: safe, unsafe; shuffled as the script does (:25)
+            rng.shuffle(order)
+            first, second = order
+            out.append(replace(first, safe=True, follow_ups=((second.instruction, second.response),),
+                               extra={**first.extra, "conversation": [first.subset, second.subset]}))
+            i += 2
+            continue
+        out.append(ex)
+        i += 1
+    return out
+
+
 def stratified_sample(examples: list[Example], n: Optional[int], seed: int,
                       key: Callable[[Example], Hashable]) -> list[Example]:
     """At most `n` examples, each stratum (`key`) represented in proportion to its size (largest

@@ -75,18 +75,21 @@ class ForgetRetainPairs(Dataset):
     def __len__(self) -> int:
         return max(len(self.forget), len(self.retain))
 
-    def __getitem__(self, index: tuple[int, int]) -> tuple[Example, Example]:
-        i, j = index
-        return self.forget[i], self.retain[j]
+    def __getitem__(self, index: tuple[int, ...]) -> tuple[Example, ...]:
+        # (forget, retain) or, with a separate CE draw, (forget, retain, retain for CE(D_r))
+        return (self.forget[index[0]], *(self.retain[j] for j in index[1:]))
 
 
 class PairSampler(Sampler[tuple[int, int]]):
     """(forget, retain) index pairs: both sides reshuffled every epoch (seed + epoch), the shorter
-    side cycles through fresh permutations, and ranks take strided slices of equal length."""
+    side cycles through fresh permutations, and ranks take strided slices of equal length.
+    `separate_retain_ce`: triples, a second retain index from an independent permutation (the official
+    trainer's own retain iterator beside its batch: llava_unlearn_full_trainer.py:326-328, :470, :567)."""
 
     def __init__(self, n_forget: int, n_retain: int, seed: int, rank: int = 0, world_size: int = 1,
-                 epoch_over: str = "longer"):
+                 epoch_over: str = "longer", separate_retain_ce: bool = False):
         self.n_forget, self.n_retain, self.seed = n_forget, n_retain, seed
+        self.separate_retain_ce = separate_retain_ce
         self.total = n_retain if epoch_over == "retain" else max(n_forget, n_retain)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
 
@@ -106,7 +109,10 @@ class PairSampler(Sampler[tuple[int, int]]):
     def __iter__(self):
         total = self.total
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        pairs = list(zip(self._order(self.n_forget, total, gen), self._order(self.n_retain, total, gen)))
+        sides = [self._order(self.n_forget, total, gen), self._order(self.n_retain, total, gen)]
+        if self.separate_retain_ce:  # drawn after the pair, so the pairs are those without it
+            sides.append(self._order(self.n_retain, total, gen))
+        pairs = list(zip(*sides))
         return iter(pairs[self.rank: len(self) * self.world_size: self.world_size])
 
 
@@ -117,11 +123,13 @@ class PairCollator:
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, pairs: list[tuple[Example, Example]]) -> dict:
-        forget = [f for f, _ in pairs]
-        batch = {"forget": self.collator(forget), "retain": self.collator([r for _, r in pairs])}
+    def __call__(self, pairs: list[tuple[Example, ...]]) -> dict:
+        forget, retain = [p[0] for p in pairs], [p[1] for p in pairs]
+        batch = {"forget": self.collator(forget), "retain": self.collator(retain)}
         batch["forget"]["keys"] = [example_key(ex) for ex in forget]
-        batch["retain"]["keys"] = [example_key(r) for _, r in pairs]
+        batch["retain"]["keys"] = [example_key(r) for r in retain]
+        if len(pairs[0]) > 2:  # the independent retain draw that CE(D_r) uses (methods' with_retain)
+            batch["retain_ce_batch"] = self.collator([p[2] for p in pairs])
         return batch
 
 
@@ -174,7 +182,10 @@ class ForgetRetainDataModule(SafetyDataModule):
         path = Path(self.fr.forget_file) if self.fr.forget_file else self.files.train
         if not self.fr.forget_file and self.fr.forget_source == "harvest" and self.files.forget_queries:
             path = self.files.forget_queries  # a prepared VLGuard directory's unsafe training queries
-        rows = [ex for ex in self.side_examples(path, safe=False) if not ex.safe]
+        rows = self.side_examples(path, safe=False)
+        if not self.fr.forget_file:  # the training file: whole under data.whole_train_file
+            rows = self.with_validation_rows(rows)
+        rows = [ex for ex in rows if not ex.safe]
         if self.fr.get("forget_halves", "both") == "unsafes":  # the official split: safe=false records only
             rows = [ex for ex in rows if ex.subset != "safe_unsafes"]
         if not rows:
@@ -214,7 +225,10 @@ class ForgetRetainDataModule(SafetyDataModule):
 
     def retain_examples(self) -> list[Example]:
         path = Path(self.fr.retain_file) if self.fr.retain_file else self.files.retain or self.files.train
-        rows = [ex for ex in self.side_examples(path, safe=True) if ex.safe]
+        rows = self.side_examples(path, safe=True)
+        if not self.fr.retain_file:  # the training file's safe rows: whole under data.whole_train_file
+            rows = self.with_validation_rows(rows)
+        rows = [ex for ex in rows if ex.safe]
         if not rows:
             raise UserError(f"{path}: no safe rows to retain")
         ratio = float(self.fr.retain_general_ratio)
@@ -258,7 +272,7 @@ class ForgetRetainDataModule(SafetyDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         sampler = PairSampler(len(self._train.forget), len(self._train.retain), self.seed, rank, world,
-                              self.fr.get("epoch_over", "longer"))
+                              self.fr.get("epoch_over", "longer"), bool(self.fr.get("separate_retain_ce", False)))
         # Resumable: its position within the epoch goes into checkpoints, as the shared loader's does.
         return ResumableDataLoader(self._train, batch_size=self.cfg.batch_size, sampler=sampler,
                                    collate_fn=PairCollator(self.collator(train=True)),

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from attacks.rewrite import KShotAttack, replace_first_word
 from core.text import first_word
 from datamodules.collate import VLMCollator, check_images
-from datamodules.examples import Example, eval_set_names, eval_sets, vlguard_examples
+from datamodules.examples import Example, eval_set_names, eval_sets, safe_record_conversations, vlguard_examples
 from datamodules.samplers import ResumableDataLoader
 from core.errors import UserError
 from core.distributed import shards_parameters
@@ -158,8 +158,23 @@ class SafetyDataModule(L.LightningDataModule):
             return llava_examples(self.files.general, True, self.files.image_dir, records)
         return [e for e in self.examples(self.files.general) if e.safe]
 
+    def training_file_examples(self, path: Optional[Path] = None) -> list[Example]:
+        """The rows of the training file (or `path`); with `data.whole_train_file` also the validation file's
+        rows not already there (a prepared directory's train.json + val.json = VLGuard's whole train.json,
+        what the official code trains on: VLM-Safety-Unlearn data/split_forget_retain.py:47-68)."""
+        return self.with_validation_rows(self.examples(path or self.files.train))
+
+    def with_validation_rows(self, rows: list[Example]) -> list[Example]:
+        """`rows` plus, under `data.whole_train_file`, the validation file's rows not already among them."""
+        if not self.cfg.get("whole_train_file") or self.files.val is None:
+            return rows
+        seen = {(ex.id, ex.subset) for ex in rows}
+        return rows + [ex for ex in self.examples(self.files.val) if (ex.id, ex.subset) not in seen]
+
     def train_dataset(self) -> list:
-        rows = self.examples(self.files.train)
+        rows = self.training_file_examples()
+        if self.cfg.get("safe_records", "rows") == "conversation":
+            rows = safe_record_conversations(rows)
         ratio = float(self.cfg.general_ratio)
         count = self.cfg.get("general_samples")
         if count:
@@ -214,11 +229,27 @@ class SafetyDataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and not self._val:
             self._val = self.eval_split(self.files.val)
             check_images(_flat_examples(self._val), self.cfg.image_mode)
+            self.check_val_apart_from_test()
         if stage == "test" and not self._test:
             self._test = self.eval_split(self.files.test)
             if not self._test:
                 raise UserError("no test split: set data.test_file")
             check_images(_flat_examples(self._test), self.cfg.image_mode)
+
+    def check_val_apart_from_test(self) -> None:
+        """Validation never sees a test query: a validation file sharing an (image, instruction) pair
+        with the test file is refused (eval.test_split=val points both at one file on purpose)."""
+        val, test = self.files.val, self.files.test
+        if val is None or test is None or Path(val).resolve() == Path(test).resolve() or not Path(test).is_file():
+            return
+        def query(ex: Example) -> tuple:
+            return (str(Path(ex.image).resolve()) if ex.image else None, ex.instruction)
+
+        test_queries = {query(ex) for ex in self.examples(test)}
+        shared = [ex for ex in self.examples(val) if query(ex) in test_queries]
+        if shared:
+            raise UserError(f"validation file {val} shares {len(shared)} queries with the test file {test} (first: "
+                            f"record id={shared[0].id}): validation would leak test data; use a split of the training data")
 
     # -- loaders ------------------------------------------------------------------------------
     def _rank(self) -> tuple[int, int]:
@@ -230,7 +261,8 @@ class SafetyDataModule(L.LightningDataModule):
         (a harvest generator)."""
         return VLMCollator(processor or self.processor, self.cfg.max_length, train=train, image_mode=self.cfg.image_mode,
                            cache=self.cfg.cache_encodings, system_prompt=self.cfg.get("system_prompt"),
-                           image_aspect_ratio=self.cfg.get("image_aspect_ratio", "original"))
+                           image_aspect_ratio=self.cfg.get("image_aspect_ratio", "original"),
+                           overlong=self.cfg.get("overlong", "refuse") if train else "refuse")
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()

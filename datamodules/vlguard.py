@@ -250,6 +250,22 @@ def read_manifest(root: str | Path) -> dict:
     return {**manifest, "files": files}
 
 
+def whole_train_files(files: dict, out: Path) -> tuple[Path, Path]:
+    """(train, retain) files holding a prepared directory's train and val records together: the whole
+    VLGuard train.json (written under `out`, image paths made relative to it)."""
+    records = {}
+    for name in ("train", "val"):
+        folder = files[name].parent
+        for rec in load_json_list(files[name]):
+            rel = Path(os.path.relpath((folder / rec["image"]).resolve(), out.resolve())).as_posix()
+            records.setdefault(rec["id"], {**rec, "image": rel})
+    rows = list(records.values())
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "train_whole.json", rows)
+    _write(out / "retain_whole.json", [r for r in rows if r["safe"]])
+    return out / "train_whole.json", out / "retain_whole.json"
+
+
 def build_forget_retain(args) -> dict:
     """The `build-forget-retain` command: the judge (if any) loaded here, the rest is data."""
     from datamodules import official_pipeline as official
@@ -261,9 +277,16 @@ def build_forget_retain(args) -> dict:
     if args.judge_model:
         from models.chat_judge import ChatJudge
 
-        judge = ChatJudge.from_pretrained(args.judge_model, dtype=args.judge_dtype, device=args.judge_device)
+        judge = ChatJudge.from_pretrained(args.judge_model, dtype=args.judge_dtype, device=args.judge_device,
+                                          decoding=args.judge_decoding)
+        import torch
+
+        torch.manual_seed(args.seed)  # the checkpoint's sampling (decoding=checkpoint) is reproducible
     words = [w.strip() for w in args.general_blocklist.split(",") if w.strip()]
-    report = official.build(files["train"], files["retain"], args.out, list(args.answers), args.general, judge,
+    train, retain = files["train"], files["retain"]
+    if args.whole_train_file:  # the official split reads the whole train.json (split_forget_retain.py:47-68)
+        train, retain = whole_train_files(files, args.out)
+    report = official.build(train, retain, args.out, list(args.answers), args.general, judge,
                             args.halves, args.target_size, args.seed,
                             keep=official.blocklist_filter(words) if words else None)
     print(f"forget: {report['kept']} of {report['queries']} queries ({report['generators']} generator(s), "
@@ -301,6 +324,11 @@ def main(argv: list[str]) -> None:
                    "one are left out (a safety filter)")
     b.add_argument("--judge-model", help="chat LLM (Hub id or local dir) picking the most harmful answer; "
                    "without it: the first answer that is not a keyword refusal")
+    b.add_argument("--judge-decoding", default="checkpoint", choices=("checkpoint", "greedy"),
+                   help="checkpoint: the judge's own generation_config, as the official script (Llama-2-chat "
+                   "samples); greedy: deterministic")
+    b.add_argument("--whole-train-file", action="store_true", help="forget/retain from train.json and val.json "
+                   "together (= VLGuard's whole train.json, as the official split); default: train.json only")
     b.add_argument("--judge-dtype", default="auto")
     b.add_argument("--judge-device", help="e.g. cuda (default: where transformers puts it)")
     b.add_argument("--halves", default="unsafes", choices=("unsafes", "both"),

@@ -7,11 +7,17 @@ EOS token, Qwen2-VL `<|im_end|>` plus a newline. The collator therefore never tr
 ending: it labels the response and appends one end-of-turn token itself.
 """
 
-# The system line of LLaVA's `v1` conversation (llava/conversation.py, conv_vicuna_v1), which the
-# LLaVA-1.5 checkpoints and the paper's unlearning runs were trained with (`--version v1`); the HF
-# template below renders a system turn as this text and a space, then "USER: ...", as v1 does.
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# The system line of LLaVA's `v1` conversation, conv_vicuna_v1 (LLaVA c121f04 llava/conversation.py:242-244,
+# registered as "v1" at :376): what `--version v1` trains with -- LLaVA-1.5's own finetune scripts and the
+# paper's unlearning runs (OPTML-Group/VLM-Safety-Unlearn 1f89239 llava/train/train_unlearn_full.py:954-955
+# sets default_conversation = conv_templates[version]). The HF template below renders a system turn as this
+# text and a space, then "USER: ...", as v1 does.
+LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# conv_llava_v1 (llava/conversation.py:325-327, "llava_v1" at :387): the same turns under a "human" system
+# line, which the official *evaluation* uses (VLM-Safety-Unlearn eval/utils/model_utils.py:29).
+LLAVA_V1_EVAL_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                        "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 # llava-hf/llava-1.5-7b-hf and -13b-hf (also llava-hf/llava-v1.6-vicuna-7b-hf).
 LLAVA_1_5 = (

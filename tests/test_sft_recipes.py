@@ -9,15 +9,22 @@ from core.errors import UserError
 from core.paths import CONFIG_ROOT
 from lightning_modules.config.loading import load_config
 
+V1 = ("A chat between a curious user and an artificial intelligence assistant. "
+      "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# finetune_task.sh / finetune.sh: --version v1 (:6), --image_aspect_ratio pad (:14 / :15), global batch 128,
+# VLGuard's convert_to_llava_format.py (the whole train.json, one two-turn conversation per safe image).
+LLAVA_SCRIPT = {"data.system_prompt": V1, "data.image_aspect_ratio": "pad", "data.effective_batch_size": 128,
+                "data.whole_train_file": True, "data.safe_records": "conversation", "data.overlong": "truncate",
+                "seed": 42}
 # recipe -> the resolved values its comments cite (LLaVA scripts/v1_5/finetune_task.sh / finetune.sh).
 EXPECTED = {
     "vlguard_sft_posthoc": {"model.finetune": "full", "optim.lr": 2.0e-5, "optim.weight_decay": 0.0,
                             "optim.warmup_ratio": 0.03, "optim.scheduler": "cosine", "trainer.max_epochs": 1,
                             "data.batch_size": 16, "data.max_length": 2048, "data.general_samples": 5000,
-                            "method.name": "sft", "model.name_or_path": "llava-hf/llava-1.5-7b-hf"},
+                            "method.name": "sft", "model.name_or_path": "llava-hf/llava-1.5-7b-hf", **LLAVA_SCRIPT},
     "vlguard_sft_mixed": {"model.finetune": "full", "optim.lr": 2.0e-5, "optim.weight_decay": 0.0,
                           "optim.warmup_ratio": 0.03, "optim.scheduler": "cosine", "trainer.max_epochs": 1,
-                          "data.batch_size": 16, "data.max_length": 2048, "method.name": "sft"},
+                          "data.batch_size": 16, "data.max_length": 2048, "method.name": "sft", **LLAVA_SCRIPT},
 }
 
 
@@ -27,13 +34,13 @@ def _get(cfg, dotted):
     return cfg
 
 
-@pytest.mark.parametrize("recipe,key", [(r, k) for r, values in EXPECTED.items() for k in values])
-def test_recipe_resolves_to_its_cited_value(recipe, key, tmp_path):
+@pytest.mark.parametrize("recipe", EXPECTED)
+def test_recipe_resolves_to_its_cited_value(recipe, tmp_path):
     overrides = [f"run_dir={tmp_path}", f"data.general_file={tmp_path}/general.json"]
     if recipe == "vlguard_sft_mixed":  # left for the user: the start point and the whole 665K file
         overrides += [f"model.name_or_path={tmp_path}/vicuna-llava", "data.general_samples=665000"]
     cfg = load_config(CONFIG_ROOT / "experiment" / f"{recipe}.yaml", overrides)
-    assert _get(cfg, key) == EXPECTED[recipe][key]
+    assert {key: _get(cfg, key) for key in EXPECTED[recipe]} == EXPECTED[recipe]  # one load, every key
 
 
 def _datamodule(tmp_path, general_samples):

@@ -112,8 +112,10 @@ def root_of(cfg: DictConfig) -> type:
     return ROOTS[found[0]] if found else FitConfig
 
 
-def _validate(cfg: DictConfig, root: type) -> DictConfig:
-    """Types, unknown keys, ranges and choices of every section, before anything is loaded."""
+def _validate(cfg: DictConfig, root: type, allow_missing: bool = False) -> DictConfig:
+    """Types, unknown keys, ranges and choices of every section, before anything is loaded. With
+    `allow_missing` (--print-config) a config that still has mandatory `???` values stops after the type
+    and key checks and comes back with every value that can be resolved resolved, the rest as written."""
     for section, command_root in ROOTS.items():
         if section in cfg and not issubclass(root, command_root):
             raise UserError(f"this config has an `{section}:` section, which belongs to the {section} command: "
@@ -122,6 +124,9 @@ def _validate(cfg: DictConfig, root: type) -> DictConfig:
         merged = OmegaConf.merge(OmegaConf.structured(root), cfg)
     except OmegaConfBaseException as err:
         raise config_error(err) from err
+    if allow_missing and OmegaConf.missing_keys(merged):
+        _resolve_available(merged)
+        return merged
     try:
         OmegaConf.resolve(merged)
     except OmegaConfBaseException as err:
@@ -206,16 +211,33 @@ def settings_help(root: type = FitConfig) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, root: type | None = None) -> DictConfig:
+def _resolve_available(node) -> None:
+    """Resolve in place every interpolation that resolves; one that needs a `???` value stays as written."""
+    for key in (list(node.keys()) if isinstance(node, DictConfig) else range(len(node))):
+        child = node._get_node(key)
+        if child._is_interpolation():
+            try:
+                node[key] = node[key]
+            except OmegaConfBaseException:
+                pass
+        elif isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
+            _resolve_available(child)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, root: type | None = None,
+                allow_missing: bool = False) -> DictConfig:
     """Compose `path`, apply `key=value` overrides, validate against the root schema of a command
-    (`root`; by default the one the config's sections ask for, `root_of`), resolve."""
+    (`root`; by default the one the config's sections ask for, `root_of`), resolve. `allow_missing`:
+    mandatory `???` values may remain (for printing; `_validate`)."""
     cfg = _compose(Path(path).resolve())
     cfg = _apply_overrides(cfg, overrides or [])
-    return _validate(cfg, root or root_of(cfg))
+    return _validate(cfg, root or root_of(cfg), allow_missing)
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    note = f"# mandatory values still to set (???): {', '.join(missing)}\n" if missing else ""
+    return note + OmegaConf.to_yaml(cfg)
 
 
 def config_cli(argv: list[str], prog: str, description: str, example: str, run: Callable,
@@ -233,10 +255,10 @@ def config_cli(argv: list[str], prog: str, description: str, example: str, run: 
                             "parameters, reference, GPU memory estimate) without loading weights, and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, root)
-    if args.print_config:
-        print(to_yaml(cfg))
+    if args.print_config:  # a config with `???` values left prints with them shown
+        print(to_yaml(load_config(args.config, args.overrides, root, allow_missing=True)))
         return
+    cfg = load_config(args.config, args.overrides, root)
     if getattr(args, "plan", False):
         plan(cfg)
         return

@@ -119,6 +119,12 @@ class ForgetRetainSettings:
     harvest_keep: str = setting("harmful", "harmful: the answers the run's judge marks harmful; all: every answer "
                                 "(a generator's answers file for `datamodules.vlguard build-forget-retain --answers`)",
                                 choices=("harmful", "all"))
+    separate_retain_ce: bool = setting(False, "each step also draws a second, independent retain batch for CE(D_r), "
+                                       "the retain-NPO / RMU retain-MSE term keeping the first (the official "
+                                       "trainer's two retain iterators)")
+    judge_decoding: str = setting("checkpoint", "harvest judge_model: checkpoint: generate() with the checkpoint's "
+                                  "generation_config, as the official selection script (sampling for Llama-2-chat); "
+                                  "greedy: deterministic", choices=("checkpoint", "greedy"))
 
 
 @dataclass
@@ -138,7 +144,16 @@ class DataSettings:
                                       "padding to a square in the image mean colour (its image_aspect_ratio pad)",
                                       choices=("original", "pad"))
     system_prompt: Optional[str] = setting(None, "a system turn before every conversation in training, harvest "
-                                           "and evaluation, e.g. LLaVA v1's 'A chat between a curious human ...'")
+                                           "and evaluation, e.g. LLaVA v1's 'A chat between a curious user ...'")
+    whole_train_file: bool = setting(False, "training rows (SFT rows, forget/retain) from a prepared directory's train "
+                                     "and val files together = the whole VLGuard train.json, as the official code "
+                                     "trains; validation then sees training rows")
+    overlong: str = setting("refuse", "a training row longer than max_length: refuse (an error) | truncate (cut at "
+                            "the end with its labels, image tokens kept whole: LLaVA's trainer)",
+                            choices=("refuse", "truncate"))
+    safe_records: str = setting("rows", "a VLGuard safe record in SFT: rows (its safe and unsafe instruction as two "
+                                "rows) | conversation (one two-turn conversation in shuffled order, VLGuard's "
+                                "convert_to_llava_format.py)", choices=("rows", "conversation"))
     general_file: Optional[str] = setting(None, "general instruction data mixed into SFT (post-hoc recipe)")
     general_ratio: float = setting(0.0, "share of general rows in the SFT mixture", ge=0, lt=1)
     general_samples: Optional[int] = setting(None, "exactly this many general rows, drawn without replacement "
@@ -169,6 +184,8 @@ class OptimSettings:
     betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", ge=0, le=1)
     scheduler: str = setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    projector_lr: Optional[float] = setting(None, "peak learning rate of the projector's parameters (LLaVA's "
+                                            "--mm_projector_lr); null: optim.lr", gt=0)
 
 
 @dataclass

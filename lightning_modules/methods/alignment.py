@@ -26,6 +26,7 @@ from core.errors import UserError
 from core.schema import parse_section, setting
 from core.distributed import gather_objects, shards_parameters
 from core.generation import greedy_generate, model_inputs
+from lightning_modules.methods.param_groups import group_lr, param_groups
 from lightning_modules.methods.sample_log import log_samples
 from metrics.classify import Verdict, classify, sample_row
 from metrics.judges import get_judge, separates_irrelevant
@@ -117,9 +118,7 @@ class AlignmentModule(L.LightningModule):
         return terms["loss"]
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise UserError("no trainable parameters (check model.finetune and the method's parameter pattern)")
+        params = param_groups(self.model, self.optim_cfg)  # optim.projector_lr: the projector's own group
         opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay,
                                 betas=tuple(self.optim_cfg.betas))
         if self.optim_cfg.scheduler not in SCHEDULERS:
@@ -229,12 +228,13 @@ class AlignmentModule(L.LightningModule):
         """A resumed run restores the optimizer and scheduler of its checkpoint, learning rate
         included: the configured optim.lr / weight_decay / betas win (resuming after a divergence
         with a smaller optim.lr must use it), at the scheduler's restored position."""
-        lr, wd, betas = self.optim_cfg.lr, self.optim_cfg.weight_decay, tuple(self.optim_cfg.betas)
+        wd, betas = self.optim_cfg.weight_decay, tuple(self.optim_cfg.betas)
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            scheduler.base_lrs = [group_lr(group, self.optim_cfg) for group in scheduler.optimizer.param_groups]
             for group, factor in zip(scheduler.optimizer.param_groups, getattr(scheduler, "lr_lambdas", [])):
-                group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch))
+                peak = group_lr(group, self.optim_cfg)
+                group.update(initial_lr=peak, lr=peak * factor(scheduler.last_epoch))
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group.update(weight_decay=wd, betas=betas)

@@ -61,6 +61,10 @@ class RMUParams(UnlearningParams):
     reference: str = setting("auto", "auto (adapter under LoRA, else snapshot) | adapter | snapshot",
                              choices=("auto", "adapter", "snapshot"))
     truncate: bool = setting(True, "stop forwards after layer ℓ where only h_ℓ is needed")
+    retain_iterator: str = setting("restart", "restart: every epoch updates | once: the official full trainer's "
+                                   "retain iterator, never restarted, so no update after the first epoch while "
+                                   "the schedule spans trainer.max_epochs (needs alpha > 0)",
+                                   choices=("restart", "once"))
 
 
 class StopForward(Exception):
@@ -108,6 +112,8 @@ class RMUModule(UnlearningModule):
         # A persistent buffer: saved and restored with every checkpoint, moved with the module.
         self.register_buffer("control_vector", make_control_vector(hidden, p.steering_coeff, seed))
         self.setup_reference(p.reference, *self.AUTO_REFERENCE, allowed=("auto", "adapter", "snapshot"))
+        check(p.retain_iterator == "restart" or p.alpha > 0, "retain_iterator", p.retain_iterator,
+              "the official trainer keeps a retain iterator only when rmu_retain_alpha != 0: set method.alpha > 0")
 
     @staticmethod
     def trained_layers(p: RMUParams, layer_index: int) -> Optional[list[int]]:
@@ -187,3 +193,12 @@ class RMUModule(UnlearningModule):
         loss = forget_mse + p.alpha * retain_mse
         return self.with_retain(loss, {"forget_mse": forget_mse, "retain_mse": retain_mse}, batch,
                                 retain_ce=retain_ce)
+
+    def on_train_epoch_end(self) -> None:
+        # retain_iterator=once: OPTML-Group/VLM-Safety-Unlearn 1f89239 llava_unlearn_full_trainer.py builds the
+        # retain iterator once (:326-328) and never restarts it (the restart is commented out at :489-490), so
+        # from the second epoch every step returns 0 with no backward (:499-514): the run's weights are those
+        # after epoch 1, its learning rates those of the first epoch of a max_epochs cosine schedule. Stopping
+        # here gives the same weights (the schedule was sized for max_epochs in configure_optimizers).
+        if self.params.retain_iterator == "once":
+            self.trainer.should_stop = True

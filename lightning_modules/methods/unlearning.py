@@ -12,6 +12,7 @@ reference model without a second copy:
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -75,8 +76,11 @@ class UnlearningModule(AlignmentModule):
     def with_retain(self, objective: torch.Tensor, terms: dict, batch: dict,
                     retain_ce: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"loss": objective + λ·CE(D_r), **terms, "retain_ce"}; CE(D_r) is computed here unless the
-        method already has it (GradDiff, RMU), and skipped when λ = 0 and nobody needs it."""
+        method already has it (GradDiff, RMU), and skipped when λ = 0 and nobody needs it. A batch with
+        `retain_ce_batch` (data.forget_retain.separate_retain_ce) takes CE(D_r) on that independent draw."""
         lam = self.params.retain_weight
+        if "retain_ce_batch" in batch:
+            retain_ce = self.ce(batch["retain_ce_batch"]) if lam else None
         if lam and retain_ce is None:
             retain_ce = self.ce(batch["retain"])
         out = {"loss": retain_weighted(objective, retain_ce, lam) if lam else objective, **terms}
@@ -128,10 +132,15 @@ class UnlearningModule(AlignmentModule):
         """Summed NLL of every forget row of `loader` (batches with `keys`) under the current
         (= reference) model, gathered over ranks."""
         cache: dict[str, float] = {}
-        for batch in loader:
-            batch = move_data_to_device(batch, self.device)
-            nll, _ = sequence_nll(self.forward_model(batch).logits, batch["labels"])
-            cache.update(zip(batch["keys"], nll.tolist()))
+        # Under the training step's autocast (the precision plugin's train-step context), as the official
+        # frozen model's forward runs inside its training_step (llava_unlearn_full_trainer.py:558-559): at
+        # θ = ref the policy and cached NLLs then agree to the last bit.
+        context = self.trainer.precision_plugin.train_step_context() if self._trainer is not None else nullcontext()
+        with context:
+            for batch in loader:
+                batch = move_data_to_device(batch, self.device)
+                nll, _ = sequence_nll(self.forward_model(batch).logits, batch["labels"])
+                cache.update(zip(batch["keys"], nll.tolist()))
         return dict(kv for kv in gather_objects(list(cache.items())))
 
     # -- hooks --------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def build_run(cfg):
     method = get_method(cfg.method.name)
     method.parse_params(cfg.method)  # an unknown method or method key fails before a model is loaded
     parse_probe_settings(cfg)  # likewise the probes' settings
+    if cfg.eval.test_split == "val" and cfg.data.get("whole_train_file"):
+        raise UserError("eval.test_split=val with data.whole_train_file=true: the validation rows are training rows, "
+                        "so they cannot choose hyperparameters; set data.whole_train_file=false")
     files = resolve_data_files(cfg.data)
     if cfg.eval.test_split not in ("test", "val"):
         raise UserError(f"eval.test_split must be 'test' or 'val', got '{cfg.eval.test_split}'")

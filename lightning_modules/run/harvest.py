@@ -65,6 +65,8 @@ def _cache_path(module, candidates: list[Example], datamodule) -> Path:
         key["vlm_judge"] = hp["eval"]["vlm_judge"]
     if _generators(datamodule) != [None] or datamodule.fr.get("judge_model"):
         key.update(generators=_generators(datamodule), judge_model=datamodule.fr.get("judge_model"))
+        if datamodule.fr.get("judge_model") and datamodule.fr.get("judge_decoding", "checkpoint") != "checkpoint":
+            key["judge_decoding"] = datamodule.fr.get("judge_decoding")
     return Path(datamodule.fr.harvest_dir) / f"forget-{_digest(key)}.json"
 
 
@@ -124,7 +126,8 @@ def _judge(module, datamodule):
 
     model_cfg = module.hparams["model"]
     return ChatJudge.from_pretrained(str(name), dtype=model_cfg["dtype"], device=str(harvest_device(module)),
-                                     trust_remote_code=bool(model_cfg.get("trust_remote_code")))
+                                     trust_remote_code=bool(model_cfg.get("trust_remote_code")),
+                                     decoding=datamodule.fr.get("judge_decoding", "checkpoint"))
 
 
 def choose_answers(module, candidates: list[Example], answers: list[list[str]], judge=None,
