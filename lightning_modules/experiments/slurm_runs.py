@@ -1,0 +1,173 @@
+"""compare's Slurm launcher (`compare.launcher=slurm`): each run one submitit job, the runs of one
+comparison one job array, with the GPUs, CPUs, memory, time and partition of `compare.slurm`.
+
+A job runs `fit` with `resume=auto`: when Slurm pre-empts it or its time runs out, submitit calls
+`RunJob.checkpoint`, which requeues the same run, and the requeued job resumes from the run's newest
+checkpoint (last.ckpt, or Lightning's hpc_ckpt_N.ckpt). compare waits, printing how many jobs
+finished, run and failed, and records each finished run as the local launcher does. A failed or
+killed job leaves its run unrecorded: the same compare command again runs exactly those runs (each
+resuming from its checkpoint) and keeps every recorded one. `compare.slurm.cluster=local` runs the
+same submitit code path with each job a local process (submitit's LocalExecutor): the tests' path.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from core.errors import UserError, one_line
+from lightning_modules.config.schema import SlurmSettings
+from lightning_modules.experiments.parallel_runs import fit_logged
+from lightning_modules.experiments.results import write_run_marker
+
+try:  # an optional dependency: launcher=slurm says how to install it (import_submitit)
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError:  # pragma: no cover - exercised by the test that hides submitit
+    Checkpointable, DelayedSubmission = object, None
+
+INSTALL = "pip install 'safety-mirage[slurm]'"
+# sbatch options compare.slurm sets by name: compare.slurm.additional may not set them again
+OWN_OPTIONS = {"partition": "partition", "time": "time", "nodes": "nodes", "gpus-per-node": "gpus_per_node",
+               "gpus": "gpus_per_node", "gres": "gpus_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
+               "account": "account", "qos": "qos", "constraint": "constraint", "array": "array_parallelism",
+               "ntasks-per-node": "gpus_per_node", "signal": "max_requeues", "requeue": "max_requeues"}
+TIME = re.compile(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)")
+TIME_FORMS = "minutes (e.g. 120), HH:MM:SS or D-HH:MM:SS"
+
+
+def import_submitit():
+    try:
+        import submitit
+    except ImportError as err:
+        raise UserError(f"compare.launcher=slurm needs the submitit package, which is not installed: {INSTALL}") from err
+    return submitit
+
+
+def time_minutes(value: str) -> int:
+    """compare.slurm.time in whole minutes (rounded up), or one line naming the forms it takes."""
+    text = str(value).strip()
+    minutes = None
+    if text.isdigit():
+        minutes = int(text)
+    elif match := TIME.fullmatch(text):
+        days, hours, mins, secs = (int(g or 0) for g in match.groups())
+        if mins < 60 and secs < 60:
+            minutes = days * 1440 + hours * 60 + mins + math.ceil(secs / 60)
+    if not minutes:
+        raise UserError(f"invalid value for config key 'compare.slurm.time': {value!r} (allowed: {TIME_FORMS}, "
+                        "more than zero)")
+    return minutes
+
+
+def check_slurm(slurm: SlurmSettings, num_nodes: int) -> int:
+    """The settings the schema cannot check alone (one line each); the time limit in minutes."""
+    minutes = time_minutes(slurm.time)
+    for key in slurm.additional:
+        own = OWN_OPTIONS.get(str(key).replace("_", "-"))
+        if own:
+            raise UserError(f"compare.slurm.additional.{key}: set compare.slurm.{own} instead (additional holds "
+                            f"the sbatch options compare.slurm has no key for; its own keys: {', '.join(OWN_OPTIONS)})")
+    if slurm.nodes > 1 and slurm.cluster == "local":
+        raise UserError(f"compare.slurm.nodes={slurm.nodes} needs compare.slurm.cluster=slurm (the local executor "
+                        "runs on this one machine)")
+    if slurm.nodes != num_nodes:
+        raise UserError(f"compare.slurm.nodes={slurm.nodes} but the runs' trainer.num_nodes={num_nodes}: set both "
+                        "to the same number of nodes")
+    return minutes
+
+
+def make_executor(slurm: SlurmSettings, folder: Path, name: str, minutes: int):
+    """A submitit executor with the job resources of `compare.slurm` (one task per GPU)."""
+    submitit = import_submitit()
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=slurm.cluster,
+                                     slurm_max_num_timeout=slurm.max_requeues, local_max_num_timeout=slurm.max_requeues)
+    executor.update_parameters(
+        name=name, timeout_min=minutes, nodes=slurm.nodes, tasks_per_node=max(1, slurm.gpus_per_node),
+        gpus_per_node=slurm.gpus_per_node or None, cpus_per_task=slurm.cpus_per_task, mem_gb=slurm.mem_gb,
+        slurm_partition=slurm.partition, slurm_account=slurm.account, slurm_qos=slurm.qos,
+        slurm_constraint=slurm.constraint, slurm_array_parallelism=slurm.array_parallelism,
+        slurm_additional_parameters=dict(slurm.additional) or None,
+        **({"slurm_setup": list(slurm.setup), "local_setup": list(slurm.setup)} if slurm.setup else {}))
+    return executor
+
+
+class RunJob(Checkpointable):
+    """One planned run as a job: fit with resume=auto, its output in `log`; returns where it ran and its
+    wall time, or the one-line error of a run that stopped on bad input (its traceback is in `log`)."""
+
+    def __init__(self, cfg, log: str, digest: str):
+        self.cfg, self.log, self.digest = cfg, log, digest
+
+    def __call__(self) -> dict:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.resume = "auto"  # a fresh start, or a requeued job's resume from its newest checkpoint
+        try:
+            wall = fit_logged(cfg, self.log)  # sets cfg.run_dir to the directory the run used
+        except Exception as err:  # noqa: BLE001 -- reported by compare in one line; the log has the traceback
+            return {"error": one_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"}
+        write_run_marker(Path(cfg.run_dir), self.digest, wall)  # a later compare finds it even if this one died
+        return {"run_dir": str(cfg.run_dir), "wall_s": wall}
+
+    def checkpoint(self, *args, **kwargs):
+        """Pre-empted or out of time: the same run again (it resumes from its newest checkpoint)."""
+        return DelayedSubmission(RunJob(self.cfg, self.log, self.digest))
+
+
+def job_outcome(job) -> dict:
+    """What the job returned, or why it returned nothing (killed, out of memory, requeued too often)."""
+    try:
+        return job.result()
+    except Exception as err:  # noqa: BLE001 -- submitit's FailedJobError / UncompletedJobError, multi-line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return {"error": f"job {job.job_id} ended without a result (killed?): {first[:300]}"}
+
+
+def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, name: str,
+                 record: Callable, describe: Callable, log_of: Callable) -> None:
+    """Submit `todo` as one job array, wait, `record(run, wall_s)` as each finishes; failures are
+    raised together at the end, after every job has ended (their runs stay unrecorded)."""
+    minutes = check_slurm(slurm, num_nodes)
+    folder = out / "slurm"
+    executor = make_executor(slurm, folder, name, minutes)
+    with executor.batch():  # one array on Slurm
+        jobs = [executor.submit(RunJob(run.cfg, str(log_of(run)), run.digest)) for run in todo]
+    pending = dict(zip(jobs, todo))
+    array = str(jobs[0].job_id).split("_")[0]
+    print(f"compare: {len(todo)} runs submitted as job array {array} (compare.slurm.cluster={slurm.cluster}); "
+          f"each run's output: {out / 'logs'}; submitit's files: {folder}", flush=True)
+    failures, finished, shown = [], 0, None
+    try:
+        while pending:
+            for job, run in list(pending.items()):
+                if not job.done():
+                    continue
+                del pending[job]
+                outcome = job_outcome(job)
+                if "error" in outcome:
+                    failures.append((run, outcome["error"]))
+                    continue
+                run.cfg.run_dir = outcome["run_dir"]
+                record(run, outcome["wall_s"])
+                finished += 1
+            running = sum(job.state == "RUNNING" for job in pending)
+            counts = (finished, running, len(failures), len(pending) - running)
+            if counts != shown:
+                print("compare: {} finished, {} running, {} failed, {} waiting (of {})".format(*counts, len(todo)),
+                      flush=True)
+                shown = counts
+            if pending:
+                time.sleep(slurm.poll_s)
+    except KeyboardInterrupt:
+        print(f"compare: stopped waiting; the jobs go on (scancel {array} stops them). The same compare command "
+              "records what finished and runs the rest again", flush=True)
+        raise
+    if failures:
+        shown_failures = "; ".join(f"({describe(run)}): {error} (its output: {log_of(run)})"
+                                   for run, error in failures[:3])
+        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+        raise UserError(f"{len(failures)} of {len(todo)} runs failed: {shown_failures}{more}; the same compare "
+                        "command runs exactly these again (each from its last checkpoint)")
