@@ -81,10 +81,10 @@ def num_nodes(runs: list[PlannedRun]) -> int:
 def check_launcher(settings, planned: list[PlannedRun]) -> None:
     """launcher=slurm: submitit importable and compare.slurm consistent, before anything is written."""
     if settings.launcher == "slurm" and planned:
-        from lightning_modules.experiments.slurm_runs import check_slurm, import_submitit
+        from lightning_modules.experiments.slurm_settings import check_cluster, nodes_match
 
-        import_submitit()
-        check_slurm(settings.slurm, num_nodes(planned))
+        nodes_match(settings.slurm, num_nodes(planned))
+        check_cluster(settings.slurm)
 
 
 def log_path(out: Path, run: PlannedRun) -> Path:

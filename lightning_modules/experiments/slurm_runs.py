@@ -13,8 +13,6 @@ same submitit code path with each job a local process (submitit's LocalExecutor)
 from __future__ import annotations
 
 import copy
-import math
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,61 +21,12 @@ from core.errors import UserError, one_line
 from lightning_modules.config.schema import SlurmSettings
 from lightning_modules.experiments.parallel_runs import fit_logged
 from lightning_modules.experiments.results import write_run_marker
+from lightning_modules.experiments.slurm_settings import import_submitit, nodes_match, slurm_minutes
 
 try:  # an optional dependency: launcher=slurm says how to install it (import_submitit)
     from submitit.helpers import Checkpointable, DelayedSubmission
 except ImportError:  # pragma: no cover - exercised by the test that hides submitit
     Checkpointable, DelayedSubmission = object, None
-
-INSTALL = "pip install 'safety-mirage[slurm]'"
-# sbatch options compare.slurm sets by name: compare.slurm.additional may not set them again
-OWN_OPTIONS = {"partition": "partition", "time": "time", "nodes": "nodes", "gpus-per-node": "gpus_per_node",
-               "gpus": "gpus_per_node", "gres": "gpus_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem_gb",
-               "account": "account", "qos": "qos", "constraint": "constraint", "array": "array_parallelism",
-               "ntasks-per-node": "gpus_per_node", "signal": "max_requeues", "requeue": "max_requeues"}
-TIME = re.compile(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)")
-TIME_FORMS = "minutes (e.g. 120), HH:MM:SS or D-HH:MM:SS"
-
-
-def import_submitit():
-    try:
-        import submitit
-    except ImportError as err:
-        raise UserError(f"compare.launcher=slurm needs the submitit package, which is not installed: {INSTALL}") from err
-    return submitit
-
-
-def time_minutes(value: str) -> int:
-    """compare.slurm.time in whole minutes (rounded up), or one line naming the forms it takes."""
-    text = str(value).strip()
-    minutes = None
-    if text.isdigit():
-        minutes = int(text)
-    elif match := TIME.fullmatch(text):
-        days, hours, mins, secs = (int(g or 0) for g in match.groups())
-        if mins < 60 and secs < 60:
-            minutes = days * 1440 + hours * 60 + mins + math.ceil(secs / 60)
-    if not minutes:
-        raise UserError(f"invalid value for config key 'compare.slurm.time': {value!r} (allowed: {TIME_FORMS}, "
-                        "more than zero)")
-    return minutes
-
-
-def check_slurm(slurm: SlurmSettings, num_nodes: int) -> int:
-    """The settings the schema cannot check alone (one line each); the time limit in minutes."""
-    minutes = time_minutes(slurm.time)
-    for key in slurm.additional:
-        own = OWN_OPTIONS.get(str(key).replace("_", "-"))
-        if own:
-            raise UserError(f"compare.slurm.additional.{key}: set compare.slurm.{own} instead (additional holds "
-                            f"the sbatch options compare.slurm has no key for; its own keys: {', '.join(OWN_OPTIONS)})")
-    if slurm.nodes > 1 and slurm.cluster == "local":
-        raise UserError(f"compare.slurm.nodes={slurm.nodes} needs compare.slurm.cluster=slurm (the local executor "
-                        "runs on this one machine)")
-    if slurm.nodes != num_nodes:
-        raise UserError(f"compare.slurm.nodes={slurm.nodes} but the runs' trainer.num_nodes={num_nodes}: set both "
-                        "to the same number of nodes")
-    return minutes
 
 
 def make_executor(slurm: SlurmSettings, folder: Path, name: str, minutes: int):
@@ -130,7 +79,8 @@ def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, na
                  record: Callable, describe: Callable, log_of: Callable) -> None:
     """Submit `todo` as one job array, wait, `record(run, wall_s)` as each finishes; failures are
     raised together at the end, after every job has ended (their runs stay unrecorded)."""
-    minutes = check_slurm(slurm, num_nodes)
+    nodes_match(slurm, num_nodes)
+    minutes = slurm_minutes(slurm)
     folder = out / "slurm"
     executor = make_executor(slurm, folder, name, minutes)
     with executor.batch():  # one array on Slurm
