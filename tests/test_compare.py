@@ -199,7 +199,7 @@ def test_one_run_gets_wilson_and_intervals_match_scipy():
 
 
 def test_mirage_compare_configs_parse():
-    for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho"):
+    for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho", "mirage_compare_slurm"):
         cfg = load_config(f"configs/experiment/{name}.yaml")
         settings = compare_plan.parse_settings(cfg)
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
