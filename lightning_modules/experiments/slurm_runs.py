@@ -69,7 +69,7 @@ class RunJob(Checkpointable):
 def job_outcome(job) -> dict:
     """What the job returned, or why it returned nothing (killed, out of memory, requeued too often)."""
     try:
-        return job.result()
+        return job.results()[0]  # task 0's (a job of several GPUs has a task, a rank, per GPU)
     except Exception as err:  # noqa: BLE001 -- submitit's FailedJobError / UncompletedJobError, multi-line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return {"error": f"job {job.job_id} ended without a result (killed?): {first[:300]}"}
