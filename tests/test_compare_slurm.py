@@ -89,7 +89,7 @@ def test_slurm_launcher_matches_local_and_survives_preemption_and_kills(tmp_path
 
     again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "compare: 1 runs submitted as job array" in again.stdout  # exactly the failed run
+    assert "compare: 1 run submitted as job array" in again.stdout  # exactly the failed run
     assert "Restored all states from the checkpoint" in (out / "logs" / "ga" / f"{RUN}.log").read_text()
     results = read_results(out / "results.csv")
     pd.testing.assert_frame_equal(results.drop(columns="wall_s"), local.drop(columns="wall_s"))

@@ -87,7 +87,7 @@ def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, na
         jobs = [executor.submit(RunJob(run.cfg, str(log_of(run)), run.digest)) for run in todo]
     pending = dict(zip(jobs, todo))
     array = str(jobs[0].job_id).split("_")[0]
-    print(f"compare: {len(todo)} runs submitted as job array {array} (compare.slurm.cluster={slurm.cluster}); "
+    print(f"compare: {len(todo)} run{'s' if len(todo) > 1 else ''} submitted as job array {array} (compare.slurm.cluster={slurm.cluster}); "
           f"each run's output: {out / 'logs'}; submitit's files: {folder}", flush=True)
     failures, finished, shown = [], 0, None
     try:
