@@ -32,7 +32,8 @@ WORLD = [o for o in SMALL if o.startswith("data.world.")]  # the world's own key
 
 def settings(out: Path, cache: Path) -> list[str]:
     train = [o for o in SMALL if not o.startswith(("data.world.", "trainer.max_steps", "trainer.val_check"))] + [
-        f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=6", "eval.val_at_start=false", "checkpoint.every_n_train_steps=2", "trainer.deterministic=true",
+        f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=6", "eval.val_at_start=false",
+        "checkpoint.every_n_train_steps=2", "trainer.deterministic=true",
         "eval.probes=false"]
     return [f"compare.overrides=[{','.join(train)}]", "compare.methods=[sft,ga]", "compare.seeds=[0]",
             "compare.world_seeds=[0]", "compare.base_seeds=[0]", "compare.jobs=1", "threads=1",

@@ -87,8 +87,9 @@ def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, na
         jobs = [executor.submit(RunJob(run.cfg, str(log_of(run)), run.digest)) for run in todo]
     pending = dict(zip(jobs, todo))
     array = str(jobs[0].job_id).split("_")[0]
-    print(f"compare: {len(todo)} run{'s' if len(todo) > 1 else ''} submitted as job array {array} (compare.slurm.cluster={slurm.cluster}); "
-          f"each run's output: {out / 'logs'}; submitit's files: {folder}", flush=True)
+    print(f"compare: {len(todo)} run{'s' if len(todo) > 1 else ''} submitted as job array {array} "
+          f"(compare.slurm.cluster={slurm.cluster}); each run's output: {out / 'logs'}; submitit's files: {folder}",
+          flush=True)
     failures, finished, shown = [], 0, None
     try:
         while pending:
@@ -101,7 +102,11 @@ def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, na
                     failures.append((run, outcome["error"]))
                     continue
                 run.cfg.run_dir = outcome["run_dir"]
-                record(run, outcome["wall_s"])
+                try:
+                    record(run, outcome["wall_s"])
+                except UserError as err:  # e.g. a run that wrote no results.json: the other jobs go on
+                    failures.append((run, one_line(err)))
+                    continue
                 finished += 1
             running = sum(job.state == "RUNNING" for job in pending)
             counts = (finished, running, len(failures), len(pending) - running)
@@ -112,8 +117,10 @@ def run_on_slurm(todo: list, slurm: SlurmSettings, num_nodes: int, out: Path, na
             if pending:
                 time.sleep(slurm.poll_s)
     except KeyboardInterrupt:
-        print(f"compare: stopped waiting; the jobs go on (scancel {array} stops them). The same compare command "
-              "records what finished and runs the rest again", flush=True)
+        going = f"the jobs go on (scancel {array} stops them)" if slurm.cluster == "slurm" else \
+            "local jobs stop with it (Ctrl-C reaches them too)"
+        print(f"compare: stopped waiting; {going}. The same compare command records what finished and runs the "
+              "rest again", flush=True)
         raise
     if failures:
         shown_failures = "; ".join(f"({describe(run)}): {error} (its output: {log_of(run)})"

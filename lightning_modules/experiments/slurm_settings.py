@@ -25,7 +25,8 @@ def import_submitit():
     try:
         import submitit
     except ImportError as err:
-        raise UserError(f"compare.launcher=slurm needs the submitit package, which is not installed: {INSTALL}") from err
+        raise UserError("compare.launcher=slurm needs the submitit package, which is not installed: "
+                        f"{INSTALL}") from err
     return submitit
 
 
