@@ -16,6 +16,8 @@ no such eval set), `summary.md` / `summary.json` (mean and interval per method: 
 t over runs within one world, or Wilson for one run), and the figures of `lightning_modules.
 experiments.plots`. A rerun resumes: rows whose run config is unchanged are kept; a changed one is
 refused (`compare.on_stale=refuse`) or run again into a fresh directory (`on_stale=redo`).
+With `compare.launcher=slurm` each run is a Slurm job (one job array, `compare.slurm`), requeued
+and resumed when pre-empted; the same command again runs exactly the runs that failed.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def test_one_run_gets_wilson_and_intervals_match_scipy():
 
 
 def test_mirage_compare_configs_parse():
-    for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho"):
+    for name in ("mirage_compare", "mirage_compare_quick", "mirage_sweep_rho", "mirage_compare_slurm"):
         cfg = load_config(f"configs/experiment/{name}.yaml")
         settings = compare_plan.parse_settings(cfg)
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
@@ -256,3 +256,17 @@ def test_compare_end_to_end_tiny(tmp_path_factory):
         assert OmegaConf.load(out / row.run_dir / "config.yaml").data.world.n_base == 120
         assert math.isfinite(row.hazard_nll_clean) and math.isfinite(row.asr_relearn)
     assert (out / "methods.png").stat().st_size > 5000 and (out / "probes.png").stat().st_size > 5000
+
+
+def test_runs_finished_after_compare_stopped_are_recorded_not_rerun(tmp_path, fake_fit, capsys):
+    """A Slurm job outlives a compare stopped while waiting: its run marks itself finished
+    (compare_run.json with its config hash) and the next compare records it without running it."""
+    cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]", "compare.seeds=[0]")
+    first = runner.run(cfg)
+    (tmp_path / "cmp" / "results.csv").unlink()  # as if compare had died before recording it
+    again = runner.run(cfg)
+    assert len(fake_fit.configs) == 1 and "after the last compare: recorded" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, first)
+    (tmp_path / "cmp" / "results.csv").unlink()
+    changed = runner.run(cfg, ["optim.lr=0.01"])
+    assert len(fake_fit.configs) == 2 and list(changed.run_dir) == ["sft/world0-base0-seed0_1"]  # another config

@@ -336,6 +336,29 @@ class EvaluateSettings:
                                        factory=list)
 
 
+# The `compare.slurm:` section: one Slurm job per run, through submitit (compare.launcher=slurm).
+@dataclass
+class SlurmSettings:
+    cluster: str = setting("slurm", "slurm: sbatch on this cluster; local: submitit's local executor (the same "
+                                    "code path with each job a local process: for tests and debugging)",
+                           choices=("slurm", "local"))
+    partition: Optional[str] = setting(None, "partition (sbatch --partition; null: the cluster's default)")
+    time: str = setting("60", "time limit per job: minutes (e.g. 120), HH:MM:SS or D-HH:MM:SS")
+    nodes: int = setting(1, "nodes per job (more than 1: the run's trainer.num_nodes must match)", ge=1)
+    gpus_per_node: int = setting(0, "GPUs per node, one task (rank) each", ge=0)
+    cpus_per_task: int = setting(1, "CPU cores per task", ge=1)
+    mem_gb: Optional[float] = setting(None, "memory per node in GB (null: the partition's default)", gt=0)
+    account: Optional[str] = setting(None, "sbatch --account")
+    qos: Optional[str] = setting(None, "sbatch --qos")
+    constraint: Optional[str] = setting(None, "sbatch --constraint")
+    array_parallelism: Optional[int] = setting(None, "jobs of the array running at once (null: no limit)", ge=1)
+    max_requeues: int = setting(3, "times a timed-out job is requeued (pre-emptions are not counted)", ge=0)
+    setup: list[str] = setting(doc="shell lines run in the job before the run (module load, source .venv/bin/activate)",
+                               factory=list)
+    additional: dict[str, Any] = setting(doc="further sbatch options, e.g. {mail-type: END}", factory=dict)
+    poll_s: float = setting(30.0, "seconds between two looks at the jobs' states", gt=0)
+
+
 # The `compare:` section (python -m lightning_modules.compare).
 @dataclass
 class CompareSettings:
@@ -356,6 +379,10 @@ class CompareSettings:
     confidence: float = setting(0.95, "interval level", gt=0, lt=1)
     jobs: int = setting(1, "runs at once, each in its own process with `threads` threads (its output in "
                            "<run_dir>/logs/); 1: one after another, in this process", ge=1)
+    launcher: str = setting("local", "local: runs on this machine (compare.jobs at once); slurm: one job per run "
+                                     "through submitit, a job array per comparison (compare.slurm)",
+                            choices=("local", "slurm"))
+    slurm: SlurmSettings = setting(doc="the jobs of launcher=slurm", factory=SlurmSettings)
 
 
 # The `probes:` section (fit with eval.probes=true).

@@ -39,6 +39,10 @@ def fit_logged(cfg, log: str) -> float:
         except UserError as err:  # the log ends with what went wrong, as the terminal would have shown it
             print(f"error: {one_line(err)}", file=sys.stderr)
             raise
+        except SystemExit as err:  # a Slurm job pre-empted: submitit requeues it (exit 144 locally)
+            print(f"stopped (exit {err.code}): this run goes on from its last checkpoint when requeued",
+                  file=sys.stderr)
+            raise
         except BaseException:
             traceback.print_exc()
             raise

@@ -17,6 +17,7 @@ from core.schema import parse_section
 from lightning_modules.config.diff import flatten
 from lightning_modules.config.loading import load_config
 from lightning_modules.config.schema import CompareSettings
+from lightning_modules.experiments.slurm_settings import slurm_minutes
 from lightning_modules.methods import METHODS
 
 # The row of the model before any alignment (evaluated on sft's experiment with no training step).
@@ -54,6 +55,7 @@ def parse_settings(cfg) -> CompareSettings:
                            if settings.sweep_key in STACK_KEYS else " (compare sets it per run)"))
     if settings.sweep_key and not settings.sweep_values:
         raise UserError(f"compare.sweep_key={settings.sweep_key} needs compare.sweep_values")
+    slurm_minutes(settings.slurm)  # whatever the launcher: a config is checked whole
     if settings.sweep_values and not settings.sweep_key:
         raise UserError("compare.sweep_values needs compare.sweep_key (the dotted key they set)")
     return settings

@@ -126,3 +126,28 @@ def world_rho(run_dir: Path) -> float:
     return math.nan if value is None else float(value)
 
 
+
+
+# A finished run's own record of the planned run it is (written by the job that ran it), so that a
+# compare that died while its jobs ran still finds them (`adopted_run`).
+RUN_MARKER = "compare_run.json"
+
+
+def write_run_marker(run_dir: Path, digest: str, wall_s: float) -> None:
+    atomic_write(run_dir / RUN_MARKER, json.dumps({"config_hash": digest, "wall_s": round(wall_s, 1)}) + "\n",
+                 what="compare run marker")
+
+
+def adopted_run(planned_dir: Path, digest: str) -> tuple[Path, float] | None:
+    """A finished run of this very run config in `planned_dir` or one of its `_N` siblings (its
+    directory and wall time), else None."""
+    candidate, n = planned_dir, 1
+    while candidate.is_dir():
+        try:
+            marker = json.loads((candidate / RUN_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = {}
+        if marker.get("config_hash") == digest and (candidate / "results.json").is_file():
+            return candidate, float(marker.get("wall_s", math.nan))
+        candidate, n = planned_dir.with_name(f"{planned_dir.name}_{n}"), n + 1
+    return None

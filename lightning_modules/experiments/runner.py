@@ -1,5 +1,6 @@
 """The compare loop: plan every run, keep the finished rows, run the rest (in parallel processes
-when `compare.jobs` > 1), then write results.csv, the summary and the figures."""
+when `compare.jobs` > 1, or as Slurm jobs with `compare.launcher=slurm`), then write results.csv,
+the summary and the figures."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from lightning_modules.experiments.parallel_runs import interleave, process_pool
 from lightning_modules.config.diff import changed_keys, flatten
 from lightning_modules.experiments.plan import (RunKey, apply_command_line, config_hash,
                                                 parse_settings, plan, run_config, run_path)
-from lightning_modules.experiments.results import (key_tuple, metrics_row, world_rho, read_results, row_key, write_results)
+from lightning_modules.experiments.results import (adopted_run, key_tuple, metrics_row, world_rho, read_results,
+                                                   row_key, write_results, write_run_marker)
 from lightning_modules.experiments.summary import summarize, write_summary
 from lightning_modules.experiments.plots import attribution_by_method, plot_all
 from lightning_modules.run import training
@@ -44,9 +46,9 @@ def stale_keys(out: Path, row: dict, cfg_run) -> list[str]:
     old_yaml = out / row["run_dir"] / "config.yaml"
     if not old_yaml.is_file():
         return ["?"]
-    # model.name_or_path: fit rewrites it to the cached base's path
+    # model.name_or_path: fit rewrites it to the cached base's path; resume: auto in a Slurm job
     return [k for k in changed_keys(flatten(OmegaConf.load(old_yaml)), flatten(cfg_run), shared_only=True)
-            if k != "model.name_or_path"]
+            if k not in ("model.name_or_path", "resume")]
 
 
 def plan_runs(settings, common: list[str], out: Path, done: dict[tuple, dict]) -> list[PlannedRun]:
@@ -72,9 +74,33 @@ def plan_runs(settings, common: list[str], out: Path, done: dict[tuple, dict]) -
     return planned
 
 
-def execute(todo: list[PlannedRun], jobs: int, out: Path, record) -> None:
-    """Run `todo`, one after another in this process or `jobs` at a time in worker processes;
-    `record(run, wall_seconds)` after each."""
+def num_nodes(runs: list[PlannedRun]) -> int:
+    return int(runs[0].cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def check_launcher(settings, planned: list[PlannedRun]) -> None:
+    """launcher=slurm: submitit importable and compare.slurm consistent, before anything is written."""
+    if settings.launcher == "slurm" and planned:
+        from lightning_modules.experiments.slurm_settings import check_cluster, nodes_match
+
+        nodes_match(settings.slurm, num_nodes(planned))
+        check_cluster(settings.slurm)
+
+
+def log_path(out: Path, run: PlannedRun) -> Path:
+    return out / "logs" / f"{Path(run.cfg.run_dir).relative_to(out)}.log"
+
+
+def execute(todo: list[PlannedRun], settings, out: Path, record) -> None:
+    """Run `todo`, one after another in this process, `jobs` at a time in worker processes, or as
+    Slurm jobs (compare.launcher=slurm); `record(run, wall_seconds)` after each."""
+    if settings.launcher == "slurm" and todo:
+        from lightning_modules.experiments.slurm_runs import run_on_slurm
+
+        run_on_slurm(todo, settings.slurm, num_nodes(todo), out, out.name, record, PlannedRun.label,
+                     lambda run: log_path(out, run))
+        return
+    jobs = settings.jobs
     if jobs > 1 and len(todo) > 1 and (why := process_pool_available()):
         print(f"compare: compare.jobs={jobs} needs worker processes, which cannot start here ({why}); "
               "running the runs one after another")
@@ -94,7 +120,7 @@ def execute(todo: list[PlannedRun], jobs: int, out: Path, record) -> None:
         record(run, wall)
         print(f"compare: [{next(progress)}/{len(todo)}] {run.label()}: {wall:.0f} s", flush=True)
 
-    tasks = [(run, run.cfg, out / "logs" / f"{Path(run.cfg.run_dir).relative_to(out)}.log") for run in todo]
+    tasks = [(run, run.cfg, log_path(out, run)) for run in todo]
     run_parallel(tasks, jobs, finished, PlannedRun.label)
 
 
@@ -110,6 +136,7 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     csv = out / "results.csv"
     done = {row_key(r): r for r in (read_results(csv).to_dict("records") if csv.exists() else [])}
     planned = plan_runs(settings, common, out, done)
+    check_launcher(settings, planned)
     dev = sorted({run.key.world_seed for run in planned} & set(settings.dev_world_seeds))
     if dev and settings.split == "test":
         print(f"compare: world seed(s) {dev} are dev worlds (compare.dev_world_seeds), used to choose "
@@ -121,17 +148,26 @@ def run(cfg, command_line: Optional[list[str]] = None) -> pd.DataFrame:
     if dropped:
         print(f"compare: {dropped} earlier row(s) are not in this plan and leave results.csv (their run dirs stay)")
     rows = [run.row for run in planned if run.row is not None]
-    todo = [run for run in planned if run.row is None]
-    for run in todo:
-        run.cfg.run_dir = str(fresh_run_dir(Path(run.cfg.run_dir)))  # not hashed: the config as planned, moved
 
     def record(run: PlannedRun, wall: float) -> None:
         run_dir = Path(run.cfg.run_dir)
+        write_run_marker(run_dir, run.digest, wall)
         rows.append({**dataclasses.asdict(run.key), **metrics_row(run_dir), "rho": world_rho(run_dir),
                      "wall_s": round(wall, 1), "run_dir": str(run_dir.relative_to(out)), "config_hash": run.digest})
         write_results(rows, csv)  # after every run
 
-    execute(todo, settings.jobs, out, record)
+    todo = []
+    for run in (run for run in planned if run.row is None):
+        if (found := adopted_run(Path(run.cfg.run_dir), run.digest)) is not None:
+            # finished after an earlier compare stopped waiting for it (a Slurm job outlives its compare)
+            print(f"compare: ({run.label()}) finished in {found[0]} after the last compare: recorded")
+            run.cfg.run_dir = str(found[0])
+            record(run, found[1])
+            continue
+        run.cfg.run_dir = str(fresh_run_dir(Path(run.cfg.run_dir)))  # not hashed: the config as planned, moved
+        todo.append(run)
+
+    execute(todo, settings, out, record)
     order = {key_tuple(run.key): i for i, run in enumerate(planned)}
     rows.sort(key=lambda r: order[row_key(r)])
     results = write_results(rows, csv)
