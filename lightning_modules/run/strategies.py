@@ -2,12 +2,13 @@
 need Python objects (FSDP's wrap policy).
 
     strategy: ddp                       # any registered name: ddp, deepspeed_stage_2, deepspeed_stage_3, ...
-    strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}
+    strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}   # FSDP2 (run/fsdp.py)
     strategy: {name: ddp, timeout: 600}   # a rank waits 10 min in a collective for a dead or hung peer
 
-FSDP wraps each transformer block: the classes a Hugging Face model lists in `_no_split_modules`
-that occur more than once (LlamaDecoderLayer, CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found
-on the model instance, so the same config works for every backbone. DeepSpeed is an optional
+FSDP is FSDP2 (`fully_shard`, lightning_modules/run/fsdp.py): each transformer block -- the classes
+a Hugging Face model lists in `_no_split_modules` that occur more than once (LlamaDecoderLayer,
+CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found on the model instance, so the same config works
+for every backbone -- is one unit, the rest of the model the root unit. DeepSpeed is an optional
 extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strategy fails in one line.
 """
 
@@ -23,10 +24,6 @@ from torch import nn
 from core.distributed import shards_parameters
 from core.errors import UserError
 from core.schema import reject_unknown
-
-FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers",
-             "timeout")
-
 
 def collective_timeout(seconds: Any) -> timedelta:
     """`trainer.strategy.timeout` (seconds): how long a rank waits in a collective for a rank that
@@ -72,17 +69,9 @@ def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
 
 
 def fsdp_strategy(options: dict, model: nn.Module | None):
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning_modules.run.fsdp import FSDP2Strategy
 
-    reject_unknown("trainer.strategy", sorted(options), FSDP_KEYS, "for fsdp")
-    blocks = transformer_block_classes(model) if model is not None else set()
-    if not blocks:
-        raise UserError("trainer.strategy fsdp: the model lists no repeated `_no_split_modules` block to wrap")
-    checkpointing = bool(options.pop("activation_checkpointing", False))
-    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if checkpointing else None,
-                        **options)
-
-
+    return FSDP2Strategy.from_options(options, model)
 
 
 def gathered_model_weights(trainer, module) -> dict | None:

@@ -1,4 +1,4 @@
-"""One run of `fit`: validate at step 0, fit, save the model, test, write results, probe, export."""
+"""One run of `fit`: fit (validating at step 0 inside it), save the model, test, write results, probe, export."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is
 from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
 from lightning_modules.run.assembly import build_run, build_trainer, scale_hparams
 from lightning_modules.run.plan import print_plan
+from lightning_modules.run.validate_at_start import ValidateAtStart
 
 
 RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
@@ -184,8 +185,8 @@ def _fit(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finish
     """config.yaml, the step-0 validation, trainer.fit; a finished run trained further is archived first."""
     if ckpt_path is None and trainer.global_rank == 0:  # a resume rewrites it once the checkpoint has loaded
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
-    if cfg.eval.val_at_start and ckpt_path is None:
-        trainer.validate(module, data, verbose=False)
+    if cfg.eval.val_at_start and ckpt_path is None:  # inside fit: the strategy is set up once
+        trainer.callbacks.append(ValidateAtStart())
     fit_from_checkpoint(trainer, module, data, ckpt_path)
     if finished_step is not None and trainer.global_rank == 0:
         archive = archive_finished_run(run_dir, finished_step)
