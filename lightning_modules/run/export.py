@@ -63,13 +63,34 @@ def _write_model(module, cfg, run_dir: Path, target: Path, state_dict) -> None:
         base = base_model_reference(cfg.model.name_or_path)
         if base is None:  # nothing to download it from: the untrained base travels with the adapter
             base_dir = run_dir / "base_model"
-            copy.deepcopy(model).unload().save_pretrained(base_dir)
+            if state_dict is None:
+                copy.deepcopy(model).unload().save_pretrained(base_dir)
+            else:  # sharded weights: rank 0 holds only the gathered state, from which the frozen base is read
+                save_base_from_state(model, state_dict, base_dir)
             processor.save_pretrained(base_dir)
             base = str(base_dir.resolve())
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = base
     model.save_pretrained(target, state_dict=state_dict)
     processor.save_pretrained(target)
+
+
+def save_base_from_state(model, state_dict: dict, target: Path) -> None:
+    """The frozen base of a peft `model` as a transformers checkpoint, from its full state dict
+    (peft's names: `base_model.model.` prefix, `.base_layer.` inside adapted layers, `lora_*`
+    tensors, `modules_to_save` with the untrained `original_module`)."""
+    from safetensors.torch import save_file
+
+    prefix = "base_model.model."
+    base = {}
+    for name, tensor in state_dict.items():
+        if "lora_" in name or ".modules_to_save." in name or not name.startswith(prefix):
+            continue
+        key = name[len(prefix):].replace(".base_layer.", ".").replace(".original_module.", ".")
+        base[key] = tensor.contiguous().clone()
+    target.mkdir(parents=True, exist_ok=True)
+    model.get_base_model().config.save_pretrained(target)
+    save_file(base, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
 def merge_lora(module, run_dir: Path) -> Path:

@@ -61,10 +61,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.activation_checkpointing = activation_checkpointing
 
-    @classmethod
-    def from_options(cls, options: dict, model: nn.Module | None) -> "FSDP2Strategy":
-        from lightning_modules.run.strategies import transformer_block_classes
-
+    @staticmethod
+    def parse_options(options: dict) -> dict:
+        """`trainer.strategy` (less `name`) as this class's keyword arguments, checked without a model."""
         reject_unknown("trainer.strategy", sorted(options), FSDP_KEYS, "for fsdp")
         options = dict(options)
         sharding = _choice("sharding_strategy", options.pop("sharding_strategy", "FULL_SHARD"), SHARDING)
@@ -75,11 +74,18 @@ class FSDP2Strategy(ModelParallelStrategy):
                             "trainer=deepspeed_zero3 with offload")
         checkpointing = _choice("activation_checkpointing", options.pop("activation_checkpointing", False),
                                 (True, False))
+        return {"reshard_after_forward": SHARDING[sharding], "activation_checkpointing": checkpointing,
+                "state_dict_type": state_dict_type, **options}
+
+    @classmethod
+    def from_options(cls, options: dict, model: nn.Module | None) -> "FSDP2Strategy":
+        from lightning_modules.run.strategies import transformer_block_classes
+
+        kwargs = cls.parse_options(options)
         blocks = transformer_block_classes(model) if model is not None else set()
         if not blocks:
             raise UserError("trainer.strategy fsdp: the model lists no repeated `_no_split_modules` block to shard")
-        return cls(blocks, reshard_after_forward=SHARDING[sharding], activation_checkpointing=checkpointing,
-                   state_dict_type=state_dict_type, **options)
+        return cls(blocks, **kwargs)
 
     def setup_environment(self) -> None:
         # Lightning's "auto" mesh is tensor-parallel inside a node: here every process is a data-parallel shard.

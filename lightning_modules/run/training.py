@@ -21,7 +21,7 @@ from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
 from lightning_modules.run.export import finish_export, save_model
 from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
-from lightning_modules.run.strategies import gathered_model_weights
+from lightning_modules.run.strategies import check_strategy, gathered_model_weights
 from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is_finished, prepare_run_dir,
                                            release_run_dir)
 from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
@@ -115,6 +115,7 @@ def run(cfg) -> pd.DataFrame | None:
 
 def _run(cfg) -> pd.DataFrame | None:
     check_accelerator_exists(cfg.trainer.get("accelerator"))  # before a run dir is made for a run that cannot start
+    check_strategy(cfg)
     print_plan(cfg, strict=False)  # the first lines of every fit: what it will train, on what, at what memory
     run_dir = prepare_run_dir(cfg)
     # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
