@@ -94,6 +94,8 @@ def check_strategy(cfg) -> None:
     spec = cfg.trainer.get("strategy")
     spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
     name = strategy_name(spec)
+    if isinstance(spec, dict) and "timeout" in spec:
+        collective_timeout(spec["timeout"])
     if name.startswith("fsdp") and name != "fsdp":
         raise UserError(f"trainer.strategy '{name}' (Lightning's FSDP1) is not supported; allowed: "
                         "fsdp or {name: fsdp, ...} (FSDP2, see lightning_modules/run/fsdp.py)")
