@@ -35,9 +35,15 @@ METHODS = {  # name -> overrides; every unlearning reference path: cache (+ reta
 STRATEGIES = {"fsdp": "trainer.strategy={name: fsdp, timeout: 120}", "ddp": "trainer.strategy={name: ddp, timeout: 120}"}
 
 
+# GA under FSDP also keeps gathered weights from forward to backward and recomputes blocks in backward
+# (the same numbers: compared with DDP like the others).
+GA_FSDP = "trainer.strategy={name: fsdp, sharding_strategy: SHARD_GRAD_OP, activation_checkpointing: true, timeout: 120}"
+
+
 def overrides(files: dict, run_dir: Path, method: list[str], strategy: str, *extra: str) -> list[str]:
+    chosen = GA_FSDP if (strategy, method) == ("fsdp", METHODS["ga"]) else STRATEGIES[strategy]
     return [*vlguard_overrides(files, run_dir), *method, "trainer.accelerator=cpu", "trainer.devices=2",
-            STRATEGIES[strategy], "trainer.max_steps=2", "checkpoint.every_n_train_steps=1", "data.batch_size=2",
+            chosen, "trainer.max_steps=2", "checkpoint.every_n_train_steps=1", "data.batch_size=2",
             "data.max_eval_samples=2", "eval.max_new_tokens=2", "eval.val_at_start=true", *extra]
 
 
@@ -105,6 +111,8 @@ def test_every_method_under_fsdp_and_ddp_on_two_processes(tmp_path):
     sharded_rmu = [*METHODS["rmu"], "trainer.strategy.state_dict_type=sharded"]
     runs += [overrides(files, sharded, sharded_rmu, "fsdp"),
              overrides(files, sharded, sharded_rmu, "fsdp", "resume=last", "trainer.max_steps=3")]
+    bf16 = tmp_path / "fsdp_bf16_rmu"  # bf16 compute (FSDP2's policy under autocast), fp32 shards and frozen copies
+    runs.append(overrides(files, bf16, METHODS["rmu"], "fsdp", "trainer.precision=bf16-mixed"))
     wall = run_pair(runs, tmp_path)
     print(f"{len(runs)} runs on 2 processes: {wall:.0f} s")
 
@@ -127,3 +135,7 @@ def test_every_method_under_fsdp_and_ddp_on_two_processes(tmp_path):
     assert (sharded / "checkpoints" / "last.ckpt").is_dir()  # torch.distributed.checkpoint directory
     assert saved_step(sharded) == 3 and (sharded / "finished-step2" / "results.json").is_file()
     loads(sharded / "model", lora=False)
+    losses = [v for _, v in scalars(bf16, "train/loss")["train/loss"]]
+    assert len(losses) == 2 and losses[0] == pytest.approx(dict(scalars(fresh["ddp", "rmu"], "train/loss")[
+        "train/loss"])[0], rel=0.05)  # bf16 compute: close to the fp32 run, not equal
+    loads(bf16 / "model", lora=False)
