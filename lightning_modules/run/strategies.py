@@ -25,6 +25,7 @@ from torch import nn
 from core.distributed import shards_parameters
 from core.errors import UserError
 
+
 def collective_timeout(seconds: Any) -> timedelta:
     """`trainer.strategy.timeout` (seconds): how long a rank waits in a collective for a rank that
     died or hangs before it stops with a line of its own (torch's default: 30 min, NCCL 10 min)."""
