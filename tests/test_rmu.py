@@ -225,3 +225,24 @@ def test_alpha_zero_is_forget_mse_plus_lambda_ce_without_a_reference_forward(bat
     terms = module.loss_terms(batch)
     assert "retain_mse" not in terms
     assert_close(terms["loss"], terms["forget_mse"] + 1.2 * terms["retain_ce"])
+
+
+def test_ddp_with_tensors_trained_after_layer_l_and_no_full_forward_is_refused_before_a_step():
+    """λ = 0 and truncated forwards: LoRA tensors after ℓ (train_layers=all) would never get a gradient,
+    which DDP refuses mid-run; refused at setup instead, unless DDP is told to expect it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    settings = ("model.finetune=lora", "method.train_layers=all", "method.layer=0", "method.alpha=0")
+    module = rmu_module(*settings, "method.retain_weight=0")
+    module._trainer = SimpleNamespace(strategy=DDPStrategy())
+    with pytest.raises(UserError, match=r"method.retain_weight=0 with method.truncate=true leaves .*layers\.[12]\..* "
+                                        r"trained after layer 0 without a gradient, which DDP refuses; allowed: "):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True))
+    module.setup("fit")
+    for ok in (rmu_module(*settings, "method.retain_weight=1"), rmu_module(*settings, "method.retain_weight=0",
+                                                                          "method.truncate=false")):
+        ok._trainer = SimpleNamespace(strategy=DDPStrategy())
+        ok.setup("fit")

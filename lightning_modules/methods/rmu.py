@@ -24,6 +24,7 @@ that own trainable tensors swapped in (full fine-tuning), never a second model.
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
 from typing import Literal, Optional, Union
 
@@ -155,6 +156,25 @@ class RMUModule(UnlearningModule):
             return int(p.layer)
         model_layer = cfg.model.get("rmu_layer")
         return int(model_layer) if model_layer is not None else auto_layer(n_layers)
+
+    def setup(self, stage: str) -> None:
+        """Under DDP every trainable tensor needs a gradient at every step. With λ = 0 every RMU
+        forward stops after layer ℓ, so tensors trained in later layers get none: refused before
+        the first step (FSDP2 and DeepSpeed reduce only the gradients that exist)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage != "fit" or not isinstance(strategy, DDPStrategy) or self.params.retain_weight \
+                or not self.params.truncate or strategy._ddp_kwargs.get("find_unused_parameters"):
+            return
+        later = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.(\d+)\.")
+        unused = [n for n in self.trained_parameters
+                  if (m := later.search(n)) and int(m.group(2)) > self.layer_index]
+        if unused:
+            raise UserError(f"method.retain_weight=0 with method.truncate=true leaves {unused[0]} (and "
+                            f"{len(unused) - 1} more) trained after layer {self.layer_index} without a gradient, "
+                            "which DDP refuses; allowed: method.truncate=false, method.retain_weight > 0, or "
+                            "trainer.strategy={name: ddp, find_unused_parameters: true}")
 
     # -- activations --------------------------------------------------------------------------
     def position_mask(self, batch: dict) -> Optional[torch.Tensor]:
