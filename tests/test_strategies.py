@@ -30,7 +30,7 @@ METHODS = {  # name -> overrides; every unlearning reference path: cache (+ reta
     "npo": ["method=npo", "method.retain_npo_alpha=0.5"],  # reference=auto: the cached reference NLL
     "simnpo": ["method=simnpo"],
     "rmu": ["method=rmu"],  # full fine-tuning: the frozen module copies (snapshot), truncated forwards
-    "npo_lora": ["method=npo", "model.finetune=lora", "method.reference=adapter"],
+    "npo_lora": ["method=npo", "model.finetune=lora", "method.reference=adapter", "export.merge_lora=true"],
 }
 STRATEGIES = {"fsdp": "trainer.strategy={name: fsdp, timeout: 120}", "ddp": "trainer.strategy={name: ddp, timeout: 120}"}
 
@@ -124,7 +124,9 @@ def test_every_method_under_fsdp_and_ddp_on_two_processes(tmp_path):
         val = scalars(run_dir, "val/")
         assert val and all(points[0][0] == 0 for points in val.values()), where  # validated at step 0, in fit
         assert all(len(points) == 1 for points in val.values()), where  # once: not again on resume
-        loads(run_dir / "model", lora=method.endswith("lora"))
+        loads(run_dir / "model", lora=False)  # under LoRA: merged (on rank 0, from the gathered weights under FSDP)
+        if method.endswith("lora"):
+            loads(run_dir / "adapter", lora=True)  # on the base saved beside it (built from config)
     for method in METHODS:  # FSDP trains as DDP does: the same loss at each step
         fsdp, ddp = scalars(fresh["fsdp", method], "train/loss"), scalars(fresh["ddp", method], "train/loss")
         f, d = dict(fsdp["train/loss"]), dict(ddp["train/loss"])

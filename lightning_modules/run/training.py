@@ -162,7 +162,7 @@ def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_p
     if trainer.global_rank != 0:
         return None
     table = write_results(run_dir, module) if cfg.eval.test_at_end else None
-    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
+    finish_export(module, cfg, run_dir, table, weights)
     if table is not None:
         print(f"\nresults on the test split ({run_dir}/results.csv):")
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
