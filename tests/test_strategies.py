@@ -141,3 +141,28 @@ def test_every_method_under_fsdp_and_ddp_on_two_processes(tmp_path):
     assert len(losses) == 2 and losses[0] == pytest.approx(dict(scalars(fresh["ddp", "rmu"], "train/loss")[
         "train/loss"])[0], rel=0.05)  # bf16 compute: close to the fp32 run, not equal
     loads(bf16 / "model", lora=False)
+
+
+def test_the_copy_rank_0_merges_under_sharding_merges_to_the_live_models_weights():
+    """export.merge_lora under FSDP / ZeRO-3: a CPU copy made of the gathered state (built on meta,
+    tensors assigned) merges to exactly what merging the model itself gives."""
+    import copy
+
+    from lightning_modules.config.loading import load_config
+    from lightning_modules.run.export import unsharded_peft_copy
+    from models.backbone import build_backbone
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["paths.cache=/nonexistent", "model.finetune=lora"])
+    torch.manual_seed(0)
+    model, _ = build_backbone(cfg.model, ["a b c d e", "f g h"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)  # a trained adapter (lora_B starts at zero)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    merged = unsharded_peft_copy(model, gathered).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(merged[key], value), key
+    assert not any(b.is_meta for b in unsharded_peft_copy(model, gathered).buffers())
