@@ -21,7 +21,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from test_bad_inputs import REPO, cli_env
-from vlguard_fixture import vlguard_overrides, write_vlguard
+from vlguard_fixture import tiny_overrides, vlguard_overrides, write_vlguard
 
 METHODS = {  # name -> overrides; every unlearning reference path: cache (+ retain term), snapshot, adapter
     "sft": ["method=sft"],
@@ -152,7 +152,8 @@ def test_the_copy_rank_0_merges_under_sharding_merges_to_the_live_models_weights
     from lightning_modules.run.export import unsharded_peft_copy
     from models.backbone import build_backbone
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["paths.cache=/nonexistent", "model.finetune=lora"])
+    small = [o for o in tiny_overrides(Path("/nonexistent/run")) if o.startswith("model.tiny.")]
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["paths.cache=/nonexistent", "model.finetune=lora", *small])
     torch.manual_seed(0)
     model, _ = build_backbone(cfg.model, ["a b c d e", "f g h"])
     with torch.no_grad():
