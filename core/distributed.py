@@ -3,6 +3,7 @@ sharded (every forward a collective), and gathering Python objects from all rank
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from typing import Any
@@ -45,6 +46,23 @@ def shards_parameters(strategy: Any) -> bool:
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         return True
     return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
+
+
+@contextlib.contextmanager
+def root_gathered(model):
+    """FSDP2: the root unit's weights (embeddings, projector, norms, head) gathered for the block.
+    transformers' `generate` calls submodules before the first forward (`get_image_features`), which
+    FSDP2's hooks on the root forward would not gather; the blocks gather themselves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def accelerator_device(accelerator: str = "auto") -> torch.device:

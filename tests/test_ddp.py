@@ -23,12 +23,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import yaml
-from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.safety import ShardSampler, is_padding
 from lightning_modules.config.loading import load_config
 from lightning_modules.run.assembly import build_run
+from lightning_modules.run.fsdp import FSDP2Strategy
 from test_bad_inputs import REPO, cli_env
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
@@ -115,8 +115,9 @@ def test_counts_are_identical_on_1_2_and_3_processes(tmp_path):
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # TensorBoard's HParams tab
 
 
-def test_fsdp_strategy_wraps_the_transformer_blocks():
-    """FSDP itself needs GPUs; its construction from config is checked here."""
+def test_fsdp_strategy_shards_the_transformer_blocks_from_config():
+    """FSDP is FSDP2 (ModelParallelStrategy + fully_shard); its construction from config is checked
+    here, its runs in tests/test_strategies.py."""
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -128,10 +129,15 @@ def test_fsdp_strategy_wraps_the_transformer_blocks():
     model = build_tiny_model(train_tokenizer(["a b c"]), TinyConfig(hidden_size=32, intermediate_size=64,
                                                                     vision_hidden_size=32, num_heads=2, vision_heads=2))
     assert transformer_block_classes(model) == {LlamaDecoderLayer, CLIPEncoderLayer}
-    strategy = build_strategy({"name": "fsdp", "sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True},
-                              model)
-    assert isinstance(strategy, FSDPStrategy) and shards_parameters(strategy)
-    assert strategy.kwargs["use_orig_params"]  # frozen and trainable tensors (LoRA) share FSDP units
+    strategy = build_strategy({"name": "fsdp", "sharding_strategy": "SHARD_GRAD_OP", "activation_checkpointing": True,
+                               "state_dict_type": "sharded", "timeout": 60}, model)
+    assert isinstance(strategy, FSDP2Strategy) and shards_parameters(strategy)
+    assert strategy.blocks == {LlamaDecoderLayer, CLIPEncoderLayer} and strategy.activation_checkpointing
+    assert not strategy.reshard_after_forward and strategy._save_distributed_checkpoint
+    assert strategy._timeout.total_seconds() == 60
+    default = build_strategy("fsdp", model)  # the plain name is FSDP2 too, never Lightning's FSDP1
+    assert isinstance(default, FSDP2Strategy) and default.reshard_after_forward
+    assert not default._save_distributed_checkpoint  # full: rank 0 writes one file through the checkpoint IO
     assert build_strategy("ddp") == "ddp" and not shards_parameters(object())
     with pytest.raises(UserError, match="unknown config key 'trainer.strategy.shard'"):
         build_strategy({"name": "fsdp", "shard": "FULL"}, model)
@@ -153,7 +159,7 @@ def test_sharded_eval_runs_equal_batches_and_counts_no_padding(tmp_path):
                       vlguard_overrides(files, tmp_path / "run") + [f"data.max_eval_samples={N_EVAL}"])
     module, data = build_run(cfg)
     data.setup("validate")
-    data.trainer = SimpleNamespace(global_rank=2, world_size=3, strategy=FSDPStrategy())
+    data.trainer = SimpleNamespace(global_rank=2, world_size=3, strategy=FSDP2Strategy(set()))
     loaders = data.val_dataloader()
     for loader in loaders:
         rows = [ex for batch in loader for ex in batch["examples"]]

@@ -13,6 +13,7 @@ from models.backbone import build_backbone
 from lightning_modules.config.loading import load_config
 from core.errors import UserError
 from lightning_modules.methods.rmu import RMUModule
+from losses import rmu_retain_loss
 from models.backbone import decoder_layers
 
 TEXTS = ["what: which color is the object?", "tell: how do i hurt someone with this item.",
@@ -43,13 +44,15 @@ def batch(tmp_path_factory):
 def test_truncated_forward_gives_the_full_forward_hidden_state(batch, layer):
     module = rmu_module(f"method.layer={layer}")
     _, layers = decoder_layers(module.model)
-    later_calls = []
-    hooks = [m.register_forward_hook(lambda *a: later_calls.append(1))
-             for m in [*layers[layer + 1:], module.model.lm_head]]
+    later_calls, head_rows = [], []
+    hooks = [m.register_forward_hook(lambda *a: later_calls.append(1)) for m in layers[layer + 1:]]
+    hooks.append(module.model.lm_head.register_forward_hook(lambda m, a, out: head_rows.append(out.shape[1])))
     h = module.hidden_at_layer(batch["forget"])
     for hook in hooks:
         hook.remove()
-    assert later_calls == []  # nothing after layer ℓ ran
+    assert later_calls == []  # no layer after ℓ ran
+    assert head_rows == [1]  # the forward ended normally, with one position's logits (no full-vocab logits)
+    assert len(decoder_layers(module.model)[1]) == 3  # the layer list is whole again
     full = module.model(**{k: batch["forget"][k] for k in ("input_ids", "attention_mask", "pixel_values")},
                         output_hidden_states=True)
     assert_close(h, full.hidden_states[layer + 1])  # hidden_states[0] is the embeddings
@@ -85,6 +88,43 @@ def test_reference_is_the_base_model_under_full_fine_tuning(batch):
                 p.add_(0.1)
     assert not torch.allclose(module.hidden_at_layer(batch["retain"]), base_h)
     assert_close(module.hidden_at_layer(batch["retain"], reference=True), base_h)
+
+
+def test_module_swap_reference_and_cut_forward_give_the_numbers_of_the_functional_call_path(batch):
+    """The reference that swaps frozen module copies in, with the layer list cut after ℓ, gives the
+    h_ℓ that `torch.func.functional_call` over the initial trainable tensors and a forward stopped
+    by an exception at layer ℓ gave before (one process): same loss terms."""
+    from torch.func import functional_call
+
+    module = rmu_module()
+    initial = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        raise Stop
+
+    retain = batch["retain"]
+    store = {}
+    handles = [module.layer_module.register_forward_hook(lambda m, a, out: store.update(h=out[0] if isinstance(
+        out, tuple) else out)), module.layer_module.register_forward_hook(stop)]
+    try:
+        functional_call(module.model, initial, args=(), kwargs={k: retain[k] for k in (
+            "input_ids", "attention_mask", "pixel_values")})
+    except Stop:
+        pass
+    for handle in handles:
+        handle.remove()
+    assert_close(module.hidden_at_layer(retain, reference=True), store["h"], rtol=0, atol=0)
+    terms = module.loss_terms(batch)
+    assert float(terms["retain_mse"]) > 0
+    old_path = rmu_retain_loss(module.hidden_at_layer(retain), store["h"], module.position_mask(retain))
+    assert_close(terms["retain_mse"], old_path)
 
 
 def test_reference_is_the_adapter_disabled_model_under_lora(batch):
@@ -185,3 +225,24 @@ def test_alpha_zero_is_forget_mse_plus_lambda_ce_without_a_reference_forward(bat
     terms = module.loss_terms(batch)
     assert "retain_mse" not in terms
     assert_close(terms["loss"], terms["forget_mse"] + 1.2 * terms["retain_ce"])
+
+
+def test_ddp_with_tensors_trained_after_layer_l_and_no_full_forward_is_refused_before_a_step():
+    """λ = 0 and truncated forwards: LoRA tensors after ℓ (train_layers=all) would never get a gradient,
+    which DDP refuses mid-run; refused at setup instead, unless DDP is told to expect it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    settings = ("model.finetune=lora", "method.train_layers=all", "method.layer=0", "method.alpha=0")
+    module = rmu_module(*settings, "method.retain_weight=0")
+    module._trainer = SimpleNamespace(strategy=DDPStrategy())
+    with pytest.raises(UserError, match=r"method.retain_weight=0 with method.truncate=true leaves .*layers\.[12]\..* "
+                                        r"trained after layer 0 without a gradient, which DDP refuses; allowed: "):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True))
+    module.setup("fit")
+    for ok in (rmu_module(*settings, "method.retain_weight=1"), rmu_module(*settings, "method.retain_weight=0",
+                                                                          "method.truncate=false")):
+        ok._trainer = SimpleNamespace(strategy=DDPStrategy())
+        ok.setup("fit")

@@ -24,7 +24,7 @@ from datamodules.examples import EVAL_SETS
 from datamodules.safety import SafetyDataModule, is_padding
 from core.errors import UserError
 from core.schema import parse_section, setting
-from core.distributed import gather_objects, shards_parameters
+from core.distributed import gather_objects, root_gathered, shards_parameters
 from core.generation import greedy_generate, model_inputs
 from lightning_modules.methods.param_groups import group_lr, param_groups
 from lightning_modules.methods.sample_log import log_samples
@@ -117,6 +117,13 @@ class AlignmentModule(L.LightningModule):
             self.log(f"train/{key}", value.detach().float(), prog_bar=key == "loss", on_step=True, on_epoch=False)
         return terms["loss"]
 
+    def configure_model(self) -> None:
+        """A sharding strategy shards the model here, once (FSDP2: `lightning_modules.run.fsdp`);
+        Lightning calls this hook at every stage, on every strategy."""
+        shard = getattr(self._trainer.strategy, "shard_module", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
+
     def configure_optimizers(self):
         params = param_groups(self.model, self.optim_cfg)  # optim.projector_lr: the projector's own group
         opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay,
@@ -135,7 +142,8 @@ class AlignmentModule(L.LightningModule):
         # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
         # (transformers cannot see the sharding when Lightning wraps the module around the model).
         synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
+        with root_gathered(self.model):
+            return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
     def vlm_judge(self):
         """The configured VLM judge, loaded once on this module's device (never a submodule: it is

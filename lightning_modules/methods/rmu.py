@@ -13,15 +13,18 @@ round(7/32 x the number of decoder layers) -- the official ℓ = 7 (layers 5-7) 
 9 on 13B's 40, 6 on Qwen2-VL-2B's 28, 1 on the 3-layer Mirage World model (its tuned value).
 
 Cost: the forget term and the reference retain activations only need `h_ℓ`, so those
-forwards stop after layer ℓ (a hook raises `StopForward`); the policy's retain activation is
+forwards run the decoder with its layer list cut after layer ℓ and keep one position's logits
+(`logits_to_keep=1`); the forward itself ends normally, so it is the same under DDP, FSDP2 and
+ZeRO-3, whose hooks expect every forward they start to finish. The policy's retain activation is
 captured from the same full forward that computes CE(D_r) (truncated as well when λ = 0). The
-reference is the model with its adapter disabled (LoRA) or with the initial values of the few
-trainable tensors swapped in (full fine-tuning), never a second model.
+reference is the model with its adapter disabled (LoRA) or with frozen copies of the few modules
+that own trainable tensors swapped in (full fine-tuning), never a second model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
 from typing import Literal, Optional, Union
 
@@ -67,26 +70,33 @@ class RMUParams(UnlearningParams):
                                    choices=("restart", "once"))
 
 
-class StopForward(Exception):
-    """Raised by the capture hook to end a forward after layer ℓ."""
-
-
 @contextmanager
-def capture_output(layer: nn.Module, stop: bool):
-    """Records the layer's output hidden state in the yielded dict under "h"; with `stop`, the
-    forward ends right there (catch `StopForward`)."""
+def capture_output(layer: nn.Module):
+    """Records the layer's output hidden state in the yielded dict under "h"."""
     store: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
         store["h"] = output[0] if isinstance(output, (tuple, list)) else output
-        if stop:
-            raise StopForward
 
     handle = layer.register_forward_hook(hook)
     try:
         yield store
     finally:
         handle.remove()
+
+
+@contextmanager
+def layers_cut(model: nn.Module, layers_name: str, keep: int):
+    """`model` whose decoder runs only its first `keep` layers, for the block (the same layer
+    modules, so their weights, hooks and shards are those of the model)."""
+    parent_name, _, attr = layers_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    full = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(list(full)[:keep]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
 
 
 class RMUModule(UnlearningModule):
@@ -153,6 +163,25 @@ class RMUModule(UnlearningModule):
         model_layer = cfg.model.get("rmu_layer")
         return int(model_layer) if model_layer is not None else auto_layer(n_layers)
 
+    def setup(self, stage: str) -> None:
+        """Under DDP every trainable tensor needs a gradient at every step. With λ = 0 every RMU
+        forward stops after layer ℓ, so tensors trained in later layers get none: refused before
+        the first step (FSDP2 and DeepSpeed reduce only the gradients that exist)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage != "fit" or not isinstance(strategy, DDPStrategy) or self.params.retain_weight \
+                or not self.params.truncate or strategy._ddp_kwargs.get("find_unused_parameters"):
+            return
+        later = re.compile(rf"(^|\.){re.escape(self.layers_name)}\.(\d+)\.")
+        unused = [n for n in self.trained_parameters
+                  if (m := later.search(n)) and int(m.group(2)) > self.layer_index]
+        if unused:
+            raise UserError(f"method.retain_weight=0 with method.truncate=true leaves {unused[0]} (and "
+                            f"{len(unused) - 1} more) trained after layer {self.layer_index} without a gradient, "
+                            "which DDP refuses; allowed: method.truncate=false, method.retain_weight > 0, or "
+                            "trainer.strategy={name: ddp, find_unused_parameters: true}")
+
     # -- activations --------------------------------------------------------------------------
     def position_mask(self, batch: dict) -> Optional[torch.Tensor]:
         if self.params.positions == "all":
@@ -166,11 +195,13 @@ class RMUModule(UnlearningModule):
     def hidden_at_layer(self, batch: dict, reference: bool = False) -> torch.Tensor:
         """h_ℓ of the policy (with graph) or of the reference (without), the forward cut after ℓ."""
         forward = self.reference_forward if reference else self.forward_model
-        with capture_output(self.layer_module, stop=self.params.truncate) as store:
-            try:
+        if not self.params.truncate:
+            with capture_output(self.layer_module) as store:
                 forward(batch)
-            except StopForward:
-                pass
+            return store["h"]
+        with capture_output(self.layer_module) as store, layers_cut(self.model, self.layers_name,
+                                                                    self.layer_index + 1):
+            forward(batch, logits_to_keep=1, use_cache=False)
         return store["h"]
 
     def loss_terms(self, batch: dict) -> dict:
@@ -183,7 +214,7 @@ class RMUModule(UnlearningModule):
             return self.with_retain(forget_mse, {"forget_mse": forget_mse}, batch)
         retain_ce = None
         if p.retain_weight:  # one full forward gives CE(D_r) and h_ℓ^θ(x_r)
-            with capture_output(self.layer_module, stop=False) as store:
+            with capture_output(self.layer_module) as store:
                 logits = self.forward_model(retain).logits
             retain_ce, h_retain = token_mean_ce(logits, retain["labels"]), store["h"]
         else:

@@ -3,24 +3,27 @@ batches, the retain cross-entropy λ·CE(D_r) that every method carries, and the
 reference model without a second copy:
 
 - `adapter`: under LoRA the reference is the same model with the adapter disabled;
-- `snapshot`: a frozen copy of the *trainable* tensors only, swapped in with
-  `torch.func.functional_call` (the "frozen copy" option; cheap when few tensors train, as in RMU);
+- `snapshot`: frozen copies of the few modules that own *trainable* tensors, taken before any
+  update or sharding and swapped into the model for the reference forward (the "frozen copy"
+  option; cheap when few tensors train, as in RMU). A module swap, not a parameter swap: it works
+  the same on one process, under DDP and under FSDP2 / ZeRO-3, whose hooks gather the weights of
+  the modules they own, not of the copies swapped in;
 - `cache` (NPO): each forget (and, for NPO's retain term, retain) sample's reference NLL, computed
   once before the first update and saved in the checkpoint, so a resume never recomputes it against a moved policy.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.func import functional_call
+from torch import nn
 
 from datamodules.forget_retain import ForgetRetainDataModule
 from core.distributed import gather_objects
-from core.generation import model_inputs
 from lightning_modules.methods.alignment import AlignmentModule, MethodParams
 from core.errors import UserError
 from core.schema import setting
@@ -44,6 +47,34 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def frozen_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Frozen copies of the modules that own a trainable tensor (tied names included: a tied head
+    gets its own copy of the shared initial values), outermost owners only."""
+    owners = sorted({name.rpartition(".")[0] for name, p in model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad})
+    if "" in owners:
+        raise UserError("method.reference=snapshot: the model's root owns a trainable tensor itself; "
+                        "allowed references here: cache, adapter")
+    outermost = [n for n in owners if not any(n.startswith(f"{o}.") for o in owners)]
+    return {n: copy.deepcopy(model.get_submodule(n)).requires_grad_(False).eval() for n in outermost}
+
+
+@contextmanager
+def modules_swapped(model: nn.Module, replacements: dict[str, nn.Module]):
+    """`model` with the named submodules replaced for the block, then put back."""
+    originals = []
+    for name, module in replacements.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        originals.append((parent, attr, getattr(parent, attr)))
+        setattr(parent, attr, module)
+    try:
+        yield
+    finally:
+        for parent, attr, module in reversed(originals):
+            setattr(parent, attr, module)
+
+
 class UnlearningModule(AlignmentModule):
     """Subclasses implement `loss_terms(batch)` on `batch["forget"]` / `batch["retain"]` with the
     helpers below and return `with_retain(...)`, so λ·CE(D_r) is added the same way everywhere."""
@@ -56,7 +87,7 @@ class UnlearningModule(AlignmentModule):
         # What the base model is (the harvest cache key; hparams leave `model` out).
         self.model_identity = {k: cfg.model.get(k) for k in ("name_or_path", "revision", "adapter_path", "finetune")}
         self.reference_mode: str | None = None
-        self._snapshot: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, nn.Module] = {}  # `snapshot`: not submodules (never trained, saved or sharded)
         self.reference_nll: dict[str, float] = {}  # example key -> summed reference NLL (`cache` mode)
         self.forget_loader = None  # set by run assembly: () -> this rank's forget batches with `keys`
         # The same for the retain set, for methods whose loss also compares retain NLLs to the
@@ -101,7 +132,7 @@ class UnlearningModule(AlignmentModule):
         if mode == "adapter" and not is_peft(self.model):
             raise UserError("method.reference=adapter needs model.finetune=lora")
         if mode == "snapshot":
-            self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self._frozen = frozen_owners(self.model)
         self.reference_mode = mode
 
     @torch.no_grad()
@@ -111,10 +142,19 @@ class UnlearningModule(AlignmentModule):
             with self.model.disable_adapter():
                 return self.forward_model(batch, **kwargs)
         if self.reference_mode == "snapshot":
-            if any(t.device != self.device for t in self._snapshot.values()):
-                self._snapshot = {n: t.to(self.device) for n, t in self._snapshot.items()}
-            return functional_call(self.model, self._snapshot, args=(), kwargs={**model_inputs(batch), **kwargs})
+            with modules_swapped(self.model, self.frozen_modules()):
+                return self.forward_model(batch, **kwargs)
         raise RuntimeError(f"no reference forward in reference mode {self.reference_mode!r}")
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """The frozen copies on this module's device, in the dtype of the modules they stand in for
+        (FSDP2 keeps its shards in fp32 whatever the model was loaded in)."""
+        for name, frozen in self._frozen.items():
+            live = next(self.model.get_submodule(name).parameters(), None)
+            if live is not None and any(t.device != self.device or t.dtype != live.dtype
+                                        for t in frozen.parameters() if t.is_floating_point()):
+                frozen.to(device=self.device, dtype=live.dtype)
+        return self._frozen
 
     def reference_sequence_nll(self, batch: dict, split: str = "forget") -> torch.Tensor:
         """Per-sequence summed reference NLL [B] of a forget (or retain) batch."""

@@ -150,6 +150,8 @@ def non_finite_tensor(tree, prefix: str = "") -> str:
 
 def saved_step(path: Path):
     """The global step of a checkpoint file (memory-mapped: nothing but the header is read)."""
+    if path.is_dir():  # FSDP's sharded checkpoint: the step is in its meta.pt
+        path = path / "meta.pt"
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
     except Exception:  # noqa: BLE001 -- only used to word a message

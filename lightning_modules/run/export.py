@@ -63,7 +63,10 @@ def _write_model(module, cfg, run_dir: Path, target: Path, state_dict) -> None:
         base = base_model_reference(cfg.model.name_or_path)
         if base is None:  # nothing to download it from: the untrained base travels with the adapter
             base_dir = run_dir / "base_model"
-            copy.deepcopy(model).unload().save_pretrained(base_dir)
+            if state_dict is None:
+                copy.deepcopy(model).unload().save_pretrained(base_dir)
+            else:  # sharded weights: rank 0 holds only the gathered state, from which the frozen base is read
+                save_base_from_state(model, state_dict, base_dir)
             processor.save_pretrained(base_dir)
             base = str(base_dir.resolve())
         for adapter in model.peft_config.values():
@@ -72,14 +75,53 @@ def _write_model(module, cfg, run_dir: Path, target: Path, state_dict) -> None:
     processor.save_pretrained(target)
 
 
-def merge_lora(module, run_dir: Path) -> Path:
+def save_base_from_state(model, state_dict: dict, target: Path) -> None:
+    """The frozen base of a peft `model` as a transformers checkpoint, from its full state dict
+    (peft's names: `base_model.model.` prefix, `.base_layer.` inside adapted layers, `lora_*`
+    tensors, `modules_to_save` with the untrained `original_module`)."""
+    from safetensors.torch import save_file
+
+    prefix = "base_model.model."
+    base = {}
+    for name, tensor in state_dict.items():
+        if "lora_" in name or ".modules_to_save." in name or not name.startswith(prefix):
+            continue
+        key = name[len(prefix):].replace(".base_layer.", ".").replace(".original_module.", ".")
+        base[key] = tensor.contiguous().clone()
+    target.mkdir(parents=True, exist_ok=True)
+    model.get_base_model().config.save_pretrained(target)
+    save_file(base, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def unsharded_peft_copy(model, state_dict: dict):
+    """A CPU copy of the peft `model` made of its gathered full state (rank 0 under sharded weights):
+    built on the meta device, the gathered tensors assigned in place (no second copy of them), the
+    non-persistent buffers (rotary tables; never sharded) taken from `model`."""
+    import torch
+    from peft import PeftModel
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        copy_ = PeftModel(type(base)(base.config), next(iter(model.peft_config.values())))
+    copy_.load_state_dict(state_dict, assign=True, strict=True)
+    live = dict(model.named_buffers())
+    for name, buffer in list(copy_.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            copy_.get_submodule(owner).register_buffer(attr, live[name].detach().cpu().clone(), persistent=False)
+    return copy_.eval()
+
+
+def merge_lora(module, run_dir: Path, state_dict: Optional[dict] = None) -> Path:
     """model/ becomes the merged full model; the adapter moves to adapter/. Call after the last use
-    of the module: merging folds the adapter into the base weights in place."""
+    of the module: merging folds the adapter into the base weights in place. Under sharded weights
+    (`state_dict`: the gathered full state, rank 0) a CPU copy made of it is merged instead."""
     target, adapter_dir = run_dir / "model", run_dir / "adapter"
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     shutil.move(str(target), str(adapter_dir))
-    merged = module.model.merge_and_unload()
+    model = module.model if state_dict is None else unsharded_peft_copy(module.model, state_dict)
+    merged = model.merge_and_unload()
     merged.save_pretrained(target)
     module.processor.save_pretrained(target)
     return target
@@ -149,14 +191,12 @@ def model_card(cfg, results: Optional[pd.DataFrame], merged: bool, lora: bool, b
     return "\n".join(lines)
 
 
-def finish_export(module, cfg, run_dir: Path, results: Optional[pd.DataFrame], sharded: bool = False) -> Path:
-    """After the test: merge the adapter if asked, then write the model card (rank 0). Under sharded
-    weights (FSDP, ZeRO-3) rank 0 does not hold the model, so the adapter is left unmerged."""
+def finish_export(module, cfg, run_dir: Path, results: Optional[pd.DataFrame], weights: Optional[dict] = None) -> Path:
+    """After the test: merge the adapter if asked, then write the model card (rank 0). `weights`:
+    the gathered full state when FSDP / ZeRO-3 shard the weights (rank 0 then merges a copy made of it)."""
     lora = is_peft(module.model)
-    merged = bool(cfg.export.merge_lora) and lora and not sharded
-    if cfg.export.merge_lora and lora and sharded:
-        print("export.merge_lora skipped: the weights are sharded; load model/ with peft and call merge_and_unload()")
-    target = merge_lora(module, run_dir) if merged else run_dir / "model"
+    merged = bool(cfg.export.merge_lora) and lora
+    target = merge_lora(module, run_dir, weights) if merged else run_dir / "model"
     if cfg.export.model_card:
         base = next(iter(module.model.peft_config.values())).base_model_name_or_path if lora else None
         card = model_card(cfg, results, merged, lora, base, module.model.config.model_type)

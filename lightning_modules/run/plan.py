@@ -29,7 +29,7 @@ SHARDING = ("deepspeed_stage_3", "fsdp")
 REFERENCE_TEXT = {
     "cache": "cached reference NLL: one forward over the set(s) before the first update, kept in the checkpoint",
     "adapter": "LoRA disable_adapter: the same weights with the adapters off (a second forward per step)",
-    "snapshot": "frozen copy of the trainable tensors, swapped in with torch.func.functional_call",
+    "snapshot": "frozen copies of the modules owning trainable tensors, swapped in for the reference forward",
 }
 
 

@@ -68,6 +68,9 @@ def saved_settings(path: Path, run_dir: Path) -> tuple[dict, int | None]:
     if path.is_dir():
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
+        if (path / "meta.pt").is_file():  # FSDP's sharded checkpoint: everything but the tensors
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            old_cfg, step = dict(meta.get("hyper_parameters") or {}), meta.get("global_step")
     else:
         ckpt = read_checkpoint(path)
         old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")

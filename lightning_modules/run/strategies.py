@@ -2,12 +2,13 @@
 need Python objects (FSDP's wrap policy).
 
     strategy: ddp                       # any registered name: ddp, deepspeed_stage_2, deepspeed_stage_3, ...
-    strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}
+    strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}   # FSDP2 (run/fsdp.py)
     strategy: {name: ddp, timeout: 600}   # a rank waits 10 min in a collective for a dead or hung peer
 
-FSDP wraps each transformer block: the classes a Hugging Face model lists in `_no_split_modules`
-that occur more than once (LlamaDecoderLayer, CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found
-on the model instance, so the same config works for every backbone. DeepSpeed is an optional
+FSDP is FSDP2 (`fully_shard`, lightning_modules/run/fsdp.py): each transformer block -- the classes
+a Hugging Face model lists in `_no_split_modules` that occur more than once (LlamaDecoderLayer,
+CLIPEncoderLayer, Qwen2VLDecoderLayer, ...), found on the model instance, so the same config works
+for every backbone -- is one unit, the rest of the model the root unit. DeepSpeed is an optional
 extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strategy fails in one line.
 """
 
@@ -18,14 +19,11 @@ from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import nn
 
 from core.distributed import shards_parameters
 from core.errors import UserError
-from core.schema import reject_unknown
-
-FSDP_KEYS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing", "limit_all_gathers",
-             "timeout")
 
 
 def collective_timeout(seconds: Any) -> timedelta:
@@ -46,6 +44,8 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
 
 def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
     """A value for `lightning.Trainer(strategy=...)`."""
+    if spec == "fsdp":
+        return fsdp_strategy({}, model)
     if spec is None or isinstance(spec, str):
         if isinstance(spec, str) and spec.startswith("deepspeed"):
             require_deepspeed(spec)
@@ -71,23 +71,60 @@ def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
                     "(or give a registered Lightning strategy name as a string)")
 
 
+FSDP_PRECISIONS = ("32-true", "bf16-mixed")  # fp32 shards; bf16-true would cast the shards themselves
+
+
+def strategy_name(spec: Any) -> str:
+    return str(spec.get("name")) if isinstance(spec, dict) else str(spec or "auto")
+
+
+def shards_by_config(spec: Any) -> bool:
+    """Whether `trainer.strategy` shards the weights (FSDP, DeepSpeed stage 3), read from the config."""
+    name = strategy_name(spec)
+    if name == "fsdp" or name.startswith("deepspeed_stage_3"):
+        return True
+    if name == "deepspeed" and isinstance(spec, dict):
+        config = spec.get("config") if isinstance(spec.get("config"), dict) else {}
+        return 3 in (spec.get("stage"), (config.get("zero_optimization") or {}).get("stage"))
+    return False
+
+
+def check_strategy(cfg) -> None:
+    """The strategy settings, and the combinations with other settings that cannot work, refused
+    in one line before a run directory is made or a model loaded."""
+    spec = cfg.trainer.get("strategy")
+    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+    name = strategy_name(spec)
+    if isinstance(spec, dict) and "timeout" in spec:
+        collective_timeout(spec["timeout"])
+    if name.startswith("fsdp") and name != "fsdp":
+        raise UserError(f"trainer.strategy '{name}' (Lightning's FSDP1) is not supported; allowed: "
+                        "fsdp or {name: fsdp, ...} (FSDP2, see lightning_modules/run/fsdp.py)")
+    if name == "fsdp":
+        from lightning_modules.run.fsdp import FSDP2Strategy
+
+        FSDP2Strategy.parse_options({k: v for k, v in spec.items() if k not in ("name", "timeout")}
+                                    if isinstance(spec, dict) else {})
+        precision = str(cfg.trainer.get("precision") or "32-true")
+        if precision not in FSDP_PRECISIONS and precision not in ("32", "bf16"):
+            raise UserError(f"trainer.precision={precision} is not supported with trainer.strategy fsdp "
+                            f"(allowed: {', '.join(FSDP_PRECISIONS)})")
+    if shards_by_config(spec) and cfg.eval.get("probes"):
+        raise UserError(f"eval.probes=true cannot run with trainer.strategy {name}: the probes run forwards on "
+                        "rank 0 alone and sharded weights need every rank (allowed: eval.probes=false, or an "
+                        "unsharded strategy: ddp, deepspeed_stage_2)")
+
+
 def fsdp_strategy(options: dict, model: nn.Module | None):
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning_modules.run.fsdp import FSDP2Strategy
 
-    reject_unknown("trainer.strategy", sorted(options), FSDP_KEYS, "for fsdp")
-    blocks = transformer_block_classes(model) if model is not None else set()
-    if not blocks:
-        raise UserError("trainer.strategy fsdp: the model lists no repeated `_no_split_modules` block to wrap")
-    checkpointing = bool(options.pop("activation_checkpointing", False))
-    return FSDPStrategy(auto_wrap_policy=blocks, activation_checkpointing_policy=blocks if checkpointing else None,
-                        **options)
-
-
+    return FSDP2Strategy.from_options(options, model)
 
 
 def gathered_model_weights(trainer, module) -> dict | None:
-    """`module.model`'s full weights (on rank 0; others get an empty dict) when the strategy shards
-    them, else None. A collective under FSDP / ZeRO-3: every rank must call it."""
+    """`module.model`'s full weights on CPU, materialised on rank 0 only (the other ranks get an
+    empty dict), when the strategy shards them; else None. A collective under FSDP / ZeRO-3: every
+    rank must call it. One tensor is gathered at a time, so no rank ever holds the whole model twice."""
     strategy = trainer.strategy
     if not shards_parameters(strategy):
         return None
@@ -96,10 +133,15 @@ def gathered_model_weights(trainer, module) -> dict | None:
     if isinstance(strategy, DeepSpeedStrategy):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.model.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+        state = {}
+        for name, tensor in module.model.state_dict(keep_vars=True).items():
+            with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
+                if trainer.global_rank == 0:
+                    state[name] = tensor.detach().cpu().clone()
+        return state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    # full_state_dict + cpu_offload: each tensor gathered in turn and kept on rank 0 alone (empty elsewhere).
     state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 

@@ -1,4 +1,4 @@
-"""One run of `fit`: validate at step 0, fit, save the model, test, write results, probe, export."""
+"""One run of `fit`: fit (validating at step 0 inside it), save the model, test, write results, probe, export."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
 from lightning_modules.run.export import finish_export, save_model
 from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
-from lightning_modules.run.strategies import gathered_model_weights
+from lightning_modules.run.strategies import check_strategy, gathered_model_weights
 from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is_finished, prepare_run_dir,
                                            release_run_dir)
 from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
 from lightning_modules.run.assembly import build_run, build_trainer, scale_hparams
 from lightning_modules.run.plan import print_plan
+from lightning_modules.run.validate_at_start import ValidateAtStart
 
 
 RESULT_COLUMNS = ["asr", "refusal_rate", "ir", "accuracy", "relevant", "n"]
@@ -114,6 +115,7 @@ def run(cfg) -> pd.DataFrame | None:
 
 def _run(cfg) -> pd.DataFrame | None:
     check_accelerator_exists(cfg.trainer.get("accelerator"))  # before a run dir is made for a run that cannot start
+    check_strategy(cfg)
     print_plan(cfg, strict=False)  # the first lines of every fit: what it will train, on what, at what memory
     run_dir = prepare_run_dir(cfg)
     # The run dir travels in the config from here on: `${run_dir}` interpolations (the judge cache),
@@ -160,7 +162,7 @@ def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_p
     if trainer.global_rank != 0:
         return None
     table = write_results(run_dir, module) if cfg.eval.test_at_end else None
-    finish_export(module, cfg, run_dir, table, sharded=weights is not None)
+    finish_export(module, cfg, run_dir, table, weights)
     if table is not None:
         print(f"\nresults on the test split ({run_dir}/results.csv):")
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
@@ -184,8 +186,8 @@ def _fit(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finish
     """config.yaml, the step-0 validation, trainer.fit; a finished run trained further is archived first."""
     if ckpt_path is None and trainer.global_rank == 0:  # a resume rewrites it once the checkpoint has loaded
         atomic_write(run_dir / "config.yaml", to_yaml(cfg), what="config")
-    if cfg.eval.val_at_start and ckpt_path is None:
-        trainer.validate(module, data, verbose=False)
+    if cfg.eval.val_at_start and ckpt_path is None:  # inside fit: the strategy is set up once
+        trainer.callbacks.append(ValidateAtStart())
     fit_from_checkpoint(trainer, module, data, ckpt_path)
     if finished_step is not None and trainer.global_rank == 0:
         archive = archive_finished_run(run_dir, finished_step)
