@@ -169,6 +169,10 @@ class OptimSettings:
     betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
     warmup_ratio: float = setting(0.03, "share of the steps spent warming up", ge=0, le=1)
     scheduler: str = setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    master_weights: str = setting("fp32", "what a trainable weight is updated against (models/precision.py): fp32 "
+                                  "(trainable tensors in fp32, frozen at model.dtype, bf16 autocast; DeepSpeed/FSDP keep "
+                                  "their own fp32 masters) | kahan (16-bit weights, torch-optimi AdamW with Kahan "
+                                  "summation) | none (plain AdamW at the weights' dtype)", choices=("fp32", "kahan", "none"))
 
 
 @dataclass

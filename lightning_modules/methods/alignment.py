@@ -31,6 +31,7 @@ from metrics.classify import Verdict, classify, sample_row
 from metrics.judges import get_judge, separates_irrelevant
 from metrics.gaps import safety_gaps
 from metrics.outcomes import COUNTS, QueryOutcomes
+from models.precision import compute_context, offloads_optimizer, optimizer_spec
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
 
@@ -99,7 +100,10 @@ class AlignmentModule(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
-        return self.model(**model_inputs(batch), **kwargs)
+        # Autocast where Lightning's step hooks do not provide it (the reference pass in on_fit_start)
+        # and the model mixes fp32 masters with 16-bit frozen weights.
+        with compute_context(self.model, self.device):
+            return self.model(**model_inputs(batch), **kwargs)
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
         """Return {"loss": the objective, <term>: its parts...}; parts are logged as train/<term>."""
@@ -120,8 +124,8 @@ class AlignmentModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise UserError("no trainable parameters (check model.finetune and the method's parameter pattern)")
-        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay,
-                                betas=tuple(self.optim_cfg.betas))
+        optimizer_class, kwargs = self.optimizer_spec(params)
+        opt = optimizer_class(params, **kwargs)
         if self.optim_cfg.scheduler not in SCHEDULERS:
             raise UserError(f"unknown optim.scheduler '{self.optim_cfg.scheduler}'; "
                             f"choose one of: {', '.join(SCHEDULERS)}")
@@ -130,6 +134,16 @@ class AlignmentModule(L.LightningModule):
         kwargs = {"num_training_steps": total} if self.optim_cfg.scheduler == "cosine" else {}
         scheduler = SCHEDULERS[self.optim_cfg.scheduler](opt, num_warmup_steps=warmup, **kwargs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_spec(self, params) -> tuple[type, dict]:
+        """The optimizer of the run's update path (models/precision.py): DeepSpeed's CPU Adam when
+        DeepSpeed offloads the optimizer, torch-optimi's Kahan AdamW for optim.master_weights=kahan,
+        torch's AdamW otherwise (fused when every tensor is on a GPU, outside DeepSpeed)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        ds_config = getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+        fused = ds_config is None and all(p.is_cuda for p in params)
+        return optimizer_spec(self.optim_cfg, self.optim_cfg.get("master_weights", "fp32"),
+                              ds_offload=offloads_optimizer(ds_config), fused=fused)
 
     # -- evaluation -------------------------------------------------------------------------------
     def generate(self, batch: dict) -> list[str]:

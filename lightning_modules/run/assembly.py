@@ -20,6 +20,7 @@ from lightning_modules.run.loggers import build_loggers
 from lightning_modules.run.pretrain import corpus_texts, ensure_tiny_base
 from lightning_modules.run.strategies import build_strategy
 from models.backbone import build_backbone, is_built_from_config
+from models.precision import apply_master_weights
 
 
 def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
@@ -93,4 +94,7 @@ def build_run(cfg):
         data.build_forget_retain(harvest=lambda rows: harvest_forget_set(module, rows, data))
         module.forget_loader = data.forget_dataloader  # the reference-NLL pass reads the forget set from here
         module.retain_loader = data.retain_dataloader
+    # Last, once the method has chosen its trainable tensors and the harvest has generated: fp32
+    # masters for them (optim.master_weights=fp32), unless DeepSpeed / FSDP keep their own.
+    apply_master_weights(module.model, cfg)
     return module, data
