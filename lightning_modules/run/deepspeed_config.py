@@ -35,6 +35,10 @@ HIDDEN_SIZED = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_s
 
 def read_config(value: Any) -> dict:
     """`trainer.strategy.config`: a mapping, or a path to a DeepSpeed JSON file."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, (str, Path)):
         path = Path(value)
         if not path.is_file():
