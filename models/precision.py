@@ -172,5 +172,6 @@ def optimizer_spec(optim_cfg, path: str, *, ds_offload: bool = False, fused: boo
         except ImportError as err:
             raise UserError(f"optim.master_weights=kahan needs torch-optimi, which is not installed: {OPTIMI_HINT}") from err
         # eps as torch's AdamW; decouple_lr=False: weight decay scaled by lr, as torch's AdamW
-        return optimi.AdamW, {**kwargs, "eps": 1e-8, "kahan_sum": True, "decouple_lr": False}
+        # foreach off: one tensor's temporaries at a time (the point of this path is fitting one GPU)
+        return optimi.AdamW, {**kwargs, "eps": 1e-8, "kahan_sum": True, "decouple_lr": False, "foreach": False}
     return torch.optim.AdamW, {**kwargs, **({"fused": True} if fused else {})}

@@ -380,6 +380,9 @@ class FitConfig:
                                      "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
                                      factory=dict)
     probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; ProbeSettings)", factory=dict)
+    strategy_by_gpus: dict[int, str] = setting(doc="a recipe's strategy per GPU count, as command-line overrides "
+                                               "(e.g. {1: optim.master_weights=kahan, 8: trainer=deepspeed_zero3}); "
+                                               "fit --plan prints the one for the run's device count", factory=dict)
 
 
 @dataclass
