@@ -92,10 +92,14 @@ def update_path(model_dtype: str, precision: Any, master_weights: str, strategy:
         raise UserError(f"trainer.precision={precision} casts every weight to 16 bits, so AdamW would update them in "
                         "16 bits; use trainer.precision=bf16-mixed (fp32 trainable weights), optim.master_weights=kahan, "
                         "or optim.master_weights=none to accept it")
+    if model_dtype == "float16" and precision not in AUTOCAST_PRECISIONS:
+        raise UserError(f"model.dtype=float16 with fp32 trainable weights (optim.master_weights=fp32) needs "
+                        f"trainer.precision=16-mixed (fp16 autocast with loss scaling), not {precision}")
     if model_dtype in LOW_DTYPES and precision not in AUTOCAST_PRECISIONS:
-        raise UserError(f"model.dtype={model_dtype} with fp32 trainable weights (optim.master_weights=fp32) needs "
-                        f"autocast, but trainer.precision={precision}: set trainer.precision=bf16-mixed "
-                        "(or model.dtype=float32)")
+        # Handled, not refused: the module runs its steps and generation under bf16 autocast itself
+        # (compute_context), which is what bf16-mixed would do.
+        return UpdatePath("fp32", f"fp32 master: trainable tensors in fp32, frozen ones in {model_dtype}, compute under "
+                          f"bf16 autocast (the module's own: trainer.precision={precision} has none)")
     if model_dtype in LOW_DTYPES:
         return UpdatePath("fp32", f"fp32 master: trainable tensors in fp32, frozen ones in {model_dtype}, compute under "
                           f"{precision} autocast")
@@ -128,9 +132,9 @@ def apply_master_weights(model: torch.nn.Module, cfg) -> UpdatePath:
     path = run_update_path(cfg)
     if path.upcasts and not strategy_keeps_masters(cfg) and upcast_trainable(model):
         precision = str((cfg.get("trainer") or {}).get("precision") or "32-true")
-        if precision not in AUTOCAST_PRECISIONS:
-            raise UserError(f"the model loaded in 16 bits (model.dtype={cfg.model.dtype}) with fp32 trainable weights "
-                            f"needs autocast, but trainer.precision={precision}: set trainer.precision=bf16-mixed")
+        if low_precision_dtype(model) == torch.float16 and precision not in AUTOCAST_PRECISIONS:
+            raise UserError(f"the model loaded in float16 (model.dtype={cfg.model.dtype}) with fp32 trainable weights "
+                            f"needs trainer.precision=16-mixed (loss scaling), not {precision}")
     return path
 
 
@@ -142,8 +146,9 @@ def low_precision_dtype(model: torch.nn.Module) -> Optional[torch.dtype]:
 
 
 def compute_context(model: torch.nn.Module, device: torch.device | str):
-    """Autocast for code that runs a mixed-dtype model outside Lightning's step hooks (a reference
-    pass in on_fit_start, the knowledge probes); a no-op when autocast is on or the dtypes agree."""
+    """Autocast for a model that mixes fp32 masters with 16-bit frozen weights wherever Lightning's
+    precision plugin gives none (trainer.precision=32 with model.dtype=bfloat16, a reference pass in
+    on_fit_start, the knowledge probes); a no-op when autocast is on or the dtypes agree."""
     dtype = low_precision_dtype(model)
     kind = torch.device(device).type
     if dtype is None or torch.is_autocast_enabled(kind):

@@ -14,10 +14,10 @@ RECIPE = "configs/experiment/vlguard_npo_full.yaml"  # LLaVA-1.5-7B in bf16, tra
 CASES = [
     (DEMO, ["trainer.precision=bf16-true"], "trainer.precision=bf16-true casts every weight to 16 bits"),
     (DEMO, ["trainer.precision=16-true"], "trainer.precision=16-true casts every weight to 16 bits"),
-    (DEMO, ["model.dtype=bfloat16"], "model.dtype=bfloat16 with fp32 trainable weights (optim.master_weights=fp32) "
-                                     "needs autocast, but trainer.precision=32-true"),
-    (DEMO, ["model.dtype=float16", "trainer.precision=32"], "needs autocast, but trainer.precision=32"),
-    (RECIPE, ["trainer.precision=32-true"], "model.dtype=bfloat16 with fp32 trainable weights"),
+    (DEMO, ["model.dtype=float16"], "model.dtype=float16 with fp32 trainable weights (optim.master_weights=fp32) "
+                                    "needs trainer.precision=16-mixed (fp16 autocast with loss scaling), not 32-true"),
+    (DEMO, ["model.dtype=float16", "trainer.precision=64-true"], "needs trainer.precision=16-mixed"),
+    (RECIPE, ["model.dtype=float16", "trainer.precision=32"], "not 32"),
     (RECIPE, ["trainer.precision=bf16-true"], "trainer.precision=bf16-true casts every weight"),
     (DEMO, ["optim.master_weights=kahan"], "optim.master_weights=kahan is for 16-bit weights, but model.dtype=float32"),
     (DEMO, ["optim.master_weights=bf16"], "optim.master_weights"),
@@ -42,6 +42,7 @@ def test_refused_in_one_line(config, overrides, message):
     (DEMO, ["trainer.precision=bf16-true", "optim.master_weights=kahan"]),  # asked for: Kahan on bf16 weights
     (DEMO, ["trainer.precision=bf16-true", "optim.master_weights=none"]),  # asked for by name
     (DEMO, ["model.dtype=bfloat16", "trainer.precision=bf16-mixed"]),  # fp32 masters under autocast
+    (DEMO, ["model.dtype=bfloat16"]),  # precision 32: the module autocasts itself (compute_context)
     (RECIPE, ["optim.master_weights=kahan"]),
     (RECIPE, ["trainer=deepspeed_zero3"]),
 ])

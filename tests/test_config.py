@@ -24,7 +24,7 @@ def test_dotlist_overrides_and_types():
 
 
 def test_group_override_swaps_whole_group():
-    cfg = load_config(DEMO, ["model=llava-1.5-7b", "trainer.precision=bf16-mixed"])  # bf16 weights: autocast
+    cfg = load_config(DEMO, ["model=llava-1.5-7b"])
     assert cfg.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
     assert cfg.model.finetune == "lora" and cfg.model.lora.r == 128
 

@@ -110,7 +110,8 @@ class AlignmentModule(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch)
+        with compute_context(self.model, self.device):  # fp32 masters + bf16 weights, no autocast from Lightning
+            terms = self.loss_terms(batch)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
         if bad:
             raise TrainingDiverged(f"non-finite loss at step {self.global_step} in term(s) {', '.join(bad)} "
@@ -150,7 +151,8 @@ class AlignmentModule(L.LightningModule):
         # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
         # (transformers cannot see the sharding when Lightning wraps the module around the model).
         synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
+        with compute_context(self.model, self.device):
+            return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
     def vlm_judge(self):
         """The configured VLM judge, loaded once on this module's device (never a submodule: it is
