@@ -92,3 +92,22 @@ def test_optimizer_of_each_update_path():
     cls, kwargs = optimizer_spec(optim, "kahan")
     assert cls is optimi.AdamW and kwargs["kahan_sum"] and kwargs["eps"] == 1e-8
     assert optimizer_spec(optim, "strategy", ds_offload=True)[0] is DeepSpeedCPUAdam  # built only on a GPU run
+
+
+@pytest.mark.parametrize("overrides, upcast", [
+    ([], True), (["trainer=deepspeed_zero3"], False), (["trainer=deepspeed_zero2"], False), (["trainer=fsdp"], False),
+    (["optim.master_weights=kahan"], False), (["optim.master_weights=none"], False)])
+def test_upcast_only_where_no_strategy_keeps_masters(overrides, upcast):
+    """DeepSpeed's bf16 mode and FSDP keep fp32 masters themselves: nothing is upcast for them."""
+    from lightning_modules.config.loading import load_config
+    from models.backbone import build_backbone
+    from models.precision import apply_master_weights, strategy_keeps_masters
+
+    cfg = load_config("configs/demo.yaml", ["model=tiny-llava", "model.dtype=bfloat16", "trainer.precision=bf16-mixed",
+                                            *overrides])
+    model, _ = build_backbone(cfg.model, ["a small corpus"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # model.dtype applies to the toy too
+    path = apply_master_weights(model, cfg)
+    assert strategy_keeps_masters(cfg) == (path.name == "strategy")
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trained == ({torch.float32} if upcast else {torch.bfloat16})

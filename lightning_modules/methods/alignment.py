@@ -8,6 +8,7 @@ swap `datamodule_class`. Nothing here knows which method is running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -102,15 +103,22 @@ class AlignmentModule(L.LightningModule):
     def forward_model(self, batch: dict, **kwargs):
         # Autocast where Lightning's step hooks do not provide it (the reference pass in on_fit_start)
         # and the model mixes fp32 masters with 16-bit frozen weights.
-        with compute_context(self.model, self.device):
+        with self.compute_context():
             return self.model(**model_inputs(batch), **kwargs)
+
+    def compute_context(self):
+        """Autocast for fp32 masters beside 16-bit frozen weights where Lightning gives none
+        (models.precision.compute_context); never under a sharded strategy, whose own policy casts."""
+        if self._trainer is not None and shards_parameters(self._trainer.strategy):
+            return contextlib.nullcontext()
+        return compute_context(self.model, self.device)
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
         """Return {"loss": the objective, <term>: its parts...}; parts are logged as train/<term>."""
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        with compute_context(self.model, self.device):  # fp32 masters + bf16 weights, no autocast from Lightning
+        with self.compute_context():  # fp32 masters + bf16 weights, no autocast from Lightning
             terms = self.loss_terms(batch)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
         if bad:
@@ -151,7 +159,7 @@ class AlignmentModule(L.LightningModule):
         # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
         # (transformers cannot see the sharding when Lightning wraps the module around the model).
         synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        with compute_context(self.model, self.device):
+        with self.compute_context():
             return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
     def vlm_judge(self):
