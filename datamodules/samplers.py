@@ -24,6 +24,9 @@ class SkippableBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False):
         self.sampler = sampler  # Lightning calls set_epoch on `loader.batch_sampler.sampler`
+        # BatchSampler's attributes: Lightning's DeepSpeed strategy reads `batch_sampler.batch_size`
+        # (its train_micro_batch_size_per_gpu), and its loader re-instantiation reads all three.
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.batches = BatchSampler(sampler, batch_size, drop_last)
         self.skip = 0
 

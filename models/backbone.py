@@ -182,6 +182,8 @@ def build_backbone(model_cfg, tiny_texts: Optional[Iterable[str]] = None):
         model, processor = build_tiny(model_cfg.tiny, tiny_texts)
     elif name in TOY_FAMILIES:
         model, processor = build_toy(name, model_cfg.tiny, tiny_texts)
+    if is_built_from_config(name) and DTYPES.get(model_cfg.dtype, "auto") != "auto":
+        model = model.to(DTYPES[model_cfg.dtype])  # built in fp32 from the seed, then stored like a checkpoint
     else:
         if not Path(name).exists() and "/" not in name:
             toys = ", ".join(["tiny", *TOY_FAMILIES])

@@ -10,7 +10,7 @@ from lightning_modules.config.loading import load_config
 from lightning_modules.run.assembly import accumulation_steps
 from lightning_modules.run.plan import plan_model, run_plan
 from models.families import TOY_FAMILIES
-from models.memory import GiB, estimate_training_memory
+from models.memory import GiB, ModelShape, estimate_memory
 
 
 @pytest.fixture(autouse=True)
@@ -63,15 +63,19 @@ def test_plan_without_a_readable_config_is_one_line():
 
 
 def test_memory_estimate_by_hand():
-    # 10 params, 4 trainable, bf16; 2 layers, h 8, V 16, B 1, T 4, no checkpointing, one graph.
-    est = estimate_training_memory(total_params=10, trainable_params=4, param_bytes=2, n_layers=2, hidden=8,
-                                   vocab=16, seq_len=4, batch=1, checkpointing=False, reference_params=4)
-    assert (est.weights, est.gradients, est.optimizer, est.reference) == (20, 8, 16, 8)
-    assert est.activations == 2 * 34 * 4 * 8 + 2 * 4 * 4 * 16
-    ckpt = estimate_training_memory(total_params=10, trainable_params=4, param_bytes=2, n_layers=2, hidden=8,
-                                    vocab=16, seq_len=4, batch=1, checkpointing=True, graphs=2, shards=2)
-    assert ckpt.weights == 10 and ckpt.activations == 2 * ((2 * 2 * 32 + 34 * 32) + 2 * 4 * 4 * 16)
-    assert est.total == sum(v for name, v in est.rows() if name != "total") and GiB == 2 ** 30
+    # 10 params, 4 trainable, bf16 plain (optim.master_weights=none); 2 layers, h 8, V 16, B 1, T 4.
+    shape = ModelShape(total_params=10, trainable_params=4, n_layers=2, hidden=8, vocab=16)
+    est = estimate_memory(shape, weight_bytes=2, path="none", seq_len=4, batch=1, checkpointing=False,
+                          reference_params=4, fused=False)
+    assert [est.value(n) for n in ("weights", "gradients", "AdamW moments", "optimizer-step temporary",
+                                   "reference copy")] == [20, 8, 16, 8, 8]
+    assert est.value("activations") == 2 * 34 * 4 * 8 + 2 * 4 * 4 * 16
+    ckpt = estimate_memory(shape, weight_bytes=2, path="none", seq_len=4, batch=1, checkpointing=True, graphs=2)
+    assert ckpt.value("activations") == 2 * ((2 * 2 * 32 + 34 * 32) + 2 * 4 * 4 * 16)
+    # fp32 masters: 4 + 2 (compute copy) + 4 + 8 bytes per trainable parameter, frozen ones at 2
+    fp32 = estimate_memory(shape, weight_bytes=2, path="fp32", seq_len=4, batch=1, checkpointing=False)
+    assert fp32.model_states == 4 * 4 + 6 * 2 + 4 * 2 + 4 * 4 + 4 * 8
+    assert est.total == est.model_states + est.activations + est.value("CUDA/NCCL overhead") and GiB == 2 ** 30
 
 
 def test_accumulation_reaches_the_official_batch_on_fewer_devices():

@@ -40,6 +40,7 @@ from metrics.attribution import refusal_log_odds, summarize_attribution
 from metrics.classify import classify
 from metrics.refusal import is_refusal
 from models.backbone import mark_trainable
+from models.precision import compute_context, optimizer_spec, run_update_path, upcast_trainable
 
 NLL_SETS = {"hazard_nll_clean": "unsafe_clean", "hazard_nll_attacked": "unsafe_attacked",
             "hazard_nll_neutral": "unsafe_neutral"}
@@ -108,8 +109,13 @@ class Prober:
         settings = self.settings
         model = copy.deepcopy(self.module.model)
         mark_trainable(model, self.cfg.model)  # what `model.finetune` trains, whatever the method trained
+        path = run_update_path(self.cfg)  # the run's update path; a strategy's fp32 masters -> fp32 on this copy
+        if path.name in ("fp32", "strategy"):
+            upcast_trainable(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=settings.relearn_lr or self.cfg.optim.lr)
+        optimizer_class, kwargs = optimizer_spec(self.cfg.optim, path.name)
+        optim = optimizer_class(params, **{**kwargs, "lr": settings.relearn_lr or self.cfg.optim.lr,
+                                           "weight_decay": 0.01, "betas": (0.9, 0.999)})  # torch's defaults
         rng = random.Random(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
         model.train()
@@ -215,6 +221,12 @@ def _finite(x: float) -> Optional[float]:
 
 def run_probes(cfg, module, data, run_dir: Path) -> dict:
     """All three probes on the run's test sets; writes and returns probes.json's content."""
+    # fp32 masters next to 16-bit frozen weights run under autocast, as in the training steps
+    with compute_context(module.model, module.device):
+        return _run_probes(cfg, module, data, run_dir)
+
+
+def _run_probes(cfg, module, data, run_dir: Path) -> dict:
     settings = parse_probe_settings(cfg)
     start = time.perf_counter()
     prober = Prober(cfg, module, data, settings)

@@ -32,6 +32,7 @@ from core.paths import CONFIG_ROOT
 from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown
 from lightning_modules.config.schema import COMMAND_SECTIONS, GROUPS, ROOTS, FitConfig
 from lightning_modules.methods import get_method
+from models.precision import run_update_path
 
 # Ranges of the lightning.Trainer arguments a config sets most; their types come from Trainer's own
 # signature, so any argument of it is type-checked.
@@ -140,6 +141,8 @@ def _validate(cfg: DictConfig, root: type, allow_missing: bool = False) -> DictC
     parse_section(merged, root, "")  # declared ranges and choices of the typed sections
     _check_trainer(merged.trainer)
     _check_method(merged.method)
+    if root is FitConfig:  # a run that trains: its update path is decided now (models/precision.py)
+        run_update_path(merged)
     if merged.data.kind == "mirage_world":
         from datamodules.mirage_world import WorldConfig
 

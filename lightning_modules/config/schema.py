@@ -186,6 +186,10 @@ class OptimSettings:
     scheduler: str = setting("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
     projector_lr: Optional[float] = setting(None, "peak learning rate of the projector's parameters (LLaVA's "
                                             "--mm_projector_lr); null: optim.lr", gt=0)
+    master_weights: str = setting("fp32", "what a trainable weight is updated against (models/precision.py): fp32 "
+                                  "(trainable tensors in fp32, frozen at model.dtype, bf16 autocast; DeepSpeed/FSDP keep "
+                                  "their own fp32 masters) | kahan (16-bit weights, torch-optimi AdamW with Kahan "
+                                  "summation) | none (plain AdamW at the weights' dtype)", choices=("fp32", "kahan", "none"))
 
 
 @dataclass
@@ -420,6 +424,9 @@ class FitConfig:
                                      "(configs/logger/*.yaml; empty: TensorBoard; trainer.logger=false: none)",
                                      factory=dict)
     probes: dict[str, Any] = setting(doc="the knowledge probes (eval.probes=true; ProbeSettings)", factory=dict)
+    strategy_by_gpus: dict[int, str] = setting(doc="a recipe's strategy per GPU count, as command-line overrides "
+                                               "(e.g. {1: optim.master_weights=kahan, 8: trainer=deepspeed_zero3}); "
+                                               "fit --plan prints the one for the run's device count", factory=dict)
 
 
 @dataclass

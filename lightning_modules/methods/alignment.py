@@ -8,6 +8,7 @@ swap `datamodule_class`. Nothing here knows which method is running.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -32,6 +33,7 @@ from metrics.classify import Verdict, classify, sample_row
 from metrics.judges import get_judge, separates_irrelevant
 from metrics.gaps import safety_gaps
 from metrics.outcomes import COUNTS, QueryOutcomes
+from models.precision import compute_context, offloads_optimizer, optimizer_spec
 
 SCHEDULERS = {"cosine": get_cosine_schedule_with_warmup, "constant": get_constant_schedule_with_warmup}
 
@@ -100,14 +102,25 @@ class AlignmentModule(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def forward_model(self, batch: dict, **kwargs):
-        return self.model(**model_inputs(batch), **kwargs)
+        # Autocast where Lightning's step hooks do not provide it (the reference pass in on_fit_start)
+        # and the model mixes fp32 masters with 16-bit frozen weights.
+        with self.compute_context():
+            return self.model(**model_inputs(batch), **kwargs)
+
+    def compute_context(self):
+        """Autocast for fp32 masters beside 16-bit frozen weights where Lightning gives none
+        (models.precision.compute_context); never under a sharded strategy, whose own policy casts."""
+        if self._trainer is not None and shards_parameters(self._trainer.strategy):
+            return contextlib.nullcontext()
+        return compute_context(self.model, self.device)
 
     def loss_terms(self, batch: dict) -> dict[str, torch.Tensor]:
         """Return {"loss": the objective, <term>: its parts...}; parts are logged as train/<term>."""
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch)
+        with self.compute_context():  # fp32 masters + bf16 weights, no autocast from Lightning
+            terms = self.loss_terms(batch)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
         if bad:
             raise TrainingDiverged(f"non-finite loss at step {self.global_step} in term(s) {', '.join(bad)} "
@@ -126,8 +139,8 @@ class AlignmentModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = param_groups(self.model, self.optim_cfg)  # optim.projector_lr: the projector's own group
-        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay,
-                                betas=tuple(self.optim_cfg.betas))
+        optimizer_class, kwargs = self.optimizer_spec([p for group in params for p in group["params"]])
+        opt = optimizer_class(params, **kwargs)
         if self.optim_cfg.scheduler not in SCHEDULERS:
             raise UserError(f"unknown optim.scheduler '{self.optim_cfg.scheduler}'; "
                             f"choose one of: {', '.join(SCHEDULERS)}")
@@ -137,12 +150,22 @@ class AlignmentModule(L.LightningModule):
         scheduler = SCHEDULERS[self.optim_cfg.scheduler](opt, num_warmup_steps=warmup, **kwargs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_spec(self, params) -> tuple[type, dict]:
+        """The optimizer of the run's update path (models/precision.py): DeepSpeed's CPU Adam when
+        DeepSpeed offloads the optimizer, torch-optimi's Kahan AdamW for optim.master_weights=kahan,
+        torch's AdamW otherwise (fused when every tensor is on a GPU, outside DeepSpeed)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        ds_config = getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+        fused = ds_config is None and all(p.is_cuda for p in params)
+        return optimizer_spec(self.optim_cfg, self.optim_cfg.get("master_weights", "fp32"),
+                              ds_offload=offloads_optimizer(ds_config), fused=fused)
+
     # -- evaluation -------------------------------------------------------------------------------
     def generate(self, batch: dict) -> list[str]:
         # Sharded weights (FSDP, ZeRO-3): every forward is a collective, ranks generate in lockstep
         # (transformers cannot see the sharding when Lightning wraps the module around the model).
         synced = self._trainer is not None and shards_parameters(self._trainer.strategy)
-        with root_gathered(self.model):
+        with root_gathered(self.model), self.compute_context():
             return greedy_generate(self.model, self.processor, batch, self.eval_cfg.max_new_tokens, synced)
 
     def vlm_judge(self):

@@ -20,6 +20,7 @@ from lightning_modules.run.loggers import build_loggers
 from lightning_modules.run.pretrain import corpus_texts, ensure_tiny_base
 from lightning_modules.run.strategies import build_strategy
 from models.backbone import build_backbone, is_built_from_config
+from models.precision import apply_master_weights
 
 
 def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
@@ -31,7 +32,8 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     kwargs = trainer_kwargs(cfg.trainer)
     kwargs.pop("logger", None)
     kwargs.setdefault("default_root_dir", str(run_dir))
-    kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None))
+    kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None),
+                                        precision=kwargs.get("precision"))
     # Our samplers shard data themselves (eval without padding): Lightning must not replace them.
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
@@ -96,4 +98,7 @@ def build_run(cfg):
         data.build_forget_retain(harvest=lambda rows: harvest_forget_set(module, rows, data))
         module.forget_loader = data.forget_dataloader  # the reference-NLL pass reads the forget set from here
         module.retain_loader = data.retain_dataloader
+    # Last, once the method has chosen its trainable tensors and the harvest has generated: fp32
+    # masters for them (optim.master_weights=fp32), unless DeepSpeed / FSDP keep their own.
+    apply_master_weights(module.model, cfg)
     return module, data

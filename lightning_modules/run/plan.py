@@ -23,9 +23,11 @@ from lightning_modules.methods import get_method
 from lightning_modules.run.assembly import accumulation_steps
 from models.backbone import DTYPES, PROJECTOR, VISION, apply_finetune_mode, build_backbone, decoder_layers, \
     is_built_from_config
-from models.memory import GiB, estimate_training_memory
+from lightning_modules.run.deepspeed_config import read_config
+from models.memory import GiB, ModelShape, estimate_memory
+from models.precision import AUTOCAST_PRECISIONS, CAST_PRECISIONS, offloads_optimizer, run_update_path, strategy_name
 
-SHARDING = ("deepspeed_stage_3", "fsdp")
+WEIGHT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 REFERENCE_TEXT = {
     "cache": "cached reference NLL: one forward over the set(s) before the first update, kept in the checkpoint",
     "adapter": "LoRA disable_adapter: the same weights with the adapters off (a second forward per step)",
@@ -94,13 +96,55 @@ def layer_span(layers: list[int]) -> str:
 
 
 def world_size(trainer_cfg) -> int:
-    """Processes the Trainer will start: devices (a count, a list, or auto = the visible GPUs) x nodes."""
+    """Processes the Trainer will start: devices (a count, a list, or -1 / auto = the visible GPUs, 1
+    where none is visible: pass trainer.devices=N to plan for N offline) x nodes."""
     devices = trainer_cfg.get("devices", "auto")
-    if isinstance(devices, str):
-        devices = int(devices) if devices.isdigit() else (torch.cuda.device_count() or 1)
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if devices == -1 or devices == "auto":
+        cpu = str(trainer_cfg.get("accelerator", "auto")) == "cpu"
+        devices = 1 if cpu else (torch.cuda.device_count() or 1)
     elif not isinstance(devices, int):
-        devices = len(devices)
+        devices = len(devices) if not isinstance(devices, str) else len([d for d in devices.split(",") if d.strip()])
     return max(devices, 1) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def plan_strategy(trainer_cfg, world: int) -> tuple[str, bool, bool, str]:
+    """(kind: single | ddp | zero2 | zero3 | fsdp, optimizer offloaded, parameters offloaded, in words)
+    of `trainer.strategy` on `world` processes."""
+    spec = trainer_cfg.get("strategy")
+    name = strategy_name(spec)
+    if name.startswith("deepspeed"):
+        if hasattr(spec, "get"):
+            config = spec.get("config")
+            if config is not None:
+                config = read_config(config)
+                zero = config.get("zero_optimization") or {}
+                stage = int(zero.get("stage", 0))
+                opt = offloads_optimizer(config)
+                par = str((zero.get("offload_param") or {}).get("device", "none")).lower() in ("cpu", "nvme")
+            else:
+                stage, opt, par = int(spec.get("stage", 2)), bool(spec.get("offload_optimizer")), \
+                    bool(spec.get("offload_parameters"))
+        else:  # Lightning's registered names: deepspeed (stage 2), deepspeed_stage_{1,2,3}[_offload]
+            digits = [int(c) for c in name if c.isdigit()]
+            stage = digits[0] if digits else 2
+            opt, par = "offload" in name, "offload" in name and stage == 3
+        kind = "zero3" if stage == 3 else "zero2"
+        offload = " + optimizer" * opt + " + parameters" * par
+        return kind, opt, par, f"DeepSpeed ZeRO-{stage}{' offload' + offload.replace(' + ', ', ', 1) if offload else ''}"
+    if "fsdp" in name or name == "model_parallel":
+        return "fsdp", False, False, "FSDP (fp32 shards)"
+    if world > 1:
+        return "ddp", False, False, "DDP"
+    return "single", False, False, "one device"
+
+
+def recipe_strategy(cfg, world: int):
+    """The recipe's own choice for this device count (`strategy_by_gpus`: the largest count <= world)."""
+    table = {int(k): str(v) for k, v in (cfg.get("strategy_by_gpus") or {}).items()}
+    fitting = [k for k in table if k <= world]
+    return (max(fitting), table[max(fitting)]) if fitting else (None, None)
 
 
 def data_sizes(cfg, world: int) -> tuple[dict[str, str], int | None]:
@@ -194,21 +238,45 @@ def run_plan(cfg) -> str:
         lines.append(f"  trains: ... {len(tensors) - 8} more tensor groups")
     reference, reference_params = reference_of(cfg, model)
     lines.append(f"  reference: {reference}")
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    shards = world if any(s in strategy for s in SHARDING) else 1
-    param_bytes = next(model.parameters()).element_size()
-    estimate = estimate_training_memory(
-        total_params=total_params, trainable_params=trainable, param_bytes=param_bytes,
-        n_layers=len(decoder_layers(model)[1]), hidden=text_cfg.hidden_size, vocab=text_cfg.vocab_size,
+    kind, offload_opt, offload_par, strategy_text = plan_strategy(cfg.trainer, world)
+    lines.append(f"  strategy: {strategy_text} on {world} process(es)" + _devices_note(cfg.trainer, world))
+    at, recommended = recipe_strategy(cfg, world)
+    if recommended:
+        lines.append(f"  recipe's strategy for {world} GPU(s) (strategy_by_gpus[{at}]): {recommended}")
+    path = run_update_path(cfg)
+    lines.append(f"  update path: {path.text}")
+    weight_bytes = WEIGHT_BYTES.get(str(cfg.model.dtype), 2)
+    precision = str(cfg.trainer.get("precision") or "32-true")
+    act_bytes = 2 if weight_bytes == 2 or precision in AUTOCAST_PRECISIONS + CAST_PRECISIONS else 4
+    _, blocks = decoder_layers(model)
+    shape = ModelShape(total_params=total_params, trainable_params=trainable, n_layers=len(blocks),
+                       hidden=text_cfg.hidden_size, vocab=text_cfg.vocab_size,
+                       block_params=sum(p.numel() for p in blocks[0].parameters()) if len(blocks) else 0,
+                       kv_heads=getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads,
+                       head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads)
+    eval_tokens = int(cfg.data.max_length) + int(cfg.eval.max_new_tokens)
+    estimate = estimate_memory(
+        shape, weight_bytes=weight_bytes, path=path.name, strategy=kind, world=world,
         seq_len=int(cfg.data.max_length), batch=batch, checkpointing=bool(cfg.model.gradient_checkpointing),
-        graphs=1 if method == "sft" else 2, reference_params=reference_params, shards=shards)
+        graphs=1 if method == "sft" else 2, reference_params=reference_params, fused=path.name != "kahan",
+        offload_optimizer=offload_opt, offload_params=offload_par, act_bytes=act_bytes,
+        eval_batch=int(cfg.data.eval_batch_size), eval_tokens=eval_tokens)
     lines.append(f"  GPU memory estimate per device (batch {batch} x data.max_length={cfg.data.max_length} tokens, "
-                 f"checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
-                 f"{f', sharded over {shards}' if shards > 1 else ''}; an upper bound for batches shorter "
-                 "than max_length):")
-    lines += [f"    {name:<16} {size(value)}" for name, value in estimate.rows()]
+                 f"checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, {strategy_text} on "
+                 f"{world}; validation generates {cfg.data.eval_batch_size} x {eval_tokens} tokens; an upper bound "
+                 "for shorter batches; the total counts the larger of training activations and the KV cache):")
+    lines += [f"    {name:<26} {size(value)}" for name, value in estimate.rows()]
     lines.append(f"    device: {device_memory_line(estimate.total)}")
     return "\n".join(lines)
+
+
+def _devices_note(trainer_cfg, world: int) -> str:
+    devices = trainer_cfg.get("devices", "auto")
+    if str(devices) in ("-1", "auto") and str(trainer_cfg.get("accelerator", "auto")) != "cpu":
+        seen = torch.cuda.device_count()
+        return (f" (trainer.devices={devices}: {seen} visible GPU(s))" if seen else
+                f" (trainer.devices={devices}: no GPU visible here, planned for 1; plan for N with trainer.devices=N)")
+    return ""
 
 
 def size(n_bytes: float) -> str:

@@ -157,6 +157,9 @@ def _build_tiny_base(cfg, files: DataFiles, tmp: Path) -> None:
     base_cfg = copy.deepcopy(cfg)
     base_cfg.method = {"name": "sft"}
     base_cfg.optim.lr, base_cfg.optim.scheduler = cfg.base.lr, "cosine"
+    # The base is built and cached in fp32 whatever the run's model.dtype (it is loaded at that dtype),
+    # so its optimizer is torch's AdamW on fp32 weights: the cache key need not carry the update path.
+    base_cfg.optim.master_weights = "fp32"
     base_cfg.data.batch_size = cfg.base.batch_size
     for name, param in model.named_parameters():
         param.requires_grad_("vision_tower" not in name)

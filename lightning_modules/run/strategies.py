@@ -42,8 +42,9 @@ def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {cls for cls, n in counts.items() if n > 1}
 
 
-def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
-    """A value for `lightning.Trainer(strategy=...)`."""
+def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = None) -> Any:
+    """A value for `lightning.Trainer(strategy=...)`; `precision` (trainer.precision) resolves a
+    DeepSpeed config's "auto" fp16/bf16 blocks."""
     if spec == "fsdp":
         return fsdp_strategy({}, model)
     if spec is None or isinstance(spec, str):
@@ -58,11 +59,11 @@ def build_strategy(spec: Any, model: nn.Module | None = None) -> Any:
         spec["timeout"] = collective_timeout(spec["timeout"])
     if name == "fsdp":
         return fsdp_strategy(spec, model)
-    if name == "deepspeed":
+    if name == "deepspeed":  # {name: deepspeed, config: {...} | file.json}: run/deepspeed_config.py
         require_deepspeed(name)
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from lightning_modules.run.deepspeed_config import deepspeed_strategy
 
-        return DeepSpeedStrategy(**spec)
+        return deepspeed_strategy(spec, precision, model)
     if name == "ddp":  # e.g. {name: ddp, find_unused_parameters: true, timeout: ...}
         from lightning.pytorch.strategies import DDPStrategy
 
