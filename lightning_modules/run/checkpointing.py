@@ -5,7 +5,8 @@ fsspec's local temp file comes from `tempfile.mkstemp()`, i.e. the system temp d
 another filesystem than the run dir (local /tmp vs. NFS/Lustre on most clusters) `shutil.move`
 degrades to copy + delete, and a crash mid-copy leaves a truncated `last.ckpt`. Here the temp
 file sits next to the target, is fsynced, then `os.replace`d over it: on a POSIX filesystem a
-reader sees the old checkpoint or the new one, never a partial one.
+reader sees the old checkpoint or the new one, never a partial one. `torch.save` streams into that
+file: no second copy of the state in memory.
 
 Per-batch seeding. Dropout (e.g. LoRA dropout) draws from the global RNG, which other things
 consume too (each DataLoader iterator draws a base seed, validation runs or not around a
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from core.errors import UserError
-from core.files import atomic_write, fsync_dir, io_error
+from core.files import atomic_stream, fsync_dir, io_error
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,11 +62,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: keep fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # serialise first: a pickling error never touches the disk
         target = pending_path(path) if self.defer else path
-        try:
-            atomic_write(target, buffer.getvalue(), what="checkpoint")
+        try:  # streamed: the state is never serialised whole in memory (80 GB for a 7B full fine-tune)
+            atomic_stream(target, lambda stream: torch.save(checkpoint, stream), what="checkpoint")
         except UserError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
             cause = err.__cause__ if isinstance(err.__cause__, OSError) else None
             line = io_error("checkpoint", path, cause) if cause else err  # named by its target, not the temp file
