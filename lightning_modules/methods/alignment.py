@@ -111,7 +111,7 @@ class AlignmentModule(L.LightningModule):
         if bad:
             raise TrainingDiverged(f"non-finite loss at step {self.global_step} in term(s) {', '.join(bad)} "
                                    f"({', '.join(f'{k}={float(terms[k].detach()):.4g}' for k in bad)}); "
-                                   "last good checkpoint kept")
+                                   "training stopped")  # fit's line goes on with which checkpoint is kept, if any
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach().float(), prog_bar=key == "loss", on_step=True, on_epoch=False)
         return terms["loss"]

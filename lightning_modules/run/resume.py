@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from core.checkpoints import read_checkpoint
 from core.errors import UserError
 from lightning_modules.config.diff import changed_keys, flatten
+from lightning_modules.run.identity import check_left_out, read_identity
 from lightning_modules.run.run_dir import is_finished
 
 
@@ -102,13 +103,19 @@ def resolve_checkpoint(cfg, run_dir: Path):
     return str(path)
 
 
-def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
-    """The checkpoint's weights have this model's names and shapes (else one line, before the
-    Trainer writes its first log file)."""
-    if ckpt_path is None or Path(ckpt_path).is_dir():
-        return
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+def check_checkpoint_fits(module, ckpt_path: str | None) -> dict:
+    """The checkpoint's weights have this model's names and shapes, and a trainable-only one was
+    trained on this base (else one line, before the Trainer writes its first log file). Its
+    `run_identity` ({} if none), for `check_layout` once the Trainer exists."""
+    if ckpt_path is None:
+        return {}
+    if Path(ckpt_path).is_dir():
+        return read_identity(Path(ckpt_path))
+    header = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    saved, identity = header["state_dict"], read_identity(Path(ckpt_path), header)
     expected = module.state_dict()
+    if identity.get("trainable_only"):  # the frozen base is left out: its keys are checked by digest
+        expected = {k: v for k, v in expected.items() if k in saved or not k.startswith("model.")}
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     resized = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
@@ -117,3 +124,6 @@ def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
                             f"{label} {shown}")
+    if identity.get("trainable_only"):
+        check_left_out(module, saved, identity, ckpt_path)
+    return identity
