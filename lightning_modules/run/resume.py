@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from core.checkpoints import read_checkpoint
+from core.checkpoints import check_sharded_checkpoint, read_checkpoint
 from core.errors import UserError
 from lightning_modules.config.diff import changed_keys, flatten
 from lightning_modules.run.identity import check_left_out, read_identity
@@ -69,6 +69,7 @@ def saved_settings(path: Path, run_dir: Path) -> tuple[dict, int | None]:
     if path.is_dir():
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
+        check_sharded_checkpoint(path)  # DeepSpeed's and DCP's loaders unpickle: each pickle checked as data first
     else:
         ckpt = read_checkpoint(path)
         old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")
