@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from core.checkpoints import check_sharded_checkpoint, read_checkpoint
 from core.errors import UserError
 from lightning_modules.config.diff import changed_keys, flatten
+from lightning_modules.run.checkpointing import recover_checkpoint_dir
 from lightning_modules.run.identity import check_left_out, read_identity
 from lightning_modules.run.run_dir import is_finished
 
@@ -57,6 +58,7 @@ def checkpoint_to_resume(cfg, run_dir: Path) -> Path | None:
         found = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
     path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
+    recover_checkpoint_dir(path)  # a sharded one left aside by a kill between the two renames of its swap
     if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
         raise UserError(f"resume checkpoint not found: {path}")
     return path
