@@ -53,7 +53,8 @@ def test_sharded_checkpoint_cut_by_a_full_disk_or_a_nan_shard_keeps_the_previous
     assert proc.returncode == 2 and len(errors) == 2, proc.stderr[-3000:]
     assert all("non-finite weights after step 4" in line and "checkpoint not written; the last one with finite "
                f"weights is {run_dir}/checkpoints/last.ckpt (step 3)" in line for line in errors), errors
-    assert any("(state_dict.model.0.weight)" in line for line in errors), errors
+    assert any("rank 1: non-finite weights after step 4 (model.0.weight)" in line for line in errors), errors
+    assert any("rank 0: non-finite weights after step 4 (a tensor shard on another rank)" in line for line in errors)
     assert published(run_dir) == (3, [])
 
 
