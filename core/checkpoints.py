@@ -109,8 +109,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             found = getattr(__import__(module, fromlist=[name]), name, None)
             if inspect.isclass(found):
                 return found
-        elif module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format)):
+        elif module == "torch" and isinstance(getattr(torch, name, None),
+                                              (torch.dtype, torch.layout, torch.memory_format)):
             return getattr(torch, name)
         elif name in DCP_CLASSES.get(module, ()):
             return getattr(__import__(module, fromlist=[name]), name)

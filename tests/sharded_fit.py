@@ -1,14 +1,13 @@
 """A plain two-layer module fitted under FSDP2 (Lightning's ModelParallelStrategy, our atomic
 subclass) on CPU processes, with sharded checkpoints; argv: run_dir max_steps fault [resume].
-fault: none | full_disk (rank 1's shard write fails with ENOSPC) | nan (rank 1's shard turns NaN
-before the checkpoint of step 3) | kill (rank 0 is SIGKILLed mid-write of step 3's checkpoint).
+fault: none | full_disk (rank 1's shard write fails with ENOSPC) | nan (rank 1's shard of the
+step-4 checkpoint holds NaN).
 Run as a script: Lightning re-runs it for rank 1."""
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -43,10 +42,10 @@ class Plain(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.model(batch[0]).pow(2).mean()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.fault == "nan" and self.global_step == 3 and self.global_rank == 1:
+    def on_save_checkpoint(self, checkpoint):
+        if self.fault == "nan" and self.global_step == 4 and self.global_rank == 1:  # rank 1's shard only
             with torch.no_grad():
-                self.model[0].weight.to_local().fill_(float("nan"))
+                checkpoint["state_dict"]["model.0.weight"].to_local().fill_(float("nan"))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -65,10 +64,6 @@ def inject(fault: str, rank: int) -> None:
         if calls["n"] == 3:  # the third checkpoint (step 3)
             if fault == "full_disk" and rank == 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            if fault == "kill" and rank == 0:
-                result = real(self, plan, planner)
-                os.kill(os.getpid(), signal.SIGKILL)
-                return result
         return real(self, plan, planner)
 
     owner.write_data = write_data

@@ -35,7 +35,8 @@ def _deepspeed_dir(d: Path):
     """DeepSpeed's layout (`latest` + tag directory) with a model-states file that would run code."""
     (d / "ds" / "checkpoint").mkdir(parents=True)
     (d / "ds" / "latest").write_text("checkpoint")
-    torch.save({"module": {"w": torch.zeros(2)}, "ds_version": "0.19.8"}, d / "ds" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"module": {"w": torch.zeros(2)}, "ds_version": "0.19.8"},
+               d / "ds" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     torch.save({"module": {"w": torch.zeros(2)}, "buffer_names": Planted(d / MARKER)},
                d / "ds" / "checkpoint" / "mp_rank_00_model_states.pt")
 
@@ -206,5 +207,6 @@ def test_a_clean_sharded_checkpoint_passes_the_check(tmp_path):
     torch.save({"loss_scaler": DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=1,
                                                  consecutive_hysteresis=False, raise_error_at_min_scale=True,
                                                  dtype=torch.bfloat16),
-                "param_slice_mappings": [{"w": fragment_address(numel=2, start=0)}]}, ds / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+                "param_slice_mappings": [{"w": fragment_address(numel=2, start=0)}]},
+               ds / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     check_sharded_checkpoint(tmp_path / "ds")

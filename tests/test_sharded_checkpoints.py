@@ -46,7 +46,7 @@ def test_sharded_checkpoint_cut_by_a_full_disk_or_a_nan_shard_keeps_the_previous
     identity = json.loads((run_dir / "checkpoints" / "last.ckpt" / "run_identity.json").read_text())
     assert identity["world_size"] == 2 and identity["strategy"] == "AtomicModelParallelStrategy"
     check_sharded_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    # It loads: resumed from it, rank 1's shard turns NaN after step 3; the step-4 checkpoint is refused
+    # It loads: resumed from it, rank 1 holds a NaN in its shard of the step-4 checkpoint, which is refused
     # on every rank (the ranks agree), and the step-3 one is the last.
     proc = two_ranks(run_dir, 6, "nan", resume=run_dir / "checkpoints" / "last.ckpt")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
