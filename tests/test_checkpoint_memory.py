@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-STATE_MB = 320
+STATE_MB = 256
 
 MEASURE = """
 import io, json, resource, sys, torch
@@ -42,7 +42,7 @@ def added_peak_mb(tmp_path, how: str) -> dict:
 def test_streamed_checkpoint_adds_well_under_one_state_to_peak_memory(tmp_path):
     streamed = added_peak_mb(tmp_path, "streamed")
     assert streamed["file_mb"] > STATE_MB * 0.99
-    assert streamed["added_mb"] < 0.15 * STATE_MB, streamed
+    assert streamed["added_mb"] < 0.2 * STATE_MB, streamed
     # The measurement can fail: the in-memory serialisation adds at least one whole state.
     (tmp_path / "last.ckpt").unlink()
     in_memory = added_peak_mb(tmp_path, "in-memory")
