@@ -7,7 +7,8 @@ line naming what was being written, and files written earlier stay whole.
 - `atomic_write(path, data)`: temp file next to the target + fsync + `os.replace`; a reader sees
   the old file or the new one. An OSError (disk full, read-only) becomes one `UserError` naming
   what was being written, and the old file is left as it was. `save_image` / `save_figure` render
-  to memory first and go through it.
+  to memory first and go through it. `atomic_stream(path, write)`: the same, streamed (a 7B
+  checkpoint never held twice in memory).
 - `append_lines(path, lines)`: line-atomic appends (one `write` on an `O_APPEND` descriptor; a
   failed write is cut back to the file's previous length). `read_lines(path)` drops a half line
   left by a crash, with a warning.
@@ -30,7 +31,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from core.errors import UserError
 from core.records import decode
@@ -106,6 +107,46 @@ def _write_all(fd: int, payload: bytes) -> None:
     view = memoryview(payload)
     while view:
         view = view[os.write(fd, view):]
+
+
+class _DescriptorWriter(io.RawIOBase):
+    """A raw writable stream over a descriptor, through this module's `os` (what the tests' full
+    disk replaces)."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return os.write(self.fd, data)
+
+
+def atomic_stream(path: str | Path, write: Callable[[Any], None], what: str = "file") -> None:
+    """`write(stream)` streams into a temp file beside `path` (same filesystem: the rename is atomic),
+    which is fsynced and renamed over `path`: no copy of the whole payload is held in memory, and an
+    OSError (a full disk) or any exception inside `write` leaves the previous file whole and no temp
+    file behind. OSErrors come out as one line naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            with io.BufferedWriter(_DescriptorWriter(fd), buffer_size=1 << 22) as stream:
+                write(stream)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise io_error(what, path, err) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def save_image(image, path: str | Path, what: str = "image", durable: bool = False, **options) -> None:

@@ -165,6 +165,14 @@ _HELD: list[DirectoryLock] = []
 _PATCH: list = []  # the running case's monkeypatch, for breakers that change the machine, not the files
 
 
+def _without_package(name: str) -> None:
+    """The machine without an optional extra (the test extra installs them all): its spec is not found."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    _PATCH[0].setattr(importlib.util, "find_spec", lambda n, *a: None if n == name else find_spec(n, *a))
+
+
 def _no_gpu(d: Path):
     _PATCH[0].setattr(torch.cuda, "is_available", lambda: False)
 
@@ -232,7 +240,7 @@ FIT_CONFIG = [
     ("unknown_refusal_preset", _nothing, ["eval.refusal_preset=strictest"], "unknown eval.refusal_preset 'strictest'"),
     ("unknown_data_kind", _nothing, ["data.kind=parquet"], "unknown data.kind 'parquet'"),
     ("invalid_yaml_config", _bad_yaml, ["--config={data}/bad.yaml"], "bad.yaml: invalid YAML"),
-    ("deepspeed_not_installed", _nothing, ["trainer.strategy=deepspeed_stage_2"],
+    ("deepspeed_not_installed", lambda d: _without_package("deepspeed"), ["trainer.strategy=deepspeed_stage_2"],
      "trainer.strategy 'deepspeed_stage_2' needs DeepSpeed, which is not installed"),
     ("interpolation_cycle", _nothing, ["name=${run_dir}", "run_dir={run}/${name}"],
      "cannot resolve config: the interpolations name -> run_dir -> name form a cycle (name='${run_dir}', "

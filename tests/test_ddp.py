@@ -123,7 +123,8 @@ def test_fsdp_strategy_shards_the_transformer_blocks_from_config():
 
     from core.errors import UserError
     from core.distributed import shards_parameters
-    from lightning_modules.run.strategies import build_strategy, transformer_block_classes
+    from lightning_modules.run.fsdp import transformer_block_classes
+    from lightning_modules.run.strategies import build_strategy
     from models.tiny import TinyConfig, build_tiny_model, train_tokenizer
 
     model = build_tiny_model(train_tokenizer(["a b c"]), TinyConfig(hidden_size=32, intermediate_size=64,

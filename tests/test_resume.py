@@ -216,7 +216,8 @@ def test_divergence_with_finite_but_destroyed_weights_keeps_the_checkpoint_that_
     assert status == 2 and "Traceback" not in err, err[-2000:]
     (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert "non-finite loss at step 2" in line and "the checkpoint of step 2 (finite weights that gave this loss) " \
-        f"was discarded; resume from {run}/checkpoints/last.ckpt (step 1, the last one whose next step had a " \
+        f"was discarded; last good checkpoint kept: resume from {run}/checkpoints/last.ckpt (step 1, the last one " \
+        "whose next step had a " \
         "finite loss)" in line, line
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no pending file left

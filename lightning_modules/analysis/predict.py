@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from core.checkpoints import read_checkpoint
+from core.checkpoints import check_base, read_checkpoint, tensors_digest
 from core.distributed import free_memory, shards_parameters
 from core.errors import UserError
 from lightning_modules.config.trainer import make_trainer, trainer_kwargs
@@ -53,9 +53,15 @@ def load_fit_checkpoint(model, path: str) -> None:
     """Weights of a Lightning checkpoint written by `fit` (keys `model.*`), loaded safely."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint not found: {path}")
-    state = read_checkpoint(Path(path), label="checkpoint")["state_dict"]
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    ckpt = read_checkpoint(Path(path), label="checkpoint")
+    weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    identity = ckpt.get("run_identity") or {}
+    if identity.get("trainable_only") and weights and not unexpected:  # the base it left out: the one built here?
+        base = getattr(getattr(model, "config", None), "_name_or_path", None) or "the model built from config"
+        check_base(identity, {"name_or_path": base, "base_digest": tensors_digest(model.state_dict(), missing)},
+                   path, label="checkpoint")
+        missing = []
     if missing or unexpected or not weights:
         detail = [f"{len(missing)} missing (e.g. '{missing[0]}')"] if missing else []
         detail += [f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')"] if unexpected else []

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 from torch import nn
@@ -125,7 +126,7 @@ class AlignmentModule(L.LightningModule):
         if bad:
             raise TrainingDiverged(f"non-finite loss at step {self.global_step} in term(s) {', '.join(bad)} "
                                    f"({', '.join(f'{k}={float(terms[k].detach()):.4g}' for k in bad)}); "
-                                   "last good checkpoint kept")
+                                   "training stopped")  # fit's line goes on with which checkpoint is kept, if any
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach().float(), prog_bar=key == "loss", on_step=True, on_epoch=False)
         return terms["loss"]
@@ -155,7 +156,7 @@ class AlignmentModule(L.LightningModule):
         DeepSpeed offloads the optimizer, torch-optimi's Kahan AdamW for optim.master_weights=kahan,
         torch's AdamW otherwise (fused when every tensor is on a GPU, outside DeepSpeed)."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        ds_config = getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+        ds_config = getattr(strategy, "config", None) if isinstance(strategy, DeepSpeedStrategy) else None
         fused = ds_config is None and all(p.is_cuda for p in params)
         return optimizer_spec(self.optim_cfg, self.optim_cfg.get("master_weights", "fp32"),
                               ds_offload=offloads_optimizer(ds_config), fused=fused)

@@ -16,6 +16,7 @@ from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from lightning_modules.methods import get_method
 from lightning_modules.run.checkpointing import AtomicCheckpointIO, PerBatchSeed, VerifiedCheckpoints
 from lightning_modules.run.harvest import harvest_forget_set
+from lightning_modules.run.identity import RunIdentity
 from lightning_modules.run.loggers import build_loggers
 from lightning_modules.run.pretrain import corpus_texts, ensure_tiny_base
 from lightning_modules.run.strategies import build_strategy
@@ -39,7 +40,7 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.
     # A checkpoint replaces last.ckpt only once the next step's loss is finite (the divergence guard).
     checkpoint_io = AtomicCheckpointIO()
-    callbacks = [checkpoint, VerifiedCheckpoints(checkpoint_io), PerBatchSeed(cfg.seed)] + \
+    callbacks = [checkpoint, VerifiedCheckpoints(checkpoint_io), PerBatchSeed(cfg.seed), RunIdentity()] + \
         ([LearningRateMonitor("step")] if logger else [])
     trainer = make_trainer(logger=logger, callbacks=callbacks, plugins=[checkpoint_io], **kwargs)
     effective = cfg.data.get("effective_batch_size")

@@ -5,7 +5,8 @@ fsspec's local temp file comes from `tempfile.mkstemp()`, i.e. the system temp d
 another filesystem than the run dir (local /tmp vs. NFS/Lustre on most clusters) `shutil.move`
 degrades to copy + delete, and a crash mid-copy leaves a truncated `last.ckpt`. Here the temp
 file sits next to the target, is fsynced, then `os.replace`d over it: on a POSIX filesystem a
-reader sees the old checkpoint or the new one, never a partial one.
+reader sees the old checkpoint or the new one, never a partial one. `torch.save` streams into that
+file: no second copy of the state in memory.
 
 Per-batch seeding. Dropout (e.g. LoRA dropout) draws from the global RNG, which other things
 consume too (each DataLoader iterator draws a base seed, validation runs or not around a
@@ -17,18 +18,23 @@ drew, without saving RNG states (the fairseq approach).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
-import io
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 from core.errors import UserError
-from core.files import atomic_write, fsync_dir, io_error
+from core.files import atomic_stream, atomic_write, fsync_dir, io_error
+from lightning_modules.run.identity import IDENTITY_FILE
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,26 +53,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.pending: dict[Path, Path] = {}  # target -> its written, not yet verified, pending file
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        bad = non_finite_tensor(checkpoint.get("state_dict", {})) or non_finite_tensor(
-            checkpoint.get("optimizer_states", []), "optimizer_states")
+        bad = non_finite_in(checkpoint)
         if bad:
-            from lightning_modules.methods.alignment import TrainingDiverged
-
             self.discard()
-            kept = (f"{path} (step {saved_step(Path(path))}); resume from it with resume=last"
-                    if Path(path).is_file() else "none")
-            error = TrainingDiverged(f"non-finite weights after step {checkpoint.get('global_step')} ({bad}): "
-                                     f"checkpoint not written; the last one with finite weights is {kept}")
-            error.names_checkpoint = True
-            raise error
+            raise weights_diverged(checkpoint, path, bad)
         if "://" in str(path):  # remote storage: keep fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # serialise first: a pickling error never touches the disk
         target = pending_path(path) if self.defer else path
-        try:
-            atomic_write(target, buffer.getvalue(), what="checkpoint")
+        try:  # streamed: the state is never serialised whole in memory (80 GB for a 7B full fine-tune)
+            atomic_stream(target, lambda stream: torch.save(checkpoint, stream), what="checkpoint")
         except UserError as err:  # disk full, quota, read-only: the previous checkpoint is untouched
             cause = err.__cause__ if isinstance(err.__cause__, OSError) else None
             line = io_error("checkpoint", path, cause) if cause else err  # named by its target, not the temp file
@@ -77,7 +73,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         pending = self.pending.pop(Path(path), None)
         if pending is not None:
-            pending.unlink(missing_ok=True)
+            remove_path(pending)
         if Path(path).exists():
             super().remove_checkpoint(path)
 
@@ -85,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """The pending checkpoints become the real ones (their weights just gave a finite loss)."""
         for path, pending in list(self.pending.items()):
             try:
-                os.replace(pending, path)
+                replace_path(pending, path)
             except OSError as err:
                 raise UserError(f"{io_error('checkpoint', path, err)}; the last complete checkpoint is kept") from err
             del self.pending[path]
@@ -96,13 +92,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         steps = []
         for path, pending in list(self.pending.items()):
             steps.append(saved_step(pending))
-            pending.unlink(missing_ok=True)
+            remove_path(pending)
             del self.pending[path]
         return steps
 
 
 def pending_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.pending")
+
+
+def non_finite_in(checkpoint: dict) -> str:
+    return non_finite_tensor(checkpoint.get("state_dict", {})) or non_finite_tensor(
+        checkpoint.get("optimizer_states", []), "optimizer_states")
+
+
+def weights_diverged(checkpoint: dict, path, bad: str):
+    from lightning_modules.methods.alignment import TrainingDiverged
+
+    kept = (f"{path} (step {saved_step(Path(path))}); resume from it with resume=last"
+            if Path(path).exists() else "none")
+    error = TrainingDiverged(f"non-finite weights after step {checkpoint.get('global_step')} ({bad}): "
+                             f"checkpoint not written; the last one with finite weights is {kept}")
+    error.names_checkpoint = True
+    return error
 
 
 class VerifiedCheckpoints(L.Callback):
@@ -137,8 +149,10 @@ class VerifiedCheckpoints(L.Callback):
 
 
 def non_finite_tensor(tree, prefix: str = "") -> str:
-    """The name of the first floating-point tensor in `tree` holding NaN or Inf ("" if none)."""
+    """The name of the first floating-point tensor in `tree` holding NaN or Inf ("" if none); of a
+    sharded tensor (DTensor), this rank's shard."""
     if isinstance(tree, torch.Tensor):
+        tree = tree.to_local() if hasattr(tree, "to_local") else tree
         return prefix if tree.is_floating_point() and not torch.isfinite(tree).all() else ""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     for key, value in items:
@@ -149,10 +163,13 @@ def non_finite_tensor(tree, prefix: str = "") -> str:
 
 
 def saved_step(path: Path):
-    """The global step of a checkpoint file (memory-mapped: nothing but the header is read)."""
-    if path.is_dir():  # FSDP's sharded checkpoint: the step is in its meta.pt
-        path = path / "meta.pt"
+    """The global step of a checkpoint file (memory-mapped: nothing but the header is read), or of a
+    sharded checkpoint directory (its run_identity.json, else the meta.pt Lightning writes into it)."""
     try:
+        if Path(path).is_dir():
+            if (Path(path) / IDENTITY_FILE).is_file():
+                return json.loads((Path(path) / IDENTITY_FILE).read_text())["global_step"]
+            path = Path(path) / "meta.pt"
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
     except Exception:  # noqa: BLE001 -- only used to word a message
         return "?"
@@ -172,3 +189,168 @@ class PerBatchSeed(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         torch.manual_seed(batch_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))
+
+
+# -- sharded checkpoints: a directory written whole beside the old one, then swapped in ---------------
+RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap `a` and `b` in one atomic step (Linux renameat2); OSError where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_cwd = -100  # AT_FDCWD
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def aside_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def replace_path(new: Path, path: Path) -> None:
+    """`new` becomes `path`: a file by `os.replace`; a directory by an atomic exchange with the old one,
+    which is then removed. Where the filesystem cannot exchange, the old directory is first renamed
+    aside (`.<name>.old`) and `recover_checkpoint_dir` restores it if a kill falls between the renames."""
+    if not new.is_dir() or not path.exists():
+        os.replace(new, path)
+    else:
+        try:
+            exchange_paths(new, path)
+        except OSError:
+            os.replace(path, aside_path(path))
+            os.replace(new, path)
+            new = aside_path(path)
+        remove_path(new)
+    fsync_dir(path.parent)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover_checkpoint_dir(path: Path) -> None:
+    """After a kill between the two renames of `replace_path`'s fallback: the old checkpoint back."""
+    if not path.exists() and aside_path(path).is_dir():
+        os.replace(aside_path(path), path)
+
+
+def _all_ranks_any(strategy, flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=strategy.root_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def atomic_directory_checkpoint(strategy, checkpoint: dict, path, write, checkpoint_io=None,
+                                local_tensors: Optional[dict] = None) -> None:
+    """A sharded checkpoint (a directory every rank writes into) through the same guarantees as a file:
+    the non-finite-weights guard runs over each rank's shards and all ranks agree before anything is
+    written; `write(checkpoint, directory)` writes into a temporary sibling directory, which replaces
+    the old checkpoint only once every rank has finished (a kill or a full disk mid-write leaves the
+    previous one whole and loadable); with `checkpoint_io.defer` (VerifiedCheckpoints) it waits as
+    `.<name>.pending` until the next step's loss is finite. Rank 0 also writes run_identity.json."""
+    path = Path(strategy.broadcast(str(path)))
+    bad = non_finite_in(checkpoint) or non_finite_tensor(local_tensors or {}, "state_dict")
+    if _all_ranks_any(strategy, bool(bad)):
+        if checkpoint_io is not None:
+            checkpoint_io.discard()
+        raise weights_diverged(checkpoint, path, bad or "a tensor shard on another rank")
+    deferred = checkpoint_io is not None and checkpoint_io.defer
+    target = pending_path(path) if deferred else path.with_name(f".{path.name}.tmp")
+    identity = {**checkpoint.get("run_identity", {}), "world_size": int(strategy.world_size),
+                "strategy": type(strategy).__name__, "global_step": checkpoint.get("global_step")}
+    if strategy.is_global_zero:
+        recover_checkpoint_dir(path)
+        remove_path(target)  # a stale one, from a run killed mid-write
+        path.parent.mkdir(parents=True, exist_ok=True)
+    strategy.barrier("checkpoint_dir_ready")
+    failed = None
+    try:
+        write(checkpoint, target)
+        if strategy.is_global_zero:
+            atomic_write(target / IDENTITY_FILE, json.dumps(identity), what="checkpoint")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 -- a full disk on some rank (DCP's CheckpointException on every rank)
+        failed = err
+    if _all_ranks_any(strategy, failed is not None):
+        if strategy.is_global_zero:
+            remove_path(target)
+        cause = os_error_in(failed)
+        if cause is None and failed is not None and not isinstance(failed, UserError):
+            raise failed  # not a storage fault: the run's own error handling names it
+        line = io_error("checkpoint", path, cause) if cause is not None else failed if failed is not None else \
+            UserError(f"cannot write checkpoint {path}: another rank failed to write its shards")
+        raise UserError(f"{line}; the last complete checkpoint is kept") from failed
+    if strategy.is_global_zero:
+        for file in target.rglob("*"):  # durable before it is published
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if deferred:
+            checkpoint_io.pending[path] = target
+        else:
+            try:
+                replace_path(target, path)
+            except OSError as err:
+                raise UserError(f"{io_error('checkpoint', path, err)}; the last complete checkpoint is kept") from err
+    strategy.barrier("checkpoint_dir_published")
+
+
+def os_error_in(err: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind `err`: itself, its causes, or a rank's failure inside DCP's CheckpointException."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        for failure in (getattr(err, "failures", None) or {}).values():  # rank -> (exception, traceback)
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            found = os_error_in(failure if isinstance(failure, BaseException) else None)
+            if found is not None:
+                return found
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+class AtomicDirectoryCheckpoints:
+    """Mixin for a Lightning strategy that writes checkpoints as directories (ModelParallelStrategy
+    with save_distributed_checkpoint=True, DeepSpeedStrategy): its `save_checkpoint` goes through
+    `atomic_directory_checkpoint`. Put it first: `class S(AtomicDirectoryCheckpoints, ModelParallelStrategy)`."""
+
+    def writes_directory(self) -> bool:
+        return bool(getattr(self, "_save_distributed_checkpoint", True))
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        if not self.writes_directory():  # one file on rank 0, through the CheckpointIO (AtomicCheckpointIO)
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        io = self.checkpoint_io if isinstance(self.checkpoint_io, AtomicCheckpointIO) else None
+        atomic_directory_checkpoint(self, checkpoint, filepath, lambda ckpt, target: super(
+            AtomicDirectoryCheckpoints, self).save_checkpoint(ckpt, target, storage_options), io,
+            self.local_tensors())
+
+    def local_tensors(self) -> dict:
+        """Tensors this rank holds that the checkpoint dict does not (checked for NaN/Inf too)."""
+        return {}
+
+
+class AtomicModelParallelStrategy(AtomicDirectoryCheckpoints, ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2) whose sharded checkpoints are atomic and guarded."""
+
+
+class AtomicDeepSpeedStrategy(AtomicDirectoryCheckpoints, DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy whose checkpoint directories are atomic and guarded; the
+    non-finite guard also reads each rank's ZeRO partitions (`ds_tensor`), which the Lightning
+    checkpoint dict does not hold."""
+
+    def local_tensors(self) -> dict:
+        module = self.lightning_module
+        return {n: getattr(p, "ds_tensor", p) for n, p in module.named_parameters()} if module is not None else {}

@@ -107,7 +107,7 @@ def _flatten(node: dict, prefix: str = ""):
 def deepspeed_strategy(options: dict, precision: Any, model=None):
     """DeepSpeedStrategy from `trainer.strategy` less `name` (`config:` resolved; other keys are
     DeepSpeedStrategy's own arguments, e.g. stage / offload_optimizer when no config is given)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning_modules.run.checkpointing import AtomicDeepSpeedStrategy as DeepSpeedStrategy  # atomic, guarded dirs
 
     options = dict(options)
     if "config" in options:

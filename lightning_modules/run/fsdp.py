@@ -26,19 +26,27 @@ updates fp32 values; under `bf16-mixed` the gathered compute copies are bf16
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from core.errors import UserError
 from core.schema import reject_unknown
+from lightning_modules.run.checkpointing import AtomicModelParallelStrategy
 
 SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # -> fully_shard(reshard_after_forward=...)
 STATE_DICT_TYPES = ("full", "sharded")
 FSDP_KEYS = ("sharding_strategy", "state_dict_type", "activation_checkpointing", "cpu_offload", "timeout")
 COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16}  # Lightning's precision -> FSDP2's gathered parameter dtype
+
+
+def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The repeated block classes of a HF model (its `_no_split_modules` that occur twice or more)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    counts = Counter(type(m) for m in model.modules() if type(m).__name__ in names)
+    return {cls for cls, n in counts.items() if n > 1}
 
 
 def _choice(key: str, value: Any, allowed) -> Any:
@@ -48,8 +56,9 @@ def _choice(key: str, value: Any, allowed) -> Any:
     return value
 
 
-class FSDP2Strategy(ModelParallelStrategy):
-    """`ModelParallelStrategy` with a pure data-parallel mesh (every process one FSDP shard) and the
+class FSDP2Strategy(AtomicModelParallelStrategy):
+    """`ModelParallelStrategy` with a pure data-parallel mesh (every process one FSDP shard), its
+    sharded checkpoints atomic and guarded (run/checkpointing.py), and the
     sharding itself (`shard_module`, which `AlignmentModule.configure_model` calls)."""
 
     strategy_name = "fsdp2"
@@ -79,8 +88,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @classmethod
     def from_options(cls, options: dict, model: nn.Module | None) -> "FSDP2Strategy":
-        from lightning_modules.run.strategies import transformer_block_classes
-
         kwargs = cls.parse_options(options)
         blocks = transformer_block_classes(model) if model is not None else set()
         if not blocks:

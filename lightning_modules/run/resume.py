@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from core.checkpoints import read_checkpoint
+from core.checkpoints import check_sharded_checkpoint, read_checkpoint
 from core.errors import UserError
 from lightning_modules.config.diff import changed_keys, flatten
+from lightning_modules.run.checkpointing import recover_checkpoint_dir
+from lightning_modules.run.identity import check_left_out, read_identity
 from lightning_modules.run.run_dir import is_finished
 
 
@@ -56,6 +58,7 @@ def checkpoint_to_resume(cfg, run_dir: Path) -> Path | None:
         found = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.exists()]
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
     path = last if str(cfg.resume) in ("last", "true", "True") else Path(cfg.resume)
+    recover_checkpoint_dir(path)  # a sharded one left aside by a kill between the two renames of its swap
     if not path.exists():  # a file, or a directory for sharded (DeepSpeed / FSDP) checkpoints
         raise UserError(f"resume checkpoint not found: {path}")
     return path
@@ -68,6 +71,7 @@ def saved_settings(path: Path, run_dir: Path) -> tuple[dict, int | None]:
     if path.is_dir():
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
+        check_sharded_checkpoint(path)  # DeepSpeed's and DCP's loaders unpickle: each pickle checked as data first
         if (path / "meta.pt").is_file():  # FSDP's sharded checkpoint: everything but the tensors
             meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
             old_cfg, step = dict(meta.get("hyper_parameters") or {}), meta.get("global_step")
@@ -105,13 +109,19 @@ def resolve_checkpoint(cfg, run_dir: Path):
     return str(path)
 
 
-def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
-    """The checkpoint's weights have this model's names and shapes (else one line, before the
-    Trainer writes its first log file)."""
-    if ckpt_path is None or Path(ckpt_path).is_dir():
-        return
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+def check_checkpoint_fits(module, ckpt_path: str | None) -> dict:
+    """The checkpoint's weights have this model's names and shapes, and a trainable-only one was
+    trained on this base (else one line, before the Trainer writes its first log file). Its
+    `run_identity` ({} if none), for `check_layout` once the Trainer exists."""
+    if ckpt_path is None:
+        return {}
+    if Path(ckpt_path).is_dir():
+        return read_identity(Path(ckpt_path))
+    header = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    saved, identity = header["state_dict"], read_identity(Path(ckpt_path), header)
     expected = module.state_dict()
+    if identity.get("trainable_only"):  # the frozen base is left out: its keys are checked by digest
+        expected = {k: v for k, v in expected.items() if k in saved or not k.startswith("model.")}
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     resized = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
@@ -120,3 +130,6 @@ def check_checkpoint_fits(module, ckpt_path: str | None) -> None:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise UserError(f"resume checkpoint {ckpt_path} does not fit this model (changed config?): "
                             f"{label} {shown}")
+    if identity.get("trainable_only"):
+        check_left_out(module, saved, identity, ckpt_path)
+    return identity

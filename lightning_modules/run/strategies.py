@@ -15,7 +15,6 @@ extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strateg
 from __future__ import annotations
 
 import importlib.util
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from core.distributed import shards_parameters
 from core.errors import UserError
+from models.precision import strategy_name
 
 
 def collective_timeout(seconds: Any) -> timedelta:
@@ -33,13 +33,6 @@ def collective_timeout(seconds: Any) -> timedelta:
         raise UserError(f"invalid value for config key 'trainer.strategy.timeout': {seconds!r} "
                         "(allowed: a number of seconds > 0)")
     return timedelta(seconds=seconds)
-
-
-def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The repeated block classes of a HF model (its `_no_split_modules` that occur twice or more)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    counts = Counter(type(m) for m in model.modules() if type(m).__name__ in names)
-    return {cls for cls, n in counts.items() if n > 1}
 
 
 def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = None) -> Any:
@@ -73,10 +66,6 @@ def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = N
 
 
 FSDP_PRECISIONS = ("32-true", "bf16-mixed")  # fp32 shards; bf16-true would cast the shards themselves
-
-
-def strategy_name(spec: Any) -> str:
-    return str(spec.get("name")) if isinstance(spec, dict) else str(spec or "auto")
 
 
 def shards_by_config(spec: Any) -> bool:

@@ -24,6 +24,7 @@ from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
 from lightning_modules.run.strategies import check_strategy, gathered_model_weights
 from lightning_modules.run.run_dir import (RUN_DIR_ENV, archive_finished_run, is_finished, prepare_run_dir,
                                            release_run_dir)
+from lightning_modules.run.identity import check_layout, remember_base
 from lightning_modules.run.resume import check_checkpoint_fits, resolve_checkpoint
 from lightning_modules.run.assembly import build_run, build_trainer, scale_hparams
 from lightning_modules.run.plan import print_plan
@@ -91,10 +92,10 @@ def kept_checkpoint_note(trainer: L.Trainer) -> str:
     callback = trainer.checkpoint_callback
     last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
     if last is None or not last.is_file():
-        return f"{dropped}; no checkpoint that trains was written before it (lower optim.lr and start again)"
+        return f"{dropped}; no checkpoint was written before it (lower optim.lr and start again)"
     step = saved_step(last)
-    return (f"{dropped}; resume from {last} (step {step}, the last one whose next step had a finite loss) with "
-            "resume=last and a smaller optim.lr")
+    return (f"{dropped}; last good checkpoint kept: resume from {last} (step {step}, the last one whose next step "
+            "had a finite loss) with resume=last and a smaller optim.lr")
 
 
 def run(cfg) -> pd.DataFrame | None:
@@ -128,9 +129,11 @@ def _run(cfg) -> pd.DataFrame | None:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     module, data = build_run(cfg)
-    check_checkpoint_fits(module, ckpt_path)
+    remember_base(module)  # the frozen base's digest, once, before a strategy shards the model
+    identity = check_checkpoint_fits(module, ckpt_path)
     finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
     trainer = build_trainer(cfg, run_dir, module)
+    check_layout(cfg, trainer, ckpt_path, identity)
     with rank_faults(trainer):
         return _train_and_test(cfg, run_dir, module, data, trainer, ckpt_path, finished_step)
 
