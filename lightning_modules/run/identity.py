@@ -60,9 +60,13 @@ class RunIdentity(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         identity = remember_base(pl_module)
-        checkpoint["run_identity"] = {**identity, **layout(trainer)}
+        # A sharded directory (DCP) keeps the whole state: torch's loader plans every key of the module,
+        # and the frozen shards are only 1/world of the base on each rank anyway.
+        writes_directory = getattr(trainer.strategy, "writes_directory", None)
+        trimmed = identity["trainable_only"] and not (writes_directory is not None and writes_directory())
+        checkpoint["run_identity"] = {**identity, "trainable_only": trimmed, **layout(trainer)}
         state = checkpoint.get("state_dict")
-        if identity["trainable_only"] and isinstance(state, dict):
+        if trimmed and isinstance(state, dict):
             for key in pl_module.left_out_keys:
                 state.pop(f"model.{key}", None)
 
