@@ -127,3 +127,8 @@ def batch_shard(n_batches: int, rank: int, world: int) -> list[int]:
     """The batches rank `rank` answers: every world-th one. Batches keep the composition a single
     process gives them (the same padding, hence the same greedy answers on any number of ranks)."""
     return list(range(rank, n_batches, world))
+
+
+def in_rank_pool() -> bool:
+    """Whether jobs run on several ranks (rank 0 of a `RankPool`)."""
+    return _POOL is not None

@@ -23,6 +23,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
+import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -152,6 +153,10 @@ def rank_faults(rank: int, watcher: "ChildWatcher"):
             raise SystemExit(1) from err
         if isinstance(err, KeyboardInterrupt) or storage_fault(err, "") is not None or is_peer_failure(err):
             raise
+        if isinstance(err, torch.OutOfMemoryError):  # what to change, and that nothing is lost
+            first = (str(err).strip().splitlines() or [""])[0]
+            err = torch.OutOfMemoryError(f"{first}; lower data.eval_batch_size (or evaluate.judge.batch_size); the "
+                                         "answers written are kept: the same command resumes")
         raise RankFailed(rank, err) from err
 
 
