@@ -13,7 +13,6 @@ rank 0 before it could say which rank died); a rank that hangs is left after
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import signal
@@ -79,7 +78,7 @@ def generation_fabric(cfg) -> Fabric:
             return probe
         return Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
                       strategy=DDPStrategy(timeout=timeout), precision=trainer.get("precision"))
-    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"trainer settings cannot generate (accelerator={accelerator}, devices={devices!r}, "
                         f"num_nodes={nodes}): {str(err).strip().splitlines()[0]}") from err
 
@@ -146,11 +145,10 @@ def rank_faults(rank: int, watcher: "ChildWatcher"):
     except UserError:
         raise
     except (Exception, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt) or is_peer_failure(err):
+            watcher.check(wait_s=10)  # a rank gone: which, and why
         if watcher.failed:
             raise SystemExit(1) from err  # the watcher's line names the rank and the cause
-        if watcher.left:
-            print(f"rank {rank} stopped: {watcher.left}", file=sys.stderr)
-            raise SystemExit(1) from err
         if isinstance(err, KeyboardInterrupt) or storage_fault(err, "") is not None or is_peer_failure(err):
             raise
         if isinstance(err, torch.OutOfMemoryError):  # what to change, and that nothing is lost
@@ -163,34 +161,51 @@ def rank_faults(rank: int, watcher: "ChildWatcher"):
 class ChildWatcher(threading.Thread):
     """Rank 0 of Lightning's launch watches the ranks it started: one killed by a signal is named
     (`error: rank R: killed by SIGKILL ...`), and rank 0 stops at once. Replaces Lightning's observer
-    (it kills rank 0 with SIGKILL when a child exits non-zero, before anything can be said)."""
+    (it kills rank 0 with SIGKILL when a child exits non-zero, before anything can be said). A rank
+that exits with an error printed its own line; rank 0 then says why it stops."""
 
     def __init__(self, procs: list):
         super().__init__(daemon=True, name="generation-rank-watcher")
         self.procs = list(procs)
         procs.clear()  # Lightning's observer, given an empty list, finds every child done and stops
-        self.failed, self.left = False, None
-        self._done = threading.Event()
+        self.failed = False
+        self._done, self._lock = threading.Event(), threading.Lock()
         if self.procs:
             self.start()
 
     def run(self) -> None:
         while not self._done.wait(0.2):
-            for rank, proc in enumerate(self.procs, 1):
-                code = proc.poll()
-                if code is not None and code < 0:
-                    name = signal.Signals(-code).name
-                    print(f"error: rank {rank}: killed by {name}" + (" (out of memory? the kernel's OOM killer "
-                          "sends it); the answers already written are kept: run the same command to resume"
-                          if name == "SIGKILL" else ""), file=sys.stderr, flush=True)
+            if self.check():
+                # Rank 0 gets a moment to leave by itself (in a collective it does at once); busy
+                # generating, it is stopped here: its rank file loses at most a half line.
+                time.sleep(3)
+                os._exit(1)  # noqa: SLF001
+
+    def check(self, wait_s: float = 0) -> bool:
+        """Whether a rank has left, said in one line (once, by whichever thread sees it first);
+        `wait_s`: how long to wait for the exit status of a rank that a collective says is gone."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                if self.failed:
+                    return True
+                for rank, proc in enumerate(self.procs, 1):
+                    code = proc.poll()
+                    if code is None or code == 0:
+                        continue
+                    if code < 0:
+                        name = signal.Signals(-code).name
+                        print(f"error: rank {rank}: killed by {name}" + (
+                            " (out of memory? the kernel's OOM killer sends it); the answers already written are "
+                            "kept: run the same command to resume" if name == "SIGKILL" else ""),
+                            file=sys.stderr, flush=True)
+                    else:  # the rank printed its own line
+                        print(f"rank 0 stopped: rank {rank} exited with status {code}", file=sys.stderr, flush=True)
                     self.failed = True
-                    _thread.interrupt_main()  # rank 0 leaves its generation or collective
-                    time.sleep(30)
-                    os._exit(1)  # noqa: SLF001 -- rank 0 is stuck in native code: leave anyway
-                if code is not None and code > 0:  # the rank printed its own line: rank 0 stops now
-                    self.left = f"rank {rank} exited with status {code}"
-                    _thread.interrupt_main()
-                    return
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
     def stop(self, kill: bool) -> None:
         self._done.set()
