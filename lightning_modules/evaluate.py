@@ -6,7 +6,7 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 `safe_unsafes`, `safe_safes`, and K-shot rewrite files (records sharing an id are the K rewrites).
 
 1. generate (`lightning_modules.analysis.predict`): greedy, batched, left-padded answers from the same
-   `greedy_generate` the validation hooks use, under `Trainer.predict`. Each batch's lines are appended to
+   `greedy_generate` the validation hooks use, on the device Lightning's Fabric picks. Each batch's lines are appended to
    `samples.jsonl` and flushed; a restarted run skips every (set, id, subset, shot, prompt)
    already there, so an interrupted evaluation resumes where it stopped.
 2. judge: refusal by keyword preset (`eval.refusal_preset`); harmful compliance of the non-refused

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
+from tqdm.auto import tqdm
 
 from core.checkpoints import read_checkpoint
 from core.distributed import batch_shard, free_memory, run_job
@@ -115,7 +116,9 @@ class GenerateJob:
                               system_prompt=self.system_prompt, image_aspect_ratio=self.image_aspect_ratio)
         part = rank_part(Path(self.run_dir), rank, world)
         out = []
-        for b in batch_shard(len(self.batches), rank, world):
+        mine = batch_shard(len(self.batches), rank, world)
+        for b in tqdm(mine, desc=f"generating{f' (rank 0 of {world})' if world > 1 else ''}", unit="batch",
+                      disable=rank != 0, dynamic_ncols=True, leave=False):
             batch = fabric.to_device(collate(self.batches[b]))
             with fabric.autocast():
                 texts = greedy_generate(model, processor, batch, int(self.spec.cfg.eval.max_new_tokens))

@@ -87,7 +87,9 @@ def current_fabric(cfg) -> Fabric:
     """The launched processes' Fabric; outside a command's launch (an in-process call), one device."""
     if _FABRIC is not None:
         return _FABRIC
-    fabric = generation_fabric(OmegaConf.merge(cfg, {"trainer": {"devices": 1, "num_nodes": 1, "strategy": "auto"}}))
+    trainer = cfg.get("trainer") or {}
+    fabric = generation_fabric(OmegaConf.create({"trainer": {"accelerator": trainer.get("accelerator"), "devices": 1,
+                                                             "precision": trainer.get("precision")}}))
     fabric.launch()
     return fabric
 
