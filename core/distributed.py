@@ -82,15 +82,18 @@ class RankPool:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.idle = dist.new_group(backend="gloo", timeout=self.IDLE)
         self.work = dist.new_group(backend="gloo", timeout=timeout)
+        self.busy = False
 
     def run(self, job) -> list:
         """Rank 0: `job` on every rank; every rank's part, in rank order."""
         import torch.distributed as dist
 
+        self.busy = True  # until every part is back: the other ranks are not listening for jobs
         dist.broadcast_object_list([job], src=0, group=self.idle)
         part = job.run(self.rank, self.world)
         parts: list = [None] * self.world
         dist.gather_object(part, parts, dst=0, group=self.work)
+        self.busy = False
         return parts
 
     def serve(self) -> None:
@@ -105,7 +108,12 @@ class RankPool:
             dist.gather_object(box[0].run(self.rank, self.world), None, dst=0, group=self.work)
 
     def stop(self) -> None:
+        """Rank 0: the other ranks return from `serve`. Only between jobs (after a failure inside one,
+        rank 0 just leaves: the others see its connection close)."""
         import torch.distributed as dist
+
+        if self.busy:
+            return
 
         dist.broadcast_object_list([None], src=0, group=self.idle)
 

@@ -129,8 +129,8 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
                 failed = True
                 raise
             finally:
-                if not failed or not watcher.failed:
-                    with contextlib.suppress(Exception):  # a dead peer: the others see rank 0 leave
+                if not watcher.failed:  # the others return; after a failure inside a job they see rank 0 leave
+                    with contextlib.suppress(Exception):
                         pool.stop()
     finally:
         set_rank_pool(None)
