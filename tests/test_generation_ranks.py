@@ -161,6 +161,9 @@ def faulty(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         if os.environ["FAULT"] == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if os.environ["FAULT"] == "hang":
+            import time
+            time.sleep(90)
         raise RuntimeError("boom on the second rank")
     return real(*args, **kwargs)
 
@@ -209,3 +212,20 @@ def test_a_rank_fault_is_one_line_and_the_same_command_resumes(files, tmp_path, 
     assert (run_dir / "samples.jsonl").read_bytes() == (files["reference"] / "samples.jsonl").read_bytes()
     assert json.loads((run_dir / "results.json").read_text())["generated_this_run"] == 22 - len(before)
     assert results(run_dir)["rows"] == results(files["reference"])["rows"]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_left_after_the_collective_timeout(files, tmp_path):
+    """Rank 1 sleeps 90 s before its second batch: rank 0 waits 20 s for its answers
+    (trainer.strategy.timeout), says why it stops, ends rank 1 and keeps every rank's answers."""
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY.format(repo=str(REPO)))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(script), *evaluate_args(files, run_dir, 2), "trainer.strategy={name: ddp, timeout: 20}"]
+    start = time.monotonic()
+    proc = cli(command, env={"FAULT": "hang"})
+    assert proc.returncode == 1 and time.monotonic() - start < 85  # before rank 1 wakes
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("rank 0 stopped: ")]
+    assert len(stopped) == 1 and "Timed out" in stopped[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert 2 <= len(answered(run_dir)) < 22

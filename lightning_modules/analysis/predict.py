@@ -12,6 +12,7 @@ folds the rank files a killed run left into samples.jsonl first: nothing answere
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ class GenerateJob:
         out = []
         mine = batch_shard(len(self.batches), rank, world)
         for b in tqdm(mine, desc=f"generating{f' (rank 0 of {world})' if world > 1 else ''}", unit="batch",
-                      disable=rank != 0, dynamic_ncols=True, leave=False):
+                      disable=rank != 0, dynamic_ncols=True, leave=False, file=sys.stdout):  # stderr: the error lines
             batch = fabric.to_device(collate(self.batches[b]))
             with fabric.autocast():
                 texts = greedy_generate(model, processor, batch, int(self.spec.cfg.eval.max_new_tokens))

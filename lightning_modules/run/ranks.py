@@ -113,29 +113,29 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
     _FABRIC = fabric
     timeout = fabric.strategy._timeout  # noqa: SLF001 -- the one we passed
     watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []))
-    failed = False
+    done = False
     try:
         with rank_faults(fabric.global_rank, watcher):
             if not lead:
-                return command()
-            pool = RankPool(timeout)
-            set_rank_pool(pool)
-            if fabric.global_rank != 0:
-                pool.serve()
-                return None
-            try:
-                return command()
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                if not watcher.failed:  # the others return; after a failure inside a job they see rank 0 leave
-                    with contextlib.suppress(Exception):
-                        pool.stop()
+                result = command()
+            else:
+                pool = RankPool(timeout)
+                set_rank_pool(pool)
+                try:
+                    result = command() if fabric.global_rank == 0 else pool.serve()
+                finally:
+                    # the others return from serve; after a failure inside a job they see rank 0 leave
+                    if fabric.global_rank == 0 and not watcher.failed:
+                        with contextlib.suppress(Exception):
+                            pool.stop()
+            done = True
+            return result
     finally:
         set_rank_pool(None)
         _FABRIC = None
-        watcher.stop(kill=failed or watcher.failed)
+        watcher.stop(kill=not done)
+        if done:  # a clean exit: torch tears the groups down before the interpreter does
+            torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
