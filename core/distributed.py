@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 
@@ -79,3 +80,81 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# -- rank 0 leads, the other ranks serve its generation jobs ------------------------------------------
+class RankPool:
+    """The processes of a generation command (`evaluate`, the suite, the judge): rank 0 runs the
+    command; the other ranks wait for its jobs (`serve`). A job is a picklable object whose
+    `run(rank, world)` answers that rank's shard; rank 0 gets every rank's part, in rank order.
+
+    Two gloo groups carry the Python objects: jobs wait on one with a long timeout (rank 0 may judge
+    or tabulate for a long while between jobs; a rank 0 that dies closes it at once), parts come back
+    on one with `timeout` (a rank that hangs in its shard stops the others after that long)."""
+
+    IDLE = timedelta(days=7)
+
+    def __init__(self, timeout: timedelta):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.idle = dist.new_group(backend="gloo", timeout=self.IDLE)
+        self.work = dist.new_group(backend="gloo", timeout=timeout)
+        self.busy = False
+
+    def run(self, job) -> list:
+        """Rank 0: `job` on every rank; every rank's part, in rank order."""
+        import torch.distributed as dist
+
+        self.busy = True  # until every part is back: the other ranks are not listening for jobs
+        dist.broadcast_object_list([job], src=0, group=self.idle)
+        part = job.run(self.rank, self.world)
+        parts: list = [None] * self.world
+        dist.gather_object(part, parts, dst=0, group=self.work)
+        self.busy = False
+        return parts
+
+    def serve(self) -> None:
+        """The other ranks: run rank 0's jobs until it says stop (None)."""
+        import torch.distributed as dist
+
+        while True:
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0, group=self.idle)
+            if box[0] is None:
+                return
+            dist.gather_object(box[0].run(self.rank, self.world), None, dst=0, group=self.work)
+
+    def stop(self) -> None:
+        """Rank 0: the other ranks return from `serve`. Only between jobs (after a failure inside one,
+        rank 0 just leaves: the others see its connection close)."""
+        import torch.distributed as dist
+
+        if self.busy:
+            return
+
+        dist.broadcast_object_list([None], src=0, group=self.idle)
+
+
+_POOL: Optional[RankPool] = None
+
+
+def set_rank_pool(pool: Optional[RankPool]) -> None:
+    global _POOL
+    _POOL = pool
+
+
+def run_job(job) -> list:
+    """Every rank's part of `job` (rank order) on rank 0 of a pool; `[job.run(0, 1)]` without one."""
+    return _POOL.run(job) if _POOL is not None else [job.run(0, 1)]
+
+
+def batch_shard(n_batches: int, rank: int, world: int) -> list[int]:
+    """The batches rank `rank` answers: every world-th one. Batches keep the composition a single
+    process gives them (the same padding, hence the same greedy answers on any number of ranks)."""
+    return list(range(rank, n_batches, world))
+
+
+def in_rank_pool() -> bool:
+    """Whether jobs run on several ranks (rank 0 of a `RankPool`)."""
+    return _POOL is not None

@@ -6,7 +6,7 @@ given, a LoRA adapter (`model.finetune=lora model.adapter_path=DIR`) or a Lightn
 `safe_unsafes`, `safe_safes`, and K-shot rewrite files (records sharing an id are the K rewrites).
 
 1. generate (`lightning_modules.analysis.predict`): greedy, batched, left-padded answers from the same
-   `greedy_generate` the validation hooks use, under `Trainer.predict`. Each batch's lines are appended to
+   `greedy_generate` the validation hooks use, on the device Lightning's Fabric picks. Each batch's lines are appended to
    `samples.jsonl` and flushed; a restarted run skips every (set, id, subset, shot, prompt)
    already there, so an interrupted evaluation resumes where it stopped.
 2. judge: refusal by keyword preset (`eval.refusal_preset`); harmful compliance of the non-refused
@@ -22,6 +22,10 @@ column; `evaluate.models=[...]` runs it on several models (hub ids, directories,
 checkpoints, or suites already run, read back) and puts them side by side
 (`lightning_modules.analysis.suite`, `suite_models`, `suite_tables`).
 
+On several devices (`trainer.devices=N`; on the CPU `trainer.accelerator=cpu trainer.strategy=ddp`
+starts N gloo processes) rank 0 runs the command and every rank answers its shard of each generation
+and of the VLM judge: the same samples.jsonl and results as one process (`lightning_modules.run.ranks`).
+
 Options: `--print-config`, `--debug` (full tracebacks).
 """
 
@@ -32,16 +36,18 @@ from lightning_modules.analysis import evaluation
 from lightning_modules.analysis.suite_models import evaluate_suite
 from lightning_modules.config.loading import config_cli
 from lightning_modules.config.schema import EvaluateConfig
+from lightning_modules.run.ranks import on_ranks
 
 
 def evaluate(cfg, judge=None):
-    """The files mode (`evaluate.files`) or the suite mode (`evaluate.tasks`, `evaluate.models`)."""
+    """The files mode (`evaluate.files`) or the suite mode (`evaluate.tasks`, `evaluate.models`), on
+    the processes `trainer.devices` asks for (rank 0 leads; the others answer their shards)."""
     settings = evaluation.read_settings(cfg)
     if settings.tasks:
-        return evaluate_suite(cfg, judge)
+        return on_ranks(cfg, lambda: evaluate_suite(cfg, judge))
     if settings.models:
         raise UserError("evaluate.models (models side by side) needs a suite: list evaluate.tasks")
-    return evaluation.evaluate(cfg, judge)
+    return on_ranks(cfg, lambda: evaluation.evaluate(cfg, judge))
 
 
 @cli_main

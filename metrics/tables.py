@@ -62,7 +62,7 @@ def _indicators(units: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
 def point_estimates(units: pd.DataFrame) -> dict[str, float]:
     """Rates from SafetyOutcomes (the validation metric); accuracy is NaN without references."""
-    metric = SafetyOutcomes()
+    metric = SafetyOutcomes(sync_on_compute=False)  # the units are every rank's already (rank 0 tabulates)
     metric.update(torch.tensor(units["refusal"].to_numpy(bool)), torch.tensor(units["harmful"].to_numpy(bool)),
                   torch.tensor(units["correct"].to_numpy(int)))
     values = {k: float(v) for k, v in metric.compute().items()}

@@ -25,14 +25,17 @@ else "unsafe"), the others share the general harm template. A reply "unsafe" cou
 
 Verdicts are cached on disk (one JSON line per judgement, flushed per batch, keyed by a hash of
 the judge model, prompt, question, answer and image), so an interrupted run resumes and a rerun
-of the same answers costs nothing.
+of the same answers costs nothing. On several ranks (`evaluate trainer.devices=N`) the batches to
+judge are shared out as generation's are (`JudgeJob`): each rank loads the judge once, appends its
+verdicts to `<cache>.rank<r>.jsonl`, and rank 0 writes them into the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
+from core.distributed import accelerator_device, batch_shard, free_memory, in_rank_pool, run_job
 from core.errors import UserError
 from core.files import append_lines, file_lock, read_lines
 from core.generation import greedy_generate, model_inputs
@@ -164,10 +168,14 @@ class LazyJudge:
 
     def release(self) -> None:
         self._judge = None
+        if in_rank_pool():  # the other ranks' copies too
+            run_job(ReleaseJudges())
 
 
 class VLMJudge:
     """Batched, greedy, disk-cached judging with a Hugging Face image-text-to-text model."""
+
+    spec: Optional["JudgeSpec"] = None  # how another rank loads the same judge (from_judge_settings)
 
     def __init__(self, model, processor, name: str, *, batch_size: int = 8, max_new_tokens: int = 200,
                  max_length: int = 4096, image_mode: str = "real", use_prefilter: bool = True,
@@ -197,10 +205,13 @@ class VLMJudge:
                             device: str | torch.device) -> "VLMJudge":
         """The judge a config section describes (`eval.vlm_judge` of fit, `evaluate.judge` of the
         evaluate command: model, batch size, lengths, prefilter, cache)."""
-        return cls.from_settings(settings.model, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                                 max_length=settings.max_length, image_mode=image_mode,
-                                 use_prefilter=settings.prefilter, cache_path=settings.cache or default_cache,
-                                 device=device)
+        judge = cls.from_settings(settings.model, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                                  max_length=settings.max_length, image_mode=image_mode,
+                                  use_prefilter=settings.prefilter, cache_path=settings.cache or default_cache,
+                                  device=device)
+        judge.spec = JudgeSpec(settings, image_mode, str(judge.cache_path) if judge.cache_path else None,
+                               torch.device(device).type)
+        return judge
 
     # -- cache ------------------------------------------------------------------------------------
     def key(self, item: JudgeItem) -> str:
@@ -215,12 +226,13 @@ class VLMJudge:
         if self.cache_path is None:
             return {}
         cache = {}
-        for _, line in read_lines(self.cache_path, what="judge cache"):
-            try:
-                row = json.loads(line)
-                cache[row["key"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interruption (closed by a later append): that judgement is redone
+        for path in [self.cache_path, *rank_parts(self.cache_path)]:  # and what the ranks of a killed run judged
+            for _, line in read_lines(path, what="judge cache"):
+                try:
+                    row = json.loads(line)
+                    cache[row["key"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by an interruption (closed by a later append): that judgement is redone
         return cache
 
     def _append_cache(self, rows: list[dict]) -> None:
@@ -242,6 +254,12 @@ class VLMJudge:
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         return greedy_generate(self.model, self.processor, inputs, self.max_new_tokens)
 
+    def rows(self, protocol: str, chunk: list[tuple[str, JudgeItem]], texts: list[str]) -> list[dict]:
+        """The cache lines of one judged batch."""
+        verdict = get_protocol(protocol).verdict
+        return [dict(key=k, judge=self.name, protocol=protocol, question=it.question, answer=it.answer,
+                     image=it.image, output=text, verdict=verdict(text)) for (k, it), text in zip(chunk, texts)]
+
     def __call__(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         todo: dict[str, JudgeItem] = {}
         for item in items:
@@ -249,6 +267,19 @@ class VLMJudge:
             if not hit and self.key(item) not in self._cache:
                 todo.setdefault(self.key(item), item)
         # One bar over every answer the model is asked about (cached and prefiltered ones are not).
+        if todo and self.spec is not None and in_rank_pool():  # every rank judges its share of the batches
+            batches = [(name, chunk) for name in sorted({it.protocol for it in todo.values()})
+                       for chunk in _chunks([(k, it) for k, it in todo.items() if it.protocol == name], self.batch_size)]
+            _JUDGES[self.spec.key] = self  # rank 0's share is judged by this very model
+            try:
+                rows = [row for part in run_job(JudgeJob(self.spec, batches)) for row in part]
+            finally:
+                _JUDGES.pop(self.spec.key, None)
+            self._append_cache(rows)
+            self._cache.update({r["key"]: r for r in rows})
+            for path in rank_parts(self.cache_path) if self.cache_path else []:
+                path.unlink(missing_ok=True)
+            todo = {}
         bar = tqdm(total=len(todo), desc=f"judging with {self.name}", unit="answer", disable=not todo,
                    dynamic_ncols=True, leave=False)
         for name in sorted({it.protocol for it in todo.values()}):
@@ -256,9 +287,7 @@ class VLMJudge:
             for start in range(0, len(pending), self.batch_size):
                 chunk = pending[start:start + self.batch_size]
                 texts = self.generate([it for _, it in chunk], get_protocol(name))
-                rows = [dict(key=k, judge=self.name, protocol=name, question=it.question, answer=it.answer,
-                             image=it.image, output=text, verdict=get_protocol(name).verdict(text))
-                        for (k, it), text in zip(chunk, texts)]
+                rows = self.rows(name, chunk, texts)
                 self._append_cache(rows)  # flushed per batch: an interrupted run keeps what it judged
                 self._cache.update({r["key"]: r for r in rows})
                 bar.update(len(chunk))
@@ -271,3 +300,63 @@ class VLMJudge:
                 row = self._cache[self.key(item)]
                 results.append(Judgement(row["verdict"], row["output"], "model"))
         return results
+
+
+# -- the judge on several ranks -------------------------------------------------------------------------
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def rank_parts(cache_path: Path) -> list[Path]:
+    return sorted(cache_path.parent.glob(f"{cache_path.name}.rank*.jsonl"))
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """What every rank loads the same judge from: the judge section and the image mode."""
+
+    settings: object
+    image_mode: str
+    cache: Optional[str]
+    device_type: str  # cpu, or a GPU: each rank its own
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+_JUDGES: dict[str, "VLMJudge"] = {}  # this process's judge models, by JudgeSpec.key
+
+
+@dataclass
+class JudgeJob:
+    """Judge `batches` [(protocol, [(key, item)])], each rank its share; a rank's part: cache lines."""
+
+    spec: JudgeSpec
+    batches: list
+
+    def run(self, rank: int, world: int) -> list[dict]:
+        judge = _JUDGES.get(self.spec.key)
+        if judge is None:
+            _JUDGES.clear()
+            free_memory()
+            s = self.spec.settings
+            judge = _JUDGES[self.spec.key] = VLMJudge.from_settings(
+                s.model, batch_size=s.batch_size, max_new_tokens=s.max_new_tokens, max_length=s.max_length,
+                image_mode=self.spec.image_mode, use_prefilter=s.prefilter,
+                device=accelerator_device("cpu" if self.spec.device_type == "cpu" else "auto"))
+        rows = []
+        for b in batch_shard(len(self.batches), rank, world):
+            protocol, chunk = self.batches[b]
+            batch_rows = judge.rows(protocol, chunk, judge.generate([it for _, it in chunk], get_protocol(protocol)))
+            if self.spec.cache and world > 1:  # a killed run keeps what this rank judged
+                append_lines(f"{self.spec.cache}.rank{rank}.jsonl", [json.dumps(r, ensure_ascii=False) for r in batch_rows],
+                             what="judge cache", durable=False)
+            rows += batch_rows
+        return rows
+
+
+class ReleaseJudges:
+    """Every rank frees its judge model (before the next model generates)."""
+
+    def run(self, rank: int, world: int) -> list:
+        _JUDGES.clear()
+        free_memory()
+        return []

@@ -131,7 +131,8 @@ def generation_fingerprint(cfg, settings: EvaluateSettings) -> dict:
 
 def check_fingerprint(run_dir: Path, fingerprint: dict) -> None:
     path = run_dir / "generation.json"
-    if path.is_file() and (run_dir / SAMPLES).is_file():
+    # rank files: the answers a killed run on several ranks left (folded into samples.jsonl on resume)
+    if path.is_file() and ((run_dir / SAMPLES).is_file() or any(run_dir.glob("samples.rank*.jsonl"))):
         old = json.loads(path.read_text())
         for key in sorted(set(old) | set(fingerprint)):
             if old.get(key) != fingerprint.get(key):

@@ -1,52 +1,36 @@
 """Generation for `evaluate`: every example not yet in `samples.jsonl` is answered (greedy, batched,
-left-padded, through `core.generation.greedy_generate` under `Trainer.predict`) and appended batch by
-batch, so an interrupted evaluation resumes where it stopped. A suite shares one model across its
-tasks (`SharedGenerator`)."""
+left-padded, through `core.generation.greedy_generate`, the function validation uses), so an
+interrupted evaluation resumes where it stopped. A suite shares one model across its tasks
+(`SharedGenerator`).
+
+On N processes (`trainer.devices=N`, `lightning_modules.run.ranks`) the pending examples are cut into
+the batches one process would make and rank r answers batches r, r+N, ... (the same batches, so the
+same greedy answers as on one process). Each rank appends its answers to its own
+`samples.rank<r>.jsonl` batch by batch (a killed run keeps them); rank 0 gathers the answers, writes
+them once, in the original order, into samples.jsonl and removes the rank files. A run that starts
+folds the rank files a killed run left into samples.jsonl first: nothing answered is asked again."""
 
 from __future__ import annotations
 
+import sys
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from core.checkpoints import check_base, read_checkpoint, tensors_digest
-from core.distributed import free_memory, shards_parameters
+from core.distributed import batch_shard, free_memory, run_job
 from core.errors import UserError
-from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from core.generation import greedy_generate
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
+from lightning_modules.run.ranks import current_fabric
 from metrics.classify import classify, sample_row
-from metrics.samples import SAMPLES, append_samples, example_key, read_samples, record_key
+from metrics.samples import SAMPLES, append_samples, example_key, read_samples, record_key, write_samples
 from models.backbone import build_backbone, is_built_from_config
-
-
-class GenerationModule(L.LightningModule):
-    """Generation only, under `Trainer.predict`, through the same `greedy_generate` as validation."""
-
-    def __init__(self, model, processor, max_new_tokens: int):
-        super().__init__()
-        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        synced = shards_parameters(self.trainer.strategy)
-        return greedy_generate(self.model, self.processor, batch, self.max_new_tokens, synced)
-
-
-class SampleWriter(BasePredictionWriter):
-    """Appends each batch's generations to samples.jsonl as soon as they exist."""
-
-    def __init__(self, path: Path, refusal_preset: str):
-        super().__init__(write_interval="batch")
-        self.path = path
-        self.refusal_preset = refusal_preset
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        append_samples(self.path, [sample_row(ex.extra["set"], ex, r, classify(r, ex, self.refusal_preset, None))
-                                   for ex, r in zip(batch["examples"], prediction)])
 
 
 def load_fit_checkpoint(model, path: str) -> None:
@@ -69,24 +53,123 @@ def load_fit_checkpoint(model, path: str) -> None:
                         f"{'; '.join(detail) or 'no model.* weights'}")
 
 
-def build_generator(cfg, checkpoint: Optional[str], examples: list[Example]) -> GenerationModule:
-    texts = None
-    if is_built_from_config(cfg.model.name_or_path):  # a tokenizer trained on every evaluated text
-        texts = [ex.instruction for ex in examples] + [ex.response or "" for ex in examples]
-    model, processor = build_backbone(cfg.model, texts)
-    if checkpoint:
-        load_fit_checkpoint(model, checkpoint)
-    return GenerationModule(model, processor, int(cfg.eval.max_new_tokens))
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every rank builds the same generation model from: the config, a fit checkpoint and, for
+    a model built from config, the texts its tokenizer is trained on (with the seed, its identity)."""
+
+    cfg: object
+    checkpoint: Optional[str]
+    texts: Optional[tuple[str, ...]]
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def of(cls, cfg, checkpoint: Optional[str], examples: list[Example]) -> "ModelSpec":
+        texts = None
+        if is_built_from_config(cfg.model.name_or_path):  # a tokenizer trained on every evaluated text
+            texts = tuple([ex.instruction for ex in examples] + [ex.response or "" for ex in examples])
+        return cls(cfg, checkpoint, texts)
+
+    def build(self):
+        if self.texts is not None:  # its random weights: the same model on every rank, whatever ran before
+            L.seed_everything(self.cfg.seed, verbose=False)
+        model, processor = build_backbone(self.cfg.model, list(self.texts) if self.texts is not None else None)
+        if self.checkpoint:
+            load_fit_checkpoint(model, self.checkpoint)
+        return model.eval(), processor
 
 
-def build_predict_trainer(cfg, run_dir: Path, writer: SampleWriter) -> L.Trainer:
-    kwargs = trainer_kwargs(cfg.trainer)
-    kwargs.update(logger=False, enable_checkpointing=False, callbacks=[writer], use_distributed_sampler=False,
-                  default_root_dir=str(run_dir))
-    trainer = make_trainer(**kwargs)
-    if trainer.world_size > 1:
-        raise UserError("evaluate runs on one device: set trainer.devices=1 (split files across runs instead)")
-    return trainer
+_MODEL: dict[str, tuple] = {}  # this process's generation model (one at a time), by ModelSpec.key
+
+
+def model_of(spec: ModelSpec) -> tuple:
+    if spec.key not in _MODEL:
+        release_model()
+        model, processor = spec.build()
+        _MODEL[spec.key] = (current_fabric(spec.cfg).to_device(model), processor)
+    return _MODEL[spec.key]
+
+
+def release_model() -> None:
+    _MODEL.clear()
+    free_memory()
+
+
+class ReleaseJob:
+    """Every rank frees its generation model (before a judge model loads)."""
+
+    def run(self, rank: int, world: int) -> list:
+        release_model()
+        return []
+
+
+@dataclass
+class GenerateJob:
+    """Answer `batches` (each rank its shard, `batch_shard`); a rank's part: [(batch index, rows)]."""
+
+    spec: ModelSpec
+    batches: list[list[Example]]
+    run_dir: str
+    max_length: int
+    image_mode: str
+    system_prompt: Optional[str]
+    image_aspect_ratio: str
+    refusal_preset: str
+
+    def run(self, rank: int, world: int) -> list:
+        model, processor = model_of(self.spec)
+        fabric = current_fabric(self.spec.cfg)
+        collate = VLMCollator(processor, self.max_length, train=False, image_mode=self.image_mode,
+                              system_prompt=self.system_prompt, image_aspect_ratio=self.image_aspect_ratio)
+        part = rank_part(Path(self.run_dir), rank, world)
+        out = []
+        mine = batch_shard(len(self.batches), rank, world)
+        for b in tqdm(mine, desc=f"generating{f' (rank 0 of {world})' if world > 1 else ''}", unit="batch",
+                      disable=rank != 0, dynamic_ncols=True, leave=False, file=sys.stdout):  # stderr: the error lines
+            batch = fabric.to_device(collate(self.batches[b]))
+            with fabric.autocast():
+                texts = greedy_generate(model, processor, batch, int(self.spec.cfg.eval.max_new_tokens))
+            rows = [sample_row(ex.extra["set"], ex, r, classify(r, ex, self.refusal_preset, None))
+                    for ex, r in zip(batch["examples"], texts)]
+            append_samples(part, rows)  # on disk batch by batch: a killed rank loses at most one batch
+            out.append((b, rows))
+        return out
+
+
+def rank_part(run_dir: Path, rank: int, world: int) -> Path:
+    """Where a rank appends its answers: samples.jsonl itself on one process."""
+    return run_dir / (SAMPLES if world == 1 else f"samples.rank{rank}.jsonl")
+
+
+def fold_rank_parts(run_dir: Path) -> bool:
+    """The answers in rank files that a killed multi-process run left, appended to samples.jsonl
+    (each once), then the rank files removed; whether there were any."""
+    parts = sorted(run_dir.glob("samples.rank*.jsonl"))
+    if not parts:
+        return False
+    path = run_dir / SAMPLES
+    done = {record_key(r) for r in read_samples(path)}
+    for part in parts:
+        rows = [r for r in read_samples(part) if record_key(r) not in done]
+        append_samples(path, rows)
+        done |= {record_key(r) for r in rows}
+    for part in parts:
+        part.unlink()
+    return True
+
+
+def put_in_order(path: Path, examples: list[Example]) -> None:
+    """samples.jsonl in the examples' order (other lines after them, as they were): the same file
+    whatever the number of ranks and interruptions."""
+    rows = read_samples(path)
+    by_key: dict[tuple, dict] = {}
+    for r in rows:
+        by_key.setdefault(record_key(r), r)
+    keys = [example_key(ex) for ex in examples]
+    wanted = set(keys)
+    ordered = [by_key[k] for k in keys if k in by_key] + [r for k, r in by_key.items() if k not in wanted]
+    if ordered != rows:
+        write_samples(path, ordered)
 
 
 class SharedGenerator:
@@ -96,40 +179,44 @@ class SharedGenerator:
 
     def __init__(self, cfg, checkpoint: Optional[str], examples_of: Callable[[], list[Example]]):
         self.cfg, self.checkpoint, self.examples_of = cfg, checkpoint, examples_of
-        self.module: Optional[GenerationModule] = None
+        self._spec: Optional[ModelSpec] = None
 
-    def __call__(self) -> GenerationModule:
-        if self.module is None:
+    def spec(self) -> ModelSpec:
+        if self._spec is None:
             tiny = is_built_from_config(self.cfg.model.name_or_path)
-            if tiny:  # its random weights: the same model whichever tasks are left to generate
-                L.seed_everything(self.cfg.seed, verbose=False)
-            self.module = build_generator(self.cfg, self.checkpoint, self.examples_of() if tiny else [])
-        return self.module
+            self._spec = ModelSpec.of(self.cfg, self.checkpoint, self.examples_of() if tiny else [])
+        return self._spec
 
     def release(self) -> None:
-        self.module = None
-        free_memory()
+        if self._spec is not None:
+            run_job(ReleaseJob())
+        self._spec = None
 
 
 def generate_missing(cfg, examples: list[Example], run_dir: Path, checkpoint: Optional[str] = None,
                      system_prompt: Optional[str] = None, generator: Optional[SharedGenerator] = None) -> int:
-    """Generate every example not yet in samples.jsonl; returns how many were generated. The model
-    is `generator`'s, else built here and freed at the end."""
+    """Generate every example not yet in samples.jsonl, on every rank; returns how many were
+    generated. The model is `generator`'s, else built here and freed at the end."""
     path = run_dir / SAMPLES
+    folded = fold_rank_parts(run_dir)
     done = {record_key(r) for r in read_samples(path)}
     pending = [ex for ex in examples if example_key(ex) not in done]
     if not pending:
+        if folded:
+            put_in_order(path, examples)
         return 0
     print(f"generating {len(pending)} of {len(examples)} answers ({len(examples) - len(pending)} already in {path})")
-    module = generator() if generator else build_generator(cfg, checkpoint, examples)
-    collate = VLMCollator(module.processor, cfg.data.max_length, train=False, image_mode=cfg.data.image_mode,
-                          system_prompt=system_prompt or cfg.data.get("system_prompt"),
-                          image_aspect_ratio=cfg.data.get("image_aspect_ratio", "original"))
-    loader = DataLoader(pending, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=cfg.data.num_workers)
-    trainer = build_predict_trainer(cfg, run_dir, SampleWriter(path, cfg.eval.refusal_preset))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
-    del module, trainer
+    size = int(cfg.data.eval_batch_size)
+    job = GenerateJob(generator.spec() if generator else ModelSpec.of(cfg, checkpoint, examples),
+                      [pending[i:i + size] for i in range(0, len(pending), size)], str(run_dir), cfg.data.max_length,
+                      cfg.data.image_mode, system_prompt or cfg.data.get("system_prompt"),
+                      cfg.data.get("image_aspect_ratio", "original"), cfg.eval.refusal_preset)
+    parts = run_job(job)
+    if len(parts) > 1:  # written once, by rank 0, in the original order; then the rank files go
+        append_samples(path, [row for _, rows in sorted((p for part in parts for p in part), key=lambda p: p[0]) for row in rows])
+        for rank in range(len(parts)):
+            rank_part(run_dir, rank, len(parts)).unlink(missing_ok=True)
+    put_in_order(path, examples)
     if generator is None:
-        free_memory()
+        run_job(ReleaseJob())
     return len(pending)

@@ -2,7 +2,12 @@
 `data/data.md` step 2): ask one or several generator models the unsafe training queries (greedy,
 batched, the run's prompt format) and keep one harmful answer per query, cached as a VLGuard-format
 file. Run by assembly (`data.forget_retain.forget_source=harvest`) or alone
-(`python -m lightning_modules.harvest`). Under DDP each rank answers its shard and the shards are gathered.
+(`python -m lightning_modules.harvest`). On several ranks (`python -m lightning_modules.harvest
+trainer.devices=N`, or torch.distributed already started) each rank answers its shard of batches and
+the shards are gathered; each rank's answers are on disk batch by batch (`.partial-*.rank<r>.jsonl`),
+so a killed harvest resumes. Inside `fit` under Lightning's launcher rank 0 harvests before the other
+ranks exist (they read its cache); under torchrun or Slurm every process starts at once and the
+ranks take the cache's file lock in turn: one harvests, the others read its files.
 
 - generators: `data.forget_retain.generators` (hub ids or local dirs, each one's answers cached in
   `answers-<hash>.json`, a file `datamodules.vlguard build-forget-retain --answers` reads); none: the
@@ -26,13 +31,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import OmegaConf
 
-from core.distributed import accelerator_device, free_memory, gather_objects, rank_and_world
+from core.distributed import accelerator_device, batch_shard, free_memory, gather_objects, rank_and_world
 from core.errors import UserError
-from core.files import atomic_write, file_lock
+from core.files import append_lines, atomic_write, file_lock, read_lines
 from core.generation import greedy_generate
 from datamodules.examples import Example
 from datamodules.official_pipeline import image_label, judge_choice
-from datamodules.safety import ShardSampler
 
 
 def _digest(key: dict) -> str:
@@ -76,25 +80,65 @@ def _generators(datamodule) -> list[Optional[str]]:
 
 
 @torch.no_grad()
-def _generate(model, processor, candidates: list[Example], datamodule) -> list[str]:
-    """Greedy answers to every candidate (this rank's shard generated, the shards gathered)."""
+def _generate(model, processor, candidates: list[Example], datamodule, partial: Path) -> list[str]:
+    """Greedy answers to every candidate. Cut into the batches one process makes; on N ranks rank r
+    answers batches r, r+N, ... (the same batches: the same answers). Each rank appends its answers
+    to `<partial>.rank<r>.jsonl` batch by batch, so a killed harvest resumes without asking again;
+    the shards are gathered in the original order and the partial files go once the answers are whole."""
+    rank, world = rank_and_world()
+    done = _partial_answers(partial)
+    if world > 1:  # every rank shards the same pending list (rank 0's reading of the files)
+        box = [done]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = box[0]
+    pending = [i for i in range(len(candidates)) if i not in done]
+    size = datamodule.cfg.eval_batch_size
+    batches = [pending[i:i + size] for i in range(0, len(pending), size)]
     collate = datamodule.collator(train=False, processor=processor)
     device = next(model.parameters()).device
-    shard = list(ShardSampler(len(candidates), *rank_and_world()))
     rows = []
-    for start in range(0, len(shard), datamodule.cfg.eval_batch_size):
-        indices = shard[start: start + datamodule.cfg.eval_batch_size]
-        batch = move_data_to_device(collate([candidates[i] for i in indices]), device)
+    for b in batch_shard(len(batches), rank, world):
+        batch = move_data_to_device(collate([candidates[i] for i in batches[b]]), device)
         texts = greedy_generate(model, processor, batch, datamodule.fr.harvest_max_new_tokens)
-        rows += [{"index": i, "response": t} for i, t in zip(indices, texts)]
-    return [r["response"] for r in sorted(gather_objects(rows), key=lambda r: r["index"])]
+        mine = [{"index": i, "response": t} for i, t in zip(batches[b], texts)]
+        append_lines(partial.with_name(f"{partial.name}.rank{rank}.jsonl"), [json.dumps(r) for r in mine],
+                     what="harvest answers")
+        rows += mine
+    answers = dict(done)
+    answers.update({r["index"]: r["response"] for r in gather_objects(rows)})
+    return [answers[i] for i in range(len(candidates))]
+
+
+def _partial_answers(partial: Path) -> dict[int, str]:
+    """{candidate index: answer} from the rank files of an interrupted harvest (a cut line is redone)."""
+    answers = {}
+    for path in sorted(partial.parent.glob(f"{partial.name}.rank*.jsonl")):
+        for _, line in read_lines(path, what="harvest answers"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                answers[int(row["index"])] = str(row["response"])
+    return answers
+
+
+def _drop_partial(partial: Path) -> None:
+    """The rank files, once their answers are in a whole cache file (rank 0, after every rank read them)."""
+    if rank_and_world()[0] == 0:
+        for path in partial.parent.glob(f"{partial.name}.rank*.jsonl"):
+            path.unlink(missing_ok=True)
+
+
+def _partial_path(module, name: Optional[str], candidates: list[Example], datamodule) -> Path:
+    """The stem of one generator's rank files while it answers (None: the run's own model)."""
+    key = {"generator": name or module.model_identity, "queries": _queries(candidates), **_prompt_key(datamodule)}
+    return Path(datamodule.fr.harvest_dir) / f".partial-{_digest(key)}"
 
 
 def _generator_answers(module, name: Optional[str], candidates: list[Example], datamodule) -> list[str]:
     """One generator's answers to every candidate: the run's model (name None), or a model loaded
     with the run's model settings, its answers cached on their own (a VLGuard-format file)."""
-    if name is None:
-        return _generate(module.model, module.processor, candidates, datamodule)
+    partial = _partial_path(module, name, candidates, datamodule)
+    if name is None:  # the run's model: its answers are kept in the forget file only
+        return _generate(module.model, module.processor, candidates, datamodule, partial)
     key = {"generator": name, "queries": _queries(candidates), **_prompt_key(datamodule), "version": 1}
     path = Path(datamodule.fr.harvest_dir) / f"answers-{_digest(key)}.json"
     if path.is_file():
@@ -108,13 +152,14 @@ def _generator_answers(module, name: Optional[str], candidates: list[Example], d
         raise UserError(f"data.forget_retain.generators: {err}") from err
     set_end_of_turn(model, processor, model_cfg.get("end_token"))
     model.to(harvest_device(module)).eval()
-    responses = _generate(model, processor, candidates, datamodule)
+    responses = _generate(model, processor, candidates, datamodule, partial)
     del model
     free_memory()
     if rank_and_world()[0] == 0:
         atomic_write(path, json.dumps([_record(ex, r) for ex, r in zip(candidates, responses)], indent=1),
                      what="harvest cache")
         print(f"harvest: {name} answered {len(responses)} queries -> {path}")
+    _drop_partial(partial)
     return responses
 
 
@@ -200,6 +245,8 @@ def _harvest(module, candidates, datamodule, path: Path, report_path: Path) -> t
         if rank_and_world()[0] == 0:
             for target, obj in ((path, kept), (report_path, report)):  # the report last: it marks the pair whole
                 atomic_write(target, json.dumps(obj, indent=1), what="harvest cache")
+        if None in generators:  # the run's model's answers are in the forget file now
+            _drop_partial(_partial_path(module, None, candidates, datamodule))
     else:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         kept = json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,219 @@
+"""The processes of a generation command (`evaluate`, the suite, the harvest): `trainer.devices=N`
+starts N of them with Lightning's own launcher (`lightning.fabric.Fabric(strategy=DDPStrategy).launch()`:
+the other ranks re-run the command line, as fit's DDP ranks do; one rank per GPU, or gloo CPU
+processes with `trainer.accelerator=cpu`). Generation needs no gradient sync, so the model is never
+wrapped: each rank holds a whole copy on its device and answers a disjoint shard.
+
+A fault on a rank ends the run in one line naming the rank: an error is the rank's own line
+(`core.errors.RankFailed`); a rank killed by a signal (SIGKILL, the kernel's OOM killer) is named by
+rank 0, which watches the processes it started (in place of Lightning's observer, which would kill
+rank 0 before it could say which rank died); a rank that hangs is left after
+`trainer.strategy.timeout` seconds. The others stop instead of waiting, and what was written stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import OmegaConf
+
+from core.distributed import RankPool, set_rank_pool
+from core.errors import RankFailed, UserError, is_peer_failure
+from core.files import storage_fault
+from lightning_modules.config.trainer import check_accelerator_exists
+from lightning_modules.run.strategies import collective_timeout
+
+DEFAULT_TIMEOUT_S = 1800  # torch's own default for a collective (gloo)
+# Strategies of fit that make no sense for generation, and why.
+_NOT_FOR_GENERATION = ("fsdp", "deepspeed", "ddp_spawn", "ddp_fork", "ddp_notebook", "xla", "single")
+
+_FABRIC: Optional[Fabric] = None
+
+
+def _strategy(spec: Any) -> tuple[str, timedelta]:
+    """(name, collective timeout) of `trainer.strategy` for generation: auto or ddp (a name or
+    `{name: ddp, timeout: S}`)."""
+    timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"name", "timeout"})
+        if "name" not in spec or unknown:
+            raise UserError(f"trainer.strategy for generation takes name and timeout, got {sorted(spec)}")
+        if "timeout" in spec:
+            timeout = collective_timeout(spec["timeout"])
+        spec = spec["name"]
+    name = str(spec if spec is not None else "auto")
+    if name not in ("auto", "ddp") and (name.startswith(_NOT_FOR_GENERATION) or not name.startswith("ddp")):
+        raise UserError(f"trainer.strategy={name} cannot generate: each rank generates with a whole model, so "
+                        "generation runs under ddp (one process per device, never spawned); set "
+                        "trainer.strategy=ddp or auto")
+    return name, timeout
+
+
+def generation_fabric(cfg) -> Fabric:
+    """The processes `cfg.trainer` asks for (accelerator, devices, num_nodes, precision), as a Fabric
+    not launched yet."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
+    accelerator = trainer.get("accelerator") or "auto"
+    check_accelerator_exists(accelerator)
+    name, timeout = _strategy(trainer.get("strategy"))
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(devices, bool) or (isinstance(devices, int) and devices < -1) or devices in (0, "0"):
+        raise UserError(f"trainer.devices={devices!r} cannot generate: give a number of devices >= 1 (-1 or "
+                        "auto: every device; on the CPU, processes), or a list of GPU indices")
+    try:
+        probe = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes, strategy="auto",
+                       precision=trainer.get("precision"))
+        if probe.world_size == 1 and name == "auto":
+            return probe
+        return Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
+                      strategy=DDPStrategy(timeout=timeout), precision=trainer.get("precision"))
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
+        raise UserError(f"trainer settings cannot generate (accelerator={accelerator}, devices={devices!r}, "
+                        f"num_nodes={nodes}): {str(err).strip().splitlines()[0]}") from err
+
+
+def current_fabric(cfg) -> Fabric:
+    """The launched processes' Fabric; outside a command's launch (an in-process call), one device."""
+    if _FABRIC is not None:
+        return _FABRIC
+    trainer = cfg.get("trainer") or {}
+    fabric = generation_fabric(OmegaConf.create({"trainer": {"accelerator": trainer.get("accelerator"), "devices": 1,
+                                                             "precision": trainer.get("precision")}}))
+    fabric.launch()
+    return fabric
+
+
+def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
+    """`command()` on the processes `cfg.trainer` asks for; its result on rank 0 (None elsewhere).
+
+    lead=True (evaluate, the suite): rank 0 runs the command, the other ranks serve its generation
+    jobs (`core.distributed.RankPool`). lead=False (the harvest, which runs fit's run assembly):
+    every rank runs the command and generates its shard where the code shards (`rank_and_world`)."""
+    global _FABRIC
+    fabric = generation_fabric(cfg)
+    if fabric.world_size == 1:
+        fabric.launch()
+        _FABRIC = fabric
+        try:
+            return command()
+        finally:
+            _FABRIC = None
+    fabric.launch()
+    _FABRIC = fabric
+    timeout = fabric.strategy._timeout  # noqa: SLF001 -- the one we passed
+    watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []))
+    done = False
+    try:
+        with rank_faults(fabric.global_rank, watcher):
+            if not lead:
+                result = command()
+            else:
+                pool = RankPool(timeout)
+                set_rank_pool(pool)
+                try:
+                    result = command() if fabric.global_rank == 0 else pool.serve()
+                finally:
+                    # the others return from serve; after a failure inside a job they see rank 0 leave
+                    if fabric.global_rank == 0 and not watcher.failed:
+                        with contextlib.suppress(Exception):
+                            pool.stop()
+            done = True
+            return result
+    finally:
+        set_rank_pool(None)
+        _FABRIC = None
+        watcher.stop(kill=not done)
+        if done:  # a clean exit: torch tears the groups down before the interpreter does
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_faults(rank: int, watcher: "ChildWatcher"):
+    """An unexpected error on this rank leaves as RankFailed (one line naming it); a rank the watcher
+    saw killed was named by it already, and this one leaves quietly."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (Exception, KeyboardInterrupt) as err:
+        if isinstance(err, KeyboardInterrupt) or is_peer_failure(err):
+            watcher.check(wait_s=10)  # a rank gone: which, and why
+        if watcher.failed:
+            raise SystemExit(1) from err  # the watcher's line names the rank and the cause
+        if isinstance(err, KeyboardInterrupt) or storage_fault(err, "") is not None or is_peer_failure(err):
+            raise
+        if isinstance(err, torch.OutOfMemoryError):  # what to change, and that nothing is lost
+            first = (str(err).strip().splitlines() or [""])[0]
+            err = torch.OutOfMemoryError(f"{first}; lower data.eval_batch_size (or evaluate.judge.batch_size); the "
+                                         "answers written are kept: the same command resumes")
+        raise RankFailed(rank, err) from err
+
+
+class ChildWatcher(threading.Thread):
+    """Rank 0 of Lightning's launch watches the ranks it started: one killed by a signal is named
+    (`error: rank R: killed by SIGKILL ...`), and rank 0 stops at once. Replaces Lightning's observer
+    (it kills rank 0 with SIGKILL when a child exits non-zero, before anything can be said). A rank
+that exits with an error printed its own line; rank 0 then says why it stops."""
+
+    def __init__(self, procs: list):
+        super().__init__(daemon=True, name="generation-rank-watcher")
+        self.procs = list(procs)
+        procs.clear()  # Lightning's observer, given an empty list, finds every child done and stops
+        self.failed = False
+        self._done, self._lock = threading.Event(), threading.Lock()
+        if self.procs:
+            self.start()
+
+    def run(self) -> None:
+        while not self._done.wait(0.2):
+            if self.check():
+                # Rank 0 gets a moment to leave by itself (in a collective it does at once); busy
+                # generating, it is stopped here: its rank file loses at most a half line.
+                time.sleep(3)
+                os._exit(1)  # noqa: SLF001
+
+    def check(self, wait_s: float = 0) -> bool:
+        """Whether a rank has left, said in one line (once, by whichever thread sees it first);
+        `wait_s`: how long to wait for the exit status of a rank that a collective says is gone."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                if self.failed:
+                    return True
+                for rank, proc in enumerate(self.procs, 1):
+                    code = proc.poll()
+                    if code is None or code == 0:
+                        continue
+                    if code < 0:
+                        name = signal.Signals(-code).name
+                        print(f"error: rank {rank}: killed by {name}" + (
+                            " (out of memory? the kernel's OOM killer sends it); the answers already written are "
+                            "kept: run the same command to resume" if name == "SIGKILL" else ""),
+                            file=sys.stderr, flush=True)
+                    else:  # the rank printed its own line
+                        print(f"rank 0 stopped: rank {rank} exited with status {code}", file=sys.stderr, flush=True)
+                    self.failed = True
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def stop(self, kill: bool) -> None:
+        self._done.set()
+        if kill:  # a hung rank must not outlive the run (a rank still printing its line gets a moment)
+            for proc in self.procs:
+                with contextlib.suppress(Exception):
+                    proc.wait(timeout=5)
+                if proc.poll() is None:
+                    proc.kill()
