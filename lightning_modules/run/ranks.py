@@ -9,6 +9,7 @@ A fault on a rank ends the run in one line naming the rank: an error is the rank
 rank 0, which watches the processes it started (in place of Lightning's observer, which would kill
 rank 0 before it could say which rank died); a rank that hangs is left after
 `trainer.strategy.timeout` seconds. The others stop instead of waiting, and what was written stays.
+fit uses the same watcher and `rank_faults` (run/training.py, through the `WatchRanks` callback).
 """
 
 from __future__ import annotations
