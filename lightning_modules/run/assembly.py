@@ -14,6 +14,7 @@ from datamodules.safety import resolve_data_files
 from lightning_modules.analysis.probes import parse_probe_settings
 from lightning_modules.config.trainer import make_trainer, trainer_kwargs
 from lightning_modules.methods import get_method
+from lightning_modules.run.fault_injection import injected_faults
 from lightning_modules.run.checkpointing import AtomicCheckpointIO, PerBatchSeed, VerifiedCheckpoints
 from lightning_modules.run.harvest import harvest_forget_set
 from lightning_modules.run.identity import RunIdentity
@@ -41,7 +42,7 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     # A checkpoint replaces last.ckpt only once the next step's loss is finite (the divergence guard).
     checkpoint_io = AtomicCheckpointIO()
     callbacks = [checkpoint, VerifiedCheckpoints(checkpoint_io), PerBatchSeed(cfg.seed), RunIdentity()] + \
-        ([LearningRateMonitor("step")] if logger else [])
+        ([LearningRateMonitor("step")] if logger else []) + injected_faults()  # tests only: unset, none
     trainer = make_trainer(logger=logger, callbacks=callbacks, plugins=[checkpoint_io], **kwargs)
     effective = cfg.data.get("effective_batch_size")
     if effective is not None:  # chosen now that the device count is known

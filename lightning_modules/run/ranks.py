@@ -9,6 +9,7 @@ A fault on a rank ends the run in one line naming the rank: an error is the rank
 rank 0, which watches the processes it started (in place of Lightning's observer, which would kill
 rank 0 before it could say which rank died); a rank that hangs is left after
 `trainer.strategy.timeout` seconds. The others stop instead of waiting, and what was written stays.
+fit uses the same watcher and `rank_faults` (run/training.py, through the `WatchRanks` callback).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from core.distributed import RankPool, set_rank_pool
@@ -138,10 +140,15 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
             torch.distributed.destroy_process_group()
 
 
+GENERATION_OOM_HINT = ("lower data.eval_batch_size (or evaluate.judge.batch_size); the answers written are kept: "
+                       "the same command resumes")
+
+
 @contextlib.contextmanager
-def rank_faults(rank: int, watcher: "ChildWatcher"):
+def rank_faults(rank: int, watcher: "ChildWatcher", oom_hint: str = GENERATION_OOM_HINT):
     """An unexpected error on this rank leaves as RankFailed (one line naming it); a rank the watcher
-    saw killed was named by it already, and this one leaves quietly."""
+    saw killed was named by it already, and this one leaves quietly. `oom_hint`: what to change
+    after an out-of-memory error (fit and generation differ)."""
     try:
         yield
     except UserError:
@@ -155,8 +162,7 @@ def rank_faults(rank: int, watcher: "ChildWatcher"):
             raise
         if isinstance(err, torch.OutOfMemoryError):  # what to change, and that nothing is lost
             first = (str(err).strip().splitlines() or [""])[0]
-            err = torch.OutOfMemoryError(f"{first}; lower data.eval_batch_size (or evaluate.judge.batch_size); the "
-                                         "answers written are kept: the same command resumes")
+            err = torch.OutOfMemoryError(f"{first}; {oom_hint}")
         raise RankFailed(rank, err) from err
 
 
@@ -166,14 +172,22 @@ class ChildWatcher(threading.Thread):
     (it kills rank 0 with SIGKILL when a child exits non-zero, before anything can be said). A rank
 that exits with an error printed its own line; rank 0 then says why it stops."""
 
-    def __init__(self, procs: list):
-        super().__init__(daemon=True, name="generation-rank-watcher")
-        self.procs = list(procs)
-        procs.clear()  # Lightning's observer, given an empty list, finds every child done and stops
+    def __init__(self, procs: list, kept: str = "the answers already written are kept: run the same command to resume"):
+        super().__init__(daemon=True, name="rank-watcher")
+        self.procs: list = []
+        self.kept = kept  # what a killed rank left behind, and how to go on
         self.failed = False
         self._done, self._lock = threading.Event(), threading.Lock()
-        if self.procs:
-            self.start()
+        self.adopt(procs)
+
+    def adopt(self, procs: list) -> None:
+        """Watch `procs` (the launcher's list: cleared, so that Lightning's observer, finding every
+        child done, stops)."""
+        if not procs or self.procs:
+            return
+        self.procs = list(procs)
+        procs.clear()
+        self.start()
 
     def run(self) -> None:
         while not self._done.wait(0.2):
@@ -198,8 +212,8 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
                     if code < 0:
                         name = signal.Signals(-code).name
                         print(f"error: rank {rank}: killed by {name}" + (
-                            " (out of memory? the kernel's OOM killer sends it); the answers already written are "
-                            "kept: run the same command to resume" if name == "SIGKILL" else ""),
+                            " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else "")
+                            + f"; {self.kept}",
                             file=sys.stderr, flush=True)
                     else:  # the rank printed its own line
                         print(f"rank 0 stopped: rank {rank} exited with status {code}", file=sys.stderr, flush=True)
@@ -217,3 +231,16 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
                     proc.wait(timeout=5)
                 if proc.poll() is None:
                     proc.kill()
+
+
+class WatchRanks(Callback):
+    """fit's rank 0 adopts the ranks Lightning's launcher started (`setup` runs right after the
+    launch, on every rank; only rank 0 started processes)."""
+
+    def __init__(self, watcher: ChildWatcher):
+        self.watcher = watcher
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        procs = getattr(trainer.strategy.launcher, "procs", None)
+        if trainer.global_rank == 0 and procs:
+            self.watcher.adopt(procs)

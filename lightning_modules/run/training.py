@@ -11,7 +11,7 @@ import lightning as L
 import pandas as pd
 import torch
 
-from core.errors import RankFailed, UserError
+from core.errors import UserError
 from core.files import atomic_write, storage_fault
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
@@ -19,6 +19,7 @@ from lightning_modules.config.loading import to_yaml
 from lightning_modules.config.trainer import check_accelerator_exists
 from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
+from lightning_modules.run.ranks import ChildWatcher, WatchRanks, rank_faults as ranks_faults
 from lightning_modules.run.export import finish_export, save_model
 from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
 from lightning_modules.run.strategies import check_strategy, gathered_model_weights
@@ -138,18 +139,28 @@ def _run(cfg) -> pd.DataFrame | None:
         return _train_and_test(cfg, run_dir, module, data, trainer, ckpt_path, finished_step)
 
 
+FIT_OOM_HINT = ("lower data.batch_size (trainer.accumulate_grad_batches keeps the effective batch) or set "
+                "model.gradient_checkpointing=true; the checkpoints written are kept: resume=last resumes")
+
+
 @contextlib.contextmanager
 def rank_faults(trainer: L.Trainer):
-    """Under several processes, an unexpected error on a rank leaves as `RankFailed` (one line naming
-    the rank; the other ranks stop at their next collective, after trainer.strategy.timeout at worst)."""
-    try:
+    """Under several processes a fault on a rank ends the run in one line naming the rank: an error
+    is the rank's own line (`RankFailed`); a rank killed by a signal is named by rank 0, which watches
+    the ranks Lightning's launcher started (run/ranks.py, as generation does). The other ranks stop
+    at their next collective (trainer.strategy.timeout at worst), and a rank left hanging is killed."""
+    if trainer.world_size == 1:
         yield
-    except UserError:
-        raise
-    except Exception as err:
-        if trainer.world_size > 1 and storage_fault(err, "") is None:  # a full disk has its own line
-            raise RankFailed(trainer.global_rank, err) from err
-        raise
+        return
+    watcher = ChildWatcher([], kept="the checkpoints already written are kept: resume=last resumes")
+    trainer.callbacks.append(WatchRanks(watcher))
+    done = False
+    try:
+        with ranks_faults(trainer.global_rank, watcher, oom_hint=FIT_OOM_HINT):
+            yield
+        done = True
+    finally:
+        watcher.stop(kill=not done)
 
 
 def _train_and_test(cfg, run_dir: Path, module, data, trainer: L.Trainer, ckpt_path, finished_step):
