@@ -24,7 +24,9 @@ cuda_ok() {
   [ -x "$(command -v "$1")" ] &&
     timeout 120 "$1" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null
 }
-project_ok() { timeout 120 "$1" -c 'import lightning, transformers, peft, optimi, deepspeed, omegaconf' 2>/dev/null; }
+project_ok() {
+  timeout 120 "$1" -c 'import lightning, transformers, peft, optimi, deepspeed, omegaconf, torchmetrics, pandas' 2>/dev/null
+}
 registry_ok() {  # the pip index (PIP_INDEX_URL or PyPI) answers
   timeout 15 "$1" -c 'import os, urllib.request as u
 u.urlopen(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple/").rstrip("/") + "/pip/", timeout=10)' 2>/dev/null
@@ -42,12 +44,19 @@ pick_python() {
   if cuda_ok .venv-gpu/bin/python && project_ok .venv-gpu/bin/python; then echo .venv-gpu/bin/python; return; fi
   if cuda_ok python3; then
     if project_ok python3; then echo python3; return; fi
-    registry_ok python3 || {
-      echo "python3 has a CUDA torch but not the project's packages, and no registry is reachable to install them" >&2
-      return 1; }
-    echo "making .venv-gpu on python3's CUDA torch (system site packages) + the project" >&2
+    # The project's packages on top of the image's CUDA torch: from the registry, or offline from a folder of
+    # wheels ($WHEELHOUSE, default .wheelhouse: `pip download -d .wheelhouse -c constraints.txt lightning ...`
+    # on a networked machine, torch and its nvidia-* packages left out).
+    local wheels=${WHEELHOUSE:-.wheelhouse} from=()
+    if ! registry_ok python3; then
+      [ -d "$wheels" ] || {
+        echo "python3 has a CUDA torch but not the project's packages; no registry is reachable and no $wheels" >&2
+        return 1; }
+      from=(--no-index --find-links "$wheels" --no-build-isolation)
+    fi
+    echo "making .venv-gpu on python3's CUDA torch (system site packages) + the project ${from[*]}" >&2
     python3 -m venv --system-site-packages .venv-gpu >&2
-    timeout 900 .venv-gpu/bin/pip install -q -e '.[test]' >&2
+    timeout 900 .venv-gpu/bin/pip install -q "${from[@]}" -e '.[test]' >&2
   else
     registry_ok python3 || {
       echo "no Python with a CUDA torch here (.venv/bin/python's torch: $(.venv/bin/python -c \
@@ -83,11 +92,11 @@ run_stage() {  # name, timeout (s), command...
   set +e; timeout "$limit" "$@"; local rc=$?; set -e
   STATUS[$name]=$rc
 }
-for stage in numerics:90 full:150 deepspeed:120 checkpoint:60; do
+for stage in numerics:60 full:190 deepspeed:130 checkpoint:50; do
   run_stage "${stage%%:*}" "${stage##*:}" "$PY" scripts/gpu_check_scale.py "${SCALE[@]}" --stages "${stage%%:*}" \
     --json "$OUT/part_${stage%%:*}.json"
 done
-run_stage generation 60 "$PY" scripts/gpu_check.py "${GEN[@]}" --methods none --json "$OUT/part_generation.json"
+run_stage generation 50 "$PY" scripts/gpu_check.py "${GEN[@]}" --methods none --json "$OUT/part_generation.json"
 
 status_json=$(for k in numerics full deepspeed checkpoint generation; do printf '"%s": %s,' "$k" "${STATUS[$k]}"; done)
 "$PY" - "$OUT" "$PY" "{${status_json%,}}" <<'EOF'

@@ -61,7 +61,7 @@ def test_scale_check_smoke_mode(tmp_path):
         assert runs[name]["changed_fraction"] > 0.5, runs
     assert runs["bf16_none"]["slope_on_fp32"] < 0.3 and runs["bf16_none"]["changed_fraction"] < 0.3, runs
     full = stages["full"]
-    assert full["weight_dtypes"] == ["torch.bfloat16"] and full["plan"]["update_path_name"] == "kahan"
+    assert full["weight_dtypes"] == ["BF16"] and full["plan"]["update_path_name"] == "kahan"
     assert math.isfinite(full["plan"]["total_gib"]) and full["plan"]["total_gib"] > 0
     # bf16 weights + bf16 gradients + two bf16 moments + bf16 Kahan compensation: ~10 bytes per parameter
     assert 8 <= full["plan"]["model_states_gib"] * 2**30 / full["parameters"] <= 12, full["plan"]
