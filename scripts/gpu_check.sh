@@ -85,25 +85,28 @@ else
   SCALE=(--shape llava-1.5-7b --device cuda --ds-layers 0)
   GEN=(--device cuda --eval-samples 200 --eval-batch-size 50 --eval-single 10 --max-new-tokens 32)
 fi
-declare -A STATUS
+declare -A STATUS LIMITS
 run_stage() {  # name, timeout (s), command...
   local name=$1 limit=$2; shift 2
   echo "== $name (timeout ${limit}s)"
   set +e; timeout "$limit" "$@"; local rc=$?; set -e
   STATUS[$name]=$rc
+  LIMITS[$name]=$limit
 }
-for stage in numerics:60 full:190 deepspeed:130 checkpoint:50; do
+# Building the 7B-shaped toy (fp32 random init on the CPU, then bf16) takes most of full's time.
+for stage in numerics:50 full:210 deepspeed:130 checkpoint:45; do
   run_stage "${stage%%:*}" "${stage##*:}" "$PY" scripts/gpu_check_scale.py "${SCALE[@]}" --stages "${stage%%:*}" \
     --json "$OUT/part_${stage%%:*}.json"
 done
-run_stage generation 50 "$PY" scripts/gpu_check.py "${GEN[@]}" --methods none --json "$OUT/part_generation.json"
+run_stage generation 45 "$PY" scripts/gpu_check.py "${GEN[@]}" --methods none --json "$OUT/part_generation.json"
 
 status_json=$(for k in numerics full deepspeed checkpoint generation; do printf '"%s": %s,' "$k" "${STATUS[$k]}"; done)
-"$PY" - "$OUT" "$PY" "{${status_json%,}}" <<'EOF'
+limits_json=$(for k in numerics full deepspeed checkpoint generation; do printf '"%s": %s,' "$k" "${LIMITS[$k]}"; done)
+"$PY" - "$OUT" "$PY" "{${status_json%,}}" "{${limits_json%,}}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, python, status = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-report = {"python": python, "exit_codes": status, "exit_code_meaning": "0 ok, 124 timed out, other: failed",
+report = {"python": python, "exit_codes": status, "timeouts_s": json.loads(sys.argv[4]), "exit_code_meaning": "0 ok, 124 timed out, other: failed",
           "stages": {}, "generation": None}
 for stage, rc in status.items():
     part = out / f"part_{stage}.json"
