@@ -1,7 +1,7 @@
 """The run plan: what a `fit` config will do, printed before any weight is loaded.
 
 A Hugging Face model is built on the meta device from its config (the hub's, or `model.hf_config`
-shipped in configs/ when offline); a toy model is small enough to build for real. The method's own
+shipped in configs/ when offline), a toy model on the meta device from its sizes. The method's own
 choice of trainable parameters is applied to it (`narrow_for_plan`), the data rows are counted
 without a processor, and the memory estimate is `models.memory`'s.
 """
@@ -39,8 +39,9 @@ def plan_model(cfg):
     """The model as the run would train it (meta device for a Hugging Face model), trainable
     parameters set by `model.finetune` and the method."""
     name = cfg.model.name_or_path
-    if is_built_from_config(name):  # small: built for real, its tokenizer (the vocabulary) a placeholder
-        model, _ = build_backbone(cfg.model, ["plan"])
+    if is_built_from_config(name):  # on the meta device (a 7B-shaped toy too), its tokenizer (the vocabulary) a placeholder
+        with torch.device("meta"):
+            model, _ = build_backbone(cfg.model, ["plan"])
     else:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
