@@ -5,6 +5,7 @@ DeepSpeed's own estimator for LLaVA-1.5-7B (meta device, its shipped config.json
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from lightning_modules import fit
 from lightning_modules.config.loading import load_config
 from lightning_modules.run.plan import plan_model, plan_strategy, run_plan, world_size
 from models.memory import GiB, ModelShape, estimate_memory
+
+REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = "configs/experiment/vlguard_npo_full.yaml"
 
@@ -93,3 +96,19 @@ def test_plan_with_a_gpu_trainer_prints_on_a_machine_without_one(capsys):
     out = capsys.readouterr().out
     assert "strategy: DeepSpeed ZeRO-3 on 8 process(es)" in out and "model states" in out
     assert "recipe's strategy for 8 GPU(s) (strategy_by_gpus[8]): trainer=deepspeed_zero3" in out
+
+
+@pytest.mark.slow  # 14 plans of LLaVA-1.5-7B on the meta device (~30 s)
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "experiment").glob("vlguard_*.yaml")
+                                          if "strategy_by_gpus" in p.read_text()))
+def test_every_recipe_strategy_entry_composes_and_plans(recipe):
+    """Each `strategy_by_gpus` entry is a command line that works: it composes with its recipe and the
+    plan for it names that strategy and a per-GPU total an 80 GiB card holds with 10% headroom."""
+    from omegaconf import OmegaConf
+
+    path = REPO / "configs" / "experiment" / recipe
+    for gpus, entry in OmegaConf.load(path).strategy_by_gpus.items():
+        text = run_plan(load_config(path, str(entry).split()))
+        assert f"on {gpus} process(es)" in text
+        total = float(re.search(r"^\s*total\s+([\d.]+) GiB", text, re.M).group(1))
+        assert 0 < total < 0.9 * 80, (recipe, gpus, total)  # GiB: an 80 GiB card with 10% headroom

@@ -73,8 +73,14 @@ def test_lightning_takes_world_size_and_ranks_from_srun(tmp_path, monkeypatch):
     from lightning_modules.config.loading import load_config
     from lightning_modules.run.assembly import build_trainer
 
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     for key, value in srun_env(rank=1).items():
         monkeypatch.setenv(key, value)
+    # A Trainer of rank 1 makes this process rank 1 for Lightning's rank-zero helpers: put it back after.
+    for helper in (rank_zero_only, fabric_rank_zero):
+        monkeypatch.setattr(helper, "rank", getattr(helper, "rank", 0))
     cfg = load_config("configs/demo.yaml", ["trainer=ddp_cpu", "trainer.devices=2", "trainer.num_nodes=1",
                                             f"run_dir={tmp_path}", "trainer.logger=false"])
     trainer = build_trainer(cfg, tmp_path)

@@ -27,7 +27,7 @@ from core.errors import UserError
 from core.generation import greedy_generate
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
-from lightning_modules.run.ranks import current_fabric
+from lightning_modules.analysis.devices import current_fabric
 from metrics.classify import classify, sample_row
 from metrics.samples import SAMPLES, append_samples, example_key, read_samples, record_key, write_samples
 from models.backbone import build_backbone, is_built_from_config

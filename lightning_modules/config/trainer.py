@@ -4,6 +4,7 @@ ends in the same one line everywhere."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
@@ -38,3 +39,12 @@ def make_trainer(**kwargs) -> L.Trainer:
         return L.Trainer(**kwargs)
     except (ValueError, TypeError, MisconfigurationException) as err:
         raise UserError(f"invalid trainer config: {str(err).splitlines()[0]}") from err
+
+
+def collective_timeout(seconds: Any) -> timedelta:
+    """`trainer.strategy.timeout` (seconds): how long a rank waits in a collective for a rank that
+    died or hangs before it stops with a line of its own (torch's default: 30 min, NCCL 10 min)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise UserError(f"invalid value for config key 'trainer.strategy.timeout': {seconds!r} "
+                        "(allowed: a number of seconds > 0)")
+    return timedelta(seconds=seconds)

@@ -20,81 +20,15 @@ import signal
 import sys
 import threading
 import time
-from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
-from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
 
 from core.distributed import RankPool, set_rank_pool
 from core.errors import RankFailed, UserError, is_peer_failure
 from core.files import storage_fault
-from lightning_modules.config.trainer import check_accelerator_exists
-from lightning_modules.run.strategies import collective_timeout
-
-DEFAULT_TIMEOUT_S = 1800  # torch's own default for a collective (gloo)
-# Strategies of fit that make no sense for generation, and why.
-_NOT_FOR_GENERATION = ("fsdp", "deepspeed", "ddp_spawn", "ddp_fork", "ddp_notebook", "xla", "single")
-
-_FABRIC: Optional[Fabric] = None
-
-
-def _strategy(spec: Any) -> tuple[str, timedelta]:
-    """(name, collective timeout) of `trainer.strategy` for generation: auto or ddp (a name or
-    `{name: ddp, timeout: S}`)."""
-    timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
-    if isinstance(spec, dict):
-        unknown = sorted(set(spec) - {"name", "timeout"})
-        if "name" not in spec or unknown:
-            raise UserError(f"trainer.strategy for generation takes name and timeout, got {sorted(spec)}")
-        if "timeout" in spec:
-            timeout = collective_timeout(spec["timeout"])
-        spec = spec["name"]
-    name = str(spec if spec is not None else "auto")
-    if name not in ("auto", "ddp") and (name.startswith(_NOT_FOR_GENERATION) or not name.startswith("ddp")):
-        raise UserError(f"trainer.strategy={name} cannot generate: each rank generates with a whole model, so "
-                        "generation runs under ddp (one process per device, never spawned); set "
-                        "trainer.strategy=ddp or auto")
-    return name, timeout
-
-
-def generation_fabric(cfg) -> Fabric:
-    """The processes `cfg.trainer` asks for (accelerator, devices, num_nodes, precision), as a Fabric
-    not launched yet."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") is not None else {}
-    accelerator = trainer.get("accelerator") or "auto"
-    check_accelerator_exists(accelerator)
-    name, timeout = _strategy(trainer.get("strategy"))
-    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
-    if isinstance(devices, bool) or (isinstance(devices, int) and devices < -1) or devices in (0, "0"):
-        raise UserError(f"trainer.devices={devices!r} cannot generate: give a number of devices >= 1 (-1 or "
-                        "auto: every device; on the CPU, processes), or a list of GPU indices")
-    try:
-        probe = Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes, strategy="auto",
-                       precision=trainer.get("precision"))
-        if probe.world_size == 1 and name == "auto":
-            return probe
-        return Fabric(accelerator=accelerator, devices=devices, num_nodes=nodes,
-                      strategy=DDPStrategy(timeout=timeout), precision=trainer.get("precision"))
-    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
-        raise UserError(f"trainer settings cannot generate (accelerator={accelerator}, devices={devices!r}, "
-                        f"num_nodes={nodes}): {str(err).strip().splitlines()[0]}") from err
-
-
-def current_fabric(cfg) -> Fabric:
-    """The launched processes' Fabric; outside a command's launch (an in-process call), one device."""
-    if _FABRIC is not None:
-        return _FABRIC
-    trainer = cfg.get("trainer") or {}
-    fabric = generation_fabric(OmegaConf.create({"trainer": {"accelerator": trainer.get("accelerator"), "devices": 1,
-                                                             "precision": trainer.get("precision")}}))
-    fabric.launch()
-    return fabric
-
+from lightning_modules.analysis.devices import generation_fabric, set_current_fabric
 
 def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
     """`command()` on the processes `cfg.trainer` asks for; its result on rank 0 (None elsewhere).
@@ -102,17 +36,16 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
     lead=True (evaluate, the suite): rank 0 runs the command, the other ranks serve its generation
     jobs (`core.distributed.RankPool`). lead=False (the harvest, which runs fit's run assembly):
     every rank runs the command and generates its shard where the code shards (`rank_and_world`)."""
-    global _FABRIC
     fabric = generation_fabric(cfg)
     if fabric.world_size == 1:
         fabric.launch()
-        _FABRIC = fabric
+        set_current_fabric(fabric)
         try:
             return command()
         finally:
-            _FABRIC = None
+            set_current_fabric(None)
     fabric.launch()
-    _FABRIC = fabric
+    set_current_fabric(fabric)
     timeout = fabric.strategy._timeout  # noqa: SLF001 -- the one we passed
     watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []))
     done = False
@@ -134,7 +67,7 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
             return result
     finally:
         set_rank_pool(None)
-        _FABRIC = None
+        set_current_fabric(None)
         watcher.stop(kill=not done)
         if done:  # a clean exit: torch tears the groups down before the interpreter does
             torch.distributed.destroy_process_group()

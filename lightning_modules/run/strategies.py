@@ -15,7 +15,6 @@ extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strateg
 from __future__ import annotations
 
 import importlib.util
-from datetime import timedelta
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -23,16 +22,10 @@ from torch import nn
 
 from core.distributed import shards_parameters
 from core.errors import UserError
+from lightning_modules.config.trainer import collective_timeout
 from models.precision import strategy_name
 
 
-def collective_timeout(seconds: Any) -> timedelta:
-    """`trainer.strategy.timeout` (seconds): how long a rank waits in a collective for a rank that
-    died or hangs before it stops with a line of its own (torch's default: 30 min, NCCL 10 min)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise UserError(f"invalid value for config key 'trainer.strategy.timeout': {seconds!r} "
-                        "(allowed: a number of seconds > 0)")
-    return timedelta(seconds=seconds)
 
 
 def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = None) -> Any:
