@@ -57,6 +57,7 @@ def step_of(ckpt: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_slurm_launcher_matches_local_and_survives_preemption_and_kills(tmp_path):
     cache = tmp_path / "cache"
     local = runner.run(load_config(COMPARE, settings(tmp_path / "local", cache)), WORLD)  # in this process
@@ -126,6 +127,7 @@ print(files.world_dir, pretrain.ensure_tiny_base(cfg, files))
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_jobs_racing_for_one_world_and_base_build_each_once(tmp_path):
     """Two processes (two array jobs of one world) ask for the world and its base at the same moment."""
     log, go, cache = tmp_path / "builds.log", tmp_path / "go", tmp_path / "cache"

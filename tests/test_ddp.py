@@ -209,6 +209,7 @@ def error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_an_error_on_one_rank_is_one_line_naming_it_and_the_others_stop(tmp_path):
     proc, stderr = start_failing_run(tmp_path, "trainer.strategy=ddp")
     assert proc.wait(timeout=240) == 1
@@ -220,6 +221,7 @@ def test_an_error_on_one_rank_is_one_line_naming_it_and_the_others_stop(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_a_hung_rank_is_left_after_the_collective_timeout(tmp_path):
     """Rank 1 hangs for 60 s in its first step: rank 0 waits 20 s in the gradient all-reduce
     (trainer.strategy.timeout; it also bounds the start-up rendezvous, hence not less), then stops

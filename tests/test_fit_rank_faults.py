@@ -80,6 +80,7 @@ def straight(files, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 @pytest.mark.parametrize("trainer,fault", [("ddp_cpu", "kill"), ("ddp_cpu", "oom"), ("fsdp_cpu", "raise"),
                                            ("fsdp_cpu", "kill")])
 def test_a_rank_fault_is_one_line_and_resume_gives_the_uninterrupted_weights(files, straight, tmp_path, trainer,

@@ -189,6 +189,7 @@ def answered(run_dir: Path) -> set:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 @pytest.mark.parametrize("fault", ["raise", "kill", "oom"])
 def test_a_rank_fault_is_one_line_and_the_same_command_resumes(files, tmp_path, fault):
     script = tmp_path / "faulty.py"
@@ -215,6 +216,7 @@ def test_a_rank_fault_is_one_line_and_the_same_command_resumes(files, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_a_hung_rank_is_left_after_the_collective_timeout(files, tmp_path):
     """Rank 1 sleeps 90 s before its second batch: rank 0 waits 20 s for its answers
     (trainer.strategy.timeout), says why it stops, ends rank 1 and keeps every rank's answers."""

@@ -17,7 +17,7 @@ import sys
 
 from test_bad_inputs import REPO, TIMEOUT_S, cli_env
 
-pytestmark = pytest.mark.slow  # every test here trains, generates or spawns
+pytestmark = [pytest.mark.slow, pytest.mark.scale]  # every test here trains, generates or spawns
 
 
 def test_gpu_check_smoke_mode(tmp_path):

@@ -96,6 +96,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 @pytest.mark.parametrize("method", list(METHODS))
 def test_killed_run_resumes_to_the_same_weights(method, tmp_path):
     files = write_vlguard(tmp_path / "data")

@@ -34,6 +34,7 @@ def published(run_dir: Path) -> tuple[int, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_sharded_checkpoint_cut_by_a_full_disk_or_a_nan_shard_keeps_the_previous_one(tmp_path):
     run_dir = tmp_path / "run"
     # Rank 1's shard write of the step-3 checkpoint fails with ENOSPC: both ranks stop with one line.
@@ -96,6 +97,7 @@ def _load(path: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_a_kill_mid_write_leaves_the_previous_directory_whole(tmp_path):
     path = tmp_path / "last.ckpt"
     _save(path, 1)

@@ -97,6 +97,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_two_srun_tasks_train_one_run(tmp_path):
     """The script's command, started twice with srun's variables (what srun does on one node with
     --ntasks-per-node=2): one DDP run over gloo, rank 0 writing its results."""
