@@ -43,7 +43,8 @@ def test_streamed_checkpoint_adds_well_under_one_state_to_peak_memory(tmp_path):
     streamed = added_peak_mb(tmp_path, "streamed")
     assert streamed["file_mb"] > STATE_MB * 0.99
     assert streamed["added_mb"] < 0.2 * STATE_MB, streamed
-    # The measurement can fail: the in-memory serialisation adds at least one whole state.
+    # The measurement can fail: the old way (a BytesIO of the whole state) adds ~0.8-1x the state
+    # (measured 211 and 256 MB for 256 MB), far above the bound the streamed write meets.
     (tmp_path / "last.ckpt").unlink()
     in_memory = added_peak_mb(tmp_path, "in-memory")
-    assert in_memory["added_mb"] > 0.9 * STATE_MB, in_memory
+    assert in_memory["added_mb"] > 0.5 * STATE_MB, in_memory

@@ -65,6 +65,7 @@ def compare_cfg(tmp_path, *overrides):
                         *overrides])
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
     results = runner.run(compare_cfg(tmp_path))
     assert len(results) == 2 + 4 + 4  # unaligned once per world; sft and npo per world x alignment seed
@@ -112,6 +113,7 @@ def test_world_overrides_apply_per_world_and_the_command_line_wins(tmp_path, fak
     assert by_world[0].n_test == by_world[1].n_test == 40
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]")
     runner.run(cfg)
@@ -152,6 +154,7 @@ def test_foreign_or_cut_results_csv_is_one_line(tmp_path, fake_fit, content, mes
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_any_dotted_key_is_swept_and_plotted(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft,npo]", "compare.world_seeds=[0]", "compare.seeds=[0]",
                       "compare.sweep_key=optim.lr", "compare.sweep_values=[0.001,0.0001]")
@@ -205,6 +208,7 @@ def test_mirage_compare_configs_parse():
         assert settings.methods and (settings.world_seeds is None or len(settings.world_seeds) >= 1)
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_jobs_fall_back_to_one_process_where_workers_cannot_start(tmp_path, fake_fit, monkeypatch, capsys):
     monkeypatch.setattr(runner, "process_pool_available", lambda: "no POSIX semaphores")
     results = runner.run(compare_cfg(tmp_path, "compare.jobs=2", "compare.methods=[unaligned,sft]", "compare.seeds=[0]"))
@@ -258,6 +262,7 @@ def test_compare_end_to_end_tiny(tmp_path_factory):
     assert (out / "methods.png").stat().st_size > 5000 and (out / "probes.png").stat().st_size > 5000
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_runs_finished_after_compare_stopped_are_recorded_not_rerun(tmp_path, fake_fit, capsys):
     """A Slurm job outlives a compare stopped while waiting: its run marks itself finished
     (compare_run.json with its config hash) and the next compare records it without running it."""

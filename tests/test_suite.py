@@ -78,6 +78,7 @@ def test_mined_attack_evaluated_with_both_gaps(data, monkeypatch):
     assert (data["run_dir"] / "tasks" / "vlguard" / "data" / "test_what_3shot.json").is_file()
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_one_model_build_per_suite(data, monkeypatch):
     """The model is built once for every task, never for a finished suite; resuming an interrupted
     task builds it again with the same tokenizer (trained on every task's texts, not the ones left)."""
@@ -102,6 +103,7 @@ def test_one_model_build_per_suite(data, monkeypatch):
     assert builds[1:] == builds[:1] and (data["run_dir"] / "results.csv").read_text() == first
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_one_vlm_judge_per_suite(data, monkeypatch):
     """evaluate.judge.name=vlm: one judge model for every safety task of the suite, loaded when the
     first answer needs judging; a finished suite loads none."""
@@ -183,6 +185,7 @@ def saved_models(tmp_path):
     return dict(base=base, ckpt=ckpt, adapter=adapter)
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_model_entries_by_what_their_path_holds(data, saved_models, monkeypatch):
     """A save_pretrained directory, a LoRA adapter (onto the base its adapter_config names), a fit
     checkpoint (into name_or_path) and a finished suite's folder (read: no model built)."""
@@ -279,6 +282,7 @@ def test_bad_suite_inputs_are_one_line(data, changes, setup, message):
     assert not (data["run_dir"] / "results.csv").exists()
 
 
+@pytest.mark.slow  # trains, generates or runs the command end to end
 def test_cli_missing_benchmark_path_is_one_line():
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "lightning_modules.evaluate", "--config", str(SUITE)],
