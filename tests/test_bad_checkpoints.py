@@ -134,6 +134,7 @@ FIT = [
 EVALUATE = [
     ("evaluate_planted_pickle_ckpt", _planted_ckpt, ["evaluate.checkpoint={data}/planted.ckpt"],
      "cannot load checkpoint {data}/planted.ckpt with weights_only=True"),
+    ("evaluate_missing_ckpt", _nothing, ["evaluate.checkpoint={data}/nope.ckpt"], "checkpoint not found: {data}/nope.ckpt"),
 ]
 FRESH_RUN_DIR = ("diverged_before_any_checkpoint", "resume_sharded_other_world_size")  # no step to compare with
 CASES = [pytest.param("fit", *c.values, marks=c.marks, id=c.values[0]) if hasattr(c, "values")
@@ -172,7 +173,7 @@ def test_bad_checkpoint_fails_in_one_line(command, name, corrupt, extra, expecte
     assert not (data / MARKER).exists()  # no code from a checkpoint ever ran
     if name.startswith("diverged"):
         assert "checkpoint kept" not in errors[0]
-    elif command == "fit":  # (evaluate writes its config.yaml before it loads the checkpoint)
+    else:  # refused before anything in the run directory was rewritten
         assert snapshot(run_dir) == before
 
 

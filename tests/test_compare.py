@@ -92,6 +92,7 @@ def test_seed_stack_rows_columns_and_base_once_per_world(tmp_path, fake_fit):
         assert (out / name).stat().st_size > 5000
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[unaligned,sft]", "compare.seeds=[0]")
     command_line = ["optim.lr=0.005", "data.world.seed=7", "data.world.compliance_cue=query",
@@ -104,6 +105,7 @@ def test_command_line_overrides_reach_every_run(tmp_path, fake_fit):
         assert str(tmp_path / "cmp") in run_cfg.run_dir and run_cfg.run_dir != str(tmp_path / "cmp")
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_world_overrides_apply_per_world_and_the_command_line_wins(tmp_path, fake_fit):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.seeds=[0]", "compare.world_seeds=[0,1]",
                       "compare.world_overrides={1: [data.world.compliance_cue=why, data.world.n_test=30]}")
@@ -140,6 +142,7 @@ def test_rerun_keeps_rows_refuses_stale_and_redoes_on_request(tmp_path, fake_fit
     (None, "cut off mid-way"),
     (b"\xff\xfe\x00junk", "not UTF-8"),
 ])
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_foreign_or_cut_results_csv_is_one_line(tmp_path, fake_fit, content, message):
     cfg = compare_cfg(tmp_path, "compare.methods=[sft]", "compare.world_seeds=[0]", "compare.seeds=[0]")
     csv = tmp_path / "cmp" / "results.csv"
@@ -168,6 +171,7 @@ def test_any_dotted_key_is_swept_and_plotted(tmp_path, fake_fit):
         compare_plan.parse_settings(compare_cfg(tmp_path, "compare.sweep_key=data.world.seed", "compare.sweep_values=[1]"))
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_experiment_family_is_a_setting(tmp_path, fake_fit, monkeypatch):
     root = tmp_path / "configs"
     (root / "experiment").mkdir(parents=True)

@@ -113,6 +113,7 @@ def test_two_generators_a_judge_picks_the_most_harmful_and_answers_are_cached(se
         harvest(setup, tmp_path, *both, "data.forget_retain.harvest_keep=all")
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_the_real_loading_path_with_saved_toy_generators_and_a_toy_chat_judge(setup, tmp_path, monkeypatch):
     cfg, files, module = setup
     directories = []

@@ -58,6 +58,7 @@ def test_default_world_is_sized(default_world):
     assert counts == {"base": 3000, "safety_train": 1000, "val": 400, "test": 400}
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_deterministic_bytes(tmp_path):
     a = build_world(WorldConfig(**SMALL), tmp_path / "a")
     b = build_world(WorldConfig(**SMALL), tmp_path / "b")
@@ -150,6 +151,7 @@ def test_safety_cue_statistics_match_knobs(default_world):
     assert stats["n_records"] == 1000 and stats["n_hazard_records"] == 500
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_eval_splits_do_not_move_with_training_knobs(tmp_path):
     """A sweep over rho (or any safety-set knob) changes training data alone."""
     ref = build_world(WorldConfig(**SMALL), tmp_path)

@@ -62,6 +62,7 @@ def printed() -> dict[str, dict]:
     return {part.split("\n", 1)[0]: yaml.safe_load(part.split("\n", 1)[1]) for part in parts}
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 @pytest.mark.parametrize("recipe", OFFICIAL)
 def test_recipe_resolves_to_the_official_values(recipe, printed):
     expected = {**SHARED, **OFFICIAL[recipe]}

@@ -227,6 +227,7 @@ def test_alpha_zero_is_forget_mse_plus_lambda_ce_without_a_reference_forward(bat
     assert_close(terms["loss"], terms["forget_mse"] + 1.2 * terms["retain_ce"])
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_ddp_with_tensors_trained_after_layer_l_and_no_full_forward_is_refused_before_a_step():
     """λ = 0 and truncated forwards: LoRA tensors after ℓ (train_layers=all) would never get a gradient,
     which DDP refuses mid-run; refused at setup instead, unless DDP is told to expect it."""

@@ -28,6 +28,7 @@ LLAVA_7B = {
 }
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 @pytest.mark.parametrize("recipe", LLAVA_7B)
 def test_plan_of_llava_7b_from_its_shipped_config_without_weights(recipe):
     cfg = load_config(f"configs/experiment/{recipe}.yaml")

@@ -17,6 +17,7 @@ import lightning as L
 import pandas as pd
 from omegaconf import OmegaConf
 
+from core.checkpoints import read_checkpoint
 from core.distributed import accelerator_device
 from core.errors import UserError
 from core.records import strict_json
@@ -42,6 +43,10 @@ def read_settings(cfg) -> EvaluateSettings:
     settings.gaps = settings.gaps or {}
     if cfg.model.adapter_path and cfg.model.finetune != "lora":  # else the base model would be scored
         raise UserError(f"model.adapter_path={cfg.model.adapter_path} is only loaded with model.finetune=lora")
+    if settings.checkpoint:  # a missing, cut or unsafe checkpoint is refused before config.yaml is rewritten
+        if not Path(settings.checkpoint).is_file():
+            raise UserError(f"checkpoint not found: {settings.checkpoint}")
+        read_checkpoint(Path(settings.checkpoint), label="checkpoint")
     return settings
 
 
