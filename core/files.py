@@ -81,26 +81,8 @@ def writing(what: str, path) -> Iterator[None]:
 def atomic_write(path: str | Path, data: str | bytes, what: str = "file", durable: bool = True) -> None:
     """Write `data` to `path` atomically; an OSError leaves the previous file intact. `durable=False`
     skips the fsyncs, for files inside a staging directory that is itself published by one rename."""
-    path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, payload)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise io_error(what, path, err) from err
-    finally:
-        with contextlib.suppress(OSError):  # e.g. the parent is a file: the error above is the one to show
-            tmp.unlink(missing_ok=True)
-    if durable:
-        fsync_dir(path.parent)
+    atomic_stream(path, lambda stream: stream.write(payload), what=what, durable=durable)
 
 
 def _write_all(fd: int, payload: bytes) -> None:
@@ -124,11 +106,11 @@ class _DescriptorWriter(io.RawIOBase):
         return os.write(self.fd, data)
 
 
-def atomic_stream(path: str | Path, write: Callable[[Any], None], what: str = "file") -> None:
+def atomic_stream(path: str | Path, write: Callable[[Any], None], what: str = "file", durable: bool = True) -> None:
     """`write(stream)` streams into a temp file beside `path` (same filesystem: the rename is atomic),
     which is fsynced and renamed over `path`: no copy of the whole payload is held in memory, and an
     OSError (a full disk) or any exception inside `write` leaves the previous file whole and no temp
-    file behind. OSErrors come out as one line naming `path`."""
+    file behind. OSErrors come out as one line naming `path`. `durable=False`: as in atomic_write."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -137,16 +119,18 @@ def atomic_stream(path: str | Path, write: Callable[[Any], None], what: str = "f
         try:
             with io.BufferedWriter(_DescriptorWriter(fd), buffer_size=1 << 22) as stream:
                 write(stream)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         raise io_error(what, path, err) from err
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: the error above is the one to show
             tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def save_image(image, path: str | Path, what: str = "image", durable: bool = False, **options) -> None:
