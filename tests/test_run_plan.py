@@ -111,3 +111,18 @@ def test_plan_steps_follow_the_epoch_definition(small_overrides):
         forget, retain = (int(re.search(rf"data: {side}: (\d+)", plan).group(1)) for side in ("forget", "retain"))
         steps[epoch_over] = int(re.search(r"steps: (\d+) per epoch", plan).group(1))
     assert steps == {"longer": -(-max(forget, retain) // 4), "retain": -(-retain // 4)} and forget != retain
+
+
+def test_plan_says_when_updates_stop_after_the_first_epoch(small_overrides):
+    """method.retain_iterator=once (the official full RMU trainer): the schedule spans max_epochs, the
+    updates one epoch."""
+    import re
+
+    base = [*small_overrides, "method.alpha=1.0", "trainer.max_steps=-1", "trainer.max_epochs=3"]
+    for iterator in ("once", "restart"):
+        plan = run_plan(load_config("configs/experiment/mirage_rmu.yaml", [*base, f"method.retain_iterator={iterator}"]))
+        per_epoch, total = (int(g) for g in re.search(r"steps: (\d+) per epoch, (\d+) in total", plan).groups())
+        assert total == 3 * per_epoch
+        said = f"updates: {per_epoch}, epoch 1 only (method.retain_iterator=once); the learning-rate schedule is " \
+               f"sized for the {total}"
+        assert (said in plan) == (iterator == "once"), plan

@@ -220,6 +220,9 @@ def run_plan(cfg) -> str:
         total = max_steps if max_steps > 0 else per_epoch * max(epochs, 1)
         lines.append(f"  steps: {per_epoch} per epoch, {total} in total "
                      f"({'max_steps' if max_steps > 0 else f'{max(epochs, 1)} epoch(s)'})")
+        if cfg.method.get("retain_iterator") == "once" and total > per_epoch:  # rmu.py on_train_epoch_end
+            lines.append(f"  updates: {per_epoch}, epoch 1 only (method.retain_iterator=once); the learning-rate "
+                         f"schedule is sized for the {total}")
     else:
         lines.append(f"  steps: unknown without the data (max_steps={max_steps}, max_epochs={epochs})")
     by_part: dict[str, list[int]] = defaultdict(lambda: [0, 0])
