@@ -1,7 +1,7 @@
 """DeepSpeed without a GPU: the shipped configs compose into the official zero2/zero3/zero3_offload values,
 "auto" resolved as the official runs' HF Trainer did; Lightning's own code path reads the batch size off
 our resumable loader's batch sampler; an offloaded optimizer gets DeepSpeed's CPU Adam. Nothing here
-runs DeepSpeed (its engine needs CUDA): the objects are built and read."""
+runs DeepSpeed: the objects are built and read (tests/test_deepspeed_cpu.py runs it on CPU processes)."""
 
 from __future__ import annotations
 
