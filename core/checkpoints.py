@@ -148,6 +148,17 @@ def check_sharded_checkpoint(path: Path, label: str = "resume checkpoint") -> No
             raise _refused(label, path, file, err) from err
 
 
+def load_deepspeed_file(file, map_location=None, directory=None, label: str = "resume checkpoint", mmap: bool = False):
+    """A file of a DeepSpeed checkpoint loaded as data: in place of DeepSpeed's TorchCheckpointEngine.load
+    (which passes weights_only=False), weights_only=True with DeepSpeed's own classes allowed by name;
+    anything else is refused in one line naming the file (`directory`: the checkpoint it belongs to)."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        raise _refused(label, directory or Path(file).parent, Path(file), err) from err
+
+
 def _check_dcp_bytes(directory: Path, metadata) -> None:
     """DCP's non-tensor items (loaded by its planner with weights_only=False) load with weights_only=True."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata

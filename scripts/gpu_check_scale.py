@@ -149,7 +149,7 @@ class Check:
 
     def deepspeed(self) -> dict:
         if not self.cuda:
-            return {"skipped": "needs CUDA (DeepSpeed's engine runs on GPUs only)"}
+            return {"skipped": "needs CUDA (it measures a DeepSpeed run's GPU memory against the plan)"}
         extra = [f"trainer={self.args.ds_trainer}", "trainer.devices=1", *BF16, f"trainer.max_steps={self.args.steps}",
                  "checkpoint.save_last=false", f"model.gradient_checkpointing={str(self.args.checkpointing).lower()}"]
         layers, fits = self.args.ds_layers, None

@@ -211,3 +211,38 @@ def test_a_clean_sharded_checkpoint_passes_the_check(tmp_path):
                 "param_slice_mappings": [{"w": fragment_address(numel=2, start=0)}]},
                ds / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     check_sharded_checkpoint(tmp_path / "ds")
+
+
+def test_deepspeeds_own_loader_reads_checkpoint_files_as_data(tmp_path):
+    """Past resume's check, DeepSpeed's engine reads each file through its checkpoint engine, whose
+    TorchCheckpointEngine passes weights_only=False: AtomicDeepSpeedStrategy.load_checkpoint swaps in a
+    data-only load, so a planted pickle is refused there too (the engine is a stand-in that reads as
+    DeepSpeedEngine.load_checkpoint does; tests/test_deepspeed_cpu.py resumes real ones through it)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from core.errors import UserError
+    from lightning_modules.run.checkpointing import AtomicDeepSpeedStrategy
+
+    _deepspeed_dir(tmp_path)
+    files = tmp_path / "ds" / "checkpoint"
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+        def load_checkpoint(self, load_dir, **_):
+            states = self.checkpoint_engine.load(str(files / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), "cpu")
+            return load_dir, {**self.checkpoint_engine.load(str(files / "mp_rank_00_model_states.pt"), "cpu"), **states}
+
+    strategy = AtomicDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}})
+    strategy.model = Engine()
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING)),
+                                                 strict_loading=True)
+    with pytest.raises(UserError, match=f"resume checkpoint {tmp_path / 'ds'}: mp_rank_00_model_states.pt is "
+                                        "refused, it is not plain checkpoint data and loading it could run code"):
+        strategy.load_checkpoint(tmp_path / "ds")
+    assert not (tmp_path / MARKER).exists()
+    torch.save({"module": {"w": torch.zeros(2)}}, files / "mp_rank_00_model_states.pt")  # clean: loads
+    assert strategy.load_checkpoint(tmp_path / "ds")["ds_version"] == "0.19.8"

@@ -49,3 +49,25 @@ def test_bad_strategy_settings_end_in_one_line_before_anything_is_written(tmp_pa
         run(cfg)
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+NO_COMPILER = "C++ compiler 'no-such-c++' found): install them (its first run builds it) or remove the optimizer offload"
+
+
+@pytest.mark.parametrize("extra, key", [
+    (["trainer=deepspeed_zero2_cpu", "trainer.strategy.config.zero_optimization.offload_optimizer.device=cpu"],
+     "trainer.strategy.config.zero_optimization.offload_optimizer"),
+    (["trainer.strategy=deepspeed_stage_3_offload"], "trainer.strategy=deepspeed_stage_3_offload"),
+    (["trainer.strategy={name: deepspeed, offload_optimizer: true}"], "trainer.strategy.offload_optimizer=true"),
+])
+def test_an_offloaded_optimizer_that_cannot_be_built_ends_in_one_line(tmp_path, monkeypatch, extra, key):
+    """DeepSpeed's CPU Adam is a C++ op compiled by the first run: without a compiler, one line before anything."""
+    monkeypatch.setattr("deepspeed.git_version_info.installed_ops", {"cpu_adam": False})
+    monkeypatch.setenv("CXX", "no-such-c++")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"run_dir={tmp_path / 'run'}", "trainer.accelerator=cpu",
+                                                       *extra])
+    with pytest.raises(UserError) as err:
+        run(cfg)
+    assert str(err.value) == f"{key} runs DeepSpeed's CPU Adam, a C++ op neither installed nor buildable here (no " \
+                             + NO_COMPILER and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

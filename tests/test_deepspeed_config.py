@@ -1,7 +1,7 @@
 """DeepSpeed without a GPU: the shipped configs compose into the official zero2/zero3/zero3_offload values,
 "auto" resolved as the official runs' HF Trainer did; Lightning's own code path reads the batch size off
 our resumable loader's batch sampler; an offloaded optimizer gets DeepSpeed's CPU Adam. Nothing here
-runs DeepSpeed (its engine needs CUDA): the objects are built and read."""
+runs DeepSpeed: the objects are built and read (tests/test_deepspeed_cpu.py runs it on CPU processes)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,14 @@ def test_lightning_reads_the_batch_size_off_our_batch_sampler():
 def test_bad_deepspeed_configs(config, precision, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         resolve_config(config, precision, 64)
+
+
+def test_a_registered_deepspeed_name_is_our_strategy():
+    """trainer.strategy=deepspeed_stage_3 (Lightning's registered names) gets atomic checkpoint directories and
+    CPU processes as the mapping form does, with the arguments Lightning registers for the name."""
+    from lightning_modules.run.checkpointing import AtomicDeepSpeedStrategy
+
+    stage3 = build_strategy("deepspeed_stage_3_offload", None, precision="bf16-mixed")
+    assert isinstance(stage3, AtomicDeepSpeedStrategy) and stage3.zero_stage_3
+    assert stage3.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert build_strategy("ddp") == "ddp" and build_strategy("deepspeed_nonsense") == "deepspeed_nonsense"  # Lightning's

@@ -1,4 +1,4 @@
-"""A fault on one rank of a 2-process fit (gloo CPU processes; DDP and FSDP2): a rank that raises,
+"""A fault on one rank of a 2-process fit (gloo CPU processes; DDP, FSDP2 and DeepSpeed ZeRO-2): a rank that raises,
 is killed by SIGKILL, or runs out of memory (a raised `torch.OutOfMemoryError`) ends the run in
 one `error:` line naming the rank and the cause, within a bounded time, with no process left; the
 checkpoint written before stays loadable, and the same command with resume=last ends with the
@@ -79,6 +79,36 @@ def straight(files, tmp_path_factory):
     return get
 
 
+def faulted(args: list[str], run_dir: Path, fault: str, step: int) -> None:
+    """The run with `fault` on rank 1 at `step` ends in one `error:` line naming rank 1 and the cause,
+    within LIMIT_S, with no process of it left and no model exported."""
+    start = time.monotonic()
+    proc = cli(args, fault=f"rank1:{fault}@step{step}")
+    took = time.monotonic() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
+    assert errors[0].startswith(CAUSE[fault].replace("step 3", f"step {step}")), errors
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert took < LIMIT_S
+    deadline = time.monotonic() + 10  # no rank outlives the run (a dying one gets a moment)
+    while alive(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(str(run_dir))
+    assert not (run_dir / "model").exists()
+
+
+def resumed_to_the_end(args: list[str], run_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+    """resume=last finishes the run with exactly the uninterrupted run's weights."""
+    proc = cli(args + ["resume=last"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"Restored all states from the checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}" in \
+        proc.stdout + proc.stderr
+    resumed = weights(run_dir)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.scale
 @pytest.mark.parametrize("trainer,fault", [("ddp_cpu", "kill"), ("ddp_cpu", "oom"), ("fsdp_cpu", "raise"),
@@ -87,30 +117,32 @@ def test_a_rank_fault_is_one_line_and_resume_gives_the_uninterrupted_weights(fil
                                                                               fault):
     run_dir = tmp_path / "run"
     args = command(files, run_dir, trainer)
-    start = time.monotonic()
-    proc = cli(args, fault=f"rank1:{fault}@step3")
-    took = time.monotonic() - start
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
-    assert errors[0].startswith(CAUSE[fault]), errors
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert took < LIMIT_S
-    deadline = time.monotonic() + 10  # no rank outlives the run (a dying one gets a moment)
-    while alive(str(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive(str(run_dir))
-
+    faulted(args, run_dir, fault, step=3)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert 1 <= torch.load(last, weights_only=True)["global_step"] <= 3  # whole, written before the fault
-    assert not (run_dir / "model").exists()
+    resumed_to_the_end(args, run_dir, straight(trainer))
 
-    proc = cli(args + ["resume=last"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"Restored all states from the checkpoint at {last}" in proc.stdout + proc.stderr
-    expected, resumed = straight(trainer), weights(run_dir)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+@pytest.mark.slow
+@pytest.mark.scale
+def test_deepspeed_rank_faults_one_after_another_then_resume_gives_the_uninterrupted_weights(files, straight,
+                                                                                              tmp_path):
+    """DeepSpeed ZeRO-2 on two CPU processes (trainer=deepspeed_zero2_cpu), checkpoints as directories: a
+    kill at step 2; resumed, a raise at step 3; resumed again, an out-of-memory at step 4 -- each one line,
+    each leaving a whole checkpoint directory that the next run resumes from; the last resume ends with the
+    uninterrupted weights. One run directory carries the three faults: 4 runs and the straight one, not 7."""
+    from core.checkpoints import check_sharded_checkpoint
+    from lightning_modules.run.checkpointing import saved_step
+
+    run_dir = tmp_path / "run"
+    args = command(files, run_dir, "deepspeed_zero2_cpu")
+    last, before = run_dir / "checkpoints" / "last.ckpt", 0
+    for fault, step in (("kill", 2), ("raise", 3), ("oom", 4)):
+        faulted(args + (["resume=last"] if before else []), run_dir, fault, step)
+        assert before < saved_step(last) <= step  # a newer checkpoint, written before the fault
+        check_sharded_checkpoint(last)  # whole: every file of it loads (as data)
+        before = saved_step(last)
+    resumed_to_the_end(args, run_dir, straight("deepspeed_zero2_cpu"))
 
 
 def test_a_malformed_fault_is_one_line(monkeypatch):

@@ -41,7 +41,8 @@ GA_FSDP = "trainer.strategy={name: fsdp, sharding_strategy: SHARD_GRAD_OP, activ
 
 
 def overrides(files: dict, run_dir: Path, method: list[str], strategy: str, *extra: str) -> list[str]:
-    chosen = GA_FSDP if (strategy, method) == ("fsdp", METHODS["ga"]) else STRATEGIES[strategy]
+    """One run's overrides; `strategy`: a key of STRATEGIES, or an override of its own (trainer=...)."""
+    chosen = GA_FSDP if (strategy, method) == ("fsdp", METHODS["ga"]) else STRATEGIES.get(strategy, strategy)
     return [*vlguard_overrides(files, run_dir), *method, "trainer.accelerator=cpu", "trainer.devices=2",
             chosen, "trainer.max_steps=2", "checkpoint.every_n_train_steps=1", "data.batch_size=2",
             "data.max_eval_samples=2", "eval.max_new_tokens=2", "eval.val_at_start=true", *extra]

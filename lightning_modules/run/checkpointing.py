@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -30,7 +31,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from core.errors import UserError
 from core.files import atomic_stream, atomic_write, fsync_dir, io_error
@@ -349,7 +351,67 @@ class AtomicModelParallelStrategy(AtomicDirectoryCheckpoints, ModelParallelStrat
 class AtomicDeepSpeedStrategy(AtomicDirectoryCheckpoints, DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy whose checkpoint directories are atomic and guarded; the
     non-finite guard also reads each rank's ZeRO partitions (`ds_tensor`), which the Lightning
-    checkpoint dict does not hold."""
+    checkpoint dict does not hold.
+
+    Also runs on CPU processes (`trainer.accelerator=cpu`, gloo): DeepSpeed's own CPU accelerator
+    (chosen when torch sees no GPU) runs the same engine and ZeRO-2/3 code as on GPUs; Lightning's
+    wrapper assumes CUDA in three places, overridden below for CPU only (setup_environment,
+    root_device, setup_distributed). Checkpoint files load as data (load_checkpoint), and
+    `trainer.test` after fit keeps transformers' hooks (_initialize_deepspeed_inference), on any device."""
+
+    def _on_cpu(self) -> bool:
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # skips Lightning's "only supported on CUDA GPUs" check
+
+    @property
+    def root_device(self) -> torch.device:
+        device = super().root_device
+        # deepspeed.initialize takes root_device.index as this process's device rank (None for "cpu")
+        return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        # Lightning's version first checks the device indices (_validate_device_index_selection), None on CPU
+        reset_seed()
+        self.set_world_ranks()
+        # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op here (a C++ compiler,
+        # ~1 min the first time); only its tensor-parallel inference uses it, ZeRO trains over gloo.
+        ds_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is also torch itself)
+        build_shm_op, ds_comm.build_shm_op = ds_comm.build_shm_op, lambda: None
+        try:
+            self._init_deepspeed_distributed()
+        finally:
+            ds_comm.build_shm_op = build_shm_op
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
+        """DeepSpeed's engine reads the checkpoint's .pt files through its checkpoint engine, whose
+        TorchCheckpointEngine unpickles them with weights_only=False: here it loads them as data
+        (core.checkpoints.load_deepspeed_file), so no code runs from a checkpoint even past the check
+        resume makes first (core.checkpoints.check_sharded_checkpoint)."""
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        from core.checkpoints import load_deepspeed_file
+
+        engine = getattr(self.deepspeed_engine, "checkpoint_engine", None)
+        if isinstance(engine, TorchCheckpointEngine):
+            engine.load = lambda path, map_location=None: load_deepspeed_file(path, map_location, checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
+    def _initialize_deepspeed_inference(self, model) -> None:
+        super()._initialize_deepspeed_inference(model)
+        # Lightning's version (trainer.test after fit) clears every module hook first, transformers'
+        # output-capture hooks too (installed once, at the first forward that asks for hidden states):
+        # LLaVA's vision tower then returns no hidden states. Cleared flags make them install again.
+        for module in model.modules():
+            if getattr(module, "_output_capturing_hooks_installed", False):
+                module._output_capturing_hooks_installed = False
 
     def local_tensors(self) -> dict:
         module = self.lightning_module

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from core.checkpoints import check_sharded_checkpoint, read_checkpoint
+from core.checkpoints import check_sharded_checkpoint, load_deepspeed_file, read_checkpoint
 from core.errors import UserError
 from lightning_modules.config.diff import changed_keys, flatten
 from lightning_modules.run.checkpointing import recover_checkpoint_dir
@@ -49,6 +49,16 @@ def _sharded(path: Path) -> bool:
     return any((path / name).exists() for name in ("latest", "checkpoint", "meta.pt")) or any(path.glob("*.distcp"))
 
 
+def _sharded_header(path: Path) -> dict:
+    """Lightning's own entries of a sharded checkpoint (hyper_parameters, global_step): FSDP's meta.pt;
+    DeepSpeed keeps them as the client state of its model-states file (memory-mapped: its tensors
+    are not read)."""
+    if (path / "meta.pt").is_file():
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    states = sorted(path.rglob("*model_states.pt"))
+    return load_deepspeed_file(states[0], "cpu", path, mmap=True) if states else {}
+
+
 def checkpoint_to_resume(cfg, run_dir: Path) -> Path | None:
     """The path `resume` names: "last" (this run dir's last.ckpt), a checkpoint path, or "auto": the
     newest of last.ckpt and the checkpoints Lightning saves when SLURM pre-empts a job
@@ -72,9 +82,8 @@ def saved_settings(path: Path, run_dir: Path) -> tuple[dict, int | None]:
         if not _sharded(path):
             raise UserError(f"resume checkpoint {path} is a directory but not a sharded (DeepSpeed / FSDP) checkpoint")
         check_sharded_checkpoint(path)  # DeepSpeed's and DCP's loaders unpickle: each pickle checked as data first
-        if (path / "meta.pt").is_file():  # FSDP's sharded checkpoint: everything but the tensors
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-            old_cfg, step = dict(meta.get("hyper_parameters") or {}), meta.get("global_step")
+        header = _sharded_header(path)
+        old_cfg, step = dict(header.get("hyper_parameters") or {}), header.get("global_step")
     else:
         ckpt = read_checkpoint(path)
         old_cfg, step = dict(ckpt.get("hyper_parameters") or {}), ckpt.get("global_step")

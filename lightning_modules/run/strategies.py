@@ -15,6 +15,8 @@ extra (`pip install 'safety-mirage[deepspeed]'`); without it a deepspeed strateg
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -36,6 +38,12 @@ def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = N
     if spec is None or isinstance(spec, str):
         if isinstance(spec, str) and spec.startswith("deepspeed"):
             require_deepspeed(spec)
+            from lightning_modules.run.deepspeed_config import deepspeed_strategy
+
+            # Lightning's registered names (deepspeed_stage_3, ...) as our strategy: atomic checkpoint
+            # directories, CPU processes; with the arguments Lightning registers for the name.
+            if _registered(spec):
+                return deepspeed_strategy(dict(_registered(spec)["init_params"]), precision, model)
         return spec if spec is not None else "auto"
     if not isinstance(spec, dict) or "name" not in spec:
         raise UserError(f"trainer.strategy must be a strategy name or a mapping with 'name', got {spec!r}")
@@ -92,6 +100,8 @@ def check_strategy(cfg) -> None:
         if precision not in FSDP_PRECISIONS and precision not in ("32", "bf16"):
             raise UserError(f"trainer.precision={precision} is not supported with trainer.strategy fsdp "
                             f"(allowed: {', '.join(FSDP_PRECISIONS)})")
+    if name.startswith("deepspeed") and optimizer_offload_key(spec):
+        check_cpu_adam(optimizer_offload_key(spec))
     if shards_by_config(spec) and cfg.eval.get("probes"):
         raise UserError(f"eval.probes=true cannot run with trainer.strategy {name}: the probes run forwards on "
                         "rank 0 alone and sharded weights need every rank (allowed: eval.probes=false, or an "
@@ -127,6 +137,49 @@ def gathered_model_weights(trainer, module) -> dict | None:
     # full_state_dict + cpu_offload: each tensor gathered in turn and kept on rank 0 alone (empty elsewhere).
     state = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def _registered(name: str) -> dict:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return StrategyRegistry[name] if name in StrategyRegistry else {}
+
+
+def optimizer_offload_key(spec: Any) -> str:
+    """The setting by which a deepspeed `trainer.strategy` puts the optimizer in CPU RAM or on NVMe
+    ("" if none): a registered name (deepspeed_stage_2_offload), DeepSpeedStrategy's own argument,
+    or the DeepSpeed config's block."""
+    if isinstance(spec, str):
+        return f"trainer.strategy={spec}" if _registered(spec).get("init_params", {}).get("offload_optimizer") else ""
+    if not isinstance(spec, dict):
+        return ""
+    from lightning_modules.run.deepspeed_config import read_config
+    from models.precision import offloads_optimizer
+
+    if spec.get("offload_optimizer"):
+        return "trainer.strategy.offload_optimizer=true"
+    if "config" in spec and offloads_optimizer(read_config(spec["config"])):
+        return "trainer.strategy.config.zero_optimization.offload_optimizer"
+    return ""
+
+
+def check_cpu_adam(key: str) -> None:
+    """An offloaded optimizer (`key`) is DeepSpeed's CPU Adam (models/precision.optimizer_spec), a C++
+    op: installed with DeepSpeed (DS_BUILD_CPU_ADAM=1), or compiled by its first run (a C++ compiler
+    and ninja; measured 90 s on 2 cores, then cached under ~/.cache/torch_extensions)."""
+    require_deepspeed("deepspeed")
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if installed_ops.get("cpu_adam"):
+        return
+    compiler = os.environ.get("CXX", "c++")  # what torch's extension builder calls
+    missing = [what for what, found in ((f"C++ compiler '{compiler}'", shutil.which(compiler)),
+                                        ("ninja", is_ninja_available())) if not found]
+    if missing:
+        raise UserError(f"{key} runs DeepSpeed's CPU Adam, a C++ op neither installed nor buildable here (no "
+                        f"{' and no '.join(missing)} found): install them (its first run builds it) or remove the "
+                        "optimizer offload")
 
 
 def require_deepspeed(name: str) -> None:
