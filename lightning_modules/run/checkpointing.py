@@ -381,6 +381,12 @@ class AtomicDeepSpeedStrategy(AtomicDirectoryCheckpoints, DeepSpeedStrategy):
         # Lightning's version first checks the device indices (_validate_device_index_selection), None on CPU
         reset_seed()
         self.set_world_ranks()
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        if get_accelerator().device_name() != "cpu":  # a GPU machine told to train on CPU processes
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+            set_accelerator(CPU_Accelerator())
         # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce op here (a C++ compiler,
         # ~1 min the first time); only its tensor-parallel inference uses it, ZeRO trains over gloo.
         ds_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is also torch itself)
