@@ -23,9 +23,11 @@ CASES = [
      "trainer.strategy.cpu_offload=true is not supported for fsdp"),
     (["trainer.strategy={name: fsdp, limit_all_gathers: true}"],
      "unknown config key 'trainer.strategy.limit_all_gathers' (for fsdp); known: activation_checkpointing, "
-     "cpu_offload, sharding_strategy, state_dict_type, timeout"),
+     "cpu_offload, heartbeat, sharding_strategy, state_dict_type, timeout"),
     (["trainer.strategy={name: fsdp, timeout: -5}"],
      "invalid value for config key 'trainer.strategy.timeout': -5 (allowed: a number of seconds > 0)"),
+    (["trainer.strategy={name: ddp, heartbeat: 0.5}"],
+     "invalid value for config key 'trainer.strategy.heartbeat': 0.5 (allowed: a number of seconds >= 3)"),
     (["trainer.strategy=fsdp_cpu_offload"],
      "trainer.strategy 'fsdp_cpu_offload' (Lightning's FSDP1) is not supported; allowed: fsdp or {name: fsdp, ...}"),
     ([FSDP, "trainer.precision=bf16-true"],

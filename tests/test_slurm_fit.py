@@ -42,6 +42,7 @@ def test_script_parses_and_its_header_matches_what_it_asks_of_the_trainer():
                   if line.startswith("#SBATCH --") and "=" in line)
     assert header["ntasks-per-node"] == header["gpus-per-node"]  # one rank per GPU
     assert header["signal"].startswith("SIGUSR1@") and "requeue" in SCRIPT.read_text()  # Lightning's requeue signal
+    assert 'srun --kill-on-bad-exit=1 "${FIT[@]}"' in SCRIPT.read_text()  # a task that dies ends the others
     command = srun_command({"SLURM_JOB_NUM_NODES": header["nodes"], "SLURM_NTASKS_PER_NODE": header["ntasks-per-node"],
                             "SLURM_JOB_NAME": "safety-mirage-fit", "SLURM_JOB_ID": "77"}, "configs/demo.yaml")
     assert command[:3] == ["python", "-m", "lightning_modules.fit"]

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 
 from core.errors import UserError
-from lightning_modules.config.trainer import check_accelerator_exists, collective_timeout
+from lightning_modules.config.trainer import check_accelerator_exists, collective_timeout, heartbeat_grace
 
 DEFAULT_TIMEOUT_S = 1800  # torch's own default for a collective (gloo)
 # Strategies of fit that make no sense for generation, and why.
@@ -24,14 +24,15 @@ _FABRIC: Optional[Fabric] = None
 
 def _strategy(spec: Any) -> tuple[str, timedelta]:
     """(name, collective timeout) of `trainer.strategy` for generation: auto or ddp (a name or
-    `{name: ddp, timeout: S}`)."""
+    `{name: ddp, timeout: S, heartbeat: S}`; the heartbeat is read by run/ranks.on_ranks)."""
     timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
     if isinstance(spec, dict):
-        unknown = sorted(set(spec) - {"name", "timeout"})
+        unknown = sorted(set(spec) - {"name", "timeout", "heartbeat"})
         if "name" not in spec or unknown:
-            raise UserError(f"trainer.strategy for generation takes name and timeout, got {sorted(spec)}")
+            raise UserError(f"trainer.strategy for generation takes name, timeout and heartbeat, got {sorted(spec)}")
         if "timeout" in spec:
             timeout = collective_timeout(spec["timeout"])
+        heartbeat_grace(spec)  # read by on_ranks once the processes run; refused here, before they start
         spec = spec["name"]
     name = str(spec if spec is not None else "auto")
     if name not in ("auto", "ddp") and (name.startswith(_NOT_FOR_GENERATION) or not name.startswith("ddp")):

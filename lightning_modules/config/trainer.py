@@ -48,3 +48,18 @@ def collective_timeout(seconds: Any) -> timedelta:
         raise UserError(f"invalid value for config key 'trainer.strategy.timeout': {seconds!r} "
                         "(allowed: a number of seconds > 0)")
     return timedelta(seconds=seconds)
+
+
+HEARTBEAT_S = 30  # default of `trainer.strategy.heartbeat`: far above any pause of a live rank's beat thread
+
+
+def heartbeat_grace(strategy: Any) -> float:
+    """`trainer.strategy.heartbeat` (seconds; HEARTBEAT_S unless the strategy mapping sets it): how
+    long a rank of a multi-process run may go without a heartbeat (killed, its node lost) before the
+    others stop and name it (lightning_modules/run/heartbeat.py). Ranks beat every second."""
+    strategy = OmegaConf.to_container(strategy, resolve=True) if OmegaConf.is_config(strategy) else strategy
+    seconds = strategy.get("heartbeat", HEARTBEAT_S) if isinstance(strategy, dict) else HEARTBEAT_S
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 3:
+        raise UserError(f"invalid value for config key 'trainer.strategy.heartbeat': {seconds!r} "
+                        "(allowed: a number of seconds >= 3)")
+    return float(seconds)

@@ -17,7 +17,8 @@ parameter in place (a DTensor), keeps the module tree and its names, and runs on
   directory: torch.distributed.checkpoint);
 - `activation_checkpointing`: recompute each block in backward (transformers' gradient
   checkpointing, non-reentrant, which keeps parameter names);
-- `timeout`: seconds a collective waits for the other ranks.
+- `timeout`: seconds a collective waits for the other ranks;
+- `heartbeat`: seconds a rank may go silent before the others name it lost (run/heartbeat.py).
 
 Numerics: the sharded parameters are fp32 (the model is cast before sharding), so the optimizer
 updates fp32 values; under `bf16-mixed` the gathered compute copies are bf16
@@ -38,7 +39,7 @@ from lightning_modules.run.checkpointing import AtomicModelParallelStrategy
 
 SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}  # -> fully_shard(reshard_after_forward=...)
 STATE_DICT_TYPES = ("full", "sharded")
-FSDP_KEYS = ("sharding_strategy", "state_dict_type", "activation_checkpointing", "cpu_offload", "timeout")
+FSDP_KEYS = ("sharding_strategy", "state_dict_type", "activation_checkpointing", "cpu_offload", "timeout", "heartbeat")
 COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16}  # Lightning's precision -> FSDP2's gathered parameter dtype
 
 
@@ -75,6 +76,7 @@ class FSDP2Strategy(AtomicModelParallelStrategy):
         """`trainer.strategy` (less `name`) as this class's keyword arguments, checked without a model."""
         reject_unknown("trainer.strategy", sorted(options), FSDP_KEYS, "for fsdp")
         options = dict(options)
+        options.pop("heartbeat", None)  # the ranks' heartbeat (run/heartbeat.py), not FSDP's
         sharding = _choice("sharding_strategy", options.pop("sharding_strategy", "FULL_SHARD"), SHARDING)
         state_dict_type = _choice("state_dict_type", options.pop("state_dict_type", "full"), STATE_DICT_TYPES)
         if options.pop("cpu_offload", False):

@@ -9,6 +9,8 @@ A fault on a rank ends the run in one line naming the rank: an error is the rank
 rank 0, which watches the processes it started (in place of Lightning's observer, which would kill
 rank 0 before it could say which rank died); a rank that hangs is left after
 `trainer.strategy.timeout` seconds. The others stop instead of waiting, and what was written stays.
+Where no parent watches (torchrun, srun, the ranks rank 0 leaves behind when it dies), every rank's
+heartbeat (run/heartbeat.py, `trainer.strategy.heartbeat` seconds) names a rank that vanished.
 fit uses the same watcher and `rank_faults` (run/training.py, through the `WatchRanks` callback).
 """
 
@@ -29,6 +31,8 @@ from core.distributed import RankPool, set_rank_pool
 from core.errors import RankFailed, UserError, is_peer_failure
 from core.files import storage_fault
 from lightning_modules.analysis.devices import generation_fabric, set_current_fabric
+from lightning_modules.config.trainer import heartbeat_grace
+from lightning_modules.run.heartbeat import Heartbeat, start_heartbeat
 
 def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
     """`command()` on the processes `cfg.trainer` asks for; its result on rank 0 (None elsewhere).
@@ -47,7 +51,9 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
     fabric.launch()
     set_current_fabric(fabric)
     timeout = fabric.strategy._timeout  # noqa: SLF001 -- the one we passed
-    watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []))
+    watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []),
+                           heartbeat_s=heartbeat_grace((cfg.get("trainer") or {}).get("strategy")))
+    watcher.beat()
     done = False
     try:
         with rank_faults(fabric.global_rank, watcher):
@@ -103,13 +109,16 @@ class ChildWatcher(threading.Thread):
     """Rank 0 of Lightning's launch watches the ranks it started: one killed by a signal is named
     (`error: rank R: killed by SIGKILL ...`), and rank 0 stops at once. Replaces Lightning's observer
     (it kills rank 0 with SIGKILL when a child exits non-zero, before anything can be said). A rank
-that exits with an error printed its own line; rank 0 then says why it stops."""
+that exits with an error printed its own line; rank 0 then says why it stops. It also holds this
+rank's heartbeat (`beat`, every rank): what no parent sees, and the one line of the process."""
 
-    def __init__(self, procs: list, kept: str = "the answers already written are kept: run the same command to resume"):
+    def __init__(self, procs: list, kept: str = "the answers already written are kept: run the same command to resume",
+                 heartbeat_s: float | None = None):
         super().__init__(daemon=True, name="rank-watcher")
         self.procs: list = []
         self.kept = kept  # what a killed rank left behind, and how to go on
         self.failed = False
+        self.heartbeat_s, self.heartbeat = heartbeat_s, None  # type: float | None, Heartbeat | None
         self._done, self._lock = threading.Event(), threading.Lock()
         self.adopt(procs)
 
@@ -121,6 +130,17 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
         self.procs = list(procs)
         procs.clear()
         self.start()
+
+    def beat(self) -> None:
+        """Start this rank's heartbeat (once the process group exists; once)."""
+        if self.heartbeat is None and self.heartbeat_s:
+            self.heartbeat = start_heartbeat(self.heartbeat_s, self.kept, quiet=lambda: self.failed)
+
+    def _say(self, line: str, error: bool) -> None:
+        if self.heartbeat is not None:  # one line per process; an error offered to the other ranks
+            self.heartbeat.say(line, error)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def run(self) -> None:
         while not self._done.wait(0.2):
@@ -134,9 +154,14 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
         """Whether a rank has left, said in one line (once, by whichever thread sees it first);
         `wait_s`: how long to wait for the exit status of a rank that a collective says is gone."""
         deadline = time.monotonic() + wait_s
+        if wait_s and self.heartbeat is not None:
+            self.heartbeat.suspect()  # a collective failed: which rank vanished?
         while True:
             with self._lock:
                 if self.failed:
+                    return True
+                if self.heartbeat is not None and self.heartbeat.said is not None:
+                    self.failed = True  # the heartbeat said this process's line
                     return True
                 for rank, proc in enumerate(self.procs, 1):
                     code = proc.poll()
@@ -144,12 +169,11 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
                         continue
                     if code < 0:
                         name = signal.Signals(-code).name
-                        print(f"error: rank {rank}: killed by {name}" + (
+                        self._say(f"error: rank {rank}: killed by {name}" + (
                             " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else "")
-                            + f"; {self.kept}",
-                            file=sys.stderr, flush=True)
+                            + f"; {self.kept}", error=True)
                     else:  # the rank printed its own line
-                        print(f"rank 0 stopped: rank {rank} exited with status {code}", file=sys.stderr, flush=True)
+                        self._say(f"rank 0 stopped: rank {rank} exited with status {code}", error=False)
                     self.failed = True
                     return True
             if time.monotonic() >= deadline:
@@ -158,6 +182,8 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
 
     def stop(self, kill: bool) -> None:
         self._done.set()
+        if self.heartbeat is not None:
+            self.heartbeat.stop(clean=not kill)
         if kill:  # a hung rank must not outlive the run (a rank still printing its line gets a moment)
             for proc in self.procs:
                 with contextlib.suppress(Exception):
@@ -168,7 +194,7 @@ that exits with an error printed its own line; rank 0 then says why it stops."""
 
 class WatchRanks(Callback):
     """fit's rank 0 adopts the ranks Lightning's launcher started (`setup` runs right after the
-    launch, on every rank; only rank 0 started processes)."""
+    launch, on every rank; only rank 0 started processes); every rank starts its heartbeat."""
 
     def __init__(self, watcher: ChildWatcher):
         self.watcher = watcher
@@ -177,3 +203,4 @@ class WatchRanks(Callback):
         procs = getattr(trainer.strategy.launcher, "procs", None)
         if trainer.global_rank == 0 and procs:
             self.watcher.adopt(procs)
+        self.watcher.beat()

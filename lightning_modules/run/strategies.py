@@ -4,6 +4,7 @@ need Python objects (FSDP's wrap policy).
     strategy: ddp                       # any registered name: ddp, deepspeed_stage_2, deepspeed_stage_3, ...
     strategy: {name: fsdp, sharding_strategy: FULL_SHARD, state_dict_type: full}   # FSDP2 (run/fsdp.py)
     strategy: {name: ddp, timeout: 600}   # a rank waits 10 min in a collective for a dead or hung peer
+    strategy: {name: ddp, heartbeat: 60}  # a rank silent for 60 s is lost (run/heartbeat.py; default 30)
 
 FSDP is FSDP2 (`fully_shard`, lightning_modules/run/fsdp.py): each transformer block -- the classes
 a Hugging Face model lists in `_no_split_modules` that occur more than once (LlamaDecoderLayer,
@@ -24,7 +25,7 @@ from torch import nn
 
 from core.distributed import shards_parameters
 from core.errors import UserError
-from lightning_modules.config.trainer import collective_timeout
+from lightning_modules.config.trainer import collective_timeout, heartbeat_grace
 from models.precision import strategy_name
 
 
@@ -51,6 +52,7 @@ def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = N
     name = spec.pop("name")
     if "timeout" in spec:  # seconds a collective waits for the other ranks before this rank stops
         spec["timeout"] = collective_timeout(spec["timeout"])
+    spec.pop("heartbeat", None)  # ours, not the strategy's (run/heartbeat.py)
     if name == "fsdp":
         return fsdp_strategy(spec, model)
     if name == "deepspeed":  # {name: deepspeed, config: {...} | file.json}: run/deepspeed_config.py
@@ -88,6 +90,7 @@ def check_strategy(cfg) -> None:
     name = strategy_name(spec)
     if isinstance(spec, dict) and "timeout" in spec:
         collective_timeout(spec["timeout"])
+    heartbeat_grace(spec)
     if name.startswith("fsdp") and name != "fsdp":
         raise UserError(f"trainer.strategy '{name}' (Lightning's FSDP1) is not supported; allowed: "
                         "fsdp or {name: fsdp, ...} (FSDP2, see lightning_modules/run/fsdp.py)")

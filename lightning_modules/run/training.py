@@ -16,7 +16,7 @@ from core.files import atomic_write, storage_fault
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
 from lightning_modules.config.loading import to_yaml
-from lightning_modules.config.trainer import check_accelerator_exists
+from lightning_modules.config.trainer import check_accelerator_exists, heartbeat_grace
 from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
 from lightning_modules.run.ranks import ChildWatcher, WatchRanks, rank_faults as ranks_faults
@@ -135,7 +135,7 @@ def _run(cfg) -> pd.DataFrame | None:
     finished_step = saved_step(Path(ckpt_path)) if ckpt_path and is_finished(run_dir) else None
     trainer = build_trainer(cfg, run_dir, module)
     check_layout(cfg, trainer, ckpt_path, identity)
-    with rank_faults(trainer):
+    with rank_faults(trainer, heartbeat_grace(cfg.trainer.get("strategy"))):
         return _train_and_test(cfg, run_dir, module, data, trainer, ckpt_path, finished_step)
 
 
@@ -144,15 +144,18 @@ FIT_OOM_HINT = ("lower data.batch_size (trainer.accumulate_grad_batches keeps th
 
 
 @contextlib.contextmanager
-def rank_faults(trainer: L.Trainer):
+def rank_faults(trainer: L.Trainer, heartbeat_s: float):
     """Under several processes a fault on a rank ends the run in one line naming the rank: an error
     is the rank's own line (`RankFailed`); a rank killed by a signal is named by rank 0, which watches
-    the ranks Lightning's launcher started (run/ranks.py, as generation does). The other ranks stop
-    at their next collective (trainer.strategy.timeout at worst), and a rank left hanging is killed."""
+    the ranks Lightning's launcher started (run/ranks.py, as generation does), or else by the
+    heartbeat of every rank after `heartbeat_s` seconds (torchrun, srun; rank 0 itself killed). The
+    other ranks stop at their next collective (trainer.strategy.timeout at worst), and a rank left
+    hanging is killed."""
     if trainer.world_size == 1:
         yield
         return
-    watcher = ChildWatcher([], kept="the checkpoints already written are kept: resume=last resumes")
+    watcher = ChildWatcher([], kept="the checkpoints already written are kept: resume=last resumes",
+                           heartbeat_s=heartbeat_s)
     trainer.callbacks.append(WatchRanks(watcher))
     done = False
     try:
