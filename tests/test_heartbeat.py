@@ -4,6 +4,7 @@ TCPStore beside a long matmul. Nothing here starts a process; test_heartbeat_ran
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import timedelta
 
@@ -115,6 +116,19 @@ def test_a_lost_store_names_its_holder_after_the_grace_or_at_once_after_a_failed
     assert hb1.verdict(clock()) == (line, True)
 
 
+def test_a_refused_connection_is_a_lost_store_without_a_request():
+    """Each beat first connects to the store's host: a host gone refuses it, and no request on the
+    open connection fails (torch's client prints a warning and a C++ stack for that)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nobody listens here once it is closed
+    clock = Clock()
+    hb1 = Heartbeat(dist.HashStore(), 1, 2, 5, KEPT, clock=clock, probe=("127.0.0.1", port))
+    assert hb1.exchange(first=True) is False
+    hb1.suspect()
+    assert hb1.verdict(clock())[0].startswith("error: rank 0: the job's store at ?, which it holds, stopped answering")
+
+
 def test_a_store_gone_after_its_holder_finished_is_no_fault():
     clock = Clock()
     store = Flaky(dist.HashStore())
@@ -165,7 +179,8 @@ def test_a_long_matmul_does_not_starve_the_beat_and_a_clean_stop_ends_the_thread
     server = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=10), wait_for_workers=False)
     clients = [dist.TCPStore("127.0.0.1", server.port, None, False, timedelta(seconds=10)) for _ in range(2)]
     left: list[int] = []
-    hbs = [Heartbeat(clients[r], r, 2, 1.0, KEPT, interval_s=0.1, prefix="m/", leave=left.append) for r in range(2)]
+    hbs = [Heartbeat(clients[r], r, 2, 1.0, KEPT, interval_s=0.1, prefix="m/", leave=left.append,
+                     probe=("127.0.0.1", server.port)) for r in range(2)]
     for hb in hbs:
         hb.start()
     before = torch.get_num_threads()

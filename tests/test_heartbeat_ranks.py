@@ -3,7 +3,10 @@ started as torchrun and srun start them (LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/POR
 launches nothing), one SIGKILLed from outside mid-training; and under Lightning's own launcher rank 0
 itself killed, its rank 1 orphaned. The survivor says one line naming the lost rank (or the store
 its holder took with it) within `trainer.strategy.heartbeat` + a few seconds, exits non-zero, no
-process is left, and the checkpoint written before stays whole."""
+process is left, and the checkpoint written before stays whole.
+
+When rank 1 is killed, rank 0 is stuck in a long step (a sleep, as in an NCCL collective that never
+returns; gloo's would fail at once): the heartbeat alone ends it, its main thread never waking."""
 
 from __future__ import annotations
 
@@ -26,6 +29,24 @@ GRACE_S = 5
 LIMIT_S = GRACE_S + 10  # from the kill to the survivor's exit (a loaded 2-core machine included)
 KEPT = "the checkpoints already written are kept: resume=last resumes"
 EXTRA = (f"trainer.strategy={{name: ddp, heartbeat: {GRACE_S}}}", "trainer.max_steps=2000")
+STUCK = '''"""fit, with rank 0 stuck in its third step (it writes STUCK_MARK first)."""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from lightning_modules.methods.sft import SFTModule
+
+real = SFTModule.training_step
+
+def stuck(self, batch, batch_idx):
+    if self.global_rank == 0 and self.global_step == 2:
+        Path(os.environ["STUCK_MARK"]).touch()
+        time.sleep(600)
+    return real(self, batch, batch_idx)
+
+SFTModule.training_step = stuck
+from lightning_modules.fit import main
+main()
+'''
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +94,17 @@ def no_rank_left(run_dir: Path) -> None:
 @pytest.mark.scale
 @pytest.mark.parametrize("lost", [1, 0])
 def test_a_rank_killed_under_torchrun_is_named_by_the_other(files, tmp_path, lost):
-    run_dir, port = tmp_path / "run", free_port()
+    run_dir, port, mark = tmp_path / "run", free_port(), tmp_path / "stuck"
     args = command(files, run_dir, "ddp_cpu", *EXTRA)
+    if lost == 1:
+        (tmp_path / "stuck.py").write_text(STUCK.format(repo=str(REPO)))
+        args[1:3] = [str(tmp_path / "stuck.py")]  # for `-m lightning_modules.fit`
     procs = [start(args, tmp_path / f"rank{r}.log", LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for r in (0, 1)]
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), STUCK_MARK=str(mark)) for r in (0, 1)]
     when_training(run_dir, procs)
+    while lost == 1 and not mark.exists():
+        assert procs[0].poll() is None
+        time.sleep(0.2)
     os.kill(procs[lost].pid, signal.SIGKILL)
     procs[lost].wait()
     survivor = 1 - lost

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import sys
 import threading
 import time
@@ -39,18 +40,21 @@ _RUNS = itertools.count()  # the runs of this process (each rank runs the same s
 class Heartbeat(threading.Thread):
     """This rank's heartbeat and its watch over the others. `store`: used by the beat thread alone;
     `store_host`: who holds the store, for the line (`rank 0` or the torchrun agent) and its address;
-    `quiet()`: true when another watcher already said this process's line."""
+    `quiet()`: true when another watcher already said this process's line; `probe`: the store's
+    (host, port), connected to before each beat."""
 
     def __init__(self, store: Any, rank: int, world_size: int, grace_s: float, kept: str,
                  store_host: tuple[str, str] = ("rank 0", "?"), interval_s: float = INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic, quiet: Callable[[], bool] = lambda: False,
-                 leave: Callable[[int], Any] = os._exit, prefix: Optional[str] = None):  # noqa: SLF001
+                 leave: Callable[[int], Any] = os._exit, prefix: Optional[str] = None,  # noqa: SLF001
+                 probe: Optional[tuple[str, int]] = None):
         super().__init__(daemon=True, name="heartbeat-judge")
         self.store, self.rank, self.world_size = store, rank, world_size
         self.grace_s, self.kept, self.interval_s = grace_s, kept, interval_s
         self.store_host, self.clock, self.quiet, self.leave = store_host, clock, quiet, leave
         self.prefix = prefix if prefix is not None else f"safety_mirage/heartbeat/{next(_RUNS)}/"
         self.peers = [r for r in range(world_size) if r != rank]
+        self.probe = probe
         self.said: Optional[str] = None  # this process's line, once printed
         self._saying, self._spoken = False, threading.Event()
         self._lock, self._stopping, self._wake = threading.Lock(), threading.Event(), threading.Event()
@@ -94,6 +98,7 @@ class Heartbeat(threading.Thread):
         with self._lock:
             self._pending = started
         try:
+            self.probe_store()
             if first:  # every key exists from now on: a read never waits for a rank not yet beating
                 for rank in range(self.world_size):
                     self.store.add(self.key(rank), 0)
@@ -141,11 +146,17 @@ class Heartbeat(threading.Thread):
             return
 
     # -- the judge ------------------------------------------------------------------------------------
+    def probe_store(self) -> None:
+        """Connect to the store's host, and leave: a host gone refuses it quietly, where a request on
+        the open connection fails after torch's C++ client printed a warning and its stack."""
+        if self.probe is not None:
+            socket.create_connection(self.probe, timeout=self.grace_s).close()
+
     def suspect(self) -> None:
-        """This rank's collective failed: a peer is gone. Judge with the short limit, at once."""
+        """This rank's collective failed: a peer is gone. Judge with the short limit, and probe the
+        store's host every tenth of a beat (no request: its host may be dying right now)."""
         with self._lock:
             self._suspected = True
-        self._wake.set()
 
     def verdict(self, now: float) -> Optional[tuple[str, bool]]:
         """(line, is_error) once something is lost, else None. Pure: the state the beat thread read."""
@@ -175,6 +186,12 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.wait(self.interval_s / 2 if not self._suspected else self.interval_s / 10):
+            if self._suspected and self._store_error is None:
+                try:
+                    self.probe_store()
+                except OSError as err:
+                    with self._lock:
+                        self._store_error = str(err)
             found = self.verdict(self.clock())
             if found is None or self._stopping.is_set() or self.quiet():
                 continue
@@ -234,10 +251,11 @@ def start_heartbeat(grace_s: float, kept: str, quiet: Callable[[], bool] = lambd
     base = store
     while isinstance(base, dist.PrefixStore):
         base = base.underlying_store
-    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else type(base).__name__
+    tcp = isinstance(base, dist.TCPStore)
+    address = f"{base.host}:{base.port}" if tcp else type(base).__name__
     # torchrun's workers use its agent's store; everywhere else rank 0 holds it (env:// rendezvous)
     holder = "the torchrun agent" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
     heartbeat = Heartbeat(store.clone(), dist.get_rank(), dist.get_world_size(), grace_s, kept,
-                          store_host=(holder, address), quiet=quiet)
+                          store_host=(holder, address), quiet=quiet, probe=(base.host, base.port) if tcp else None)
     heartbeat.start()
     return heartbeat

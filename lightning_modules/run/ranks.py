@@ -118,7 +118,8 @@ rank's heartbeat (`beat`, every rank): what no parent sees, and the one line of 
         self.procs: list = []
         self.kept = kept  # what a killed rank left behind, and how to go on
         self.failed = False
-        self.heartbeat_s, self.heartbeat = heartbeat_s, None  # type: float | None, Heartbeat | None
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat: Heartbeat | None = None
         self._done, self._lock = threading.Event(), threading.Lock()
         self.adopt(procs)
 
