@@ -129,6 +129,28 @@ def test_a_refused_connection_is_a_lost_store_without_a_request():
     assert hb1.verdict(clock())[0].startswith("error: rank 0: the job's store at ?, which it holds, stopped answering")
 
 
+def test_after_a_failed_collective_the_threads_say_the_line_and_leave(capfd):
+    """The whole path on real threads: suspected, the judge finds the store's host gone, says the
+    one line and leaves (os._exit in a run; recorded here)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    left: list[int] = []
+    hb1 = Heartbeat(dist.HashStore(), 1, 2, 30, KEPT, store_host=("rank 0", f"127.0.0.1:{port}"), interval_s=0.05,
+                    probe=("127.0.0.1", port), leave=left.append)
+    hb1.start()
+    time.sleep(0.3)
+    assert not left  # a store error alone waits the grace: rank 0 may just have finished
+    hb1.suspect()
+    deadline = time.monotonic() + 5
+    while not left and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert left == [1]
+    assert capfd.readouterr().err.splitlines() == [
+        f"error: rank 0: the job's store at 127.0.0.1:{port}, which it holds, stopped answering (killed, or its node "
+        f"lost?); {KEPT}"]
+
+
 def test_a_store_gone_after_its_holder_finished_is_no_fault():
     clock = Clock()
     store = Flaky(dist.HashStore())

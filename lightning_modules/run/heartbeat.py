@@ -146,11 +146,11 @@ class Heartbeat(threading.Thread):
             return
 
     # -- the judge ------------------------------------------------------------------------------------
-    def probe_store(self) -> None:
+    def probe_store(self, timeout_s: Optional[float] = None) -> None:
         """Connect to the store's host, and leave: a host gone refuses it quietly, where a request on
         the open connection fails after torch's C++ client printed a warning and its stack."""
         if self.probe is not None:
-            socket.create_connection(self.probe, timeout=self.grace_s).close()
+            socket.create_connection(self.probe, timeout=timeout_s or self.grace_s).close()
 
     def suspect(self) -> None:
         """This rank's collective failed: a peer is gone. Judge with the short limit, and probe the
@@ -188,8 +188,10 @@ class Heartbeat(threading.Thread):
         while not self._stopping.wait(self.interval_s / 2 if not self._suspected else self.interval_s / 10):
             if self._suspected and self._store_error is None:
                 try:
-                    self.probe_store()
-                except OSError as err:
+                    self.probe_store(timeout_s=self.interval_s)
+                except TimeoutError:
+                    pass  # a slow network says nothing: the beat's own request decides
+                except OSError as err:  # refused, reset, no route to the host
                     with self._lock:
                         self._store_error = str(err)
             found = self.verdict(self.clock())
