@@ -163,7 +163,7 @@ def faulty(*args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if os.environ["FAULT"] == "hang":
             import time
-            time.sleep(90)
+            time.sleep(300)
         raise RuntimeError("boom on the second rank")
     return real(*args, **kwargs)
 
@@ -218,7 +218,7 @@ def test_a_rank_fault_is_one_line_and_the_same_command_resumes(files, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.scale
 def test_a_hung_rank_is_left_after_the_collective_timeout(files, tmp_path):
-    """Rank 1 sleeps 90 s before its second batch: rank 0 waits 20 s for its answers
+    """Rank 1 sleeps 300 s before its second batch: rank 0 waits 20 s for its answers
     (trainer.strategy.timeout), says why it stops, ends rank 1 and keeps every rank's answers."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY.format(repo=str(REPO)))
@@ -226,7 +226,7 @@ def test_a_hung_rank_is_left_after_the_collective_timeout(files, tmp_path):
     command = [sys.executable, str(script), *evaluate_args(files, run_dir, 2), "trainer.strategy={name: ddp, timeout: 20}"]
     start = time.monotonic()
     proc = cli(command, env={"FAULT": "hang"})
-    assert proc.returncode == 1 and time.monotonic() - start < 85  # before rank 1 wakes
+    assert proc.returncode == 1 and time.monotonic() - start < 240  # before rank 1 wakes (a loaded machine included)
     stopped = [line for line in proc.stderr.splitlines() if line.startswith("rank 0 stopped: ")]
     assert len(stopped) == 1 and "Timed out" in stopped[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
