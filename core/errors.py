@@ -9,6 +9,8 @@ import sys
 import warnings
 from typing import Callable
 
+from core.parent_watch import stop_watching, watch_parent
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, paths). Printed as one line, never a traceback."""
@@ -41,6 +43,7 @@ def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None]
         argv = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in argv
         quiet_lightning_tips()
+        watch_parent()  # a rank Lightning's launcher started leaves if its rank 0 is killed (core/parent_watch.py)
         try:
             main(argv)
         except UserError as err:
@@ -70,6 +73,8 @@ def cli_main(main: Callable[[list[str]], object]) -> Callable[[list[str] | None]
                 print(f"error: rank {rank}: {type(err).__name__}: {first} (--debug shows the traceback)",
                       file=sys.stderr)
             sys.exit(1)
+        finally:
+            stop_watching()
 
     return wrapper
 

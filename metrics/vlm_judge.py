@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
-from core.distributed import accelerator_device, batch_shard, free_memory, in_rank_pool, run_job
+from core.distributed import accelerator_device, batch_shard, free_memory, in_rank_pool, rank_and_world, run_job
+from core.faults import fault_point
 from core.errors import UserError
 from core.files import append_lines, file_lock, read_lines
 from core.generation import greedy_generate, model_inputs
@@ -223,6 +224,7 @@ class VLMJudge:
         return hashlib.sha1(json.dumps(payload).encode("utf-8")).hexdigest()
 
     def _read_cache(self) -> dict[str, dict]:
+        self._from_parts: dict[str, dict] = {}  # what only the rank files of a killed run hold
         if self.cache_path is None:
             return {}
         cache = {}
@@ -230,6 +232,8 @@ class VLMJudge:
             for _, line in read_lines(path, what="judge cache"):
                 try:
                     row = json.loads(line)
+                    if path != self.cache_path and row["key"] not in cache:
+                        self._from_parts[row["key"]] = row
                     cache[row["key"]] = row
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut by an interruption (closed by a later append): that judgement is redone
@@ -246,6 +250,7 @@ class VLMJudge:
     # -- judging ----------------------------------------------------------------------------------
     def generate(self, items: Sequence[JudgeItem], protocol: JudgeProtocol) -> list[str]:
         """The judge model's raw text for each item (one left-padded batch, greedy)."""
+        fault_point("judge", rank_and_world()[0])  # a test's planted fault (SAFETY_MIRAGE_FAULT), else nothing
         collate = VLMCollator(self.processor, self.max_length, train=False, image_mode=self.image_mode,
                               system_prompt=protocol.system_prompt or None)
         batch = collate([Example(id=f"judge-{i}", image=it.image if protocol.with_image else None,
@@ -275,7 +280,9 @@ class VLMJudge:
                 rows = [row for part in run_job(JudgeJob(self.spec, batches)) for row in part]
             finally:
                 _JUDGES.pop(self.spec.key, None)
-            self._append_cache(rows)
+            # the rank files go: what a killed run's ranks judged moves into the cache file with these
+            self._append_cache(list(self._from_parts.values()) + rows)
+            self._from_parts = {}
             self._cache.update({r["key"]: r for r in rows})
             for path in rank_parts(self.cache_path) if self.cache_path else []:
                 path.unlink(missing_ok=True)

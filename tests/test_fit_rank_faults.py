@@ -153,7 +153,7 @@ def test_a_malformed_fault_is_one_line(monkeypatch):
     assert injected_faults() == []
     monkeypatch.setenv("SAFETY_MIRAGE_FAULT", "rank1:explode@step3")
     with pytest.raises(UserError, match=r"SAFETY_MIRAGE_FAULT='rank1:explode@step3' is not a fault: give "
-                                        r"rank<R>:<raise\|kill\|oom>@step<S>"):
+                                        r"rank<R>:<raise\|kill\|oom>@<step\|answer\|judge\|harvest><N>"):
         injected_faults()
     monkeypatch.setenv("SAFETY_MIRAGE_FAULT", "rank1:kill@step3")
     (fault,) = injected_faults()

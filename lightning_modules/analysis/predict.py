@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from core.checkpoints import check_base, read_checkpoint, tensors_digest
 from core.distributed import batch_shard, free_memory, run_job
 from core.errors import UserError
+from core.faults import fault_point
 from core.generation import greedy_generate
 from datamodules.collate import VLMCollator
 from datamodules.examples import Example
@@ -126,6 +127,7 @@ class GenerateJob:
         mine = batch_shard(len(self.batches), rank, world)
         for b in tqdm(mine, desc=f"generating{f' (rank 0 of {world})' if world > 1 else ''}", unit="batch",
                       disable=rank != 0, dynamic_ncols=True, leave=False, file=sys.stdout):  # stderr: the error lines
+            fault_point("answer", rank)  # a test's planted fault (SAFETY_MIRAGE_FAULT), else nothing
             batch = fabric.to_device(collate(self.batches[b]))
             with fabric.autocast():
                 texts = greedy_generate(model, processor, batch, int(self.spec.cfg.eval.max_new_tokens))

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.errors import UserError
+from core.faults import planted_fault
 from core.paths import CONFIG_ROOT
 from core.schema import check_value, config_error, field_docs, parse_section, reject_unknown
 from lightning_modules.config.schema import COMMAND_SECTIONS, GROUPS, ROOTS, FitConfig
@@ -262,6 +263,7 @@ def config_cli(argv: list[str], prog: str, description: str, example: str, run: 
         print(to_yaml(load_config(args.config, args.overrides, root, allow_missing=True)))
         return
     cfg = load_config(args.config, args.overrides, root)
+    planted_fault()  # a malformed SAFETY_MIRAGE_FAULT stops every command here, before anything is written
     if getattr(args, "plan", False):
         plan(cfg)
         return

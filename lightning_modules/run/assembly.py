@@ -35,7 +35,7 @@ def build_trainer(cfg, run_dir: Path, module=None) -> L.Trainer:
     kwargs.pop("logger", None)
     kwargs.setdefault("default_root_dir", str(run_dir))
     kwargs["strategy"] = build_strategy(kwargs.get("strategy"), getattr(module, "model", None),
-                                        precision=kwargs.get("precision"))
+                                        precision=kwargs.get("precision"), deterministic=kwargs.get("deterministic"))
     # Our samplers shard data themselves (eval without padding): Lightning must not replace them.
     kwargs["use_distributed_sampler"] = False
     # Resumable runs: checkpoint files written atomically, dropout streams a function of the step.

@@ -1,48 +1,26 @@
-"""A fault planted on one rank of a fit, for the tests of what a fault leaves behind:
-`SAFETY_MIRAGE_FAULT=rank1:kill@step3` (raise | kill | oom at the start of a training step, on the
-rank named). The callback exists only while the variable is set; nothing else reads it.
-
-- raise: a RuntimeError, as a bug on that rank would;
-- kill: SIGKILL to the rank itself, as the kernel's OOM killer or a lost node would;
-- oom: a raised `torch.OutOfMemoryError`, as the allocator raises it on a GPU.
-"""
+"""fit's planted fault (`SAFETY_MIRAGE_FAULT=rank1:kill@step3`, grammar in core/faults.py): a
+callback that fires it at the start of the training step named, on the rank named. It exists only
+while the variable names a step; generation's stages fire theirs where their batches start."""
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from core.errors import UserError
-
-FAULT_ENV = "SAFETY_MIRAGE_FAULT"
-_SPEC = re.compile(r"rank(\d+):(raise|kill|oom)@step(\d+)")
+from core.faults import PlantedFault, planted_fault
 
 
 class InjectedFault(Callback):
-    def __init__(self, rank: int, kind: str, step: int):
-        self.rank, self.kind, self.step = rank, kind, step
+    def __init__(self, fault: PlantedFault):
+        self.fault = fault
+        self.rank, self.kind, self.step = fault.rank, fault.kind, fault.index
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_rank != self.rank or trainer.global_step != self.step:
-            return
-        if self.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.kind == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        raise RuntimeError(f"injected fault at step {self.step}")
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            self.fault.fire()
 
 
 def injected_faults() -> list[Callback]:
-    """The fault `SAFETY_MIRAGE_FAULT` asks for, as a callback list (empty when it is unset)."""
-    spec = os.environ.get(FAULT_ENV, "").strip()
-    if not spec:
-        return []
-    match = _SPEC.fullmatch(spec)
-    if match is None:
-        raise UserError(f"{FAULT_ENV}={spec!r} is not a fault: give rank<R>:<raise|kill|oom>@step<S>, "
-                        "e.g. rank1:kill@step3")
-    return [InjectedFault(int(match[1]), match[2], int(match[3]))]
+    """The fault `SAFETY_MIRAGE_FAULT` plants in fit, as a callback list (empty when it is unset or
+    names another stage)."""
+    fault = planted_fault()
+    return [InjectedFault(fault)] if fault is not None and fault.stage == "step" else []

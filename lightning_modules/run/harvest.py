@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from core.distributed import accelerator_device, batch_shard, free_memory, gather_objects, rank_and_world
 from core.errors import UserError
+from core.faults import fault_point
 from core.files import append_lines, atomic_write, file_lock, read_lines
 from core.generation import greedy_generate
 from datamodules.examples import Example
@@ -98,6 +99,7 @@ def _generate(model, processor, candidates: list[Example], datamodule, partial: 
     device = next(model.parameters()).device
     rows = []
     for b in batch_shard(len(batches), rank, world):
+        fault_point("harvest", rank)  # a test's planted fault (SAFETY_MIRAGE_FAULT), else nothing
         batch = move_data_to_device(collate([candidates[i] for i in batches[b]]), device)
         texts = greedy_generate(model, processor, batch, datamodule.fr.harvest_max_new_tokens)
         mine = [{"index": i, "response": t} for i, t in zip(batches[b], texts)]

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from core.distributed import RankPool, set_rank_pool
 from core.errors import RankFailed, UserError, is_peer_failure
 from core.files import storage_fault
+from core.parent_watch import launching, orphan_note
 from lightning_modules.analysis.devices import generation_fabric, set_current_fabric
 from lightning_modules.config.trainer import heartbeat_grace
 from lightning_modules.run.heartbeat import Heartbeat, start_heartbeat
@@ -48,11 +49,13 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
             return command()
         finally:
             set_current_fabric(None)
-    fabric.launch()
+    watcher = ChildWatcher([], heartbeat_s=heartbeat_grace((cfg.get("trainer") or {}).get("strategy")))
+    adopt_at_launch(fabric.strategy.launcher, watcher)
+    orphan_note(GENERATION_KEPT)  # what an orphaned rank says (rank 0 killed): core/parent_watch.py
+    with launching():  # the ranks it starts learn rank 0's pid
+        fabric.launch()
     set_current_fabric(fabric)
     timeout = fabric.strategy._timeout  # noqa: SLF001 -- the one we passed
-    watcher = ChildWatcher(getattr(fabric.strategy.launcher, "procs", []),
-                           heartbeat_s=heartbeat_grace((cfg.get("trainer") or {}).get("strategy")))
     watcher.beat()
     done = False
     try:
@@ -79,6 +82,7 @@ def on_ranks(cfg, command: Callable[[], Any], lead: bool = True) -> Any:
             torch.distributed.destroy_process_group()
 
 
+GENERATION_KEPT = "the answers already written are kept: run the same command to resume"
 GENERATION_OOM_HINT = ("lower data.eval_batch_size (or evaluate.judge.batch_size); the answers written are kept: "
                        "the same command resumes")
 
@@ -112,8 +116,7 @@ class ChildWatcher(threading.Thread):
 that exits with an error printed its own line; rank 0 then says why it stops. It also holds this
 rank's heartbeat (`beat`, every rank): what no parent sees, and the one line of the process."""
 
-    def __init__(self, procs: list, kept: str = "the answers already written are kept: run the same command to resume",
-                 heartbeat_s: float | None = None):
+    def __init__(self, procs: list, kept: str = GENERATION_KEPT, heartbeat_s: float | None = None):
         super().__init__(daemon=True, name="rank-watcher")
         self.procs: list = []
         self.kept = kept  # what a killed rank left behind, and how to go on
@@ -149,6 +152,9 @@ rank's heartbeat (`beat`, every rank): what no parent sees, and the one line of 
                 # Rank 0 gets a moment to leave by itself (in a collective it does at once); busy
                 # generating, it is stopped here: its rank file loses at most a half line.
                 time.sleep(3)
+                for proc in self.procs:  # the others leave with it: an orphan could wait on rank 0 for good
+                    with contextlib.suppress(Exception):
+                        proc.kill()
                 os._exit(1)  # noqa: SLF001
 
     def check(self, wait_s: float = 0) -> bool:
@@ -191,6 +197,22 @@ rank's heartbeat (`beat`, every rank): what no parent sees, and the one line of 
                     proc.wait(timeout=5)
                 if proc.poll() is None:
                     proc.kill()
+
+
+def adopt_at_launch(launcher, watcher: ChildWatcher) -> None:
+    """`watcher` adopts the ranks Lightning's launcher starts as soon as they are started, before the
+    start-up rendezvous: a rank that dies in it is named too, where Lightning's observer (given the
+    list next) would SIGKILL rank 0 with it and say nothing. Lightning has no hook there, so the
+    launcher's own spawning method is wrapped (the other ranks start none: nothing changes there)."""
+    spawn = getattr(launcher, "_call_children_scripts", None)
+    if spawn is None:
+        return
+
+    def spawning() -> None:
+        spawn()
+        watcher.adopt(launcher.procs)
+
+    launcher._call_children_scripts = spawning  # noqa: SLF001
 
 
 class WatchRanks(Callback):

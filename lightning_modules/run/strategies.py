@@ -31,9 +31,12 @@ from models.precision import strategy_name
 
 
 
-def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = None) -> Any:
+def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = None,
+                   deterministic: Any = False) -> Any:
     """A value for `lightning.Trainer(strategy=...)`; `precision` (trainer.precision) resolves a
-    DeepSpeed config's "auto" fp16/bf16 blocks."""
+    DeepSpeed config's "auto" fp16/bf16 blocks; `deterministic` (trainer.deterministic) fixes DDP's buckets."""
+    if spec == "ddp" and deterministic:
+        spec = {"name": "ddp"}
     if spec == "fsdp":
         return fsdp_strategy({}, model)
     if spec is None or isinstance(spec, str):
@@ -63,6 +66,12 @@ def build_strategy(spec: Any, model: nn.Module | None = None, precision: Any = N
     if name == "ddp":  # e.g. {name: ddp, find_unused_parameters: true, timeout: ...}
         from lightning.pytorch.strategies import DDPStrategy
 
+        if deterministic:
+            # DDP re-buckets the gradients by their order of arrival after its first step, so a
+            # resumed run's first step sums them in other buckets than the uninterrupted run did:
+            # on 3+ ranks the ring all-reduce then adds in another order (1 ulp apart). Looking for
+            # unused parameters keeps the first buckets for good (an extra graph walk per step).
+            spec.setdefault("find_unused_parameters", True)
         return DDPStrategy(**spec)
     raise UserError(f"unknown trainer.strategy.name '{name}'; choose one of: fsdp, deepspeed, ddp "
                     "(or give a registered Lightning strategy name as a string)")

@@ -13,13 +13,14 @@ import torch
 
 from core.errors import UserError
 from core.files import atomic_write, storage_fault
+from core.parent_watch import launching, orphan_note
 from core.records import strict_json
 from lightning_modules.analysis.probes import run_probes
 from lightning_modules.config.loading import to_yaml
 from lightning_modules.config.trainer import check_accelerator_exists, heartbeat_grace
 from lightning_modules.methods.alignment import TrainingDiverged
 from lightning_modules.run.checkpointing import saved_step
-from lightning_modules.run.ranks import ChildWatcher, WatchRanks, rank_faults as ranks_faults
+from lightning_modules.run.ranks import ChildWatcher, WatchRanks, adopt_at_launch, rank_faults as ranks_faults
 from lightning_modules.run.export import finish_export, save_model
 from lightning_modules.run.loggers import log_hparams_summary as log_to_loggers
 from lightning_modules.run.strategies import check_strategy, gathered_model_weights
@@ -154,12 +155,15 @@ def rank_faults(trainer: L.Trainer, heartbeat_s: float):
     if trainer.world_size == 1:
         yield
         return
-    watcher = ChildWatcher([], kept="the checkpoints already written are kept: resume=last resumes",
-                           heartbeat_s=heartbeat_s)
+    kept = "the checkpoints already written are kept: resume=last resumes"
+    watcher = ChildWatcher([], kept=kept, heartbeat_s=heartbeat_s)
+    adopt_at_launch(trainer.strategy.launcher, watcher)
     trainer.callbacks.append(WatchRanks(watcher))
+    orphan_note(kept)  # what an orphaned rank says (rank 0 killed): core/parent_watch.py
     done = False
     try:
-        with ranks_faults(trainer.global_rank, watcher, oom_hint=FIT_OOM_HINT):
+        # launching: the ranks that trainer.fit starts learn rank 0's pid
+        with launching(), ranks_faults(trainer.global_rank, watcher, oom_hint=FIT_OOM_HINT):
             yield
         done = True
     finally:
