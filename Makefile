@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m lightning_modules.fit --config configs/demo.yaml
 
-# The suite on both cores (pytest-xdist), all but the multi-process fault and cluster scenarios.
+# The suite on both cores (pytest-xdist), all but the multi-process runs (make test-scale).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not scale"
 
-# The multi-process fault, pre-emption and cluster scenarios (ranks killed, hung or out of memory,
-# Slurm requeues, sharded checkpoints cut mid-write); CI runs them after `make test`.
+# The multi-process runs: every method under FSDP / DDP / DeepSpeed, 1-vs-N-process equality, and the
+# fault, pre-emption and cluster scenarios (ranks killed, hung or out of memory, Slurm requeues,
+# sharded checkpoints cut mid-write); CI runs them after `make test`.
 test-scale: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m scale
 

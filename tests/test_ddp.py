@@ -81,6 +81,7 @@ def val_at_start(run_dir: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # 2 and 3 processes against 1: minutes, in make test-scale
 def test_counts_are_identical_on_1_2_and_3_processes(tmp_path):
     files = write_vlguard(tmp_path / "data", n_val=N_EVAL, n_test=N_EVAL)
     start = start_model(files, tmp_path / "start")

@@ -99,6 +99,7 @@ def results(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # 2 and 3 processes against 1: minutes, in make test-scale
 @pytest.mark.parametrize("devices", [2, 3])
 def test_evaluate_on_several_processes_gives_the_one_process_files(files, tmp_path, devices):
     reference, run_dir = files["reference"], evaluate_run(files, tmp_path / f"devices{devices}", devices)
@@ -113,6 +114,7 @@ def test_evaluate_on_several_processes_gives_the_one_process_files(files, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # 2 and 3 processes against 1: minutes, in make test-scale
 def test_suite_on_2_and_3_processes_gives_the_one_process_files(tmp_path):
     paths = suite_data(tmp_path / "data")
     base = ["--config", "configs/evaluate/suite_tiny.yaml", *(f"evaluate.benchmarks.{k}={v}" for k, v in paths.items()),
@@ -132,6 +134,7 @@ def test_suite_on_2_and_3_processes_gives_the_one_process_files(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # 2 and 3 processes against 1: minutes, in make test-scale
 def test_harvest_on_2_processes_gives_the_one_process_forget_file(tmp_path):
     base = [sys.executable, "-m", "lightning_modules.harvest", "--config", "configs/experiment/mirage_npo.yaml", *SMALL,
             f"paths.cache={tmp_path / 'cache'}", "data.world.n_base=20", "data.world.n_safety=40", "data.world.n_val=4",

@@ -101,6 +101,7 @@ def saved_step(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # every method on two processes: minutes, in make test-scale
 def test_every_method_under_fsdp_and_ddp_on_two_processes(tmp_path):
     files = write_vlguard(tmp_path / "data", n_train=12, n_val=2, n_test=2)
     fresh = {(s, m): tmp_path / f"{s}_{m}" for s in STRATEGIES for m in METHODS}
