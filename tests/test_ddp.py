@@ -227,7 +227,7 @@ def test_a_hung_rank_is_left_after_the_collective_timeout(tmp_path):
     """Rank 1 hangs for 60 s in its first step: rank 0 waits 20 s in the gradient all-reduce
     (trainer.strategy.timeout; it also bounds the start-up rendezvous, hence not less), then stops
     with a line of its own and kills rank 1 (5 s grace): no rank outlives the run."""
-    from test_fit_rank_faults import alive
+    from rank_kills import alive
 
     proc, stderr = start_failing_run(tmp_path, "trainer.strategy={name: ddp, timeout: 20}", hang_s=60)
     assert proc.wait(timeout=240) == 1

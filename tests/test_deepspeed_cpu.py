@@ -11,12 +11,12 @@ All runs share one pair of processes (tests/strategy_runs.py), the DDP reference
 from __future__ import annotations
 
 import json
-import pathlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from test_bad_checkpoints import MARKER, Planted
 from test_bad_inputs import REPO, invoke
 from test_strategies import METHODS, loads, overrides, run_pair, saved_step, scalars
 from vlguard_fixture import write_vlguard
@@ -25,19 +25,6 @@ STAGES = {"zero2": "trainer=deepspeed_zero2_cpu", "zero3": "trainer=deepspeed_ze
 TIMEOUT = "trainer.strategy.timeout=120"  # a rank waits 2 min in a collective for a dead peer
 TRAIN_ONLY = ("eval.val_at_start=false", "eval.test_at_end=false")
 REL = 1e-5  # DeepSpeed's loss against DDP's at each step (fp32 both)
-MARKER = "code-ran"
-
-
-class Planted:
-    """Unpickled by a loader that runs code, it creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(scalars(run_dir, "train/loss")["train/loss"])
 

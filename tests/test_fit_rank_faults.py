@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rank_kills import alive
 from test_bad_inputs import REPO, cli_env
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
@@ -44,18 +45,6 @@ def cli(args: list[str], fault: str = "") -> subprocess.CompletedProcess:
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     (path,) = (run_dir / "model").glob("*.safetensors")
     return load_file(path)
-
-
-def alive(marker: str) -> list[int]:
-    """Processes whose command line names `marker` (this run's directory: both ranks carry it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from test_bad_inputs import REPO, cli_env
-from test_fit_rank_faults import alive, command
+from rank_kills import alive
+from test_fit_rank_faults import command
 from test_slurm_fit import free_port
 from vlguard_fixture import write_vlguard
 
