@@ -124,6 +124,7 @@ def test_vlguard_rows_without_harmful_responses_fail_in_one_line(world, tmp_path
     assert data.cue_report["retain"]["What"] == 1.0
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world, monkeypatch, capsys):
     overrides, files, processor = world
     cfg = load_config("configs/experiment/mirage_ga.yaml", [*overrides, "data.forget_retain.forget_source=harvest"])
@@ -166,6 +167,7 @@ def test_harvest_keeps_the_answers_the_judge_marks_harmful_and_caches_them(world
     assert [ex.response for ex in everything] == script and data3.harvest_report["file"] != report["file"]
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_harvest_with_the_vlm_judge_keeps_only_what_it_judges_harmful(world, monkeypatch, tmp_path):
     """eval.judge=vlm: the VLM judge decides which non-refusals are harmful (an off-topic answer is
     not forgotten as if it were harmful compliance)."""

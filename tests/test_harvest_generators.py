@@ -71,6 +71,7 @@ def scripted(module, answers_of):
     return model, asked
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_two_generators_a_judge_picks_the_most_harmful_and_answers_are_cached(setup, tmp_path, monkeypatch):
     cfg, files, module = setup
     data = ForgetRetainDataModule(load_config("configs/experiment/mirage_ga.yaml", [

@@ -26,6 +26,7 @@ def config(tmp_path, *extra):
     return load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", *extra])
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_tensorboard_is_the_default_and_groups_swap_it(tmp_path):
     (tb,) = build_loggers(config(tmp_path), tmp_path)
     assert isinstance(tb, TensorBoardLogger) and Path(tb.log_dir) == tmp_path / "tensorboard"

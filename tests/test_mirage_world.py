@@ -176,6 +176,7 @@ def test_other_knob_values(tmp_path):
     assert sum(r["world"]["ambiguous"] for r in st) == 100
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_hazard_images_answered_under_safe_instructions(tmp_path):
     world = build_world(WorldConfig(**SMALL, hazard_safe_rate=0.5), tmp_path)
     st = load(world, "safety_train")

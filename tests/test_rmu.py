@@ -149,6 +149,7 @@ def test_control_vector_is_seeded_scaled_and_in_the_state_dict():
     assert_close(c.control_vector, a.control_vector)
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_text_positions_exclude_padding_and_image_tokens(batch):
     module = rmu_module()
     retain = batch["retain"]
@@ -159,6 +160,7 @@ def test_text_positions_exclude_padding_and_image_tokens(batch):
     assert rmu_module("method.positions=all").position_mask(retain) is None
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_bad_rmu_settings_fail_in_one_line():
     with pytest.raises(UserError, match=r"method.layer=3: the model has 3 decoder layers"):
         rmu_module("method.layer=3")
@@ -188,6 +190,7 @@ def _trained_layers(module) -> set[int]:
             if f"{module.layers_name}." in n}
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_layer_auto_reproduces_the_tuned_tiny_layer_and_follows_the_model_config():
     module = auto_rmu_module()  # the 3-layer Mirage World model
     assert module.params.layer == "auto" and module.layer_index == 1 and module.train_layers == [0, 1]
@@ -199,6 +202,7 @@ def test_layer_auto_reproduces_the_tuned_tiny_layer_and_follows_the_model_config
     assert auto_rmu_module("model.rmu_layer=5", "method.layer=0").layer_index == 0  # explicit ℓ wins
 
 
+@pytest.mark.slow  # seconds per case: out of make test-fast
 def test_train_projector_adds_the_projector_or_says_why_it_cannot():
     module = auto_rmu_module("method.train_projector=true")
     projector = [n for n in module.trained_parameters if "multi_modal_projector" in n]
