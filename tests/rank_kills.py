@@ -99,3 +99,13 @@ def none_left(marker: str, wait_s: float = 10) -> bool:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_one_line_for_the_kill(out: "Outcome", rank: int, within_s: float, label: str) -> None:
+    """A kill from outside ended the run within `within_s` in the one line that names it: rank 0 names a
+    killed rank; an orphan names a killed rank 0 (no line if rank 0 had started no other rank)."""
+    assert out.after_kill_s < within_s, (label, out.after_kill_s)
+    lines = error_lines(out.stderr)
+    cause = f"error: rank {rank}: killed by SIGKILL (" if rank else "error: rank 0: gone (pid "
+    assert len(lines) == int(rank > 0 or out.others > 0), out.stderr[-4000:]
+    assert all(line.startswith(cause) for line in lines), out.stderr[-4000:]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rank_kills import alive
+from rank_kills import error_lines, none_left
 from test_bad_inputs import REPO, cli_env
 from vlguard_fixture import vlguard_overrides, write_vlguard
 
@@ -74,15 +74,12 @@ def faulted(args: list[str], run_dir: Path, fault: str, step: int) -> None:
     start = time.monotonic()
     proc = cli(args, fault=f"rank1:{fault}@step{step}")
     took = time.monotonic() - start
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(proc.stderr)
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-4000:]
     assert errors[0].startswith(CAUSE[fault].replace("step 3", f"step {step}")), errors
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert took < LIMIT_S
-    deadline = time.monotonic() + 10  # no rank outlives the run (a dying one gets a moment)
-    while alive(str(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive(str(run_dir))
+    assert none_left(str(run_dir))  # no rank outlives the run (a dying one gets 10 s)
     assert not (run_dir / "model").exists()
 
 

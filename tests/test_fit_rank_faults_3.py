@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from rank_kills import error_lines, kill_plan, none_left, run_and_kill
+from rank_kills import assert_one_line_for_the_kill, error_lines, kill_plan, none_left, run_and_kill
 from test_bad_inputs import REPO, cli_env
 from test_fit_rank_faults import cli, command, weights
 from vlguard_fixture import write_vlguard
@@ -117,12 +117,7 @@ def test_kills_at_random_moments_of_a_3_rank_fit(files, reference, tmp_path):
         finished = (run_dir / "model").exists()
         assert "Traceback" not in out.stderr, out.stderr[-4000:]
         if out.killed and not finished:
-            assert out.after_kill_s < AFTER_KILL_S, (label, out.after_kill_s)
-            lines = error_lines(out.stderr)
-            # rank 0 names a killed rank; an orphan names a killed rank 0 (none if it had started none)
-            cause = f"error: rank {rank}: killed by SIGKILL (" if rank else "error: rank 0: gone (pid "
-            assert len(lines) == int(rank > 0 or out.others > 0), out.stderr[-4000:]
-            assert all(line.startswith(cause) for line in lines), out.stderr[-4000:]
+            assert_one_line_for_the_kill(out, rank, AFTER_KILL_S, label)
         assert none_left(str(run_dir)), (label, out.stderr[-4000:])
         saved_step(run_dir)  # loads whole
         if finished:  # the kill came after the model was saved: resume=auto would start a new run
