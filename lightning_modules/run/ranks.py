@@ -216,14 +216,12 @@ def adopt_at_launch(launcher, watcher: ChildWatcher) -> None:
 
 
 class WatchRanks(Callback):
-    """fit's rank 0 adopts the ranks Lightning's launcher started (`setup` runs right after the
-    launch, on every rank; only rank 0 started processes); every rank starts its heartbeat."""
+    """Every rank of a fit starts its heartbeat once the process group exists (`setup` runs right
+    after the launch, on every rank). Rank 0's watcher adopted the ranks at their start already
+    (`adopt_at_launch`)."""
 
     def __init__(self, watcher: ChildWatcher):
         self.watcher = watcher
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        procs = getattr(trainer.strategy.launcher, "procs", None)
-        if trainer.global_rank == 0 and procs:
-            self.watcher.adopt(procs)
         self.watcher.beat()
